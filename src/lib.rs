@@ -1,0 +1,179 @@
+//! A session backend for managing session state that runs anywhere: async or blocking,
+//! on smol, tokio, any other executor, or none.
+//!
+//! Web applications keep per-user state (a login, a CSRF token, a cart) in a store,
+//! under a random id that travels in a cookie. This crate is that store's core:
+//!
+//! - [`SessionStore`]: the interface a backend implements (create, save, load, delete).
+//! - [`session::Id`] and [`session::Record`]: the id and what is stored under it.
+//! - [`MemoryStore`]: sessions in this process's memory, sharded, with expiry.
+//! - [`CachingSessionStore`]: a cache in front of a store that holds the truth.
+//! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass.
+//! - [`session_store::Error`]: what a store operation can fail with.
+//!
+//! # Which one do I want?
+//!
+//! - One process, sessions may be lost on restart: [`MemoryStore`].
+//! - A slower store that must be the truth (a database): put a [`MemoryStore`] in
+//!   front of it with [`CachingSessionStore`].
+//! - A backend of your own: implement [`SessionStore`], as below.
+//!
+//! # Two modes, one source
+//!
+//! By default every store operation is `async`, and runs on any executor: nothing here
+//! needs tokio. With the `sync` feature the same API is blocking: the same methods,
+//! without `async` and `.await`, for programs without an executor.
+//!
+//! The switch comes from [`maybe_async`](https://docs.rs/maybe-async), whose mode is
+//! global to a build: **one program gets one mode**. If any crate in your dependency
+//! graph turns on `sync` (or `maybe-async/is_sync`), the whole program is blocking.
+//! `cargo --all-features` therefore builds the blocking mode.
+//!
+//! # Implementing a custom store
+//!
+//! A backend implements the four methods of [`SessionStore`]. This one keeps records
+//! in a `HashMap` behind a mutex (a toy: [`MemoryStore`] does the same job faster).
+//! It is written once for both modes with the [`maybe_async`](crate::maybe_async)
+//! attribute, which this crate re-exports together with [`async_trait`]; a store for
+//! one mode only can use `#[async_trait]` (async) or a plain `impl` (sync) instead.
+//!
+//! ```
+//! use std::{collections::HashMap, sync::{Arc, Mutex}};
+//!
+//! use portable_sessions::{
+//!     async_trait, maybe_async,
+//!     session::{Id, Record},
+//!     session_store::{self, Error},
+//!     SessionStore,
+//! };
+//! use time::{Duration, OffsetDateTime};
+//!
+//! #[derive(Clone, Debug, Default)]
+//! pub struct HashMapStore(Arc<Mutex<HashMap<Id, Record>>>);
+//!
+//! impl HashMapStore {
+//!     fn map(&self) -> session_store::Result<std::sync::MutexGuard<'_, HashMap<Id, Record>>> {
+//!         // A poisoned lock is a backend failure, not a reason to panic.
+//!         self.0.lock().map_err(|_| Error::backend("the store's lock is poisoned"))
+//!     }
+//! }
+//!
+//! #[maybe_async::maybe_async]
+//! impl SessionStore for HashMapStore {
+//!     async fn create(&self, record: &mut Record) -> session_store::Result<()> {
+//!         let mut map = self.map()?;
+//!         // Ids are random, but a collision must never overwrite another session.
+//!         while map.contains_key(&record.id) {
+//!             record.id = Id::default();
+//!         }
+//!         map.insert(record.id, record.clone());
+//!         Ok(())
+//!     }
+//!
+//!     async fn save(&self, record: &Record) -> session_store::Result<()> {
+//!         self.map()?.insert(record.id, record.clone());
+//!         Ok(())
+//!     }
+//!
+//!     async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
+//!         let now = OffsetDateTime::now_utc();
+//!         // An expired record is never served, even before anything deleted it.
+//!         Ok(self.map()?.get(id).filter(|r| !r.is_expired_at(now)).cloned())
+//!     }
+//!
+//!     async fn delete(&self, id: &Id) -> session_store::Result<()> {
+//!         self.map()?.remove(id);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[maybe_async::maybe_async]
+//! async fn run() -> session_store::Result<()> {
+//!     let store = HashMapStore::default();
+//!     let mut record = Record::new(OffsetDateTime::now_utc() + Duration::hours(1));
+//!     record.insert("cart", &vec!["apple", "pear"])?;
+//!     store.create(&mut record).await?;
+//!
+//!     let loaded = store.load(&record.id).await?.expect("just created");
+//!     assert_eq!(loaded.get::<Vec<String>>("cart")?, Some(vec!["apple".into(), "pear".into()]));
+//!
+//!     store.delete(&record.id).await?;
+//!     // Bind awaited values before asserting: maybe-async cannot strip an `.await`
+//!     // inside a macro call in blocking mode.
+//!     let gone = store.load(&record.id).await?;
+//!     assert_eq!(gone, None);
+//!     Ok(())
+//! }
+//!
+//! # #[maybe_async::sync_impl]
+//! fn main() {
+//!     run().unwrap(); // blocking mode: a plain call
+//! }
+//! # #[maybe_async::async_impl]
+//! # fn main() {
+//! #     futures_lite::future::block_on(run()).unwrap(); // any executor will do
+//! # }
+//! ```
+//!
+//! Values are encoded with [postcard](https://docs.rs/postcard) as they are inserted,
+//! so a store keeps only bytes; a persistent store writes whole records with
+//! [`Record::encode`](session::Record::encode) and reads them with
+//! [`Record::decode`](session::Record::decode), which rejects any corrupt input with
+//! an error instead of panicking.
+//!
+//! # The store contract
+//!
+//! [`SessionStore::create`] inserts only if the id is free, and draws a new one while
+//! it is not; [`save`](SessionStore::save) writes the whole record;
+//! [`load`](SessionStore::load) returns `None` for a missing or expired record;
+//! [`delete`](SessionStore::delete) of a missing id succeeds. Errors are one of the
+//! three kinds of [`session_store::Error`], each keeping its cause.
+//!
+//! # Caching
+//!
+//! [`CachingSessionStore`] puts a cache (usually a [`MemoryStore`]) in front of a store
+//! that holds the truth, so that most loads never reach the slower store. Writes go to
+//! the store first, then to the cache; a load tries the cache, then the store, and
+//! fills the cache on the way back. A failing cache never fails a load or loses a
+//! save, and never goes on serving a session the store has deleted or replaced; the
+//! failures it absorbs are logged and can be observed with a callback.
+//!
+//! # Deleting expired sessions
+//!
+//! Stores that implement [`ExpiredDeletion`] remove their expired records with one
+//! call to [`delete_expired`](ExpiredDeletion::delete_expired), which returns how many
+//! it removed. Expired records are never served before that; deleting them frees their
+//! memory or disk. Call it from whatever scheduler the program already runs.
+//!
+//! # Features
+//!
+//! | feature | default | what it does |
+//! |---|---|---|
+//! | `sync` | no | blocking mode: every store operation is a plain blocking call |
+//!
+//! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
+//! `tracing` with its `log` bridge) receives it.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod caching;
+mod memory;
+pub mod session;
+pub mod session_store;
+
+pub use async_trait;
+pub use maybe_async;
+
+pub use crate::{
+    caching::{CacheFailure, CacheOp, CachingSessionStore},
+    memory::MemoryStore,
+    session_store::{ExpiredDeletion, SessionStore},
+};
+
+// Compiles and runs the README's example as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

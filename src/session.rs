@@ -1,0 +1,541 @@
+//! Session identifiers and records.
+//!
+//! An [`Id`] is the random bearer token that travels in the session cookie; a
+//! [`Record`] is what a [`SessionStore`](crate::SessionStore) keeps under it: the id,
+//! an expiry date and a map of values, each already encoded with postcard.
+
+use std::{collections::BTreeMap, fmt, str::FromStr, sync::Arc};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::session_store::{Error, Result};
+
+/// A session identifier: 128 bits drawn from the operating system's CSPRNG.
+///
+/// Its text form ([`Display`](fmt::Display) / [`FromStr`]) is the 22-character unpadded
+/// base64url encoding of the id's 16 little-endian bytes, the same form tower-sessions
+/// puts in its cookies, so ids issued by it parse here and print back identically.
+///
+/// Ids are bearer credentials that tend to end up in logs, so [`Debug`](fmt::Debug)
+/// prints only their first four characters.
+///
+/// `Id` is `Copy`, `Eq`, `Hash` and `Ord`, so it can key any map.
+///
+/// # Examples
+///
+/// ```
+/// use portable_sessions::session::Id;
+///
+/// let id = Id::default(); // a fresh random id
+/// let text = id.to_string();
+/// assert_eq!(text.len(), 22);
+/// assert_eq!(text.parse::<Id>().unwrap(), id);
+/// assert!("not an id".parse::<Id>().is_err());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(u128);
+
+impl Id {
+    /// The length of an id's text form.
+    pub const TEXT_LEN: usize = 22;
+
+    /// Draws a fresh id from the operating system's CSPRNG.
+    ///
+    /// No random state is kept in user space, so ids stay unique across `fork`.
+    ///
+    /// # Errors
+    ///
+    /// Returns the operating system's error if it cannot supply random bytes.
+    pub fn try_random() -> std::result::Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self::from_bytes(bytes))
+    }
+
+    /// Makes an id from its 16 little-endian bytes.
+    ///
+    /// Only for ids that were drawn at random before (read back from storage, say):
+    /// an id is a credential, and a guessable one is a session anyone can take over.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_le_bytes(bytes))
+    }
+
+    /// Returns the id's 16 little-endian bytes.
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0.to_le_bytes()
+    }
+
+    fn encode_text(self) -> [u8; Self::TEXT_LEN] {
+        let bytes = self.to_bytes();
+        let mut out = [0u8; Self::TEXT_LEN];
+        // Five groups of three bytes make twenty characters; the last byte makes two.
+        for (group, chunk) in bytes[..15].chunks_exact(3).enumerate() {
+            let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
+            for k in 0..4 {
+                out[group * 4 + k] = B64[(n >> (18 - 6 * k) & 63) as usize];
+            }
+        }
+        out[20] = B64[usize::from(bytes[15] >> 2)];
+        out[21] = B64[usize::from(bytes[15] & 3) << 4];
+        out
+    }
+}
+
+impl Default for Id {
+    /// Draws a fresh random id, like [`Id::try_random`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if the operating system cannot supply random bytes, which on the
+    /// supported platforms only happens when the system itself is broken.
+    fn default() -> Self {
+        Self::try_random().expect("the operating system's random number generator failed")
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn b64_value(c: u8) -> Option<u32> {
+    let v = match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        b'_' => 63,
+        _ => return None,
+    };
+    Some(u32::from(v))
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.encode_text();
+        // The alphabet is ASCII, so this cannot fail.
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.encode_text();
+        let prefix = std::str::from_utf8(&text[..4]).map_err(|_| fmt::Error)?;
+        write!(f, "Id({prefix}…)")
+    }
+}
+
+/// The error returned when text is not a valid session [`Id`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseIdError {
+    kind: ParseIdErrorKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParseIdErrorKind {
+    Length(usize),
+    Character(usize),
+    TrailingBits,
+}
+
+impl fmt::Display for ParseIdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ParseIdErrorKind::Length(len) => write!(
+                f,
+                "invalid session id: expected {} characters, found {len} bytes",
+                Id::TEXT_LEN
+            ),
+            ParseIdErrorKind::Character(at) => write!(
+                f,
+                "invalid session id: byte {at} is not an unpadded base64url character"
+            ),
+            ParseIdErrorKind::TrailingBits => {
+                f.write_str("invalid session id: not the canonical encoding of 16 bytes")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ParseIdError {}
+
+impl FromStr for Id {
+    type Err = ParseIdError;
+
+    /// Parses exactly 22 characters of unpadded base64url; anything else is an error.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let text = s.as_bytes();
+        if text.len() != Self::TEXT_LEN {
+            return Err(ParseIdError {
+                kind: ParseIdErrorKind::Length(text.len()),
+            });
+        }
+        let mut values = [0u32; Self::TEXT_LEN];
+        for (at, (&c, v)) in text.iter().zip(values.iter_mut()).enumerate() {
+            *v = b64_value(c).ok_or(ParseIdError {
+                kind: ParseIdErrorKind::Character(at),
+            })?;
+        }
+        // 22 characters carry 132 bits; the last 4 must be zero or two texts would
+        // name one id.
+        if values[21] & 15 != 0 {
+            return Err(ParseIdError {
+                kind: ParseIdErrorKind::TrailingBits,
+            });
+        }
+        let mut bytes = [0u8; 16];
+        for (group, quad) in values[..20].chunks_exact(4).enumerate() {
+            let n = quad[0] << 18 | quad[1] << 12 | quad[2] << 6 | quad[3];
+            bytes[group * 3..group * 3 + 3].copy_from_slice(&n.to_be_bytes()[1..]);
+        }
+        bytes[15] = (values[20] << 2 | values[21] >> 4) as u8;
+        Ok(Self::from_bytes(bytes))
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(
+                std::str::from_utf8(&self.encode_text()).map_err(serde::ser::Error::custom)?,
+            )
+        } else {
+            self.to_bytes().serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 16]>::deserialize(deserializer).map(Self::from_bytes)
+        }
+    }
+}
+
+/// The values of a record: key to postcard-encoded bytes.
+type Data = BTreeMap<String, Vec<u8>>;
+
+/// What a store keeps for one session: its id, when it expires, and its values.
+///
+/// Each value is held already encoded with [postcard](https://docs.rs/postcard); the
+/// typed [`insert`](Record::insert) and [`get`](Record::get) encode and decode it.
+/// postcard is not self-describing, so reading a value back as a different type than
+/// it was written with either fails with [`Error::Decode`] or, where the bytes happen to
+/// be valid for both types, yields that other reading: use one type per key.
+///
+/// Cloning is cheap: the values are shared behind an [`Arc`] and copied only when a
+/// clone is changed.
+///
+/// # Examples
+///
+/// ```
+/// use portable_sessions::session::Record;
+/// use time::{Duration, OffsetDateTime};
+///
+/// let mut record = Record::new(OffsetDateTime::now_utc() + Duration::hours(1));
+/// record.insert("user_id", &42u64).unwrap();
+/// assert_eq!(record.get::<u64>("user_id").unwrap(), Some(42));
+/// assert_eq!(record.get::<u64>("missing").unwrap(), None);
+///
+/// let bytes = record.encode().unwrap();
+/// assert_eq!(Record::decode(&bytes).unwrap(), record);
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The session's id; [`SessionStore::create`](crate::SessionStore::create) may
+    /// replace it with a fresh one when it collides.
+    pub id: Id,
+    /// The moment from which the session no longer loads.
+    pub expiry_date: OffsetDateTime,
+    data: Arc<Data>,
+}
+
+impl Record {
+    /// The largest encoded record, in bytes, that [`encode`](Record::encode) writes and
+    /// [`decode`](Record::decode) reads (1 MiB).
+    pub const MAX_ENCODED_LEN: usize = 1 << 20;
+
+    /// The format version written as the first byte of an encoded record.
+    pub const FORMAT_VERSION: u8 = 1;
+
+    /// Makes a record with a fresh random id, the given expiry date and no values.
+    pub fn new(expiry_date: OffsetDateTime) -> Self {
+        Self {
+            id: Id::default(),
+            expiry_date,
+            data: Arc::default(),
+        }
+    }
+
+    /// Encodes `value` with postcard and stores it under `key`, replacing any value
+    /// that was there.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Encode`] if `value` cannot be serialized; the record is then
+    /// unchanged.
+    pub fn insert<T: Serialize + ?Sized>(
+        &mut self,
+        key: impl Into<String>,
+        value: &T,
+    ) -> Result<()> {
+        let bytes = postcard::to_allocvec(value).map_err(Error::encode)?;
+        self.insert_raw(key, bytes);
+        Ok(())
+    }
+
+    /// Stores already-encoded bytes under `key` and returns the bytes it replaced.
+    pub fn insert_raw(&mut self, key: impl Into<String>, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        Arc::make_mut(&mut self.data).insert(key.into(), bytes)
+    }
+
+    /// Decodes the value stored under `key` as a `T`.
+    ///
+    /// Returns `Ok(None)` when there is no such key.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Decode`] if the stored bytes are not a `T` (including when
+    /// they hold a `T` followed by more bytes).
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.get_raw(key).map(decode_value).transpose()
+    }
+
+    /// Returns the encoded bytes stored under `key`.
+    pub fn get_raw(&self, key: &str) -> Option<&[u8]> {
+        self.data.get(key).map(Vec::as_slice)
+    }
+
+    /// Removes the value stored under `key` and returns its encoded bytes.
+    pub fn remove(&mut self, key: &str) -> Option<Vec<u8>> {
+        if !self.data.contains_key(key) {
+            // Leave shared values shared when there is nothing to remove.
+            return None;
+        }
+        Arc::make_mut(&mut self.data).remove(key)
+    }
+
+    /// Returns `true` if a value is stored under `key`.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.data.contains_key(key)
+    }
+
+    /// Iterates over the keys, in sorted order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.data.keys().map(String::as_str)
+    }
+
+    /// Returns how many values the record holds.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Returns `true` if the record holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Removes every value; the id and expiry date stay.
+    pub fn clear(&mut self) {
+        if !self.data.is_empty() {
+            self.data = Arc::default();
+        }
+    }
+
+    /// Returns `true` if the record has expired at `now`.
+    ///
+    /// A record expires at its expiry date: from that instant on it no longer loads.
+    pub fn is_expired_at(&self, now: OffsetDateTime) -> bool {
+        self.expiry_date <= now
+    }
+
+    /// Encodes the whole record for a persistent store: a format-version byte, then
+    /// the id, expiry date and values in postcard.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Encode`] if the encoding would be longer than
+    /// [`MAX_ENCODED_LEN`](Record::MAX_ENCODED_LEN), so that nothing is written that
+    /// [`decode`](Record::decode) would refuse.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let wire = WireOut {
+            version: Self::FORMAT_VERSION,
+            id: self.id.to_bytes(),
+            expiry_nanos: self.expiry_date.unix_timestamp_nanos(),
+            data: &self.data,
+        };
+        let bytes = postcard::to_allocvec(&wire).map_err(Error::encode)?;
+        if bytes.len() > Self::MAX_ENCODED_LEN {
+            return Err(Error::encode(format!(
+                "encoded record is {} bytes, more than the {} allowed",
+                bytes.len(),
+                Self::MAX_ENCODED_LEN
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a record written by [`encode`](Record::encode).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Decode`], and never panics, for any byte string that is not
+    /// exactly one encoded record: empty or oversized input, an unknown format
+    /// version, truncated or corrupt bytes, a duplicate key, an expiry date out of
+    /// range, or trailing bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() > Self::MAX_ENCODED_LEN {
+            return Err(Error::decode(format!(
+                "encoded record is {} bytes, more than the {} allowed",
+                bytes.len(),
+                Self::MAX_ENCODED_LEN
+            )));
+        }
+        match bytes.first() {
+            None => return Err(Error::decode("encoded record is empty")),
+            Some(&Self::FORMAT_VERSION) => {}
+            Some(other) => {
+                return Err(Error::decode(format!(
+                    "unknown record format version {other}"
+                )));
+            }
+        }
+        let (wire, rest) = postcard::take_from_bytes::<WireIn<'_>>(bytes).map_err(Error::decode)?;
+        if !rest.is_empty() {
+            return Err(Error::decode(format!(
+                "{} trailing bytes after the encoded record",
+                rest.len()
+            )));
+        }
+        let expiry_date =
+            OffsetDateTime::from_unix_timestamp_nanos(wire.expiry_nanos).map_err(Error::decode)?;
+        let mut data = Data::new();
+        for (key, value) in wire.data {
+            if data.insert(key.to_owned(), value.to_vec()).is_some() {
+                return Err(Error::decode(format!(
+                    "duplicate key {key:?} in encoded record"
+                )));
+            }
+        }
+        Ok(Self {
+            id: Id::from_bytes(wire.id),
+            expiry_date,
+            data: Arc::new(data),
+        })
+    }
+}
+
+fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(Error::decode)?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(Error::decode(format!(
+            "{} bytes left over after decoding the value: it was stored as another type",
+            rest.len()
+        )))
+    }
+}
+
+impl fmt::Debug for Record {
+    /// Prints the id (abridged), the expiry date and the keys, never the values:
+    /// they may hold credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("id", &self.id)
+            .field("expiry_date", &self.expiry_date)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+// The encoded form. A `u8` is one raw byte in postcard, so the version leads the
+// output; byte strings are a length then raw bytes whichever way serde describes them.
+#[derive(Serialize)]
+struct WireOut<'a> {
+    version: u8,
+    id: [u8; 16],
+    expiry_nanos: i128,
+    data: &'a Data,
+}
+
+#[derive(Deserialize)]
+struct WireIn<'a> {
+    #[allow(dead_code)] // checked before deserializing
+    version: u8,
+    id: [u8; 16],
+    expiry_nanos: i128,
+    #[serde(borrow)]
+    data: Vec<(&'a str, &'a [u8])>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_form_matches_base64url_of_le_bytes() {
+        // All-zero and all-one ids, and one whose bytes count up.
+        assert_eq!(
+            Id::from_bytes([0; 16]).to_string(),
+            "AAAAAAAAAAAAAAAAAAAAAA"
+        );
+        assert_eq!(
+            Id::from_bytes([0xff; 16]).to_string(),
+            "_____________________w"
+        );
+        let counting = Id::from_bytes(core::array::from_fn(|i| i as u8));
+        assert_eq!(counting.to_string(), "AAECAwQFBgcICQoLDA0ODw");
+        assert_eq!("AAECAwQFBgcICQoLDA0ODw".parse::<Id>().unwrap(), counting);
+    }
+
+    #[test]
+    fn non_canonical_last_character_is_rejected() {
+        // 'x' is 49: its low four bits are set.
+        let err = "_____________________x".parse::<Id>().unwrap_err();
+        assert_eq!(err.kind, ParseIdErrorKind::TrailingBits);
+    }
+
+    #[test]
+    fn padding_and_other_alphabets_are_rejected() {
+        assert!("AAECAwQFBgcICQoLDA0ODw==".parse::<Id>().is_err());
+        assert!("AAECAwQFBgcICQoLDA0OD+".parse::<Id>().is_err());
+        assert!("AAECAwQFBgcICQoLDA0OD/".parse::<Id>().is_err());
+        assert!("".parse::<Id>().is_err());
+        // 22 bytes, but not 22 ASCII characters.
+        assert!("AAECAwQFBgcICQoLDA0é".parse::<Id>().is_err());
+    }
+
+    #[test]
+    fn debug_hides_most_of_the_id() {
+        let id = Id::default();
+        let debug = format!("{id:?}");
+        assert!(!debug.contains(&id.to_string()));
+        assert!(debug.contains(&id.to_string()[..4]));
+    }
+
+    #[test]
+    fn version_byte_leads_the_encoding() {
+        let record = Record::new(OffsetDateTime::UNIX_EPOCH);
+        assert_eq!(record.encode().unwrap()[0], Record::FORMAT_VERSION);
+    }
+
+    #[test]
+    fn clones_share_values_until_changed() {
+        let mut a = Record::new(OffsetDateTime::UNIX_EPOCH);
+        a.insert("k", "v").unwrap();
+        let mut b = a.clone();
+        assert!(Arc::ptr_eq(&a.data, &b.data));
+        b.insert("k", "w").unwrap();
+        assert_eq!(a.get::<String>("k").unwrap().as_deref(), Some("v"));
+        assert_eq!(b.get::<String>("k").unwrap().as_deref(), Some("w"));
+    }
+}

@@ -161,8 +161,14 @@
 
 mod caching;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis_store;
 pub mod session;
 pub mod session_store;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "redis"))]
+mod stored;
 
 pub use async_trait;
 pub use maybe_async;
@@ -172,6 +178,13 @@ pub use crate::{
     memory::MemoryStore,
     session_store::{ExpiredDeletion, SessionStore},
 };
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::redis_store::RedisStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use crate::sqlite::SqliteStore;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

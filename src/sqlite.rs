@@ -1,0 +1,417 @@
+//! [`SqliteStore`]: sessions in an SQLite database file.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use parking_lot::{Condvar, Mutex};
+use rusqlite::{params, Connection, OptionalExtension};
+use time::OffsetDateTime;
+
+use crate::{
+    session::{Id, Record},
+    session_store::{Error, ExpiredDeletion, Result, SessionStore},
+    stored,
+};
+
+/// How many expired rows one `DELETE` statement removes: each batch is its own short
+/// write transaction, so saves from other connections get in between batches.
+const DELETE_BATCH: usize = 512;
+
+/// How long a connection waits for another one's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS portable_sessions (
+    key BLOB PRIMARY KEY NOT NULL,
+    expires_at INTEGER NOT NULL,
+    record BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (expires_at);
+";
+
+type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+/// A session store in an SQLite database file: sessions survive restarts, and several
+/// processes on one machine can share the file.
+///
+/// - **Schema.** [`open`](SqliteStore::open) creates one table, `portable_sessions`
+///   (a 32-byte key, the expiry date in Unix nanoseconds with an index on it, and the
+///   encoded record), if it is not there yet: opening is idempotent, and the table
+///   can live in a database file the program also uses for other things.
+/// - **Stolen files give no sessions.** Records are keyed by the SHA-256 digest of
+///   their id and stored with the id zeroed, so the file, its WAL and its backups
+///   hold no id that could be replayed as a cookie. Ids are 128 random bits, so an
+///   unkeyed digest cannot be reversed by guessing; no secret needs configuring.
+/// - **Durability.** The database runs in WAL mode with `synchronous = FULL`: once a
+///   write returns, it survives the process being killed and the machine losing
+///   power. Readers never wait for the writer.
+/// - **Connections.** A small pool (up to the number of CPUs, at most 8) of
+///   connections is shared by the clones of a store. Each operation borrows one for a
+///   single statement; a writer that finds the database locked waits up to 5 s.
+/// - **Expiry.** [`load`](SessionStore::load) never returns an expired row, even
+///   before [`delete_expired`](ExpiredDeletion::delete_expired) removes it; that pass
+///   walks the expiry index in batches of 512 rows and returns how many it deleted.
+/// - **Corrupt rows** make [`load`](SessionStore::load) of that id fail with
+///   [`Error::Decode`]; other sessions are unaffected.
+///
+/// # Blocking
+///
+/// SQLite calls block. In async mode (the default) each operation runs on the
+/// [`blocking`](https://docs.rs/blocking) crate's thread pool, so no executor thread
+/// waits for the disk, whatever the executor. In sync mode they run on the calling
+/// thread. [`open`](SqliteStore::open) blocks in both modes: call it at startup.
+///
+/// # Examples
+///
+/// ```
+/// use portable_sessions::{session::Record, SessionStore, SqliteStore};
+/// use time::{Duration, OffsetDateTime};
+///
+/// # #[maybe_async::maybe_async]
+/// # async fn run() -> portable_sessions::session_store::Result<()> {
+/// # let dir = std::env::temp_dir().join(format!("ps-doc-sqlite-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("sessions.db");
+/// let store = SqliteStore::open(&path)?;
+/// let mut record = Record::new(OffsetDateTime::now_utc() + Duration::days(7));
+/// record.insert("user_id", &42u64)?;
+/// store.create(&mut record).await?;
+/// drop(store);
+///
+/// // Another run of the program finds the session.
+/// let store = SqliteStore::open(&path)?;
+/// let loaded = store.load(&record.id).await?.expect("the session survived");
+/// assert_eq!(loaded.get::<u64>("user_id")?, Some(42));
+/// # drop(store);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok(())
+/// # }
+/// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+/// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: Arc<Pool>,
+    clock: Option<Clock>,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if needed) the database file at `path`, switches it to WAL
+    /// mode and creates the sessions table and its index if they are missing.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Backend`] if the file cannot be opened or created, is not an
+    /// SQLite database, or the schema cannot be created.
+    ///
+    /// # Blocking
+    ///
+    /// Opens the file and runs the schema statements on the calling thread, in both
+    /// modes.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let conn = connect(&path).map_err(Error::backend)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(Error::backend)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            // Some file systems cannot hold a WAL; SQLite then keeps its rollback
+            // journal, which is slower for concurrent readers but just as safe.
+            log::warn!(
+                "SQLite kept journal mode {mode:?} for {}: WAL is unavailable",
+                path.display()
+            );
+        }
+        conn.execute_batch(SCHEMA).map_err(Error::backend)?;
+        let max = std::thread::available_parallelism()
+            .map_or(2, usize::from)
+            .clamp(2, 8);
+        let pool = Pool {
+            path,
+            max,
+            state: Mutex::new(PoolState {
+                idle: vec![conn],
+                open: 1,
+            }),
+            returned: Condvar::new(),
+        };
+        Ok(Self {
+            pool: Arc::new(pool),
+            clock: None,
+        })
+    }
+
+    /// Returns the store reading the current time from `clock` instead of the system
+    /// clock: for tests that move time forward instead of sleeping.
+    ///
+    /// The time decides which records [`load`](SessionStore::load) treats as expired
+    /// and which [`delete_expired`](ExpiredDeletion::delete_expired) removes.
+    pub fn with_clock(
+        mut self,
+        clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static,
+    ) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Returns the path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.pool.path
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        match &self.clock {
+            Some(clock) => clock(),
+            None => OffsetDateTime::now_utc(),
+        }
+    }
+
+    /// Runs `op` with a pooled connection, off the executor.
+    #[maybe_async::async_impl]
+    async fn with_conn<T, F>(&self, op: F) -> Result<T>
+    where
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        blocking::unblock(move || pool.with_conn(op)).await
+    }
+
+    /// Runs `op` with a pooled connection, on this thread.
+    #[maybe_async::sync_impl]
+    fn with_conn<T, F>(&self, op: F) -> Result<T>
+    where
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.pool.with_conn(op)
+    }
+}
+
+/// Opens one connection with the settings every pooled connection needs.
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // In WAL mode FULL syncs the log at every commit: an acknowledged write survives
+    // power loss, not only a crash of this process.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+/// The expiry date as stored in the indexed column: Unix nanoseconds, saturated to
+/// the `i64` range (years 1677 to 2262). A date beyond either end sorts as that end,
+/// which keeps its meaning (long expired, or not expiring); the exact date is in the
+/// record itself.
+fn column_time(at: OffsetDateTime) -> i64 {
+    let nanos = at.unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(if nanos < 0 { i64::MIN } else { i64::MAX })
+}
+
+fn backend(err: rusqlite::Error) -> Error {
+    Error::backend(err)
+}
+
+fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
+    // The stored bytes do not contain the id, so a new id needs no new encoding.
+    let bytes = stored::encode(record)?;
+    let expires_at = column_time(record.expiry_date);
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO portable_sessions (key, expires_at, record) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .map_err(backend)?;
+    loop {
+        let key = stored::digest(&record.id);
+        if insert
+            .execute(params![&key[..], expires_at, &bytes])
+            .map_err(backend)?
+            == 1
+        {
+            return Ok(());
+        }
+        record.id = stored::fresh_id()?;
+    }
+}
+
+fn save_row(conn: &Connection, record: &Record) -> Result<()> {
+    let bytes = stored::encode(record)?;
+    let key = stored::digest(&record.id);
+    conn.prepare_cached(
+        "INSERT INTO portable_sessions (key, expires_at, record) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, record = excluded.record",
+    )
+    .and_then(|mut upsert| upsert.execute(params![&key[..], column_time(record.expiry_date), &bytes]))
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn load_row(conn: &Connection, id: &Id, now: OffsetDateTime) -> Result<Option<Record>> {
+    let key = stored::digest(id);
+    let bytes: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT record FROM portable_sessions WHERE key = ?1 AND expires_at > ?2")
+        .and_then(|mut select| {
+            select
+                .query_row(params![&key[..], column_time(now)], |row| row.get(0))
+                .optional()
+        })
+        .map_err(backend)?;
+    match bytes {
+        None => Ok(None),
+        // The column is the index; the record's own date is the exact one.
+        Some(bytes) => Ok(Some(stored::decode(id, &bytes)?).filter(|r| !r.is_expired_at(now))),
+    }
+}
+
+fn delete_row(conn: &Connection, id: &Id) -> Result<()> {
+    let key = stored::digest(id);
+    conn.prepare_cached("DELETE FROM portable_sessions WHERE key = ?1")
+        .and_then(|mut delete| delete.execute(params![&key[..]]))
+        .map_err(backend)?;
+    Ok(())
+}
+
+fn delete_expired_rows(conn: &Connection, now: OffsetDateTime) -> Result<usize> {
+    let mut delete = conn
+        .prepare_cached(
+            "DELETE FROM portable_sessions WHERE key IN
+             (SELECT key FROM portable_sessions WHERE expires_at <= ?1 LIMIT ?2)",
+        )
+        .map_err(backend)?;
+    let mut deleted = 0;
+    loop {
+        // Each statement is its own transaction: the write lock is released between
+        // batches.
+        let batch = delete
+            .execute(params![column_time(now), DELETE_BATCH as i64])
+            .map_err(backend)?;
+        deleted += batch;
+        if batch < DELETE_BATCH {
+            return Ok(deleted);
+        }
+    }
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for SqliteStore {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        // The blocking pool needs owned data; a record clone shares its values.
+        let mut owned = record.clone();
+        let id = self
+            .with_conn(move |conn| create_row(conn, &mut owned).map(|()| owned.id))
+            .await?;
+        record.id = id;
+        Ok(())
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        let owned = record.clone();
+        self.with_conn(move |conn| save_row(conn, &owned)).await
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        let (id, now) = (*id, self.now());
+        self.with_conn(move |conn| load_row(conn, &id, now)).await
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        let id = *id;
+        self.with_conn(move |conn| delete_row(conn, &id)).await
+    }
+}
+
+#[maybe_async::maybe_async]
+impl ExpiredDeletion for SqliteStore {
+    async fn delete_expired(&self) -> Result<usize> {
+        let now = self.now();
+        self.with_conn(move |conn| delete_expired_rows(conn, now))
+            .await
+    }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.pool.path)
+            .field("connections", &self.pool.state.lock().open)
+            .field(
+                "clock",
+                &if self.clock.is_some() {
+                    "injected"
+                } else {
+                    "system"
+                },
+            )
+            .finish()
+    }
+}
+
+/// Connections to one database file, opened on demand up to `max`.
+///
+/// A connection is used by one thread at a time, for one statement or one batch, and
+/// then returned; when all `max` are busy a caller waits for one (SQLite serializes
+/// writers anyway, and readers in WAL mode are quick).
+struct Pool {
+    path: PathBuf,
+    max: usize,
+    state: Mutex<PoolState>,
+    returned: Condvar,
+}
+
+struct PoolState {
+    idle: Vec<Connection>,
+    /// Connections in existence: idle, borrowed, or being opened.
+    open: usize,
+}
+
+impl Pool {
+    fn with_conn<T>(&self, op: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.take()?;
+        let panic_guard = LostOnPanic(self);
+        let result = op(&conn);
+        std::mem::forget(panic_guard);
+        self.state.lock().idle.push(conn);
+        self.returned.notify_one();
+        result
+    }
+
+    fn take(&self) -> Result<Connection> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(conn) = state.idle.pop() {
+                return Ok(conn);
+            }
+            if state.open < self.max {
+                state.open += 1;
+                break;
+            }
+            self.returned.wait(&mut state);
+        }
+        // Open outside the lock: it touches the file system.
+        drop(state);
+        connect(&self.path).map_err(|err| {
+            self.forget_one();
+            Error::backend(err)
+        })
+    }
+
+    /// Counts out a connection that will not come back, so that another can be opened.
+    fn forget_one(&self) {
+        self.state.lock().open -= 1;
+        self.returned.notify_one();
+    }
+}
+
+/// Armed while a connection is borrowed: if the operation panics, the connection is
+/// dropped with the stack and this counts it out, so the pool never shrinks.
+struct LostOnPanic<'a>(&'a Pool);
+
+impl Drop for LostOnPanic<'_> {
+    fn drop(&mut self) {
+        self.0.forget_one();
+    }
+}

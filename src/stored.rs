@@ -1,0 +1,101 @@
+//! What the persistent stores write: a record keyed by a digest of its id, stored
+//! without the id.
+//!
+//! A session id is a bearer credential: whoever holds it is logged in. A database file,
+//! a backup or a Redis dump that held ids would hand every live session to whoever
+//! reads it. So the stores here never write an id:
+//!
+//! - a record is found under the SHA-256 digest of its id's 16 bytes;
+//! - the stored bytes are [`Record::encode`] of the record with its id zeroed, and
+//!   [`decode`] puts back the id the caller asked for.
+//!
+//! Why an unkeyed SHA-256 is enough: salts and keys protect low-entropy secrets
+//! (passwords) against precomputed tables and guessing. An id is 128 bits from the
+//! operating system's CSPRNG, so there is nothing to guess: recovering an id from its
+//! digest is a preimage search over 2^128 inputs, and holding many digests only
+//! divides that by their number (a billion sessions still leave about 2^98). A key
+//! would add a secret that every process sharing the store must hold and keep stable,
+//! for no gain. SHA-256 is a standard, widely audited one-way function, costs well
+//! under a microsecond for 16 bytes, and is a small pure-Rust dependency.
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    session::{Id, Record},
+    session_store::{Error, Result},
+};
+
+/// The length of a storage key: a SHA-256 digest.
+pub(crate) const DIGEST_LEN: usize = 32;
+
+/// Returns the key a record is stored under: the SHA-256 digest of its id's bytes.
+pub(crate) fn digest(id: &Id) -> [u8; DIGEST_LEN] {
+    Sha256::digest(id.to_bytes()).into()
+}
+
+/// Writes `bytes` as lowercase hexadecimal after `prefix`.
+#[cfg(any(feature = "redis", test))]
+pub(crate) fn hex_key(prefix: &str, bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut key = String::with_capacity(prefix.len() + 2 * bytes.len());
+    key.push_str(prefix);
+    for &b in bytes {
+        key.push(char::from(HEX[usize::from(b >> 4)]));
+        key.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    key
+}
+
+/// Draws a new id for a record whose id is taken.
+pub(crate) fn fresh_id() -> Result<Id> {
+    Id::try_random().map_err(|err| {
+        Error::backend(format!(
+            "the operating system's random number generator failed: {err}"
+        ))
+    })
+}
+
+/// Encodes `record` for storage with its id zeroed: the stored bytes do not depend
+/// on the id, and do not reveal it.
+pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
+    // Cloning a record only bumps a reference count.
+    let mut anonymous = record.clone();
+    anonymous.id = Id::from_bytes([0; 16]);
+    anonymous.encode()
+}
+
+/// Decodes bytes written by [`encode`] as the record with id `id`.
+pub(crate) fn decode(id: &Id, bytes: &[u8]) -> Result<Record> {
+    let mut record = Record::decode(bytes)?;
+    record.id = *id;
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    #[test]
+    fn digest_is_sha256_of_the_id_bytes() {
+        // SHA-256 of 16 zero bytes.
+        assert_eq!(
+            hex_key("", &digest(&Id::from_bytes([0; 16]))),
+            "374708fff7719dd5979ec875d56cd2286f6d3cf7ec317a3b25632aab28ec37bb"
+        );
+    }
+
+    #[test]
+    fn stored_bytes_do_not_contain_the_id() {
+        let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+        record.id = Id::from_bytes([0xa5; 16]);
+        record.insert("k", "v").unwrap();
+        let bytes = encode(&record).unwrap();
+        assert!(!bytes.windows(16).any(|w| w == [0xa5; 16]));
+        let other = Id::from_bytes([7; 16]);
+        let back = decode(&other, &bytes).unwrap();
+        assert_eq!(back.id, other);
+        assert_eq!(back.get::<String>("k").unwrap().as_deref(), Some("v"));
+    }
+}

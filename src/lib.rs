@@ -150,6 +150,7 @@
 //! | feature | default | what it does |
 //! |---|---|---|
 //! | `sync` | no | blocking mode: every store operation is a plain blocking call |
+//! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
 //! `tracing` with its `log` bridge) receives it.
@@ -163,6 +164,9 @@ mod caching;
 mod memory;
 pub mod session;
 pub mod session_store;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 pub use async_trait;
 pub use maybe_async;

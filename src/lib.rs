@@ -33,7 +33,7 @@
 //!
 //! A backend implements the four methods of [`SessionStore`]. This one keeps records
 //! in a `HashMap` behind a mutex (a toy: [`MemoryStore`] does the same job faster).
-//! It is written once for both modes with the [`maybe_async`](crate::maybe_async)
+//! It is written once for both modes with the [`maybe_async`]
 //! attribute, which this crate re-exports together with [`async_trait`]; a store for
 //! one mode only can use `#[async_trait]` (async) or a plain `impl` (sync) instead.
 //!

@@ -33,7 +33,7 @@
 //!
 //! A backend implements the four methods of [`SessionStore`]. This one keeps records
 //! in a `HashMap` behind a mutex (a toy: [`MemoryStore`] does the same job faster).
-//! It is written once for both modes with the [`maybe_async`](crate::maybe_async)
+//! It is written once for both modes with the [`maybe_async`]
 //! attribute, which this crate re-exports together with [`async_trait`]; a store for
 //! one mode only can use `#[async_trait]` (async) or a plain `impl` (sync) instead.
 //!
@@ -150,6 +150,7 @@
 //! | feature | default | what it does |
 //! |---|---|---|
 //! | `sync` | no | blocking mode: every store operation is a plain blocking call |
+//! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
 //! `tracing` with its `log` bridge) receives it.
@@ -169,6 +170,9 @@ pub mod session_store;
 mod sqlite;
 #[cfg(any(feature = "sqlite", feature = "redis"))]
 mod stored;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 pub use async_trait;
 pub use maybe_async;

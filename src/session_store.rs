@@ -76,7 +76,7 @@ impl Error {
 /// Keeps session records: the interface that every backend implements.
 ///
 /// In async mode (the default) the methods are `async` and the trait is an
-/// [`async_trait`](crate::async_trait) trait whose futures are `Send`; with the `sync`
+/// [`async_trait`] trait whose futures are `Send`; with the `sync`
 /// feature they are plain blocking methods. Either way `Arc<dyn SessionStore>` works.
 ///
 /// # Contract

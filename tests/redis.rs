@@ -1,0 +1,463 @@
+//! `RedisStore` against real Redis servers: the conformance suite (alone and behind a
+//! cache) on the shared server at 127.0.0.1:6379 under a key prefix per test; keys,
+//! values and TTLs as Redis holds them; corrupt values; and outages of servers the
+//! tests start, kill, freeze and restart themselves.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::{
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration as StdDuration, Instant},
+};
+
+use portable_sessions::{
+    session::{Id, Record},
+    session_store::{Error, Result},
+    testing::{self, Expiry},
+    CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
+};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+use common::{block, live_record};
+
+const SHARED: &str = "redis://127.0.0.1:6379";
+
+/// A key prefix no other test (or run) uses.
+fn unique_prefix(test: &str) -> String {
+    format!("portable-sessions-test:{test}:{}:", Id::default())
+}
+
+/// A store on the shared server, under a prefix of its own.
+fn shared_store(test: &str) -> RedisStore {
+    if TcpStream::connect("127.0.0.1:6379").is_err() {
+        panic!(
+            "no Redis answers on 127.0.0.1:6379: start one, or run `bash scripts/test.sh`, \
+             which does"
+        );
+    }
+    RedisStore::new(SHARED)
+        .unwrap()
+        .with_key_prefix(unique_prefix(test))
+}
+
+fn raw(url: &str) -> redis::Connection {
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+fn key_of(store: &RedisStore, id: &Id) -> String {
+    let digest = Sha256::digest(id.to_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}{hex}", store.key_prefix())
+}
+
+fn keys(conn: &mut redis::Connection, prefix: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(conn)
+        .unwrap()
+}
+
+/// A `redis-server` of the test's own on a free loopback port, without persistence.
+struct RedisServer {
+    port: u16,
+    password: Option<&'static str>,
+    child: Child,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        Self::start_on(free_port(), None)
+    }
+
+    /// Starts a server that wants a password: connecting then takes a round trip.
+    fn start_with_password(password: &'static str) -> Self {
+        Self::start_on(free_port(), Some(password))
+    }
+
+    fn start_on(port: u16, password: Option<&'static str>) -> Self {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]);
+        if let Some(password) = password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot run `redis-server` ({err}): these tests start their own servers. \
+                     Install it (Debian: apt-get install redis-server), or run \
+                     `bash scripts/test.sh`, which does"
+                )
+            });
+        let mut server = Self {
+            port,
+            password,
+            child,
+        };
+        let deadline = Instant::now() + StdDuration::from_secs(10);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("redis-server on port {port} exited at start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen on port {port} within 10 s"
+            );
+            std::thread::sleep(StdDuration::from_millis(10));
+        }
+        server
+    }
+
+    fn url(&self) -> String {
+        match self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Kills the server with SIGKILL and waits until it is gone.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Restarts a killed server on the same port.
+    fn restart(&mut self) {
+        *self = Self::start_on(self.port, self.password);
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Freezes the server (SIGSTOP): it accepts connections but never replies.
+    fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    fn thaw(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // SIGKILL ends a frozen process too.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+fn is_backend<T: std::fmt::Debug>(result: &Result<T>) -> bool {
+    matches!(result, Err(Error::Backend(_)))
+}
+
+#[maybe_async::maybe_async]
+async fn redis_store_conforms() {
+    let store = shared_store("conform");
+    testing::check_store(&store).await;
+    testing::check_expired_deletion(&store, Expiry::Native).await;
+    let left = keys(&mut raw(SHARED), store.key_prefix());
+    assert!(left.is_empty(), "the suite cleans up: {left:?}");
+}
+
+#[maybe_async::maybe_async]
+async fn caching_redis_store_conforms() {
+    let store = CachingSessionStore::new(MemoryStore::new(), shared_store("conform-cached"));
+    testing::check_store(&store).await;
+    testing::check_expired_deletion(&store, Expiry::Native).await;
+    assert!(store.cache().is_empty(), "the suite cleans up the cache");
+}
+
+#[maybe_async::maybe_async]
+async fn keys_are_digests_and_values_carry_their_ttl() {
+    let store = shared_store("keys");
+    let mut conn = raw(SHARED);
+    let mut record = Record::new(OffsetDateTime::now_utc() + Duration::minutes(10));
+    record.insert("user", &7u64).unwrap();
+    store.create(&mut record).await.unwrap();
+
+    let key = key_of(&store, &record.id);
+    assert_eq!(keys(&mut conn, store.key_prefix()), vec![key.clone()]);
+    let value: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
+    assert!(
+        !value.windows(16).any(|w| w == record.id.to_bytes()),
+        "raw id in the value"
+    );
+    let text = record.id.to_string();
+    assert!(
+        !value.windows(22).any(|w| w == text.as_bytes()),
+        "id text in the value"
+    );
+    let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+    assert!((590_000..=600_000).contains(&pttl), "PTTL {pttl}");
+
+    // save writes the value and a new TTL together.
+    record.expiry_date = OffsetDateTime::now_utc() + Duration::hours(1);
+    record.insert("user", &8u64).unwrap();
+    store.save(&record).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+    assert!((3_590_000..=3_600_000).contains(&pttl), "PTTL {pttl}");
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded.as_ref(), Some(&record));
+
+    // A record saved already expired deletes its key.
+    record.expiry_date = OffsetDateTime::now_utc() - Duration::seconds(1);
+    store.save(&record).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut conn).unwrap();
+    assert_eq!(exists, 0);
+    let deleted = store.delete_expired().await.unwrap();
+    assert_eq!(deleted, 0, "Redis expires keys itself");
+}
+
+#[maybe_async::maybe_async]
+async fn redis_drops_the_key_when_the_record_expires() {
+    let store = shared_store("ttl");
+    let mut record = live_record(1);
+    record.expiry_date = OffsetDateTime::now_utc() + Duration::milliseconds(50);
+    store.create(&mut record).await.unwrap();
+    let key = key_of(&store, &record.id);
+    // Redis' clock is the one that counts here: wait for it.
+    std::thread::sleep(StdDuration::from_millis(120));
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query(&mut raw(SHARED))
+        .unwrap();
+    assert_eq!(exists, 0);
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, None);
+}
+
+#[maybe_async::maybe_async]
+async fn a_corrupt_value_fails_only_its_own_load() {
+    let store = shared_store("corrupt");
+    let mut conn = raw(SHARED);
+    let mut victim = live_record(1);
+    let mut bystander = live_record(2);
+    store.create(&mut victim).await.unwrap();
+    store.create(&mut bystander).await.unwrap();
+    for garbage in [&b""[..], b"\x01", b"\xff\xff\xff", &[0x01; 40][..]] {
+        let () = redis::cmd("SET")
+            .arg(key_of(&store, &victim.id))
+            .arg(garbage)
+            .query(&mut conn)
+            .unwrap();
+        let loaded = store.load(&victim.id).await;
+        assert!(
+            matches!(loaded, Err(Error::Decode(_))),
+            "corrupt bytes {garbage:?} gave {loaded:?}"
+        );
+        let other = store.load(&bystander.id).await.unwrap();
+        assert_eq!(other.as_ref(), Some(&bystander));
+    }
+    store.delete(&victim.id).await.unwrap();
+    store.delete(&bystander.id).await.unwrap();
+}
+
+#[maybe_async::maybe_async]
+async fn prefixes_keep_stores_apart() {
+    let a = shared_store("prefix-a");
+    let b = shared_store("prefix-b");
+    let mut record = live_record(1);
+    a.create(&mut record).await.unwrap();
+    let seen_by_b = b.load(&record.id).await.unwrap();
+    assert_eq!(seen_by_b, None);
+    // Two handles with the same prefix are two processes sharing sessions.
+    let a2 = RedisStore::new(SHARED)
+        .unwrap()
+        .with_key_prefix(a.key_prefix());
+    let seen = a2.load(&record.id).await.unwrap();
+    assert_eq!(seen, Some(record.clone()));
+    a2.delete(&record.id).await.unwrap();
+    let gone = a.load(&record.id).await.unwrap();
+    assert_eq!(gone, None);
+}
+
+#[maybe_async::maybe_async]
+async fn a_bad_url_is_a_backend_error() {
+    let store = RedisStore::new("not a url");
+    assert!(is_backend(&store), "{store:?}");
+    let store = RedisStore::new("http://127.0.0.1:6379");
+    assert!(is_backend(&store), "{store:?}");
+}
+
+const TIMEOUT: StdDuration = StdDuration::from_millis(300);
+
+/// How long one failing operation may take: a connection attempt and a reply, each
+/// bounded by the timeout, with room for a loaded machine.
+const FAIL_WITHIN: StdDuration = StdDuration::from_millis(2 * 300 + 1500);
+
+#[maybe_async::maybe_async]
+async fn every_operation<S: SessionStore>(store: &S) -> Vec<(&'static str, Result<()>)> {
+    let mut record = live_record(3);
+    let created = store.create(&mut record).await;
+    let saved = store.save(&record).await;
+    let loaded = store.load(&record.id).await.map(drop);
+    let deleted = store.delete(&record.id).await;
+    vec![
+        ("create", created),
+        ("save", saved),
+        ("load", loaded),
+        ("delete", deleted),
+    ]
+}
+
+#[maybe_async::maybe_async]
+async fn a_killed_server_gives_backend_errors_then_the_store_recovers() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut before = live_record(1);
+    store.create(&mut before).await.unwrap();
+
+    server.kill();
+    for (op, result) in every_operation(&store).await {
+        assert!(is_backend(&result), "{op} with the server dead: {result:?}");
+    }
+    for _ in 0..3 {
+        let started = Instant::now();
+        let loaded = store.load(&before.id).await;
+        assert!(is_backend(&loaded), "{loaded:?}");
+        assert!(
+            started.elapsed() < FAIL_WITHIN,
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Back on the same port (empty: it kept nothing). The same store value works
+    // again from its first operation on.
+    server.restart();
+    let lost = store.load(&before.id).await.unwrap();
+    assert_eq!(lost, None);
+    let mut after = live_record(2);
+    store.create(&mut after).await.unwrap();
+    let loaded = store.load(&after.id).await.unwrap();
+    assert_eq!(loaded, Some(after));
+}
+
+#[maybe_async::maybe_async]
+async fn a_restart_between_operations_costs_no_error() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+    // The store's idle connection dies with the server; the next operation finds it
+    // closed and retries on a new one.
+    server.kill();
+    server.restart();
+    store.save(&record).await.unwrap();
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+#[maybe_async::maybe_async]
+async fn a_frozen_server_times_out_then_the_store_recovers() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+
+    // Frozen, the server still accepts connections but never answers.
+    server.freeze();
+    for (op, result) in every_operation(&store).await {
+        assert!(
+            is_backend(&result),
+            "{op} with the server frozen: {result:?}"
+        );
+    }
+    let started = Instant::now();
+    let loaded = store.load(&record.id).await;
+    assert!(is_backend(&loaded), "{loaded:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= TIMEOUT / 2,
+        "failed in {took:?}: it did not wait for a reply"
+    );
+    assert!(took < FAIL_WITHIN, "took {took:?}");
+
+    server.thaw();
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+tests_in_both_modes!(
+    redis_store_conforms,
+    caching_redis_store_conforms,
+    keys_are_digests_and_values_carry_their_ttl,
+    redis_drops_the_key_when_the_record_expires,
+    a_corrupt_value_fails_only_its_own_load,
+    prefixes_keep_stores_apart,
+    a_bad_url_is_a_backend_error,
+    a_killed_server_gives_backend_errors_then_the_store_recovers,
+    a_restart_between_operations_costs_no_error,
+    a_frozen_server_times_out_then_the_store_recovers,
+);
+
+#[test]
+fn many_callers_on_a_frozen_server_each_fail_within_the_timeout() {
+    // With a password, connecting takes a round trip (AUTH), so connecting to a frozen
+    // server waits out the timeout too.
+    let server = RedisServer::start_with_password("sesame");
+    let store = RedisStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut record = live_record(1);
+    block(store.create(&mut record)).unwrap();
+    server.freeze();
+    // This times out and drops the connection: the callers below must connect.
+    let loaded = block(store.load(&record.id));
+    assert!(is_backend(&loaded), "{loaded:?}");
+    // 32 callers at once: none waits out the others' timeouts in turn.
+    let callers: Vec<_> = (0..32)
+        .map(|_| {
+            let store = store.clone();
+            let id = record.id;
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let loaded = block(store.load(&id));
+                (loaded, started.elapsed())
+            })
+        })
+        .collect();
+    for caller in callers {
+        let (loaded, took) = caller.join().unwrap();
+        assert!(is_backend(&loaded), "{loaded:?}");
+        assert!(took < FAIL_WITHIN, "a caller took {took:?}");
+    }
+    server.thaw();
+    let loaded = block(store.load(&record.id)).unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+#[test]
+fn debug_output_hides_the_password() {
+    let store = RedisStore::new("redis://user:hunter2@127.0.0.1:6380/1").unwrap();
+    let debug = format!("{store:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("127.0.0.1:6380"), "{debug}");
+}

@@ -8,12 +8,18 @@
 //! - [`session::Id`] and [`session::Record`]: the id and what is stored under it.
 //! - [`MemoryStore`]: sessions in this process's memory, sharded, with expiry.
 //! - [`CachingSessionStore`]: a cache in front of a store that holds the truth.
+//! - [`SqliteStore`] (feature `sqlite`): sessions in an SQLite file, surviving restarts.
+//! - [`RedisStore`] (feature `redis`): sessions shared by many processes through Redis.
 //! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass.
 //! - [`session_store::Error`]: what a store operation can fail with.
 //!
 //! # Which one do I want?
 //!
 //! - One process, sessions may be lost on restart: [`MemoryStore`].
+//! - Sessions that survive restarts, on one machine: [`SqliteStore`].
+//! - Several processes or machines sharing sessions: [`RedisStore`]. Both keep
+//!   records under the SHA-256 of their id, never the id itself, so a stolen
+//!   database file or dump holds no cookie to replay.
 //! - A slower store that must be the truth (a database): put a [`MemoryStore`] in
 //!   front of it with [`CachingSessionStore`].
 //! - A backend of your own: implement [`SessionStore`], as below.
@@ -151,6 +157,8 @@
 //! |---|---|---|
 //! | `sync` | no | blocking mode: every store operation is a plain blocking call |
 //! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
+//! | `sqlite` | no | [`SqliteStore`], with SQLite compiled in; async mode runs its calls on the [`blocking`](https://docs.rs/blocking) thread pool |
+//! | `redis` | no | [`RedisStore`]; async mode uses the redis crate's smol support, no tokio runtime (tokio's `sync` types only) |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
 //! `tracing` with its `log` bridge) receives it.

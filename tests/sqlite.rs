@@ -152,30 +152,17 @@ async fn the_file_holds_digests_not_ids() {
 async fn a_corrupt_row_fails_only_its_own_load() {
     let dir = TempDir::new("corrupt");
     let store = SqliteStore::open(dir.db()).unwrap();
-    let mut victim = live_record(1);
-    let mut bystander = live_record(2);
-    store.create(&mut victim).await.unwrap();
-    store.create(&mut bystander).await.unwrap();
-
     let conn = raw_connection(&dir.db());
-    for garbage in [&b""[..], b"\x01", b"\xff\xff\xff", &[0x01; 40][..]] {
-        conn.execute(
-            "UPDATE portable_sessions SET record = ?1 WHERE key = ?2",
-            rusqlite::params![garbage, key_of(&victim.id)],
-        )
-        .unwrap();
-        let loaded = store.load(&victim.id).await;
-        assert!(
-            matches!(loaded, Err(Error::Decode(_))),
-            "corrupt bytes {garbage:?} gave {loaded:?}"
-        );
-        let other = store.load(&bystander.id).await.unwrap();
-        assert_eq!(other.as_ref(), Some(&bystander));
-    }
-    // Saving over the corrupt row repairs it.
-    store.save(&victim).await.unwrap();
-    let repaired = store.load(&victim.id).await.unwrap();
-    assert_eq!(repaired, Some(victim));
+    common::check_corruption_is_contained(&store, |id, garbage| {
+        let changed = conn
+            .execute(
+                "UPDATE portable_sessions SET record = ?1 WHERE key = ?2",
+                rusqlite::params![garbage, key_of(id)],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    })
+    .await;
 }
 
 #[maybe_async::maybe_async]

@@ -141,3 +141,33 @@ pub fn live_record(user: u64) -> Record {
 pub fn expired_record() -> Record {
     Record::new(time::OffsetDateTime::now_utc() - time::Duration::hours(1))
 }
+
+/// Checks that corrupt stored bytes fail only their own session: `corrupt` overwrites
+/// what the store holds for an id with the bytes given, and each time, loading that
+/// id must fail with `Error::Decode` while another session still loads.
+#[maybe_async::maybe_async]
+pub async fn check_corruption_is_contained<S: SessionStore>(
+    store: &S,
+    corrupt: impl Fn(&Id, &[u8]),
+) {
+    let mut victim = live_record(1);
+    let mut bystander = live_record(2);
+    store.create(&mut victim).await.unwrap();
+    store.create(&mut bystander).await.unwrap();
+    for garbage in [&b""[..], b"\x01", b"\xff\xff\xff", &[0x01; 40][..]] {
+        corrupt(&victim.id, garbage);
+        let loaded = store.load(&victim.id).await;
+        assert!(
+            matches!(loaded, Err(Error::Decode(_))),
+            "corrupt bytes {garbage:?} gave {loaded:?}"
+        );
+        let other = store.load(&bystander.id).await.unwrap();
+        assert_eq!(other.as_ref(), Some(&bystander));
+    }
+    // Saving over the corrupt bytes repairs the session.
+    store.save(&victim).await.unwrap();
+    let repaired = store.load(&victim.id).await.unwrap();
+    assert_eq!(repaired, Some(victim.clone()));
+    store.delete(&victim.id).await.unwrap();
+    store.delete(&bystander.id).await.unwrap();
+}

@@ -161,21 +161,32 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod caching;
+mod deletion;
 mod memory;
 pub mod session;
 pub mod session_store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod timer;
 
 pub use async_trait;
 pub use maybe_async;
 
 pub use crate::{
     caching::{CacheFailure, CacheOp, CachingSessionStore},
+    deletion::{DeletionFailure, DeletionSchedule, DeletionSummary},
     memory::MemoryStore,
     session_store::{ExpiredDeletion, SessionStore},
+    timer::{StopHandle, Tick, Timer},
 };
+
+#[cfg(all(feature = "async-io", not(feature = "sync")))]
+pub use crate::timer::AsyncIoTimer;
+#[cfg(feature = "sync")]
+pub use crate::timer::ThreadTimer;
+#[cfg(all(feature = "tokio", not(feature = "sync")))]
+pub use crate::timer::TokioTimer;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

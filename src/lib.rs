@@ -8,7 +8,8 @@
 //! - [`session::Id`] and [`session::Record`]: the id and what is stored under it.
 //! - [`MemoryStore`]: sessions in this process's memory, sharded, with expiry.
 //! - [`CachingSessionStore`]: a cache in front of a store that holds the truth.
-//! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass.
+//! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass,
+//!   or continuously on a [`Timer`] and a [`DeletionSchedule`].
 //! - [`session_store::Error`]: what a store operation can fail with.
 //!
 //! # Which one do I want?
@@ -143,7 +144,15 @@
 //! Stores that implement [`ExpiredDeletion`] remove their expired records with one
 //! call to [`delete_expired`](ExpiredDeletion::delete_expired), which returns how many
 //! it removed. Expired records are never served before that; deleting them frees their
-//! memory or disk. Call it from whatever scheduler the program already runs.
+//! memory or disk. Call it from whatever scheduler the program already runs, with a
+//! [`DeletionSchedule`] to tell it when (period, jitter, backoff after failures).
+//!
+//! Or let [`continuously_delete_expired`](ExpiredDeletion::continuously_delete_expired)
+//! run passes until a stop, sleeping on a [`Timer`] that picks the runtime:
+//! `ThreadTimer` on a thread (blocking mode), `AsyncIoTimer` on any executor,
+//! `TokioTimer`, or a timer of your own. A failed pass is reported and retried after a
+//! bounded backoff, never the end of the loop; a [`StopHandle`] ends it at once, even
+//! in the middle of a long period, and the loop returns a [`DeletionSummary`].
 //!
 //! # Features
 //!
@@ -151,6 +160,8 @@
 //! |---|---|---|
 //! | `sync` | no | blocking mode: every store operation is a plain blocking call |
 //! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
+//! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
+//! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
 //! `tracing` with its `log` bridge) receives it.

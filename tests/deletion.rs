@@ -454,72 +454,71 @@ mod threads {
 mod tasks {
     use std::time::Instant;
 
+    use futures_lite::future::zip;
     use portable_sessions::{AsyncIoTimer, StopHandle};
 
     use super::*;
 
-    /// Waits (without blocking the executor) until `store` is empty.
-    async fn until_empty(store: &MemoryStore) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !store.is_empty() {
-            assert!(Instant::now() < deadline, "sessions never deleted");
-            smol::Timer::after(Duration::from_millis(2)).await;
-        }
-    }
-
-    fn flaky_with_expired(failures: usize) -> (MemoryStore, FlakyStore) {
+    /// Runs the loop over expired sessions in a store that fails twice, next to a
+    /// watcher that waits (on `clock`) until they are gone, then stops the loop.
+    async fn deletes_then_stops(timer: &dyn Timer, stop: StopHandle, clock: &dyn Timer) {
         let memory = MemoryStore::new();
-        let store = FlakyStore::new(memory.clone(), failures);
-        futures_lite::future::block_on(add_sessions(&store, &[past(); 4]));
-        (memory, store)
-    }
-
-    fn short_schedule() -> DeletionSchedule {
-        DeletionSchedule::new(Duration::from_millis(10))
+        let store = FlakyStore::new(memory.clone(), 2);
+        add_sessions(&store, &[past(); 4]).await;
+        let schedule = DeletionSchedule::new(Duration::from_millis(10))
             .with_jitter(0.5)
-            .with_backoff(Duration::from_millis(1), Duration::from_millis(10))
-    }
-
-    #[test]
-    fn smol_task_deletes_then_stops() {
-        let (memory, store) = flaky_with_expired(2);
-        let timer = AsyncIoTimer::new();
-        let stop = timer.stop_handle();
-        let result = smol::block_on(async move {
-            let task = smol::spawn(async move {
-                store
-                    .continuously_delete_expired(short_schedule(), &timer)
-                    .await
-            });
-            until_empty(&memory).await;
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(10));
+        let watcher = async {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !memory.is_empty() {
+                assert!(Instant::now() < deadline, "sessions never deleted");
+                let _ = clock.sleep(Duration::from_millis(2)).await;
+            }
             stop.stop();
-            task.await
-        });
+        };
+        let (result, ()) = zip(store.continuously_delete_expired(schedule, timer), watcher).await;
         assert_eq!((result.failures, result.deleted), (2, 4));
     }
 
-    #[test]
-    fn smol_stop_interrupts_a_long_period() {
-        let timer = AsyncIoTimer::new();
-        let stop = timer.stop_handle();
+    /// Stops a loop with a one-hour period 50 ms after it starts (timed on `clock`);
+    /// it must return well within a second.
+    async fn stop_interrupts_a_long_period(timer: &dyn Timer, stop: StopHandle, clock: &dyn Timer) {
         let started = Instant::now();
-        let result = smol::block_on(async move {
-            let task = smol::spawn(async move {
-                let schedule = DeletionSchedule::new(Duration::from_secs(3600));
-                MemoryStore::new()
-                    .continuously_delete_expired(schedule, &timer)
-                    .await
-            });
-            smol::Timer::after(Duration::from_millis(50)).await;
+        let schedule = DeletionSchedule::new(Duration::from_secs(3600));
+        let stopper = async {
+            let _ = clock.sleep(Duration::from_millis(50)).await;
             stop.stop();
-            task.await
-        });
+        };
+        let store = MemoryStore::new();
+        let (result, ()) = zip(store.continuously_delete_expired(schedule, timer), stopper).await;
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "{:?}",
             started.elapsed()
         );
         assert_eq!(result.passes, 0);
+    }
+
+    fn async_io_timer() -> (AsyncIoTimer, StopHandle) {
+        let timer = AsyncIoTimer::new();
+        let stop = timer.stop_handle();
+        (timer, stop)
+    }
+
+    #[test]
+    fn smol_task_deletes_then_stops() {
+        let (timer, stop) = async_io_timer();
+        smol::block_on(smol::spawn(async move {
+            deletes_then_stops(&timer, stop, &AsyncIoTimer::new()).await;
+        }));
+    }
+
+    #[test]
+    fn smol_stop_interrupts_a_long_period() {
+        let (timer, stop) = async_io_timer();
+        smol::block_on(smol::spawn(async move {
+            stop_interrupts_a_long_period(&timer, stop, &AsyncIoTimer::new()).await;
+        }));
     }
 
     #[test]
@@ -540,18 +539,18 @@ mod tasks {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tokio_with_the_async_io_timer() {
-        let (memory, store) = flaky_with_expired(1);
-        let timer = AsyncIoTimer::new();
-        let stop = timer.stop_handle();
-        let task = tokio::spawn(async move {
-            store
-                .continuously_delete_expired(short_schedule(), &timer)
-                .await
-        });
-        until_empty(&memory).await;
-        stop.stop();
-        let result = task.await.unwrap();
-        assert_eq!((result.failures, result.deleted), (1, 4));
+        let (timer, stop) = async_io_timer();
+        tokio::spawn(async move {
+            deletes_then_stops(&timer, stop, &AsyncIoTimer::new()).await;
+        })
+        .await
+        .unwrap();
+        let (timer, stop) = async_io_timer();
+        tokio::spawn(async move {
+            stop_interrupts_a_long_period(&timer, stop, &AsyncIoTimer::new()).await;
+        })
+        .await
+        .unwrap();
     }
 
     #[cfg(feature = "tokio")]
@@ -559,41 +558,19 @@ mod tasks {
     async fn tokio_with_the_tokio_timer() {
         use portable_sessions::TokioTimer;
 
-        let (memory, store) = flaky_with_expired(1);
         let timer = TokioTimer::new();
         let stop = timer.stop_handle();
-        let task = tokio::spawn(async move {
-            store
-                .continuously_delete_expired(short_schedule(), &timer)
-                .await
-        });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !memory.is_empty() {
-            assert!(Instant::now() < deadline, "sessions never deleted");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        stop.stop();
-        let result = task.await.unwrap();
-        assert_eq!((result.failures, result.deleted), (1, 4));
-
-        // A stop in the middle of a long period ends the loop at once.
+        tokio::spawn(async move {
+            deletes_then_stops(&timer, stop, &TokioTimer::new()).await;
+        })
+        .await
+        .unwrap();
         let timer = TokioTimer::new();
         let stop = timer.stop_handle();
-        let started = Instant::now();
-        let task = tokio::spawn(async move {
-            let schedule = DeletionSchedule::new(Duration::from_secs(3600));
-            MemoryStore::new()
-                .continuously_delete_expired(schedule, &timer)
-                .await
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        stop.stop();
-        let result = task.await.unwrap();
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
-        assert_eq!(result.passes, 0);
+        tokio::spawn(async move {
+            stop_interrupts_a_long_period(&timer, stop, &TokioTimer::new()).await;
+        })
+        .await
+        .unwrap();
     }
 }

@@ -96,8 +96,8 @@ pub trait Timer: Send + Sync {
 ///
 /// Clones are cheap and share one signal; once stopped, it stays stopped, and every
 /// later sleep of its timers returns [`Tick::Stop`] at once. It is also the building
-/// block of third-party timers: in async mode, race their sleep with
-/// `stopped` (async mode), as the [`Timer`] docs show.
+/// block of third-party timers: in async mode, race their sleep with its `stopped`
+/// future, as the [`Timer`] docs show.
 ///
 /// # Examples
 ///

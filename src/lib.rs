@@ -11,6 +11,8 @@
 //! - [`SqliteStore`] (feature `sqlite`): sessions in an SQLite file, surviving restarts.
 //! - [`RedisStore`] (feature `redis`): sessions shared by many processes through Redis.
 //! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass.
+//! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass,
+//!   or continuously on a [`Timer`] and a [`DeletionSchedule`].
 //! - [`session_store::Error`]: what a store operation can fail with.
 //!
 //! # Which one do I want?
@@ -149,7 +151,15 @@
 //! Stores that implement [`ExpiredDeletion`] remove their expired records with one
 //! call to [`delete_expired`](ExpiredDeletion::delete_expired), which returns how many
 //! it removed. Expired records are never served before that; deleting them frees their
-//! memory or disk. Call it from whatever scheduler the program already runs.
+//! memory or disk. Call it from whatever scheduler the program already runs, with a
+//! [`DeletionSchedule`] to tell it when (period, jitter, backoff after failures).
+//!
+//! Or let [`continuously_delete_expired`](ExpiredDeletion::continuously_delete_expired)
+//! run passes until a stop, sleeping on a [`Timer`] that picks the runtime:
+//! `ThreadTimer` on a thread (blocking mode), `AsyncIoTimer` on any executor,
+//! `TokioTimer`, or a timer of your own. A failed pass is reported and retried after a
+//! bounded backoff, never the end of the loop; a [`StopHandle`] ends it at once, even
+//! in the middle of a long period, and the loop returns a [`DeletionSummary`].
 //!
 //! # Features
 //!
@@ -159,6 +169,8 @@
 //! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
 //! | `sqlite` | no | [`SqliteStore`], with SQLite compiled in; async mode runs its calls on the [`blocking`](https://docs.rs/blocking) thread pool |
 //! | `redis` | no | [`RedisStore`]; async mode uses the redis crate's smol support, no tokio runtime (tokio's `sync` types only) |
+//! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
+//! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
 //! `tracing` with its `log` bridge) receives it.
@@ -169,6 +181,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod caching;
+mod deletion;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
@@ -181,14 +194,17 @@ mod stored;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod timer;
 
 pub use async_trait;
 pub use maybe_async;
 
 pub use crate::{
     caching::{CacheFailure, CacheOp, CachingSessionStore},
+    deletion::{DeletionFailure, DeletionSchedule, DeletionSummary},
     memory::MemoryStore,
     session_store::{ExpiredDeletion, SessionStore},
+    timer::{StopHandle, Tick, Timer},
 };
 
 #[cfg(feature = "redis")]
@@ -197,6 +213,12 @@ pub use crate::redis_store::RedisStore;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::sqlite::SqliteStore;
+#[cfg(all(feature = "async-io", not(feature = "sync")))]
+pub use crate::timer::AsyncIoTimer;
+#[cfg(feature = "sync")]
+pub use crate::timer::ThreadTimer;
+#[cfg(all(feature = "tokio", not(feature = "sync")))]
+pub use crate::timer::TokioTimer;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

@@ -9,6 +9,10 @@ mod common;
 use std::{
     net::{Ipv4Addr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration as StdDuration, Instant},
 };
 
@@ -441,6 +445,118 @@ fn many_callers_on_a_frozen_server_each_fail_within_the_timeout() {
     server.thaw();
     let loaded = block(store.load(&record.id)).unwrap();
     assert_eq!(loaded, Some(record));
+}
+
+/// The built-in timer of the mode.
+#[cfg(feature = "sync")]
+type LoopTimer = portable_sessions::ThreadTimer;
+#[cfg(not(feature = "sync"))]
+type LoopTimer = portable_sessions::AsyncIoTimer;
+
+/// A `RedisStore` whose deletion pass also reads a key, so that each pass reaches
+/// Redis and an outage reaches the loop (`RedisStore`'s own pass never touches Redis).
+/// It counts the passes that succeeded.
+#[derive(Debug, Clone)]
+struct ProbingStore(RedisStore, Arc<AtomicUsize>);
+
+impl ProbingStore {
+    fn passed(&self) -> usize {
+        self.1.load(Ordering::SeqCst)
+    }
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for ProbingStore {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.0.create(record).await
+    }
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.0.save(record).await
+    }
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.0.load(id).await
+    }
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.0.delete(id).await
+    }
+}
+
+#[maybe_async::maybe_async]
+impl ExpiredDeletion for ProbingStore {
+    async fn delete_expired(&self) -> Result<usize> {
+        self.0.load(&Id::from_bytes([0; 16])).await?;
+        let deleted = self.0.delete_expired().await?;
+        self.1.fetch_add(1, Ordering::SeqCst);
+        Ok(deleted)
+    }
+}
+
+/// Runs `store`'s deletion loop on a thread of its own until the returned handle
+/// stops it.
+fn deletion_loop<S: ExpiredDeletion + Clone>(
+    store: &S,
+) -> (
+    portable_sessions::StopHandle,
+    std::thread::JoinHandle<portable_sessions::DeletionSummary>,
+) {
+    let timer = LoopTimer::new();
+    let stop = timer.stop_handle();
+    let store = store.clone();
+    let schedule = portable_sessions::DeletionSchedule::new(StdDuration::from_millis(20))
+        .with_backoff(StdDuration::from_millis(20), StdDuration::from_millis(100));
+    let task =
+        std::thread::spawn(move || block(store.continuously_delete_expired(schedule, &timer)));
+    (stop, task)
+}
+
+#[test]
+fn deletion_loops_run_through_an_outage() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let probing = ProbingStore(store.clone(), Arc::default());
+    let (stop_plain, plain) = deletion_loop(&store);
+    let (stop_probing, probing_loop) = deletion_loop(&probing);
+    wait_for("a first probing pass", || probing.passed() > 0);
+
+    server.kill();
+    let mut record = live_record(1);
+    let created = block(store.create(&mut record));
+    assert!(is_backend(&created), "{created:?}");
+    // Long enough for several failed passes, backing off.
+    std::thread::sleep(StdDuration::from_millis(500));
+    let passed_in_outage = probing.passed();
+    server.restart();
+
+    // The loops go on, their passes succeed again, and the store works again.
+    wait_for("a probing pass after the restart", || {
+        probing.passed() > passed_in_outage
+    });
+    block(store.create(&mut record)).unwrap();
+    let loaded = block(probing.load(&record.id)).unwrap();
+    assert_eq!(loaded, Some(record));
+
+    stop_plain.stop();
+    stop_probing.stop();
+    let plain = plain.join().expect("the loop on RedisStore does not panic");
+    let probing = probing_loop
+        .join()
+        .expect("the probing loop does not panic");
+    // RedisStore's pass is a no-op: the outage cannot fail it.
+    assert!(plain.passes >= 5, "{plain:?}");
+    assert_eq!((plain.failures, plain.deleted), (0, 0));
+    // The probing loop saw the outage, and kept going through it.
+    assert!(probing.failures >= 2, "{probing:?}");
+}
+
+/// Polls `done` until it holds, failing after 10 s.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + StdDuration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "no {what} within 10 s");
+        std::thread::sleep(StdDuration::from_millis(10));
+    }
 }
 
 #[test]

@@ -10,7 +10,6 @@
 //! - [`CachingSessionStore`]: a cache in front of a store that holds the truth.
 //! - [`SqliteStore`] (feature `sqlite`): sessions in an SQLite file, surviving restarts.
 //! - [`RedisStore`] (feature `redis`): sessions shared by many processes through Redis.
-//! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass.
 //! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass,
 //!   or continuously on a [`Timer`] and a [`DeletionSchedule`].
 //! - [`session_store::Error`]: what a store operation can fail with.

@@ -160,6 +160,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod caching;
+mod expiry;
+mod handle;
+mod manager;
 mod memory;
 pub mod session;
 pub mod session_store;
@@ -169,6 +172,7 @@ pub use maybe_async;
 
 pub use crate::{
     caching::{CacheFailure, CacheOp, CachingSessionStore},
+    manager::{SameSite, SessionManager},
     memory::MemoryStore,
     session_store::{ExpiredDeletion, SessionStore},
 };

@@ -11,6 +11,11 @@ use time::OffsetDateTime;
 
 use crate::session_store::{Error, Result};
 
+pub use crate::{
+    expiry::{Expiry, SessionConfig},
+    handle::Session,
+};
+
 /// A session identifier: 128 bits drawn from the operating system's CSPRNG.
 ///
 /// Its text form ([`Display`](fmt::Display) / [`FromStr`]) is the 22-character unpadded

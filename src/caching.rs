@@ -85,6 +85,7 @@ pub struct CachingSessionStore<Cache, Store> {
     cache: Cache,
     store: Store,
     shared: Arc<Shared>,
+    on_error: Option<ErrorHook>,
 }
 
 struct Shared {
@@ -93,10 +94,9 @@ struct Shared {
     suspects: Mutex<HashSet<Id>>,
     /// `suspects.len()`, readable without the lock so that the hit path stays free.
     suspect_count: AtomicUsize,
-    on_error: Option<ErrorHook>,
 }
 
-type ErrorHook = Box<dyn Fn(&CacheFailure<'_>) + Send + Sync>;
+type ErrorHook = Arc<dyn Fn(&CacheFailure<'_>) + Send + Sync>;
 
 /// The cache step that failed, in a [`CacheFailure`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,15 +140,15 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
                 stripes: (0..STRIPES).map(|_| StripeLock::default()).collect(),
                 suspects: Mutex::default(),
                 suspect_count: AtomicUsize::new(0),
-                on_error: None,
             }),
+            on_error: None,
         }
     }
 
     /// Calls `hook` for every cache failure that does not fail the call, in addition
     /// to logging it: to count them, raise an alert, or fail a test.
     ///
-    /// Set it before cloning the store: clones share the hook.
+    /// Clones made afterwards share the hook.
     ///
     /// # Examples
     ///
@@ -168,17 +168,7 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
         mut self,
         hook: impl Fn(&CacheFailure<'_>) + Send + Sync + 'static,
     ) -> Self {
-        match Arc::get_mut(&mut self.shared) {
-            Some(shared) => shared.on_error = Some(Box::new(hook)),
-            None => {
-                // Clones exist: give this one its own state, as a new store would have.
-                let mut fresh = Self::new(self.cache, self.store);
-                if let Some(shared) = Arc::get_mut(&mut fresh.shared) {
-                    shared.on_error = Some(Box::new(hook));
-                }
-                return fresh;
-            }
-        }
+        self.on_error = Some(Arc::new(hook));
         self
     }
 
@@ -208,7 +198,7 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
             "cache {op:?} failed for session {id:?}: {}",
             error.report()
         );
-        if let Some(hook) = &self.shared.on_error {
+        if let Some(hook) = &self.on_error {
             hook(&CacheFailure { op, id, error });
         }
     }
@@ -362,12 +352,13 @@ where
 }
 
 impl<Cache: Clone, Store: Clone> Clone for CachingSessionStore<Cache, Store> {
-    /// Clones share the cache, the store and the ordering state.
+    /// Clones share the cache, the store, the ordering state and the error hook.
     fn clone(&self) -> Self {
         Self {
             cache: self.cache.clone(),
             store: self.store.clone(),
             shared: self.shared.clone(),
+            on_error: self.on_error.clone(),
         }
     }
 }
@@ -381,7 +372,7 @@ impl<Cache: fmt::Debug, Store: fmt::Debug> fmt::Debug for CachingSessionStore<Ca
                 "suspects",
                 &self.shared.suspect_count.load(Ordering::Relaxed),
             )
-            .field("on_cache_error", &self.shared.on_error.is_some())
+            .field("on_cache_error", &self.on_error.is_some())
             .finish()
     }
 }

@@ -8,7 +8,8 @@
 //! - [`session::Id`] and [`session::Record`]: the id and what is stored under it.
 //! - [`MemoryStore`]: sessions in this process's memory, sharded, with expiry.
 //! - [`CachingSessionStore`]: a cache in front of a store that holds the truth.
-//! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass.
+//! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass,
+//!   or continuously on a [`Timer`] and a [`DeletionSchedule`].
 //! - [`session_store::Error`]: what a store operation can fail with.
 //!
 //! # Which one do I want?
@@ -33,7 +34,7 @@
 //!
 //! A backend implements the four methods of [`SessionStore`]. This one keeps records
 //! in a `HashMap` behind a mutex (a toy: [`MemoryStore`] does the same job faster).
-//! It is written once for both modes with the [`maybe_async`](crate::maybe_async)
+//! It is written once for both modes with the [`maybe_async`]
 //! attribute, which this crate re-exports together with [`async_trait`]; a store for
 //! one mode only can use `#[async_trait]` (async) or a plain `impl` (sync) instead.
 //!
@@ -143,13 +144,24 @@
 //! Stores that implement [`ExpiredDeletion`] remove their expired records with one
 //! call to [`delete_expired`](ExpiredDeletion::delete_expired), which returns how many
 //! it removed. Expired records are never served before that; deleting them frees their
-//! memory or disk. Call it from whatever scheduler the program already runs.
+//! memory or disk. Call it from whatever scheduler the program already runs, with a
+//! [`DeletionSchedule`] to tell it when (period, jitter, backoff after failures).
+//!
+//! Or let [`continuously_delete_expired`](ExpiredDeletion::continuously_delete_expired)
+//! run passes until a stop, sleeping on a [`Timer`] that picks the runtime:
+//! `ThreadTimer` on a thread (blocking mode), `AsyncIoTimer` on any executor,
+//! `TokioTimer`, or a timer of your own. A failed pass is reported and retried after a
+//! bounded backoff, never the end of the loop; a [`StopHandle`] ends it at once, even
+//! in the middle of a long period, and the loop returns a [`DeletionSummary`].
 //!
 //! # Features
 //!
 //! | feature | default | what it does |
 //! |---|---|---|
 //! | `sync` | no | blocking mode: every store operation is a plain blocking call |
+//! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
+//! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
+//! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
 //! `tracing` with its `log` bridge) receives it.
@@ -160,22 +172,36 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod caching;
+mod deletion;
 mod expiry;
 mod handle;
 mod manager;
 mod memory;
 pub mod session;
 pub mod session_store;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
+mod timer;
 
 pub use async_trait;
 pub use maybe_async;
 
 pub use crate::{
     caching::{CacheFailure, CacheOp, CachingSessionStore},
+    deletion::{DeletionFailure, DeletionSchedule, DeletionSummary},
     manager::{SameSite, SessionManager},
     memory::MemoryStore,
     session_store::{ExpiredDeletion, SessionStore},
+    timer::{StopHandle, Tick, Timer},
 };
+
+#[cfg(all(feature = "async-io", not(feature = "sync")))]
+pub use crate::timer::AsyncIoTimer;
+#[cfg(feature = "sync")]
+pub use crate::timer::ThreadTimer;
+#[cfg(all(feature = "tokio", not(feature = "sync")))]
+pub use crate::timer::TokioTimer;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

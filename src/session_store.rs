@@ -2,7 +2,11 @@
 
 use std::fmt::Debug;
 
-use crate::session::{Id, Record};
+use crate::{
+    deletion::{DeletionSchedule, DeletionSummary},
+    session::{Id, Record},
+    timer::Timer,
+};
 
 /// A boxed error as kept inside [`Error`]: any error type, or a message.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -76,7 +80,7 @@ impl Error {
 /// Keeps session records: the interface that every backend implements.
 ///
 /// In async mode (the default) the methods are `async` and the trait is an
-/// [`async_trait`](crate::async_trait) trait whose futures are `Send`; with the `sync`
+/// [`async_trait`] trait whose futures are `Send`; with the `sync`
 /// feature they are plain blocking methods. Either way `Arc<dyn SessionStore>` works.
 ///
 /// # Contract
@@ -118,6 +122,64 @@ pub trait SessionStore: Debug + Send + Sync + 'static {
 pub trait ExpiredDeletion: SessionStore {
     /// Deletes every record that has expired by now and returns how many it removed.
     async fn delete_expired(&self) -> Result<usize>;
+
+    /// Deletes expired records over and over, sleeping on `timer` between passes,
+    /// until the timer says stop; returns what it did.
+    ///
+    /// It waits before the first pass, then runs passes at the times `schedule` gives:
+    /// one period apart, with its jitter. A failed pass never ends the loop: it is
+    /// logged (and passed to the schedule's [`on_error`](DeletionSchedule::on_error)
+    /// callback), and the next pass comes after a bounded exponential backoff. It
+    /// returns as soon as `timer` returns [`Tick::Stop`](crate::Tick::Stop), which
+    /// the built-in timers do at once when their [`StopHandle`](crate::StopHandle) is
+    /// used, even in the middle of a long period; a pass under way is finished first.
+    ///
+    /// In async mode, run it as a task of its own on any executor; in blocking mode,
+    /// on a thread of its own. The timer picks the runtime: `ThreadTimer` (blocking
+    /// mode), `AsyncIoTimer` (any executor), `TokioTimer` (see [`Timer`]), or one of
+    /// your own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::{sync::{atomic::{AtomicI64, Ordering}, Arc}, time::Duration};
+    /// use portable_sessions::{session::Record, DeletionSchedule, ExpiredDeletion, MemoryStore, SessionStore, Tick, Timer};
+    /// use time::OffsetDateTime;
+    ///
+    /// // A timer that lets three periods pass at once, then stops: a real program
+    /// // uses a built-in timer, or one for its runtime.
+    /// #[derive(Debug, Default)]
+    /// struct ThreePeriods(std::sync::atomic::AtomicU32);
+    ///
+    /// #[maybe_async::maybe_async]
+    /// impl Timer for ThreePeriods {
+    ///     async fn sleep(&self, _: Duration) -> Tick {
+    ///         if self.0.fetch_add(1, Ordering::Relaxed) < 3 { Tick::Continue } else { Tick::Stop }
+    ///     }
+    /// }
+    ///
+    /// # #[maybe_async::maybe_async]
+    /// # async fn run() -> portable_sessions::session_store::Result<()> {
+    /// let store = MemoryStore::new();
+    /// let mut old = Record::new(OffsetDateTime::now_utc() - time::Duration::minutes(1));
+    /// store.create(&mut old).await?;
+    ///
+    /// let schedule = DeletionSchedule::new(Duration::from_secs(60));
+    /// let summary = store.continuously_delete_expired(schedule, &ThreePeriods::default()).await;
+    /// assert_eq!((summary.passes, summary.deleted, summary.failures), (3, 1, 0));
+    /// assert!(store.is_empty());
+    /// # Ok(())
+    /// # }
+    /// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+    /// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+    /// ```
+    async fn continuously_delete_expired(
+        &self,
+        schedule: DeletionSchedule,
+        timer: &dyn Timer,
+    ) -> DeletionSummary {
+        crate::deletion::run(self, schedule, timer).await
+    }
 }
 
 // A shared store is a store: lets `Arc<dyn SessionStore>` and `Arc<MyStore>` sit

@@ -1,0 +1,309 @@
+//! A conformance suite for [`SessionStore`] implementations.
+//!
+//! Every store in this crate runs it, in both modes; a store of your own runs the same
+//! checks with one call from a test:
+//!
+//! ```
+//! use portable_sessions::{testing, MemoryStore};
+//!
+//! # #[maybe_async::maybe_async]
+//! # async fn run() {
+//! let store = MemoryStore::default(); // your store here
+//! testing::check_store(&store).await;
+//! testing::check_expired_deletion(&store, testing::Expiry::Deletes).await;
+//! # }
+//! # #[maybe_async::sync_impl] fn main() { run() }
+//! # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()) }
+//! ```
+//!
+//! The checks panic, with a message naming the rule that was broken, as test
+//! assertions do. They use the system clock for expiry dates, and records with fresh
+//! random ids, so a store that other tests use at the same time is fine, except for
+//! [`check_expired_deletion`], which counts what one pass deletes and so wants a store
+//! (or a table, or a key prefix) of its own.
+
+use std::fmt::Debug;
+
+use serde::{de::DeserializeOwned, Serialize};
+use time::{Duration, OffsetDateTime};
+
+use crate::{
+    session::{Id, Record},
+    session_store::Error,
+    ExpiredDeletion, SessionStore,
+};
+
+/// How a store gets rid of expired records, for [`check_expired_deletion`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// [`delete_expired`](ExpiredDeletion::delete_expired) removes them and counts
+    /// them.
+    Deletes,
+    /// The backend expires records by itself (a Redis TTL, say) and `delete_expired`
+    /// is a no-op that returns 0.
+    Native,
+}
+
+/// An expiry date an hour from now, to the millisecond, so that stores that keep
+/// milliseconds give back exactly what they were given.
+fn in_an_hour() -> OffsetDateTime {
+    truncate_to_millis(OffsetDateTime::now_utc() + Duration::hours(1))
+}
+
+fn an_hour_ago() -> OffsetDateTime {
+    truncate_to_millis(OffsetDateTime::now_utc() - Duration::hours(1))
+}
+
+fn truncate_to_millis(at: OffsetDateTime) -> OffsetDateTime {
+    let millis = at.unix_timestamp_nanos() / 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).unwrap_or(at)
+}
+
+fn record_with_values(expiry_date: OffsetDateTime) -> Record {
+    let mut record = Record::new(expiry_date);
+    insert(&mut record, "user_id", &42u64);
+    insert(
+        &mut record,
+        "csrf",
+        "c2VjcmV0LXRva2VuLXRoYXQtaXMtMzItYnl0ZXM",
+    );
+    insert(&mut record, "recent", &[1u32, 2, 3, 5, 8, 13, 21, 34]);
+    insert(&mut record, "flash", &Some("saved"));
+    insert(
+        &mut record,
+        "roles",
+        &vec!["admin".to_owned(), "editor".to_owned()],
+    );
+    record
+}
+
+fn insert<T: Serialize + ?Sized>(record: &mut Record, key: &str, value: &T) {
+    record
+        .insert(key, value)
+        .unwrap_or_else(|err| panic!("Record::insert({key:?}) failed: {}", err.report()));
+}
+
+fn value<T: DeserializeOwned>(record: &Record, key: &str) -> Option<T> {
+    record
+        .get(key)
+        .unwrap_or_else(|err| panic!("Record::get({key:?}) failed: {}", err.report()))
+}
+
+fn ok<T>(result: Result<T, Error>, what: &str) -> T {
+    result.unwrap_or_else(|err| panic!("{what} failed: {}", err.report()))
+}
+
+fn same<T: PartialEq + Debug>(actual: T, expected: T, rule: &str) {
+    assert!(
+        actual == expected,
+        "store contract broken: {rule}\n  expected: {expected:?}\n    actual: {actual:?}"
+    );
+}
+
+/// Checks the [`SessionStore`] contract: `create` inserts only under a free id and
+/// draws a new one on a collision; `save` inserts or replaces the whole record; `load`
+/// gives back exactly what was written, and `None` for missing and expired records;
+/// `delete` removes, and succeeds for a missing id.
+///
+/// # Panics
+///
+/// Panics, naming the broken rule, if the store breaks one or returns an error.
+#[maybe_async::maybe_async]
+pub async fn check_store<S: SessionStore + ?Sized>(store: &S) {
+    // create, then load what was created
+    let mut first = record_with_values(in_an_hour());
+    let created = store.create(&mut first).await;
+    ok(created, "create");
+    let loaded = ok(store.load(&first.id).await, "load");
+    same(
+        loaded.as_ref(),
+        Some(&first),
+        "load returns the record that create wrote",
+    );
+    let user: Option<u64> = loaded.as_ref().and_then(|r| value(r, "user_id"));
+    same(user, Some(42), "values survive the store");
+
+    // create never overwrites: a record under a taken id gets a new id
+    let mut intruder = Record::new(in_an_hour());
+    intruder.id = first.id;
+    insert(&mut intruder, "user_id", &666u64);
+    let created = store.create(&mut intruder).await;
+    ok(created, "create under a taken id");
+    assert!(
+        intruder.id != first.id,
+        "store contract broken: create under a taken id must draw a new id into the record"
+    );
+    let kept = ok(store.load(&first.id).await, "load");
+    same(
+        kept.as_ref(),
+        Some(&first),
+        "create does not overwrite another session",
+    );
+    let moved = ok(store.load(&intruder.id).await, "load");
+    same(
+        moved.as_ref(),
+        Some(&intruder),
+        "create stores the record under its new id",
+    );
+
+    // save replaces the whole record: values and expiry date
+    let mut changed = first.clone();
+    insert(&mut changed, "user_id", &43u64);
+    changed.remove("flash");
+    changed.expiry_date = in_an_hour() + Duration::minutes(5);
+    let saved = store.save(&changed).await;
+    ok(saved, "save");
+    let reloaded = ok(store.load(&first.id).await, "load");
+    same(
+        reloaded.as_ref(),
+        Some(&changed),
+        "save replaces the whole record",
+    );
+
+    // save inserts a record the store has not seen
+    let fresh = record_with_values(in_an_hour());
+    let saved = store.save(&fresh).await;
+    ok(saved, "save of a new record");
+    let loaded = ok(store.load(&fresh.id).await, "load");
+    same(
+        loaded.as_ref(),
+        Some(&fresh),
+        "save inserts a missing record",
+    );
+
+    // a record without values, and one with a large value
+    let mut empty = Record::new(in_an_hour());
+    let created = store.create(&mut empty).await;
+    ok(created, "create of an empty record");
+    let loaded = ok(store.load(&empty.id).await, "load");
+    same(
+        loaded.as_ref(),
+        Some(&empty),
+        "an empty record loads as written",
+    );
+    let mut large = Record::new(in_an_hour());
+    insert(&mut large, "blob", &vec![0xa5u8; 64 * 1024]);
+    let created = store.create(&mut large).await;
+    ok(created, "create of a 64 KiB record");
+    let loaded = ok(store.load(&large.id).await, "load");
+    same(
+        loaded.as_ref(),
+        Some(&large),
+        "a 64 KiB record loads as written",
+    );
+
+    // missing and expired records do not load
+    let missing = ok(store.load(&Id::default()).await, "load of a missing id");
+    same(missing, None, "load of a missing id returns None");
+    let mut expired = record_with_values(an_hour_ago());
+    let created = store.create(&mut expired).await;
+    ok(created, "create of an expired record");
+    let loaded = ok(store.load(&expired.id).await, "load");
+    same(
+        loaded,
+        None,
+        "an expired record never loads (created expired)",
+    );
+    let mut lapsed = changed.clone();
+    lapsed.expiry_date = an_hour_ago();
+    let saved = store.save(&lapsed).await;
+    ok(saved, "save of an expired record");
+    let loaded = ok(store.load(&lapsed.id).await, "load");
+    same(
+        loaded,
+        None,
+        "an expired record never loads (saved expired)",
+    );
+
+    // delete removes, and a missing id is no error
+    let deleted = store.delete(&fresh.id).await;
+    ok(deleted, "delete");
+    let loaded = ok(store.load(&fresh.id).await, "load");
+    same(loaded, None, "a deleted record does not load");
+    let deleted = store.delete(&fresh.id).await;
+    ok(deleted, "delete of a missing id");
+    let deleted = store.delete(&Id::default()).await;
+    ok(deleted, "delete of an id never seen");
+    let other = ok(store.load(&intruder.id).await, "load");
+    same(
+        other.as_ref(),
+        Some(&intruder),
+        "delete removes only its own record",
+    );
+
+    for id in [intruder.id, empty.id, large.id, expired.id, lapsed.id] {
+        let deleted = store.delete(&id).await;
+        ok(deleted, "delete");
+    }
+}
+
+/// Checks [`ExpiredDeletion`]: one pass of
+/// [`delete_expired`](ExpiredDeletion::delete_expired) removes the expired records
+/// and counts them ([`Expiry::Deletes`]), or is a no-op returning 0
+/// ([`Expiry::Native`]); live records are untouched either way, and expired ones
+/// never load.
+///
+/// Give it a store of its own: it counts what one pass deletes, so expired records
+/// that other code leaves in the same store at the same time make it fail.
+///
+/// # Panics
+///
+/// Panics, naming the broken rule, if the store breaks one or returns an error.
+#[maybe_async::maybe_async]
+pub async fn check_expired_deletion<S: ExpiredDeletion + ?Sized>(store: &S, expiry: Expiry) {
+    let mut live = Vec::new();
+    for _ in 0..2 {
+        let mut record = record_with_values(in_an_hour());
+        let created = store.create(&mut record).await;
+        ok(created, "create");
+        live.push(record);
+    }
+    let mut expired = Vec::new();
+    for _ in 0..3 {
+        let mut record = record_with_values(an_hour_ago());
+        let created = store.create(&mut record).await;
+        ok(created, "create of an expired record");
+        expired.push(record.id);
+    }
+    // A live record that is then saved with a past expiry date expires too.
+    let mut lapsed = record_with_values(in_an_hour());
+    let created = store.create(&mut lapsed).await;
+    ok(created, "create");
+    lapsed.expiry_date = an_hour_ago();
+    let saved = store.save(&lapsed).await;
+    ok(saved, "save");
+    expired.push(lapsed.id);
+
+    let deleted = ok(store.delete_expired().await, "delete_expired");
+    match expiry {
+        Expiry::Deletes => assert!(
+            deleted >= expired.len(),
+            "store contract broken: delete_expired removed {deleted} records, \
+             but {} had expired",
+            expired.len()
+        ),
+        Expiry::Native => same(
+            deleted,
+            0,
+            "a store with native expiry deletes nothing itself",
+        ),
+    }
+    if expiry == Expiry::Deletes {
+        let again = ok(store.delete_expired().await, "delete_expired");
+        same(again, 0, "a second pass finds nothing left to delete");
+    }
+    for id in &expired {
+        let loaded = ok(store.load(id).await, "load");
+        same(loaded, None, "an expired record never loads");
+    }
+    for record in &live {
+        let loaded = ok(store.load(&record.id).await, "load");
+        same(
+            loaded.as_ref(),
+            Some(record),
+            "delete_expired leaves live records alone",
+        );
+        let deleted = store.delete(&record.id).await;
+        ok(deleted, "delete");
+    }
+}

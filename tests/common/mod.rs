@@ -1,0 +1,143 @@
+//! Helpers shared by the integration tests: a mode-neutral way to run a test body,
+//! and a store that fails on demand.
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::sync::{
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+    Arc,
+};
+
+use portable_sessions::{
+    session::{Id, Record},
+    session_store::{Error, Result},
+    ExpiredDeletion, MemoryStore, SessionStore,
+};
+
+/// Runs a test body written once for both modes: in blocking mode the body has
+/// already run and this passes its value through; in async mode it drives the future
+/// on a minimal executor.
+#[cfg(feature = "sync")]
+pub fn block<T>(value: T) -> T {
+    value
+}
+
+/// Runs a test body written once for both modes: in blocking mode the body has
+/// already run and this passes its value through; in async mode it drives the future
+/// on a minimal executor.
+#[cfg(not(feature = "sync"))]
+pub fn block<F: std::future::Future>(future: F) -> F::Output {
+    futures_lite::future::block_on(future)
+}
+
+/// Declares `#[test]` functions that run the named `#[maybe_async]` test bodies of
+/// the enclosing file in either mode.
+#[macro_export]
+macro_rules! tests_in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod run {
+            $(
+                #[test]
+                fn $name() {
+                    $crate::common::block(super::$name());
+                }
+            )*
+        }
+    };
+}
+
+/// Which operations of a [`FaultyStore`] fail.
+#[derive(Debug, Default)]
+pub struct Faults {
+    pub create: AtomicBool,
+    pub save: AtomicBool,
+    pub load: AtomicBool,
+    pub delete: AtomicBool,
+    pub delete_expired: AtomicBool,
+    /// How many calls failed so far.
+    pub failures: AtomicUsize,
+}
+
+/// A [`MemoryStore`] whose operations fail on demand with `Error::Backend`, without
+/// touching the data, as an unreachable backend would.
+#[derive(Debug, Clone, Default)]
+pub struct FaultyStore {
+    pub inner: MemoryStore,
+    pub faults: Arc<Faults>,
+}
+
+impl FaultyStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn check(&self, fault: &AtomicBool, op: &str) -> Result<()> {
+        if fault.load(Ordering::SeqCst) {
+            self.faults.failures.fetch_add(1, Ordering::SeqCst);
+            Err(Error::backend(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("injected {op} failure"),
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn fail_all(&self, fail: bool) {
+        for fault in [
+            &self.faults.create,
+            &self.faults.save,
+            &self.faults.load,
+            &self.faults.delete,
+            &self.faults.delete_expired,
+        ] {
+            fault.store(fail, Ordering::SeqCst);
+        }
+    }
+
+    pub fn failures(&self) -> usize {
+        self.faults.failures.load(Ordering::SeqCst)
+    }
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for FaultyStore {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.check(&self.faults.create, "create")?;
+        self.inner.create(record).await
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.check(&self.faults.save, "save")?;
+        self.inner.save(record).await
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.check(&self.faults.load, "load")?;
+        self.inner.load(id).await
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.check(&self.faults.delete, "delete")?;
+        self.inner.delete(id).await
+    }
+}
+
+#[maybe_async::maybe_async]
+impl ExpiredDeletion for FaultyStore {
+    async fn delete_expired(&self) -> Result<usize> {
+        self.check(&self.faults.delete_expired, "delete_expired")?;
+        self.inner.delete_expired().await
+    }
+}
+
+/// A record that expires in an hour, with one value.
+pub fn live_record(user: u64) -> Record {
+    let mut record = Record::new(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
+    record.insert("user", &user).expect("a u64 encodes");
+    record
+}
+
+/// A record that expired an hour ago.
+pub fn expired_record() -> Record {
+    Record::new(time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+}

@@ -1,6 +1,7 @@
 //! The blocking HTTP example (tiny_http, `sync` feature), end to end over real HTTP.
 #![cfg(feature = "sync")]
 
+mod common;
 mod http;
 
 // The example's own code, minus its `main`: the test runs the server in-process on a

@@ -1,6 +1,7 @@
 //! The smol HTTP example (hyper on smol, async mode), end to end over real HTTP.
 #![cfg(not(feature = "sync"))]
 
+mod common;
 mod http;
 
 // The example's own code, minus its `main`: the test runs the server in-process on a

@@ -3,10 +3,14 @@
 //! failure guarantee on a faulty store, expiry with an injected clock, and the cookie
 //! round trip.
 
+mod common;
+
 use std::sync::{
-    atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
+    atomic::{AtomicI64, AtomicUsize, Ordering},
     Arc,
 };
+
+use common::{block, FaultyStore};
 
 use portable_sessions::{
     session::{Expiry, Id, Record, Session, SessionConfig},
@@ -15,24 +19,7 @@ use portable_sessions::{
 };
 use time::{Duration, OffsetDateTime};
 
-/// Declares `#[test]` functions that run `#[maybe_async]` bodies in either mode.
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        mod run {
-            $(
-                #[test]
-                fn $name() {
-                    #[cfg(feature = "sync")]
-                    super::$name();
-                    #[cfg(not(feature = "sync"))]
-                    futures_lite::future::block_on(super::$name());
-                }
-            )*
-        }
-    };
-}
-
-tests!(
+tests_in_both_modes!(
     new_session_is_created_on_save_under_a_fresh_id,
     stored_session_loads_its_values,
     unknown_id_gives_a_fresh_session_never_the_clients_id,
@@ -57,19 +44,16 @@ tests!(
     store_errors_fail_finish,
 );
 
-/// A [`MemoryStore`] with a clock, counters, and switches that make an operation
-/// fail with `Error::Backend`.
+/// A [`FaultyStore`] (operations fail on demand) over a [`MemoryStore`] with an
+/// injected clock, counting the calls that reach it.
 #[derive(Debug)]
 struct Probe {
+    faulty: FaultyStore,
+    /// The memory store under it, for checks that bypass the probe.
     store: MemoryStore,
     clock: Arc<AtomicI64>,
     loads: AtomicUsize,
     writes: AtomicUsize,
-    deletes: AtomicUsize,
-    fail_create: AtomicBool,
-    fail_save: AtomicBool,
-    fail_load: AtomicBool,
-    fail_delete: AtomicBool,
     /// Makes each load take this many milliseconds (blocking), to widen races.
     slow_load_ms: AtomicUsize,
 }
@@ -80,16 +64,16 @@ impl Probe {
     fn new() -> Arc<Self> {
         let clock = Arc::new(AtomicI64::new(START));
         let read = clock.clone();
+        let store = MemoryStore::with_clock(move || at(read.load(Ordering::SeqCst)));
         Arc::new(Self {
-            store: MemoryStore::with_clock(move || at(read.load(Ordering::SeqCst))),
+            faulty: FaultyStore {
+                inner: store.clone(),
+                faults: Arc::default(),
+            },
+            store,
             clock,
             loads: AtomicUsize::new(0),
             writes: AtomicUsize::new(0),
-            deletes: AtomicUsize::new(0),
-            fail_create: AtomicBool::new(false),
-            fail_save: AtomicBool::new(false),
-            fail_load: AtomicBool::new(false),
-            fail_delete: AtomicBool::new(false),
             slow_load_ms: AtomicUsize::new(0),
         })
     }
@@ -115,45 +99,34 @@ impl Probe {
     fn count(counter: &AtomicUsize) -> usize {
         counter.load(Ordering::SeqCst)
     }
-
-    fn check(switch: &AtomicBool, op: &str) -> Result<()> {
-        if switch.load(Ordering::SeqCst) {
-            Err(Error::backend(format!("injected {op} failure")))
-        } else {
-            Ok(())
-        }
-    }
 }
 
 #[maybe_async::maybe_async]
 impl SessionStore for Probe {
     async fn create(&self, record: &mut Record) -> Result<()> {
-        Self::check(&self.fail_create, "create")?;
+        self.faulty.create(record).await?;
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.store.create(record).await
+        Ok(())
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
-        Self::check(&self.fail_save, "save")?;
+        self.faulty.save(record).await?;
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.store.save(record).await
+        Ok(())
     }
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
-        Self::check(&self.fail_load, "load")?;
         self.loads.fetch_add(1, Ordering::SeqCst);
         let delay = self.slow_load_ms.load(Ordering::SeqCst);
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_millis(delay as u64));
         }
         pause().await;
-        self.store.load(id).await
+        self.faulty.load(id).await
     }
 
     async fn delete(&self, id: &Id) -> Result<()> {
-        Self::check(&self.fail_delete, "delete")?;
-        self.deletes.fetch_add(1, Ordering::SeqCst);
-        self.store.delete(id).await
+        self.faulty.delete(id).await
     }
 }
 
@@ -374,7 +347,7 @@ async fn cycle_id_failing_to_create_leaves_the_old_id() {
     let id = stored(&probe, "alice").await;
     let session = probe.session(Some(id), HOUR);
     session.get::<String>("user").await.unwrap();
-    probe.fail_create.store(true, Ordering::SeqCst);
+    probe.faulty.faults.create.store(true, Ordering::SeqCst);
     let cycled = session.cycle_id().await;
     assert!(matches!(cycled, Err(Error::Backend(_))));
     let still = session.id().await.unwrap();
@@ -387,7 +360,7 @@ async fn cycle_id_failing_to_create_leaves_the_old_id() {
     assert_eq!(probe.store.len(), 1);
 
     // Once the store recovers, the same handle can cycle.
-    probe.fail_create.store(false, Ordering::SeqCst);
+    probe.faulty.faults.create.store(false, Ordering::SeqCst);
     session.cycle_id().await.unwrap();
     let new_id = session.id().await.unwrap();
     assert_ne!(new_id, Some(id));
@@ -398,7 +371,7 @@ async fn cycle_id_failing_to_delete_leaves_the_new_id() {
     let probe = Probe::new();
     let id = stored(&probe, "alice").await;
     let session = probe.session(Some(id), HOUR);
-    probe.fail_delete.store(true, Ordering::SeqCst);
+    probe.faulty.faults.delete.store(true, Ordering::SeqCst);
     let cycled = session.cycle_id().await;
     assert!(matches!(cycled, Err(Error::Backend(_))));
     let new_id = session.id().await.unwrap().expect("stored");
@@ -424,10 +397,10 @@ async fn load_errors_are_returned_and_retried() {
     let probe = Probe::new();
     let id = stored(&probe, "alice").await;
     let session = probe.session(Some(id), HOUR);
-    probe.fail_load.store(true, Ordering::SeqCst);
+    probe.faulty.faults.load.store(true, Ordering::SeqCst);
     let failed = session.get::<String>("user").await;
     assert!(matches!(failed, Err(Error::Backend(_))));
-    probe.fail_load.store(false, Ordering::SeqCst);
+    probe.faulty.faults.load.store(false, Ordering::SeqCst);
     let user = session.get::<String>("user").await.unwrap();
     assert_eq!(
         user.as_deref(),
@@ -762,12 +735,12 @@ async fn store_errors_fail_finish() {
     let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
     let session = manager.begin(None::<&str>);
     session.insert("k", &1u8).await.unwrap();
-    probe.fail_create.store(true, Ordering::SeqCst);
+    probe.faulty.faults.create.store(true, Ordering::SeqCst);
     let failed = manager.finish(&session).await;
     assert!(matches!(failed, Err(Error::Backend(_))));
     let modified = session.is_modified().await;
     assert!(modified, "the changes are still pending");
-    probe.fail_create.store(false, Ordering::SeqCst);
+    probe.faulty.faults.create.store(false, Ordering::SeqCst);
     let set = manager.finish(&session).await.unwrap();
     assert!(set.is_some(), "a retry writes them");
 }
@@ -781,10 +754,7 @@ fn pair(set_cookie: &str) -> String {
 #[test]
 fn racing_clones_load_once() {
     let probe = Probe::new();
-    #[cfg(feature = "sync")]
-    let id = stored(&probe, "alice");
-    #[cfg(not(feature = "sync"))]
-    let id = futures_lite::future::block_on(stored(&probe, "alice"));
+    let id = block(stored(&probe, "alice"));
     probe.slow_load_ms.store(50, Ordering::SeqCst);
     let session = probe.session(Some(id), HOUR);
     let start = Arc::new(std::sync::Barrier::new(8));
@@ -794,11 +764,7 @@ fn racing_clones_load_once() {
             let start = start.clone();
             std::thread::spawn(move || {
                 start.wait();
-                #[cfg(feature = "sync")]
-                let user = session.get::<String>("user");
-                #[cfg(not(feature = "sync"))]
-                let user = futures_lite::future::block_on(session.get::<String>("user"));
-                user.unwrap()
+                block(session.get::<String>("user")).unwrap()
             })
         })
         .collect();

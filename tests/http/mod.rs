@@ -85,10 +85,7 @@ fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> An
 /// (`sid=ID`).
 fn stored(store: &MemoryStore, cookie: &str) -> bool {
     let id: Id = cookie["sid=".len()..].parse().expect("an id");
-    #[cfg(feature = "sync")]
-    let found = store.load(&id);
-    #[cfg(not(feature = "sync"))]
-    let found = futures_lite::future::block_on(store.load(&id));
+    let found = crate::common::block(store.load(&id));
     found.expect("the memory store never fails").is_some()
 }
 
@@ -253,6 +250,18 @@ pub fn check_binary(name: &str) {
     BufReader::new(stdout)
         .read_line(&mut line)
         .expect("a first line");
+    if line.is_empty() {
+        // Both modes build examples to the same path: a binary from a blocking-mode
+        // build of an async-only example exits at once with status 2. Plain
+        // `cargo test` (as CI runs it) rebuilds it for this mode first.
+        let status = child.wait().expect("waitable");
+        assert!(
+            std::env::var_os("CI").is_none() && status.code() == Some(2),
+            "{name} printed nothing and exited with {status}"
+        );
+        eprintln!("skipped: {name} was last built in the other mode");
+        return;
+    }
     let addr: SocketAddr = line.trim().parse().expect("the first line is the address");
     visits(&Client::new(addr).visit(None), 1, "-");
 

@@ -139,7 +139,8 @@ impl SessionManager {
         }
     }
 
-    /// Sets the session configuration: expiry policy, lifetime cap, clock.
+    /// Sets the session configuration: expiry policy, lifetime cap, session-end TTL,
+    /// clock. It replaces the whole configuration, an expiry set before included.
     pub fn with_config(mut self, config: SessionConfig) -> Self {
         self.config = config;
         self

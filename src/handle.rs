@@ -41,8 +41,10 @@ type State = Option<Loaded>;
 /// [`Error::Decode`] for a value read as a type it was not written as; nothing here
 /// panics on bad input.
 ///
-/// Writes are whole-record: two requests that change one session at the same time
-/// both write, and the later write wins.
+/// Writes are whole-record and unconditional (the store contract has no
+/// compare-and-set): two requests that change one session at the same time both
+/// write, and the later write wins; a request that writes a session while another
+/// deletes it (a logout) can write it back.
 ///
 /// # Examples
 ///

@@ -13,6 +13,10 @@
 //! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass,
 //!   or continuously on a [`Timer`] and a [`DeletionSchedule`].
 //! - [`session_store::Error`]: what a store operation can fail with.
+//! - [`session::Session`]: the per-request handle on one session: typed values,
+//!   loaded on first use, written back only when changed.
+//! - [`SessionManager`]: the session cookie's round trip for any HTTP framework, with
+//!   [`session::Expiry`] and [`session::SessionConfig`] deciding when sessions end.
 //!
 //! # Which one do I want?
 //!
@@ -24,6 +28,8 @@
 //! - A slower store that must be the truth (a database): put a [`MemoryStore`] in
 //!   front of it with [`CachingSessionStore`].
 //! - A backend of your own: implement [`SessionStore`], as below.
+//! - Sessions in a web application: a [`SessionManager`] over any of these; or a
+//!   [`session::Session`] alone where the framework handles cookies itself.
 //!
 //! # Two modes, one source
 //!
@@ -160,6 +166,18 @@
 //! bounded backoff, never the end of the loop; a [`StopHandle`] ends it at once, even
 //! in the middle of a long period, and the loop returns a [`DeletionSummary`].
 //!
+//! # Sessions in a web application
+//!
+//! A [`SessionManager`] wraps any store and does the session cookie's round trip:
+//! [`begin`](SessionManager::begin) turns a request's `Cookie` headers into a
+//! [`session::Session`], without I/O and without ever failing (a bad or unknown cookie
+//! yields a new, empty session under a fresh id), and
+//! [`finish`](SessionManager::finish) writes the session when it changed and returns
+//! the `Set-Cookie` value to send. [`session::Session::cycle_id`] moves a session to a
+//! new id at login; [`session::Session::flush`] ends it at logout. The examples
+//! `http_blocking` (tiny_http, blocking mode) and `http_smol` (hyper on smol) are
+//! complete servers.
+//!
 //! # Features
 //!
 //! | feature | default | what it does |
@@ -181,6 +199,9 @@
 
 mod caching;
 mod deletion;
+mod expiry;
+mod handle;
+mod manager;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
@@ -201,6 +222,7 @@ pub use maybe_async;
 pub use crate::{
     caching::{CacheFailure, CacheOp, CachingSessionStore},
     deletion::{DeletionFailure, DeletionSchedule, DeletionSummary},
+    manager::{SameSite, SessionManager},
     memory::MemoryStore,
     session_store::{ExpiredDeletion, SessionStore},
     timer::{StopHandle, Tick, Timer},

@@ -2,7 +2,9 @@
 //!
 //! An [`Id`] is the random bearer token that travels in the session cookie; a
 //! [`Record`] is what a [`SessionStore`](crate::SessionStore) keeps under it: the id,
-//! an expiry date and a map of values, each already encoded with postcard.
+//! an expiry date and a map of values, each already encoded with postcard. A
+//! [`Session`] is a request's handle on one record; [`Expiry`] and [`SessionConfig`]
+//! decide when it ends.
 
 use std::{collections::BTreeMap, fmt, str::FromStr, sync::Arc};
 
@@ -10,6 +12,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::session_store::{Error, Result};
+
+pub use crate::{
+    expiry::{Expiry, SessionConfig},
+    handle::Session,
+};
 
 /// A session identifier: 128 bits drawn from the operating system's CSPRNG.
 ///

@@ -1,0 +1,177 @@
+//! An async HTTP server with sessions on smol, with no tokio runtime: hyper's HTTP/1
+//! server over smol's sockets (through smol-hyper's I/O adapter), in the default
+//! async mode.
+//!
+//! ```text
+//! cargo run --example http_smol [-- ADDRESS]
+//! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
+//! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
+//! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice
+//! curl -c jar -b jar -X POST http://127.0.0.1:3000/logout   # the cookie is removed
+//! ```
+//!
+//! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), prints
+//! the address it bound as its first line, and stops on Ctrl-C. The application
+//! itself is in `visits/mod.rs`, shared with `http_blocking.rs`.
+//!
+//! Why hyper: it is the most used and best kept HTTP implementation in Rust, and it
+//! needs no runtime of its own. Its only tie to tokio is the `tokio` crate with just
+//! the `sync` feature (channels, no runtime, no reactor); smol supplies the executor
+//! and the sockets.
+
+#[cfg(feature = "sync")]
+fn main() {
+    eprintln!("http_smol runs in async mode: build it without the `sync` feature");
+    std::process::exit(2);
+}
+
+#[cfg(not(feature = "sync"))]
+fn main() -> std::io::Result<()> {
+    use std::io::Write;
+
+    use portable_sessions::MemoryStore;
+
+    let addr = std::env::args().nth(1);
+    smol::block_on(async {
+        let app = App::bind(
+            addr.as_deref().unwrap_or("127.0.0.1:3000"),
+            MemoryStore::new(),
+        )
+        .await?;
+        // The first line of output is the address, for scripts and tests to read.
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}", app.local_addr()?)?;
+        stdout.flush()?;
+        drop(stdout);
+
+        let (stop, stopped) = smol::channel::bounded::<()>(1);
+        ctrlc::set_handler(move || {
+            let _ = stop.try_send(());
+        })
+        .map_err(std::io::Error::other)?;
+        app.run(async move {
+            let _ = stopped.recv().await;
+        })
+        .await?;
+        eprintln!("stopped");
+        Ok(())
+    })
+}
+
+#[cfg(not(feature = "sync"))]
+#[path = "visits/mod.rs"]
+mod visits;
+
+#[cfg(not(feature = "sync"))]
+pub(crate) use server::App;
+
+/// The server, in a module of its own only because it builds in async mode alone.
+#[cfg(not(feature = "sync"))]
+mod server {
+    use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc};
+
+    use http_body_util::{BodyExt, Full, Limited};
+    use hyper::{
+        body::{Bytes, Incoming},
+        header::{CONTENT_TYPE, COOKIE, SET_COOKIE},
+        server::conn::http1,
+        service::service_fn,
+        Request, Response,
+    };
+    use portable_sessions::{SessionManager, SessionStore};
+    use smol::net::{TcpListener, TcpStream};
+    use smol_hyper::rt::FuturesIo;
+
+    use super::visits;
+
+    /// The largest request body read, in bytes.
+    const MAX_BODY: usize = 1024;
+
+    /// The server: a listener and the session manager.
+    #[derive(Clone, Debug)]
+    pub(crate) struct App {
+        listener: TcpListener,
+        sessions: Arc<SessionManager>,
+    }
+
+    impl App {
+        /// Listens on `addr`, keeping sessions in `store`.
+        pub(crate) async fn bind(addr: &str, store: impl SessionStore) -> io::Result<Self> {
+            Ok(Self {
+                listener: TcpListener::bind(addr).await?,
+                sessions: Arc::new(visits::sessions(store)),
+            })
+        }
+
+        /// Returns the address the server listens on.
+        pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.listener.local_addr()
+        }
+
+        /// Serves connections, each on its own task on smol's executor, until
+        /// `shutdown` completes; then stops accepting and returns.
+        pub(crate) async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+            let accept = async {
+                loop {
+                    let (stream, _) = self.listener.accept().await?;
+                    smol::spawn(self.clone().connection(stream)).detach();
+                }
+            };
+            smol::future::or(accept, async {
+                shutdown.await;
+                Ok(())
+            })
+            .await
+        }
+
+        async fn connection(self, stream: TcpStream) {
+            let service = service_fn(move |request| {
+                let app = self.clone();
+                async move { Ok::<_, Infallible>(app.serve(request).await) }
+            });
+            let served = http1::Builder::new()
+                .serve_connection(FuturesIo::new(stream), service)
+                .await;
+            if let Err(err) = served {
+                eprintln!("connection failed: {err}");
+            }
+        }
+
+        /// One request's whole session lifecycle.
+        async fn serve(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+            let session = self.sessions.begin(request.headers().get_all(COOKIE));
+            let method = request.method().as_str().to_owned();
+            let path = request.uri().path().to_owned();
+
+            let routed = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                Ok(body) => visits::route(&session, &method, &path, &body.to_bytes()).await,
+                Err(err) => Ok(visits::Reply {
+                    status: 400,
+                    body: format!("unreadable body: {err}\n"),
+                }),
+            };
+            let finished = match routed {
+                Ok(reply) => self.sessions.finish(&session).await.map(|set| (reply, set)),
+                Err(err) => Err(err),
+            };
+            let (reply, set_cookie) = finished.unwrap_or_else(|err| {
+                eprintln!("session store failed: {}", err.report());
+                let reply = visits::Reply {
+                    status: 500,
+                    body: "internal error\n".to_owned(),
+                };
+                (reply, None)
+            });
+
+            let mut response = Response::builder()
+                .status(reply.status)
+                .header(CONTENT_TYPE, "text/plain; charset=utf-8");
+            if let Some(value) = set_cookie {
+                response = response.header(SET_COOKIE, value);
+            }
+            response
+                .body(Full::new(Bytes::from(reply.body)))
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::from_static(b"bad response\n"))))
+        }
+    }
+}

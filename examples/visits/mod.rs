@@ -1,0 +1,86 @@
+//! The application that both HTTP examples serve: a visit counter, a login and a
+//! logout on a `Session`. Written once for both modes with `maybe_async`, so that each
+//! example file shows only what differs: the server and the session cookie's round
+//! trip through `SessionManager::begin` and `SessionManager::finish`.
+
+use portable_sessions::{
+    session::{Expiry, Session, SessionConfig},
+    session_store::Result,
+    SessionManager, SessionStore,
+};
+use time::Duration;
+
+/// The cookie name the examples use.
+pub(crate) const COOKIE: &str = "sid";
+
+/// The examples' session settings: a `sid` cookie (with the default `Path=/`,
+/// `Secure`, `HttpOnly`, `SameSite=Lax`), sessions that end after 30 idle minutes and
+/// at most a day after they began, and reads that keep a session alive, rewriting it
+/// at most once per 7.5 minutes.
+pub(crate) fn sessions(store: impl SessionStore) -> SessionManager {
+    let config = SessionConfig::new(Expiry::OnInactivity(Duration::minutes(30)))
+        .with_max_lifetime(Duration::days(1));
+    SessionManager::new(store)
+        .with_config(config)
+        .with_cookie_name(COOKIE)
+        .with_refresh_on_request(0.25)
+}
+
+/// What the application answers: a status code and a text body.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: String,
+}
+
+fn reply(status: u16, body: impl Into<String>) -> Reply {
+    Reply {
+        status,
+        body: body.into(),
+    }
+}
+
+/// Serves one request on its session.
+///
+/// - `GET /`: counts the visit; answers `visits=N user=NAME` (`-` when logged out).
+/// - `POST /login` with a name as the body: moves the session to a new id (against
+///   session fixation) and logs that name in.
+/// - `POST /logout`: ends the session.
+///
+/// # Errors
+///
+/// Returns the store's error; the server answers 500 then.
+#[maybe_async::maybe_async]
+pub(crate) async fn route(
+    session: &Session,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<Reply> {
+    match (method, path) {
+        ("GET", "/") => {
+            let visits = session.get::<u64>("visits").await?.unwrap_or(0) + 1;
+            session.insert("visits", &visits).await?;
+            let user = session.get::<String>("user").await?;
+            let user = user.as_deref().unwrap_or("-");
+            Ok(reply(200, format!("visits={visits} user={user}\n")))
+        }
+        ("POST", "/login") => {
+            // A real application checks a password here.
+            let name = std::str::from_utf8(body).unwrap_or_default().trim();
+            let valid = (1..=64).contains(&name.len())
+                && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+            if !valid {
+                return Ok(reply(400, "the body must be a user name\n"));
+            }
+            session.cycle_id().await?;
+            session.insert("user", name).await?;
+            Ok(reply(200, format!("logged in as {name}\n")))
+        }
+        ("POST", "/logout") => {
+            session.flush().await?;
+            Ok(reply(200, "logged out\n"))
+        }
+        _ => Ok(reply(404, "not found\n")),
+    }
+}

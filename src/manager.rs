@@ -1,0 +1,350 @@
+//! [`SessionManager`]: the session cookie's round trip, for any HTTP framework.
+
+use std::{fmt, sync::Arc};
+
+use cookie::Cookie;
+use time::Duration;
+
+use crate::{
+    handle::CookieAction,
+    session::{Expiry, Id, Session, SessionConfig},
+    session_store::{Result, SessionStore},
+};
+
+/// The `SameSite` attribute of the session cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SameSite {
+    /// Sent only with requests that start on this site.
+    Strict,
+    /// Also sent when the user follows a link to this site from elsewhere (top-level
+    /// navigation), not with other sites' embedded or scripted requests.
+    Lax,
+    /// Sent with every request, including other sites'; browsers accept it only
+    /// together with `Secure`.
+    None,
+}
+
+impl From<SameSite> for cookie::SameSite {
+    fn from(same_site: SameSite) -> Self {
+        match same_site {
+            SameSite::Strict => Self::Strict,
+            SameSite::Lax => Self::Lax,
+            SameSite::None => Self::None,
+        }
+    }
+}
+
+/// Turns a request's `Cookie` header into a [`Session`] and, after the handler, the
+/// session into the `Set-Cookie` header to send: the session lifecycle of any HTTP
+/// framework, blocking or async, in two calls.
+///
+/// ```text
+/// let session = manager.begin(request's Cookie headers);   // no I/O
+/// ... the handler reads and writes `session` ...
+/// if let Some(value) = manager.finish(&session)? {         // writes if needed
+///     add the header `Set-Cookie: {value}` to the response
+/// }
+/// ```
+///
+/// - [`begin`](Self::begin) finds the session cookie and makes the handle; it never
+///   fails: a malformed, unknown or expired cookie yields a new, empty session (and,
+///   unless that session is stored, a cookie that removes the bad one).
+/// - [`finish`](Self::finish) writes the session when it changed, or when its sliding
+///   expiry is due for a refresh (see
+///   [`with_refresh_on_request`](Self::with_refresh_on_request)), and returns the
+///   `Set-Cookie` value when the client's cookie must change: a new id, a renewed
+///   `Max-Age`, or removal after [`Session::flush`] or [`Session::delete`].
+///
+/// The cookie defaults are safe ones: named `id` (the tower-sessions name, so its
+/// cookies keep working), `Path=/`, `Secure`, `HttpOnly`, `SameSite=Lax`, no
+/// `Domain`. `Lax` rather than `Strict` so that a user who follows a link to the site
+/// from an e-mail arrives logged in. Browsers keep `Secure` cookies from
+/// `http://localhost`, so the default works in local development too.
+///
+/// A manager is cheap to clone and needs no lock: share one across all requests.
+///
+/// # Examples
+///
+/// ```
+/// use portable_sessions::{session::Expiry, MemoryStore, SessionManager};
+/// use time::Duration;
+///
+/// # #[maybe_async::maybe_async]
+/// # async fn run() -> portable_sessions::session_store::Result<()> {
+/// let manager = SessionManager::new(MemoryStore::default())
+///     .with_cookie_name("sid")
+///     .with_expiry(Expiry::OnInactivity(Duration::hours(1)));
+///
+/// // First request: no cookie.
+/// let session = manager.begin(None::<&str>);
+/// session.insert("user", "alice").await?;
+/// let set_cookie = manager.finish(&session).await?.expect("a new session sets its cookie");
+/// assert!(set_cookie.starts_with("sid="));
+/// assert!(set_cookie.contains("Max-Age=3600"));
+///
+/// // Second request: the browser sends the cookie back.
+/// let cookie = set_cookie.split(';').next().unwrap();
+/// let session = manager.begin([cookie]);
+/// let user = session.get::<String>("user").await?;
+/// assert_eq!(user.as_deref(), Some("alice"));
+/// let unchanged = manager.finish(&session).await?;
+/// assert_eq!(unchanged, None); // nothing changed: no write, no header
+/// # Ok(())
+/// # }
+/// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+/// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+/// ```
+#[derive(Clone)]
+pub struct SessionManager {
+    store: Arc<dyn SessionStore>,
+    config: SessionConfig,
+    cookie: CookieConfig,
+    refresh: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+struct CookieConfig {
+    name: String,
+    path: Option<String>,
+    domain: Option<String>,
+    secure: bool,
+    http_only: bool,
+    same_site: Option<SameSite>,
+}
+
+impl SessionManager {
+    /// The default cookie name, `id`.
+    pub const DEFAULT_COOKIE_NAME: &'static str = "id";
+
+    /// Makes a manager over `store`, with the default cookie attributes and
+    /// [`Expiry::OnSessionEnd`].
+    pub fn new(store: impl SessionStore) -> Self {
+        Self::from_shared(Arc::new(store))
+    }
+
+    /// Like [`new`](Self::new), for a store that is already shared.
+    pub fn from_shared(store: Arc<dyn SessionStore>) -> Self {
+        Self {
+            store,
+            config: SessionConfig::default(),
+            cookie: CookieConfig {
+                name: Self::DEFAULT_COOKIE_NAME.to_owned(),
+                path: Some("/".to_owned()),
+                domain: None,
+                secure: true,
+                http_only: true,
+                same_site: Some(SameSite::Lax),
+            },
+            refresh: None,
+        }
+    }
+
+    /// Sets the session configuration: expiry policy, lifetime cap, session-end TTL,
+    /// clock. It replaces the whole configuration, an expiry set before included.
+    pub fn with_config(mut self, config: SessionConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the expiry policy, keeping the rest of the session configuration.
+    pub fn with_expiry(mut self, expiry: Expiry) -> Self {
+        self.config = self.config.with_expiry(expiry);
+        self
+    }
+
+    /// Sets the cookie's name.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `name` is empty or has a character that a cookie name cannot hold
+    /// (a control character, a space, or one of `()<>@,;:\"/[]?={}`): a programming
+    /// error, found at startup.
+    pub fn with_cookie_name(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        assert!(valid, "{name:?} is not a valid cookie name");
+        self.cookie.name = name;
+        self
+    }
+
+    /// Sets the cookie's `Path` (default `/`); `None` leaves it out.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the path has a `;` or a control character.
+    pub fn with_path(mut self, path: Option<&str>) -> Self {
+        self.cookie.path = path.map(|p| checked_attribute("path", p));
+        self
+    }
+
+    /// Sets the cookie's `Domain` (default none: the cookie goes back to this host
+    /// only).
+    ///
+    /// # Panics
+    ///
+    /// Panics if the domain has a `;` or a control character.
+    pub fn with_domain(mut self, domain: Option<&str>) -> Self {
+        self.cookie.domain = domain.map(|d| checked_attribute("domain", d));
+        self
+    }
+
+    /// Sets whether the cookie is `Secure`, sent over HTTPS only (default `true`).
+    pub fn with_secure(mut self, secure: bool) -> Self {
+        self.cookie.secure = secure;
+        self
+    }
+
+    /// Sets whether the cookie is `HttpOnly`, hidden from scripts (default `true`).
+    pub fn with_http_only(mut self, http_only: bool) -> Self {
+        self.cookie.http_only = http_only;
+        self
+    }
+
+    /// Sets the cookie's `SameSite` (default [`SameSite::Lax`]); `None` leaves it
+    /// out, and the browser's default applies.
+    pub fn with_same_site(mut self, same_site: Option<SameSite>) -> Self {
+        self.cookie.same_site = same_site;
+        self
+    }
+
+    /// Refreshes a session's sliding expiry on requests that only read it, throttled:
+    /// an unmodified session is rewritten (and its cookie's `Max-Age` renewed) only
+    /// when that moves its expiry date forward by at least `fraction` of the window
+    /// ([`Expiry::OnInactivity`]'s duration, or the session-end TTL).
+    ///
+    /// With `0.0` every request that reaches the store rewrites; with `0.25` a session
+    /// with a one-hour window is rewritten at most once per 15 minutes. `fraction` is
+    /// clamped to `0.0..=1.0` (NaN counts as `0.0`). Sessions with
+    /// [`Expiry::AtDateTime`] never slide. Off by default: then only writes (of
+    /// modified sessions) move the expiry date.
+    ///
+    /// With refresh on, [`finish`](Self::finish) loads every session whose request
+    /// carried a cookie, used or not.
+    pub fn with_refresh_on_request(mut self, fraction: f64) -> Self {
+        self.refresh = Some(if fraction >= 0.0 {
+            fraction.min(1.0)
+        } else {
+            0.0
+        });
+        self
+    }
+
+    /// Returns the cookie's name.
+    pub fn cookie_name(&self) -> &str {
+        &self.cookie.name
+    }
+
+    /// Returns the session configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Makes the session for a request, from the values of its `Cookie` headers (all
+    /// of them, if it has several). No I/O: the session loads on first use.
+    ///
+    /// Header values that are not UTF-8, cookies that do not parse, and values of
+    /// the session cookie that are not a well-formed id are skipped; the first
+    /// well-formed id wins. This never fails.
+    pub fn begin<I>(&self, cookie_headers: I) -> Session
+    where
+        I: IntoIterator,
+        I::Item: AsRef<[u8]>,
+    {
+        let mut seen = false;
+        let mut id = None;
+        'headers: for header in cookie_headers {
+            let Ok(text) = std::str::from_utf8(header.as_ref()) else {
+                continue;
+            };
+            for cookie in Cookie::split_parse(text).flatten() {
+                if cookie.name() == self.cookie.name {
+                    seen = true;
+                    if let Ok(parsed) = cookie.value().parse::<Id>() {
+                        id = Some(parsed);
+                        break 'headers;
+                    }
+                }
+            }
+        }
+        Session::from_request(self.store.clone(), id, seen, self.config.clone())
+    }
+
+    /// Ends a request: writes the session when needed and returns the `Set-Cookie`
+    /// header value to send, or `None` when the client's cookie is right as it is.
+    ///
+    /// | after the handler, the session is | written | returns |
+    /// |---|---|---|
+    /// | untouched, or read only | no (unless a refresh is due) | `None` (a renewed cookie after a refresh) |
+    /// | modified, with values | yes: created under a fresh id if new | the cookie |
+    /// | modified, left empty | its record is deleted | a removal cookie if the client had one |
+    /// | flushed or deleted | already deleted | a removal cookie if the client had one |
+    /// | moved by [`cycle_id`](Session::cycle_id) | already, under the new id | the new cookie |
+    /// | new from a bad or unknown cookie, unused | no | a removal cookie |
+    ///
+    /// # Errors
+    ///
+    /// Returns the store's error when loading or writing fails; the response should
+    /// then be an error too, since the handler's changes were not kept.
+    #[maybe_async::maybe_async]
+    pub async fn finish(&self, session: &Session) -> Result<Option<String>> {
+        let action = session.commit(self.refresh).await?;
+        Ok(match action {
+            CookieAction::Keep => None,
+            CookieAction::Set { id, max_age } => Some(self.set_cookie(id, max_age)),
+            CookieAction::Remove => Some(self.removal_cookie()),
+        })
+    }
+
+    /// Formats the `Set-Cookie` value that carries `id`.
+    fn set_cookie(&self, id: Id, max_age: Option<Duration>) -> String {
+        let mut cookie = self.cookie(id.to_string());
+        if let Some(max_age) = max_age {
+            // Whole seconds: a fraction would be dropped anyway.
+            cookie.set_max_age(Duration::seconds(max_age.whole_seconds()));
+        }
+        cookie.to_string()
+    }
+
+    /// Returns the `Set-Cookie` value that makes the client drop its session cookie.
+    pub fn removal_cookie(&self) -> String {
+        let mut cookie = self.cookie(String::new());
+        cookie.make_removal();
+        cookie.to_string()
+    }
+
+    fn cookie(&self, value: String) -> Cookie<'static> {
+        let mut cookie = Cookie::new(self.cookie.name.clone(), value);
+        if let Some(path) = &self.cookie.path {
+            cookie.set_path(path.clone());
+        }
+        if let Some(domain) = &self.cookie.domain {
+            cookie.set_domain(domain.clone());
+        }
+        cookie.set_secure(self.cookie.secure);
+        cookie.set_http_only(self.cookie.http_only);
+        cookie.set_same_site(self.cookie.same_site.map(cookie::SameSite::from));
+        cookie
+    }
+}
+
+fn checked_attribute(what: &str, value: &str) -> String {
+    assert!(
+        !value.bytes().any(|b| b == b';' || b.is_ascii_control()),
+        "{value:?} is not a valid cookie {what}"
+    );
+    value.to_owned()
+}
+
+impl fmt::Debug for SessionManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionManager")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .field("cookie", &self.cookie)
+            .field("refresh", &self.refresh)
+            .finish()
+    }
+}

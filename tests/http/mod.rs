@@ -1,0 +1,285 @@
+//! The end-to-end checks that both HTTP example servers must pass, driven over real
+//! HTTP by a real client (ureq), plus a check of the built example binary itself.
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use portable_sessions::{session::Id, MemoryStore, SessionStore};
+
+/// A blocking HTTP client that never treats a status as an error and never waits
+/// forever.
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+/// What the server answered.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub set_cookie: Option<String>,
+}
+
+impl Answer {
+    /// The `name=value` pair the server set: what a browser sends back.
+    pub fn cookie(&self) -> String {
+        let set = self.set_cookie.as_deref().expect("a Set-Cookie header");
+        set.split(';').next().unwrap_or_default().to_owned()
+    }
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build()
+            .into();
+        Self {
+            agent,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// `GET /`, with this `Cookie` header (raw bytes: garbage is part of the test).
+    pub fn visit(&self, cookie: Option<&[u8]>) -> Answer {
+        let mut request = self.agent.get(format!("{}/", self.base));
+        if let Some(cookie) = cookie {
+            request = request.header("Cookie", cookie);
+        }
+        answer(request.call())
+    }
+
+    /// `POST path` with a text body and this `Cookie` header.
+    pub fn post(&self, path: &str, cookie: Option<&str>, body: &str) -> Answer {
+        let mut request = self.agent.post(format!("{}{path}", self.base));
+        if let Some(cookie) = cookie {
+            request = request.header("Cookie", cookie);
+        }
+        answer(request.send(body))
+    }
+}
+
+fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
+    let mut response = response.expect("the server answers");
+    let mut cookies = response.headers().get_all("set-cookie").iter();
+    let set_cookie = cookies
+        .next()
+        .map(|v| v.to_str().expect("ASCII").to_owned());
+    assert!(cookies.next().is_none(), "at most one Set-Cookie");
+    Answer {
+        status: response.status().as_u16(),
+        body: response.body_mut().read_to_string().expect("a text body"),
+        set_cookie,
+    }
+}
+
+/// Returns `true` if `store` holds a live session under the id in `cookie`
+/// (`sid=ID`).
+fn stored(store: &MemoryStore, cookie: &str) -> bool {
+    let id: Id = cookie["sid=".len()..].parse().expect("an id");
+    let found = crate::common::block(store.load(&id));
+    found.expect("the memory store never fails").is_some()
+}
+
+fn visits(answer: &Answer, count: u64, user: &str) {
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body, format!("visits={count} user={user}\n"));
+}
+
+/// Drives a server that serves the `visits` application at `addr` and keeps its
+/// sessions in `store`, through every behaviour the examples promise.
+pub fn check_server(addr: SocketAddr, store: &MemoryStore) {
+    let client = Client::new(addr);
+
+    // The first visit sets a cookie with the configured attributes.
+    let first = client.visit(None);
+    visits(&first, 1, "-");
+    let set = first
+        .set_cookie
+        .as_deref()
+        .expect("the first visit sets a cookie");
+    let parsed = cookie::Cookie::parse(set).expect("a valid Set-Cookie value");
+    assert_eq!(parsed.name(), "sid");
+    assert!(parsed.value().parse::<Id>().is_ok(), "{set}");
+    assert_eq!(parsed.path(), Some("/"));
+    assert_eq!(parsed.http_only(), Some(true));
+    assert_eq!(parsed.secure(), Some(true));
+    assert_eq!(parsed.same_site(), Some(cookie::SameSite::Lax));
+    assert_eq!(parsed.max_age(), Some(time::Duration::minutes(30)));
+    assert_eq!(parsed.domain(), None);
+    let anonymous = first.cookie();
+    assert!(stored(store, &anonymous));
+
+    // The counter rises across requests, under the same id.
+    for count in 2..=4 {
+        let answer = client.visit(Some(anonymous.as_bytes()));
+        visits(&answer, count, "-");
+        assert_eq!(answer.cookie(), anonymous, "the id stays");
+    }
+
+    // Login moves the session to a new id; the old cookie loads nothing.
+    let login = client.post("/login", Some(&anonymous), "alice");
+    assert_eq!(login.status, 200, "{login:?}");
+    assert_eq!(login.body, "logged in as alice\n");
+    let logged_in = login.cookie();
+    assert_ne!(logged_in, anonymous, "login changes the id");
+    assert!(!stored(store, &anonymous), "the old record is gone");
+    assert!(stored(store, &logged_in));
+    visits(&client.visit(Some(logged_in.as_bytes())), 5, "alice");
+    let stale = client.visit(Some(anonymous.as_bytes()));
+    visits(&stale, 1, "-");
+    assert_ne!(stale.cookie(), anonymous, "never the id the client sent");
+    assert_ne!(stale.cookie(), logged_in);
+    let refused = client.post("/login", Some(&logged_in), "not a name!");
+    assert_eq!(refused.status, 400);
+
+    // Logout removes the cookie and the record.
+    let logout = client.post("/logout", Some(&logged_in), "");
+    assert_eq!(logout.status, 200, "{logout:?}");
+    let removal = logout
+        .set_cookie
+        .as_deref()
+        .expect("logout removes the cookie");
+    let removal = cookie::Cookie::parse(removal).expect("a valid Set-Cookie value");
+    assert_eq!(removal.name(), "sid");
+    assert_eq!(removal.value(), "");
+    assert_eq!(removal.max_age(), Some(time::Duration::ZERO));
+    assert_eq!(
+        removal.path(),
+        Some("/"),
+        "the path must match to remove it"
+    );
+    assert!(!stored(store, &logged_in), "the record is gone");
+    visits(&client.visit(Some(logged_in.as_bytes())), 1, "-");
+
+    // Garbage and forged cookies get a fresh session and a 200. (All ASCII: tiny_http
+    // drops a request whose header holds other bytes before any application code
+    // runs; `SessionManager::begin` itself is tested with such bytes in
+    // tests/session.rs.)
+    let forged = format!("sid={}", Id::default());
+    let long = format!("sid={}", "A".repeat(3000));
+    let garbage: [&[u8]; 8] = [
+        b"sid=garbage",
+        b"sid=",
+        b"sid=%00%ff; sid=<script>",
+        b"sid=AAAAAAAAAAAAAAAAAAAAAA==",
+        b"sid=\"AAAAAAAAAAAAAAAAAAAAAA\"",
+        b";;; =; sid",
+        forged.as_bytes(),
+        long.as_bytes(),
+    ];
+    for cookie in garbage {
+        let answer = client.visit(Some(cookie));
+        visits(&answer, 1, "-");
+        let fresh = answer.cookie();
+        assert!(fresh.len() == "sid=".len() + Id::TEXT_LEN, "{fresh}");
+        assert_ne!(fresh.as_bytes(), cookie, "never the id the client sent");
+    }
+
+    // Many requests on one session at once: all served, none crashes the server.
+    let shared = client.visit(None).cookie();
+    let statuses = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|worker| {
+                let (client, shared) = (Client::new(addr), shared.as_str());
+                scope.spawn(move || {
+                    (0..25)
+                        .map(|i| match (worker + i) % 10 {
+                            0 => client.post("/login", Some(shared), "bob").status,
+                            _ => client.visit(Some(shared.as_bytes())).status,
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("the client thread"))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(statuses.len(), 200);
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    visits(&client.visit(None), 1, "-");
+
+    let missing = client.post("/nowhere", None, "");
+    assert_eq!(missing.status, 404);
+}
+
+/// Where cargo put the example binary `name`: `target/<profile>/examples/`, beside
+/// the `deps/` folder that holds this test binary. `cargo test` builds examples
+/// before it runs any test; `None` when it was not built (`cargo test --test ...`).
+fn example_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe
+        .parent()?
+        .parent()?
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    path.is_file().then_some(path)
+}
+
+/// Runs the built example binary on a free port: its first line of output is the
+/// address it bound, it serves a request there, and it exits successfully on SIGINT.
+#[cfg(unix)]
+pub fn check_binary(name: &str) {
+    let Some(binary) = example_binary(name) else {
+        // CI runs plain `cargo test`, which builds it: there, missing is a failure.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the {name} example is not built"
+        );
+        eprintln!("skipped: the {name} example is not built; plain `cargo test` builds it");
+        return;
+    };
+    let mut child = Command::new(binary)
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the example starts");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("a first line");
+    if line.is_empty() {
+        // Both modes build examples to the same path: a binary from a blocking-mode
+        // build of an async-only example exits at once with status 2. Plain
+        // `cargo test` (as CI runs it) rebuilds it for this mode first.
+        let status = child.wait().expect("waitable");
+        assert!(
+            std::env::var_os("CI").is_none() && status.code() == Some(2),
+            "{name} printed nothing and exited with {status}"
+        );
+        eprintln!("skipped: {name} was last built in the other mode");
+        return;
+    }
+    let addr: SocketAddr = line.trim().parse().expect("the first line is the address");
+    visits(&Client::new(addr).visit(None), 1, "-");
+
+    let signalled = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(signalled.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waitable") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{name} did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{name} exited with {status}");
+}

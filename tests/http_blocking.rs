@@ -1,0 +1,33 @@
+//! The blocking HTTP example (tiny_http, `sync` feature), end to end over real HTTP.
+#![cfg(feature = "sync")]
+
+mod common;
+mod http;
+
+// The example's own code, minus its `main`: the test runs the server in-process on a
+// free port and keeps a handle on its store.
+#[allow(dead_code)]
+#[path = "../examples/http_blocking.rs"]
+mod example;
+
+use portable_sessions::MemoryStore;
+
+#[test]
+fn serves_sessions_over_http() {
+    let store = MemoryStore::new();
+    let app = example::App::bind("127.0.0.1:0", store.clone()).expect("binds");
+    let addr = app.local_addr();
+    let stopper = app.stopper();
+    let server = std::thread::spawn(move || app.run());
+
+    http::check_server(addr, &store);
+
+    stopper.stop();
+    server.join().expect("the server stops cleanly");
+}
+
+#[cfg(unix)]
+#[test]
+fn binary_prints_its_address_and_stops_on_ctrl_c() {
+    http::check_binary("http_blocking");
+}

@@ -1,0 +1,41 @@
+//! The smol HTTP example (hyper on smol, async mode), end to end over real HTTP.
+#![cfg(not(feature = "sync"))]
+
+mod common;
+mod http;
+
+// The example's own code, minus its `main`: the test runs the server in-process on a
+// free port and keeps a handle on its store.
+#[allow(dead_code)]
+#[path = "../examples/http_smol.rs"]
+mod example;
+
+use portable_sessions::MemoryStore;
+
+#[test]
+fn serves_sessions_over_http() {
+    let store = MemoryStore::new();
+    let app = smol::block_on(example::App::bind("127.0.0.1:0", store.clone())).expect("binds");
+    let addr = app.local_addr().expect("bound");
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let server = std::thread::spawn(move || {
+        smol::block_on(app.run(async move {
+            let _ = stopped.recv().await;
+        }))
+    });
+
+    http::check_server(addr, &store);
+
+    stop.send_blocking(())
+        .expect("the server listens for the stop");
+    server
+        .join()
+        .expect("the server thread")
+        .expect("the server stops cleanly");
+}
+
+#[cfg(unix)]
+#[test]
+fn binary_prints_its_address_and_stops_on_ctrl_c() {
+    http::check_binary("http_smol");
+}

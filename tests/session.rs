@@ -1,0 +1,813 @@
+//! `Session`, `Expiry` and `SessionManager` through the public API, in both modes:
+//! lazy loading, typed values, modification tracking, the write rules, `cycle_id`'s
+//! failure guarantee on a faulty store, expiry with an injected clock, and the cookie
+//! round trip.
+
+mod common;
+
+use std::sync::{
+    atomic::{AtomicI64, AtomicUsize, Ordering},
+    Arc,
+};
+
+use common::{block, FaultyStore};
+
+use portable_sessions::{
+    session::{Expiry, Id, Record, Session, SessionConfig},
+    session_store::{Error, Result},
+    MemoryStore, SameSite, SessionManager, SessionStore,
+};
+use time::{Duration, OffsetDateTime};
+
+tests_in_both_modes!(
+    new_session_is_created_on_save_under_a_fresh_id,
+    stored_session_loads_its_values,
+    unknown_id_gives_a_fresh_session_never_the_clients_id,
+    wrong_type_is_a_decode_error_not_a_panic,
+    only_changes_mark_the_session_modified,
+    reserved_keys_are_refused_and_hidden,
+    delete_removes_the_record_and_never_reuses_the_id,
+    flush_ends_the_session_without_loading_it,
+    cycle_id_moves_the_record,
+    cycle_id_failing_to_create_leaves_the_old_id,
+    cycle_id_failing_to_delete_leaves_the_new_id,
+    load_errors_are_returned_and_retried,
+    expiry_dates_follow_the_policy,
+    lifetime_cap_ends_even_a_refreshed_session,
+    manager_sets_the_cookie_with_its_attributes,
+    manager_round_trip_writes_only_when_needed,
+    manager_removes_bad_and_unknown_cookies,
+    manager_removes_the_cookie_after_flush_and_empty_sessions,
+    manager_sends_the_new_id_after_cycle_id,
+    refresh_on_request_is_throttled,
+    session_end_cookie_has_no_max_age,
+    store_errors_fail_finish,
+);
+
+/// A [`FaultyStore`] (operations fail on demand) over a [`MemoryStore`] with an
+/// injected clock, counting the calls that reach it.
+#[derive(Debug)]
+struct Probe {
+    faulty: FaultyStore,
+    /// The memory store under it, for checks that bypass the probe.
+    store: MemoryStore,
+    clock: Arc<AtomicI64>,
+    loads: AtomicUsize,
+    writes: AtomicUsize,
+    /// Makes each load take this many milliseconds (blocking), to widen races.
+    slow_load_ms: AtomicUsize,
+}
+
+const START: i64 = 1_700_000_000;
+
+impl Probe {
+    fn new() -> Arc<Self> {
+        let clock = Arc::new(AtomicI64::new(START));
+        let read = clock.clone();
+        let store = MemoryStore::with_clock(move || at(read.load(Ordering::SeqCst)));
+        Arc::new(Self {
+            faulty: FaultyStore {
+                inner: store.clone(),
+                faults: Arc::default(),
+            },
+            store,
+            clock,
+            loads: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+            slow_load_ms: AtomicUsize::new(0),
+        })
+    }
+
+    /// A session configuration reading this store's clock.
+    fn config(&self, expiry: Expiry) -> SessionConfig {
+        let clock = self.clock.clone();
+        SessionConfig::new(expiry).with_clock(move || at(clock.load(Ordering::SeqCst)))
+    }
+
+    fn session(self: &Arc<Self>, id: Option<Id>, expiry: Expiry) -> Session {
+        Session::new(self.clone(), id, self.config(expiry))
+    }
+
+    fn advance(&self, seconds: i64) {
+        self.clock.fetch_add(seconds, Ordering::SeqCst);
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        at(self.clock.load(Ordering::SeqCst))
+    }
+
+    fn count(counter: &AtomicUsize) -> usize {
+        counter.load(Ordering::SeqCst)
+    }
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for Probe {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.faulty.create(record).await?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.faulty.save(record).await?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        let delay = self.slow_load_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay as u64));
+        }
+        pause().await;
+        self.faulty.load(id).await
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.faulty.delete(id).await
+    }
+}
+
+/// A real await point in async mode, as a network store has: lets futures on one
+/// executor interleave there. Nothing in blocking mode.
+#[maybe_async::async_impl]
+async fn pause() {
+    futures_lite::future::yield_now().await;
+}
+
+#[maybe_async::sync_impl]
+fn pause() {}
+
+fn at(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(secs).unwrap()
+}
+
+const HOUR: Expiry = Expiry::OnInactivity(Duration::hours(1));
+
+/// Stores a session holding `user = name` and returns its id.
+#[maybe_async::maybe_async]
+async fn stored(probe: &Arc<Probe>, name: &str) -> Id {
+    let session = probe.session(None, HOUR);
+    session.insert("user", name).await.unwrap();
+    session.save().await.unwrap();
+    let id = session.id().await.unwrap();
+    id.expect("saved")
+}
+
+#[maybe_async::maybe_async]
+async fn new_session_is_created_on_save_under_a_fresh_id() {
+    let probe = Probe::new();
+    let session = probe.session(None, HOUR);
+    let empty = session.is_empty().await.unwrap();
+    assert!(empty);
+    let id = session.id().await.unwrap();
+    assert_eq!(id, None, "a new session has no id until it is stored");
+    assert_eq!(Probe::count(&probe.loads), 0, "no cookie, no load");
+
+    session.insert("n", &1u32).await.unwrap();
+    session.save().await.unwrap();
+    let id = session.id().await.unwrap().expect("stored");
+    let record = probe.store.load(&id).await.unwrap().expect("in the store");
+    assert_eq!(record.get::<u32>("n").unwrap(), Some(1));
+    assert_eq!(record.expiry_date, probe.now() + Duration::hours(1));
+}
+
+#[maybe_async::maybe_async]
+async fn stored_session_loads_its_values() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    assert_eq!(Probe::count(&probe.loads), 0, "lazy: nothing loaded yet");
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+    let again = session.clone().get::<String>("user").await.unwrap();
+    assert_eq!(again, user);
+    assert_eq!(Probe::count(&probe.loads), 1, "loaded once for all clones");
+    let stored_id = session.id().await.unwrap();
+    assert_eq!(stored_id, Some(id));
+}
+
+#[maybe_async::maybe_async]
+async fn unknown_id_gives_a_fresh_session_never_the_clients_id() {
+    let probe = Probe::new();
+    let forged = Id::default();
+    let session = probe.session(Some(forged), HOUR);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user, None);
+    session.insert("user", "mallory").await.unwrap();
+    session.save().await.unwrap();
+    let id = session.id().await.unwrap().expect("stored");
+    assert_ne!(id, forged, "a client never picks its own id");
+    let planted = probe.store.load(&forged).await.unwrap();
+    assert_eq!(planted, None);
+
+    // An expired session is unknown too.
+    let old = stored(&probe, "bob").await;
+    probe.advance(3_600);
+    let session = probe.session(Some(old), HOUR);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user, None);
+}
+
+#[maybe_async::maybe_async]
+async fn wrong_type_is_a_decode_error_not_a_panic() {
+    let probe = Probe::new();
+    let id = stored(&probe, "a string that is not a number").await;
+    let session = probe.session(Some(id), HOUR);
+    let as_bool = session.get::<bool>("user").await;
+    assert!(matches!(as_bool, Err(Error::Decode(_))), "{as_bool:?}");
+    let as_u8 = session.get::<u8>("user").await;
+    assert!(matches!(as_u8, Err(Error::Decode(_))), "{as_u8:?}");
+    let removed = session.remove::<bool>("user").await;
+    assert!(matches!(removed, Err(Error::Decode(_))));
+    let kept = session.get::<String>("user").await.unwrap();
+    assert!(kept.is_some(), "a failed typed remove leaves the value");
+    let raw = session.remove_raw("user").await.unwrap();
+    assert!(raw.is_some());
+    let empty = session.is_empty().await.unwrap();
+    assert!(empty);
+}
+
+#[maybe_async::maybe_async]
+async fn only_changes_mark_the_session_modified() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    let untouched = session.is_modified().await;
+    assert!(!untouched);
+    session.insert("user", "alice").await.unwrap();
+    let same_value = session.is_modified().await;
+    assert!(!same_value, "writing the same value is no change");
+    let missing = session.remove::<String>("nothing here").await.unwrap();
+    assert_eq!(missing, None);
+    let removed_nothing = session.is_modified().await;
+    assert!(!removed_nothing);
+    session.insert("user", "bob").await.unwrap();
+    let changed = session.is_modified().await;
+    assert!(changed);
+    session.save().await.unwrap();
+    let saved = session.is_modified().await;
+    assert!(!saved);
+
+    let fresh = probe.session(Some(id), HOUR);
+    fresh.clear().await.unwrap();
+    let cleared = fresh.is_modified().await;
+    assert!(cleared);
+    let empty = fresh.is_empty().await.unwrap();
+    assert!(empty);
+}
+
+#[maybe_async::maybe_async]
+async fn reserved_keys_are_refused_and_hidden() {
+    let probe = Probe::new();
+    let session = probe.session(None, HOUR);
+    let refused = session.insert("\0created", &0i64).await;
+    assert!(matches!(refused, Err(Error::Encode(_))));
+    let hidden = session.get::<i64>("\0created").await.unwrap();
+    assert_eq!(hidden, None);
+    let kept = session.remove::<i64>("\0created").await.unwrap();
+    assert_eq!(kept, None);
+    let empty = session.is_empty().await.unwrap();
+    assert!(empty, "the creation time is not a value");
+}
+
+#[maybe_async::maybe_async]
+async fn delete_removes_the_record_and_never_reuses_the_id() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    session.delete().await.unwrap();
+    let gone = probe.store.load(&id).await.unwrap();
+    assert_eq!(gone, None);
+    let still_readable = session.get::<String>("user").await.unwrap();
+    assert_eq!(still_readable.as_deref(), Some("alice"));
+    let now_id = session.id().await.unwrap();
+    assert_eq!(now_id, None);
+
+    // Changed again, it becomes a new session under a new id.
+    session.insert("user", "alice again").await.unwrap();
+    session.save().await.unwrap();
+    let new_id = session.id().await.unwrap().expect("stored");
+    assert_ne!(new_id, id);
+    let resurrected = probe.store.load(&id).await.unwrap();
+    assert_eq!(resurrected, None);
+}
+
+#[maybe_async::maybe_async]
+async fn flush_ends_the_session_without_loading_it() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    session.flush().await.unwrap();
+    assert_eq!(Probe::count(&probe.loads), 0, "flush needs no load");
+    let gone = probe.store.load(&id).await.unwrap();
+    assert_eq!(gone, None);
+    let empty = session.is_empty().await.unwrap();
+    assert!(empty);
+    let no_id = session.id().await.unwrap();
+    assert_eq!(no_id, None);
+}
+
+#[maybe_async::maybe_async]
+async fn cycle_id_moves_the_record() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    session.insert("role", "admin").await.unwrap();
+    session.cycle_id().await.unwrap();
+    let new_id = session.id().await.unwrap().expect("stored");
+    assert_ne!(new_id, id);
+    let old = probe.store.load(&id).await.unwrap();
+    assert_eq!(old, None, "the old id no longer loads");
+    let moved = probe.store.load(&new_id).await.unwrap().expect("moved");
+    assert_eq!(
+        moved.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        moved.get::<String>("role").unwrap().as_deref(),
+        Some("admin"),
+        "pending changes move with it"
+    );
+    let modified = session.is_modified().await;
+    assert!(!modified, "the move wrote everything");
+
+    // A session not stored yet just changes id, and is written when finished.
+    let fresh = probe.session(None, HOUR);
+    fresh.cycle_id().await.unwrap();
+    let not_stored = fresh.id().await.unwrap();
+    assert_eq!(not_stored, None);
+}
+
+#[maybe_async::maybe_async]
+async fn cycle_id_failing_to_create_leaves_the_old_id() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    session.get::<String>("user").await.unwrap();
+    probe.faulty.faults.create.store(true, Ordering::SeqCst);
+    let cycled = session.cycle_id().await;
+    assert!(matches!(cycled, Err(Error::Backend(_))));
+    let still = session.id().await.unwrap();
+    assert_eq!(still, Some(id), "nothing changed");
+    let old = probe.store.load(&id).await.unwrap();
+    assert!(
+        old.is_some(),
+        "the user is still logged in under the old id"
+    );
+    assert_eq!(probe.store.len(), 1);
+
+    // Once the store recovers, the same handle can cycle.
+    probe.faulty.faults.create.store(false, Ordering::SeqCst);
+    session.cycle_id().await.unwrap();
+    let new_id = session.id().await.unwrap();
+    assert_ne!(new_id, Some(id));
+}
+
+#[maybe_async::maybe_async]
+async fn cycle_id_failing_to_delete_leaves_the_new_id() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    probe.faulty.faults.delete.store(true, Ordering::SeqCst);
+    let cycled = session.cycle_id().await;
+    assert!(matches!(cycled, Err(Error::Backend(_))));
+    let new_id = session.id().await.unwrap().expect("stored");
+    assert_ne!(new_id, id, "the session moved");
+    let moved = probe
+        .store
+        .load(&new_id)
+        .await
+        .unwrap()
+        .expect("the new record");
+    assert_eq!(
+        moved.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
+    // The old id still loads: whichever cookie the client ends up with, it is
+    // logged in under one of the two ids.
+    let old = probe.store.load(&id).await.unwrap();
+    assert!(old.is_some());
+}
+
+#[maybe_async::maybe_async]
+async fn load_errors_are_returned_and_retried() {
+    let probe = Probe::new();
+    let id = stored(&probe, "alice").await;
+    let session = probe.session(Some(id), HOUR);
+    probe.faulty.faults.load.store(true, Ordering::SeqCst);
+    let failed = session.get::<String>("user").await;
+    assert!(matches!(failed, Err(Error::Backend(_))));
+    probe.faulty.faults.load.store(false, Ordering::SeqCst);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(
+        user.as_deref(),
+        Some("alice"),
+        "a failed load is not cached"
+    );
+}
+
+#[maybe_async::maybe_async]
+async fn expiry_dates_follow_the_policy() {
+    let probe = Probe::new();
+    let cases = [
+        (
+            Expiry::OnSessionEnd,
+            probe.now() + SessionConfig::DEFAULT_SESSION_END_TTL,
+        ),
+        (HOUR, probe.now() + Duration::hours(1)),
+        (Expiry::AtDateTime(at(START + 90)), at(START + 90)),
+    ];
+    for (expiry, expected) in cases {
+        let session = probe.session(None, expiry);
+        session.insert("k", &1u8).await.unwrap();
+        session.save().await.unwrap();
+        let id = session.id().await.unwrap().unwrap();
+        let record = probe.store.load(&id).await.unwrap().unwrap();
+        assert_eq!(record.expiry_date, expected, "{expiry:?}");
+    }
+    // A shorter server-side lifetime for browser-session cookies.
+    let config = probe
+        .config(Expiry::OnSessionEnd)
+        .with_session_end_ttl(Duration::minutes(5));
+    let session = Session::new(probe.clone(), None, config);
+    session.insert("k", &1u8).await.unwrap();
+    session.save().await.unwrap();
+    let id = session.id().await.unwrap().unwrap();
+    let record = probe.store.load(&id).await.unwrap().unwrap();
+    assert_eq!(record.expiry_date, probe.now() + Duration::minutes(5));
+}
+
+#[maybe_async::maybe_async]
+async fn lifetime_cap_ends_even_a_refreshed_session() {
+    let probe = Probe::new();
+    let config = probe.config(HOUR).with_max_lifetime(Duration::hours(3));
+    let manager = SessionManager::from_shared(probe.clone())
+        .with_config(config)
+        .with_refresh_on_request(0.0);
+    let session = manager.begin(None::<&str>);
+    session.insert("user", "alice").await.unwrap();
+    let mut cookie = pair(&manager.finish(&session).await.unwrap().unwrap());
+    let first = cookie.clone();
+    // Active every 50 minutes: sliding expiry alone would keep it forever.
+    for _ in 0..3 {
+        probe.advance(50 * 60);
+        let session = manager.begin([cookie.as_str()]);
+        let user = session.get::<String>("user").await.unwrap();
+        assert_eq!(user.as_deref(), Some("alice"));
+        if let Some(set) = manager.finish(&session).await.unwrap() {
+            cookie = pair(&set);
+        }
+    }
+    assert_eq!(cookie, first, "refreshes keep the id");
+    // 150 minutes in: the next refresh may only reach the 3-hour cap.
+    let session = manager.begin([cookie.as_str()]);
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None, "nothing to gain: already expiring at the cap");
+    probe.advance(30 * 60);
+    let session = manager.begin([cookie.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user, None, "three hours after creation the session is over");
+}
+
+#[maybe_async::maybe_async]
+async fn manager_sets_the_cookie_with_its_attributes() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone())
+        .with_config(probe.config(HOUR))
+        .with_cookie_name("sid")
+        .with_path(Some("/app"))
+        .with_domain(Some("example.com"))
+        .with_same_site(Some(SameSite::Strict));
+    let session = manager.begin(None::<&str>);
+    session.insert("n", &1u8).await.unwrap();
+    let set = manager
+        .finish(&session)
+        .await
+        .unwrap()
+        .expect("a new session");
+    let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
+    assert_eq!(cookie.name(), "sid");
+    let id: Id = cookie.value().parse().unwrap();
+    let stored_id = session.id().await.unwrap();
+    assert_eq!(Some(id), stored_id);
+    assert_eq!(cookie.path(), Some("/app"));
+    assert_eq!(cookie.domain(), Some("example.com"));
+    assert_eq!(cookie.secure(), Some(true));
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(cookie.same_site(), Some(cookie::SameSite::Strict));
+    assert_eq!(cookie.max_age(), Some(Duration::hours(1)));
+
+    let plain = SessionManager::new(MemoryStore::default())
+        .with_secure(false)
+        .with_http_only(false)
+        .with_same_site(None)
+        .with_path(None);
+    let removal = plain.removal_cookie();
+    assert_eq!(removal.split(';').next(), Some("id="));
+    assert!(!removal.contains("Secure") && !removal.contains("HttpOnly"));
+    assert!(!removal.contains("SameSite") && !removal.contains("Path"));
+}
+
+#[maybe_async::maybe_async]
+async fn manager_round_trip_writes_only_when_needed() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+
+    // Untouched, without a cookie: nothing at all.
+    let session = manager.begin(None::<&str>);
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None);
+    // Read only: still nothing, and nothing stored.
+    let session = manager.begin(None::<&str>);
+    let nothing = session.get::<u32>("n").await.unwrap();
+    assert_eq!(nothing, None);
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None);
+    assert_eq!(Probe::count(&probe.writes), 0);
+
+    let session = manager.begin(None::<&str>);
+    session.insert("n", &1u32).await.unwrap();
+    let cookie = pair(&manager.finish(&session).await.unwrap().unwrap());
+    assert_eq!(Probe::count(&probe.writes), 1);
+
+    // Other cookies and headers around it do not matter.
+    let header = format!("theme=dark; {cookie}; lang=en");
+    let session = manager.begin(["other=1", header.as_str()]);
+    let n = session.get::<u32>("n").await.unwrap();
+    assert_eq!(n, Some(1));
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None, "read only: no write, no cookie");
+    assert_eq!(Probe::count(&probe.writes), 1);
+
+    let session = manager.begin([cookie.as_bytes()]);
+    session.insert("n", &2u32).await.unwrap();
+    let set = manager
+        .finish(&session)
+        .await
+        .unwrap()
+        .expect("renewed Max-Age");
+    assert_eq!(pair(&set), cookie, "same id");
+    assert_eq!(Probe::count(&probe.writes), 2);
+}
+
+#[maybe_async::maybe_async]
+async fn manager_removes_bad_and_unknown_cookies() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    let unknown = format!("id={}", Id::default());
+    let malformed: [&[u8]; 4] = [
+        b"id=garbage",
+        b"id=",
+        b"id=\"AAAAAAAAAAAAAAAAAAAAAA\"",
+        b"id=AAAAAAAAAAAAAAAAAAAAAA==",
+    ];
+    let not_ours: [&[u8]; 4] = [
+        b"id=\xff\xfe",
+        b";;;=;id",
+        b"ID=AAAAAAAAAAAAAAAAAAAAAA",
+        b"",
+    ];
+    let all = malformed
+        .iter()
+        .chain(&not_ours)
+        .copied()
+        .chain([unknown.as_bytes()]);
+    for header in all {
+        let ours = !not_ours.contains(&header);
+        // Unused: a malformed cookie is removed at once; a well-formed one is not
+        // looked up, so it stays until the session is used.
+        let session = manager.begin([header]);
+        let set = manager.finish(&session).await.unwrap();
+        let expected = malformed
+            .contains(&header)
+            .then(|| manager.removal_cookie());
+        assert_eq!(set, expected, "{header:?}");
+        // Read: the client's cookie names no session, so it is removed.
+        let session = manager.begin([header]);
+        let value = session.get::<String>("user").await.unwrap();
+        assert_eq!(value, None);
+        let set = manager.finish(&session).await.unwrap();
+        let expected = ours.then(|| manager.removal_cookie());
+        assert_eq!(set, expected, "{header:?}");
+        // Written: a fresh session under a fresh id.
+        let session = manager.begin([header]);
+        session.insert("user", "someone").await.unwrap();
+        let set = manager.finish(&session).await.unwrap().unwrap();
+        let id: Id = pair(&set)[3..].parse().unwrap();
+        assert_ne!(unknown, format!("id={id}"));
+    }
+    assert_eq!(probe.store.len(), 9);
+}
+
+#[maybe_async::maybe_async]
+async fn manager_removes_the_cookie_after_flush_and_empty_sessions() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    let session = manager.begin(None::<&str>);
+    session.insert("user", "alice").await.unwrap();
+    let cookie = pair(&manager.finish(&session).await.unwrap().unwrap());
+    let id: Id = cookie[3..].parse().unwrap();
+
+    let session = manager.begin([cookie.as_str()]);
+    session.flush().await.unwrap();
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, Some(manager.removal_cookie()));
+    let gone = probe.store.load(&id).await.unwrap();
+    assert_eq!(gone, None);
+    assert!(probe.store.is_empty());
+
+    // A session emptied by its handler is deleted too.
+    let session = manager.begin(None::<&str>);
+    session.insert("user", "bob").await.unwrap();
+    let cookie = pair(&manager.finish(&session).await.unwrap().unwrap());
+    let session = manager.begin([cookie.as_str()]);
+    session.clear().await.unwrap();
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, Some(manager.removal_cookie()));
+    assert!(probe.store.is_empty());
+
+    // Flushed in a request that had no cookie: nothing to remove.
+    let session = manager.begin(None::<&str>);
+    session.insert("user", "carol").await.unwrap();
+    session.flush().await.unwrap();
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None);
+}
+
+#[maybe_async::maybe_async]
+async fn manager_sends_the_new_id_after_cycle_id() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    let session = manager.begin(None::<&str>);
+    session.insert("visits", &3u32).await.unwrap();
+    let anonymous = pair(&manager.finish(&session).await.unwrap().unwrap());
+
+    let session = manager.begin([anonymous.as_str()]);
+    session.cycle_id().await.unwrap();
+    session.insert("user", "alice").await.unwrap();
+    let logged_in = pair(&manager.finish(&session).await.unwrap().unwrap());
+    assert_ne!(logged_in, anonymous);
+
+    let old = manager.begin([anonymous.as_str()]);
+    let visits = old.get::<u32>("visits").await.unwrap();
+    assert_eq!(visits, None, "the old cookie loads nothing");
+    let new = manager.begin([logged_in.as_str()]);
+    let visits = new.get::<u32>("visits").await.unwrap();
+    assert_eq!(visits, Some(3));
+    let user = new.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+}
+
+#[maybe_async::maybe_async]
+async fn refresh_on_request_is_throttled() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone())
+        .with_config(probe.config(HOUR))
+        .with_refresh_on_request(0.25);
+    let session = manager.begin(None::<&str>);
+    session.insert("user", "alice").await.unwrap();
+    let cookie = pair(&manager.finish(&session).await.unwrap().unwrap());
+    let id: Id = cookie[3..].parse().unwrap();
+    let writes = Probe::count(&probe.writes);
+
+    // Within the first quarter of the window: untouched requests write nothing.
+    for _ in 0..14 {
+        probe.advance(60);
+        let session = manager.begin([cookie.as_str()]);
+        let set = manager.finish(&session).await.unwrap();
+        assert_eq!(set, None);
+    }
+    assert_eq!(Probe::count(&probe.writes), writes);
+    // The fifteenth minute: one write, a renewed cookie, a later expiry date.
+    probe.advance(60);
+    let session = manager.begin([cookie.as_str()]);
+    let set = manager.finish(&session).await.unwrap().expect("refreshed");
+    assert!(set.contains("Max-Age=3600"), "{set}");
+    assert_eq!(Probe::count(&probe.writes), writes + 1);
+    let record = probe.store.load(&id).await.unwrap().unwrap();
+    assert_eq!(record.expiry_date, probe.now() + Duration::hours(1));
+
+    // Without refresh, reads never move the expiry date.
+    let plain = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    probe.advance(50 * 60);
+    let session = plain.begin([cookie.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+    let set = plain.finish(&session).await.unwrap();
+    assert_eq!(set, None);
+    assert_eq!(Probe::count(&probe.writes), writes + 1);
+
+    // Fixed expiry dates never slide.
+    let fixed = SessionManager::from_shared(probe.clone())
+        .with_config(probe.config(Expiry::AtDateTime(probe.now() + Duration::hours(1))))
+        .with_refresh_on_request(0.0);
+    let session = fixed.begin(None::<&str>);
+    session.insert("k", &1u8).await.unwrap();
+    let cookie = pair(&fixed.finish(&session).await.unwrap().unwrap());
+    probe.advance(600);
+    let session = fixed.begin([cookie.as_str()]);
+    let set = fixed.finish(&session).await.unwrap();
+    assert_eq!(set, None);
+}
+
+#[maybe_async::maybe_async]
+async fn session_end_cookie_has_no_max_age() {
+    let manager = SessionManager::new(MemoryStore::default());
+    let session = manager.begin(None::<&str>);
+    session.insert("k", &1u8).await.unwrap();
+    let set = manager.finish(&session).await.unwrap().unwrap();
+    let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
+    assert_eq!(cookie.max_age(), None);
+    assert_eq!(cookie.expires(), None);
+    assert_eq!(cookie.name(), SessionManager::DEFAULT_COOKIE_NAME);
+    assert_eq!(cookie.path(), Some("/"));
+    assert_eq!(cookie.same_site(), Some(cookie::SameSite::Lax));
+    assert_eq!(cookie.secure(), Some(true));
+    assert_eq!(cookie.http_only(), Some(true));
+}
+
+#[maybe_async::maybe_async]
+async fn store_errors_fail_finish() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    let session = manager.begin(None::<&str>);
+    session.insert("k", &1u8).await.unwrap();
+    probe.faulty.faults.create.store(true, Ordering::SeqCst);
+    let failed = manager.finish(&session).await;
+    assert!(matches!(failed, Err(Error::Backend(_))));
+    let modified = session.is_modified().await;
+    assert!(modified, "the changes are still pending");
+    probe.faulty.faults.create.store(false, Ordering::SeqCst);
+    let set = manager.finish(&session).await.unwrap();
+    assert!(set.is_some(), "a retry writes them");
+}
+
+/// The `name=value` pair of a `Set-Cookie` value: what a browser sends back.
+fn pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap_or_default().to_owned()
+}
+
+/// Clones racing for the first access load the record once, and all see it.
+#[test]
+fn racing_clones_load_once() {
+    let probe = Probe::new();
+    let id = block(stored(&probe, "alice"));
+    probe.slow_load_ms.store(50, Ordering::SeqCst);
+    let session = probe.session(Some(id), HOUR);
+    let start = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let session = session.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                block(session.get::<String>("user")).unwrap()
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap().as_deref(), Some("alice"));
+    }
+    assert_eq!(Probe::count(&probe.loads), 1);
+}
+
+/// In async mode, clones racing on one thread interleave at the load's await points
+/// and still load once; the futures are `Send`, so any executor can run them.
+#[cfg(not(feature = "sync"))]
+#[test]
+fn racing_clones_on_one_executor_load_once() {
+    use futures_lite::future;
+
+    let probe = Probe::new();
+    let id = future::block_on(stored(&probe, "alice"));
+    let session = probe.session(Some(id), HOUR);
+    let (a, b) = (session.clone(), session.clone());
+    let both = future::block_on(future::zip(
+        async move { a.get::<String>("user").await },
+        async move { b.get::<String>("user").await },
+    ));
+    assert_eq!(both.0.unwrap().as_deref(), Some("alice"));
+    assert_eq!(both.1.unwrap().as_deref(), Some("alice"));
+    assert_eq!(Probe::count(&probe.loads), 1);
+
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send(&session.get::<String>("user"));
+    assert_send(&session.cycle_id());
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+    assert_send_sync::<Session>();
+    assert_send_sync::<SessionManager>();
+    assert_send_sync::<SessionConfig>();
+}
+
+#[test]
+#[should_panic(expected = "not a valid cookie name")]
+fn invalid_cookie_names_are_refused_at_startup() {
+    let _ = SessionManager::new(MemoryStore::default()).with_cookie_name("a;b");
+}

@@ -21,7 +21,8 @@ use crate::{
 ///   replayed as a cookie. Ids are 128 random bits, so an unkeyed digest cannot be
 ///   reversed by guessing, and processes sharing the store need no shared secret.
 /// - **Expiry.** Every write sets the value and its TTL in one `SET ... PX`, rounded
-///   up to the millisecond; a record saved already expired deletes its key.
+///   up to the millisecond; a record saved already expired deletes its key, and one
+///   created already expired is not written.
 ///   [`load`](SessionStore::load) also checks the record's own date, so a session is
 ///   never served after it expires, whatever the clocks.
 ///   [`delete_expired`](ExpiredDeletion::delete_expired) does nothing and returns 0:

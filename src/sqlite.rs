@@ -49,9 +49,10 @@ type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 /// - **Durability.** The database runs in WAL mode with `synchronous = FULL`: once a
 ///   write returns, it survives the process being killed and the machine losing
 ///   power. Readers never wait for the writer.
-/// - **Connections.** A small pool (up to the number of CPUs, at most 8) of
-///   connections is shared by the clones of a store. Each operation borrows one for a
-///   single statement; a writer that finds the database locked waits up to 5 s.
+/// - **Connections.** Clones of a store share a small pool of connections (as many
+///   as the machine has CPUs, from 2 to 8), opened on demand. Each operation borrows
+///   one for a single statement; a writer that finds the database locked by another
+///   connection or process waits up to 5 s.
 /// - **Expiry.** [`load`](SessionStore::load) never returns an expired row, even
 ///   before [`delete_expired`](ExpiredDeletion::delete_expired) removes it; that pass
 ///   walks the expiry index in batches of 512 rows and returns how many it deleted.

@@ -566,3 +566,13 @@ fn debug_output_hides_the_password() {
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(debug.contains("127.0.0.1:6380"), "{debug}");
 }
+
+#[test]
+fn the_store_is_send_sync_clone_and_fits_in_a_dyn_store() {
+    fn shareable<T: Send + Sync + Clone + std::fmt::Debug + 'static>() {}
+    shareable::<RedisStore>();
+    fn as_dyn(store: RedisStore) -> std::sync::Arc<dyn ExpiredDeletion> {
+        std::sync::Arc::new(store)
+    }
+    let _ = as_dyn;
+}

@@ -422,3 +422,13 @@ fn acknowledged_writes_survive_sigkill() {
     let mut next = live_record(1);
     block(store.create(&mut next)).unwrap();
 }
+
+#[test]
+fn the_store_is_send_sync_clone_and_fits_in_a_dyn_store() {
+    fn shareable<T: Send + Sync + Clone + std::fmt::Debug + 'static>() {}
+    shareable::<SqliteStore>();
+    fn as_dyn(store: SqliteStore) -> std::sync::Arc<dyn ExpiredDeletion> {
+        std::sync::Arc::new(store)
+    }
+    let _ = as_dyn;
+}

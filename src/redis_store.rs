@@ -39,7 +39,8 @@ use crate::{
 ///
 /// Clones are cheap and share connections. In async mode (the default) a store holds
 /// one multiplexed connection that all tasks share, driven by the redis crate's smol
-/// support: it needs no tokio runtime and works under any executor. In sync mode each
+/// support: its I/O task runs on smol's global executor thread, so it needs no tokio
+/// runtime and callers may use any executor. In sync mode each
 /// operation borrows a blocking connection from a small pool (one per concurrent
 /// caller, up to 16 kept idle).
 ///
@@ -158,6 +159,10 @@ fn ttl_millis(expiry: OffsetDateTime, now: OffsetDateTime) -> Option<u64> {
 /// `true` if a connection taken from the pool failed because the server had closed
 /// it (it restarted, or dropped idle clients): worth one retry on a new connection.
 /// A timeout is not: the server may still be processing the command.
+///
+/// Every command here may run twice safely: `GET`, `DEL` and a plain `SET` are
+/// idempotent, and a `SET NX` whose first copy did land finds its key taken, so
+/// `create` draws another id; the first copy then expires with its TTL.
 fn closed_while_idle(err: &RedisError) -> bool {
     err.is_connection_dropped() && !err.is_timeout()
 }

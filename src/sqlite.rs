@@ -47,8 +47,10 @@ type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 ///   hold no id that could be replayed as a cookie. Ids are 128 random bits, so an
 ///   unkeyed digest cannot be reversed by guessing; no secret needs configuring.
 /// - **Durability.** The database runs in WAL mode with `synchronous = FULL`: once a
-///   write returns, it survives the process being killed and the machine losing
-///   power. Readers never wait for the writer.
+///   write returns, it survives the process being killed, and the machine losing
+///   power on storage that honours `fsync`. Each write therefore costs a sync of the
+///   log (about 1.5 ms on this project's test machine); reads cost microseconds.
+///   Readers never wait for the writer.
 /// - **Connections.** Clones of a store share a small pool of connections (as many
 ///   as the machine has CPUs, from 2 to 8), opened on demand. Each operation borrows
 ///   one for a single statement; a writer that finds the database locked by another

@@ -142,7 +142,9 @@ impl RedisServer {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()
-            .unwrap();
+            .unwrap_or_else(|err| {
+                panic!("cannot run `kill` ({err}): install it (Debian: apt-get install procps)")
+            });
         assert!(status.success(), "kill {signal} failed");
     }
 

@@ -22,6 +22,7 @@ use portable_sessions::{
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
 };
+use rustix::process::{kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
@@ -138,23 +139,18 @@ impl RedisServer {
         *self = Self::start_on(self.port, self.password);
     }
 
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap_or_else(|err| {
-                panic!("cannot run `kill` ({err}): install it (Debian: apt-get install procps)")
-            });
-        assert!(status.success(), "kill {signal} failed");
+    fn signal(&self, signal: Signal) {
+        kill_process(Pid::from_child(&self.child), signal)
+            .unwrap_or_else(|err| panic!("sending {signal:?} to redis-server failed: {err}"));
     }
 
     /// Freezes the server (SIGSTOP): it accepts connections but never replies.
     fn freeze(&self) {
-        self.signal("-STOP");
+        self.signal(Signal::STOP);
     }
 
     fn thaw(&self) {
-        self.signal("-CONT");
+        self.signal(Signal::CONT);
     }
 }
 

@@ -265,11 +265,11 @@ pub fn check_binary(name: &str) {
     let addr: SocketAddr = line.trim().parse().expect("the first line is the address");
     visits(&Client::new(addr).visit(None), 1, "-");
 
-    let signalled = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(signalled.success());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .expect("SIGINT sent");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().expect("waitable") {

@@ -1,0 +1,53 @@
+//! The record codec (what persistent stores write) against serde_json of
+//! tower-sessions' record, on the same five-key workload as `benches/stores.rs`.
+//!
+//! The codec is the same in both modes; the benchmark names carry the mode anyway, so
+//! that runs of both modes sit side by side in criterion's report. The encoded sizes
+//! are printed before the timings.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+
+mod common;
+use common::{our_record, peer_record, OurRecord, PeerRecord, MODE};
+
+fn codec(c: &mut Criterion) {
+    let ours = our_record();
+    let peer = peer_record();
+    let our_bytes = ours.encode().expect("encodes");
+    let peer_bytes = serde_json::to_vec(&peer).expect("encodes");
+    println!(
+        "encoded record: ours {} bytes, tower-sessions (JSON) {} bytes: {:.2}x smaller",
+        our_bytes.len(),
+        peer_bytes.len(),
+        peer_bytes.len() as f64 / our_bytes.len() as f64
+    );
+
+    let mut group = c.benchmark_group("encode");
+    group.bench_function(format!("ours-{MODE}"), |b| {
+        b.iter(|| ours.encode().expect("encodes"))
+    });
+    group.bench_function("tower/json", |b| {
+        b.iter(|| serde_json::to_vec(&peer).expect("encodes"))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("decode");
+    group.bench_function(format!("ours-{MODE}"), |b| {
+        b.iter(|| OurRecord::decode(&our_bytes).expect("decodes"))
+    });
+    group.bench_function("tower/json", |b| {
+        b.iter(|| serde_json::from_slice::<PeerRecord>(&peer_bytes).expect("decodes"))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = codec
+}
+criterion_main!(benches);

@@ -1,0 +1,335 @@
+//! The workload and the timed loops shared by `benches/stores.rs`, `benches/codec.rs`
+//! and `examples/compare.rs`, so that all three measure the same thing.
+//!
+//! Every loop returns the time spent in store calls only: building records, and
+//! putting back what a `create` or `delete` loop changed, happen off the clock. Ours
+//! run in whichever mode the crate was built in; the peer (tower-sessions) is async in
+//! both. Async loops are driven by `futures_lite::future::block_on`, the least
+//! overhead an executor can add: none of these stores needs a runtime's reactor.
+
+#![allow(dead_code)] // each bench uses part of this
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hint::black_box,
+    sync::Barrier,
+    time::{Duration, Instant},
+};
+
+use time::OffsetDateTime;
+
+pub use portable_sessions::session::{Id as OurId, Record as OurRecord};
+pub use tower_sessions_core::session::{Id as PeerId, Record as PeerRecord};
+
+/// Sessions in the store for the single-threaded operations.
+pub const STORE_SIZE: usize = 10_000;
+/// Sessions in the store for the load-throughput runs.
+pub const BIG_STORE_SIZE: usize = 100_000;
+/// Records created or deleted between two rounds of putting the store back.
+const CHUNK: u64 = 1_024;
+
+/// The mode our crate was built in, for benchmark names and table headers.
+pub const MODE: &str = if cfg!(feature = "sync") {
+    "sync"
+} else {
+    "async"
+};
+
+// The five values of the workload record: about 250 bytes of tower-sessions' JSON, as
+// in the figures that DESIGN.md section 7 starts from (235 bytes).
+const USER_ID: u64 = 4_815_162_342;
+const CSRF_TOKEN: &str = "q8ZJv2XlT0bN5sWc7YfGk1HdRm3PaE9u";
+const RECENT: [u32; 8] = [4, 8, 15, 16, 23, 42, 108, 815];
+const FLASH: &str = "Welcome back!";
+const ROLES: [&str; 2] = ["admin", "editor"];
+
+/// One day from now: far enough that nothing expires during a run.
+pub fn expiry() -> OffsetDateTime {
+    OffsetDateTime::now_utc() + time::Duration::days(1)
+}
+
+/// The workload record in our form, with a fresh id and its own copy of the values.
+pub fn our_record() -> OurRecord {
+    let mut record = OurRecord::new(expiry());
+    record.insert("user_id", &USER_ID).expect("encodes");
+    record.insert("csrf_token", CSRF_TOKEN).expect("encodes");
+    record.insert("recent", &RECENT).expect("encodes");
+    record.insert("flash", FLASH).expect("encodes");
+    record.insert("roles", &ROLES).expect("encodes");
+    record
+}
+
+/// The workload record in the peer's form, with a fresh id.
+pub fn peer_record() -> PeerRecord {
+    let json = |value: serde_json::Result<serde_json::Value>| value.expect("encodes");
+    let data = HashMap::from([
+        ("user_id".to_owned(), json(serde_json::to_value(USER_ID))),
+        (
+            "csrf_token".to_owned(),
+            json(serde_json::to_value(CSRF_TOKEN)),
+        ),
+        ("recent".to_owned(), json(serde_json::to_value(RECENT))),
+        ("flash".to_owned(), json(serde_json::to_value(FLASH))),
+        ("roles".to_owned(), json(serde_json::to_value(ROLES))),
+    ]);
+    PeerRecord {
+        id: PeerId::default(),
+        data,
+        expiry_date: expiry(),
+    }
+}
+
+/// Drives one of our loops to completion: `block_on` in async mode, the value itself
+/// in blocking mode (where the loop has already run).
+#[maybe_async::async_impl]
+pub fn run<F: Future>(work: F) -> F::Output {
+    futures_lite::future::block_on(work)
+}
+
+/// Drives one of our loops to completion: `block_on` in async mode, the value itself
+/// in blocking mode (where the loop has already run).
+#[maybe_async::sync_impl]
+pub fn run<T>(done: T) -> T {
+    done
+}
+
+/// Drives one of the peer's loops: its stores are async in both of our modes.
+pub fn run_peer<F: Future>(work: F) -> F::Output {
+    futures_lite::future::block_on(work)
+}
+
+/// Runs `each(thread)` on `threads` threads that start together, and returns the wall
+/// time until the last one finished.
+pub fn parallel(threads: usize, each: impl Fn(usize) + Sync) -> Duration {
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|scope| {
+        let (barrier, each) = (&barrier, &each);
+        let handles: Vec<_> = (0..threads)
+            .map(|thread| {
+                scope.spawn(move || {
+                    barrier.wait();
+                    each(thread);
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        for handle in handles {
+            handle.join().expect("a benchmark thread panicked");
+        }
+        start.elapsed()
+    })
+}
+
+// The same timed loops for both crates: `ours` in our build's mode, `peer` always
+// async. A macro rather than two copies, so that the two can never drift apart.
+macro_rules! timed_loops {
+    ($(#[$mode:meta])* mod $name:ident: $store:path, $id:ty, $record:ty) => {
+        /// Timed loops over one crate's `SessionStore`.
+        pub mod $name {
+            use super::*;
+
+            /// A store filled with sessions, and what the loops need to run on it.
+            pub struct Filled<S> {
+                /// The store under test.
+                pub store: S,
+                /// The records in the store.
+                pub records: Vec<$record>,
+                /// Their ids.
+                pub ids: Vec<$id>,
+                /// Ids that are not in the store.
+                pub missing: Vec<$id>,
+                /// What `create` copies.
+                pub template: $record,
+            }
+
+            $(#[$mode])*
+            impl<S: $store> Filled<S> {
+                /// Fills `store` with `n` records made by `make`.
+                pub async fn new(store: S, n: usize, make: fn() -> $record) -> Self {
+                    let mut records = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let mut record = make();
+                        store.create(&mut record).await.expect("create");
+                        records.push(record);
+                    }
+                    Self {
+                        store,
+                        ids: records.iter().map(|record| record.id).collect(),
+                        missing: (0..n).map(|_| <$id>::default()).collect(),
+                        records,
+                        template: make(),
+                    }
+                }
+
+                /// Times `iters` runs of `op`.
+                pub async fn time(&self, op: Op, iters: u64) -> Duration {
+                    let store = &self.store;
+                    match op {
+                        Op::Create => create(store, &self.template, iters).await,
+                        Op::Save => save(store, &self.records, iters).await,
+                        Op::LoadHit => load(store, &self.ids, 0, iters).await,
+                        Op::LoadMiss => load(store, &self.missing, 0, iters).await,
+                        Op::Delete => delete(store, &self.records, iters).await,
+                    }
+                }
+            }
+
+            /// Times `iters` creates of copies of `template` under fresh ids.
+            $(#[$mode])*
+            pub async fn create<S: $store>(
+                store: &S,
+                template: &$record,
+                iters: u64,
+            ) -> Duration {
+                let mut spent = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    left -= n;
+                    let mut records: Vec<$record> = (0..n)
+                        .map(|_| {
+                            let mut record = template.clone();
+                            record.id = <$id>::default();
+                            record
+                        })
+                        .collect();
+                    let start = Instant::now();
+                    for record in &mut records {
+                        store.create(record).await.expect("create");
+                    }
+                    spent += start.elapsed();
+                    for record in &records {
+                        store.delete(&record.id).await.expect("delete");
+                    }
+                }
+                spent
+            }
+
+            /// Times `iters` saves, cycling through `records` (already in the store).
+            $(#[$mode])*
+            pub async fn save<S: $store>(store: &S, records: &[$record], iters: u64) -> Duration {
+                let start = Instant::now();
+                for record in records.iter().cycle().take(iters as usize) {
+                    store.save(record).await.expect("save");
+                }
+                start.elapsed()
+            }
+
+            /// Times `iters` loads, cycling through `ids` from position `from`.
+            $(#[$mode])*
+            pub async fn load<S: $store>(
+                store: &S,
+                ids: &[$id],
+                from: usize,
+                iters: u64,
+            ) -> Duration {
+                let start = Instant::now();
+                for id in ids.iter().cycle().skip(from).take(iters as usize) {
+                    let loaded = store.load(id).await.expect("load");
+                    black_box(loaded);
+                }
+                start.elapsed()
+            }
+
+            /// Times `iters` deletes of `records` (in the store), putting them back
+            /// off the clock.
+            $(#[$mode])*
+            pub async fn delete<S: $store>(
+                store: &S,
+                records: &[$record],
+                iters: u64,
+            ) -> Duration {
+                let mut spent = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(CHUNK).min(records.len() as u64);
+                    left -= n;
+                    let batch = &records[..n as usize];
+                    let start = Instant::now();
+                    for record in batch {
+                        store.delete(&record.id).await.expect("delete");
+                    }
+                    spent += start.elapsed();
+                    for record in batch {
+                        store.save(record).await.expect("save");
+                    }
+                }
+                spent
+            }
+        }
+    };
+}
+
+timed_loops!(#[maybe_async::maybe_async] mod ours: portable_sessions::SessionStore, OurId, OurRecord);
+timed_loops!(mod peer: tower_sessions_core::SessionStore, PeerId, PeerRecord);
+
+/// The single-threaded store operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `create` of a record with a fresh id.
+    Create,
+    /// `save` of a record that is in the store.
+    Save,
+    /// `load` of an id that is in the store.
+    LoadHit,
+    /// `load` of an id that is not.
+    LoadMiss,
+    /// `delete` of an id that is in the store.
+    Delete,
+}
+
+impl Op {
+    /// Every operation, in table order.
+    pub const ALL: [Op; 5] = [Op::Create, Op::Save, Op::LoadHit, Op::LoadMiss, Op::Delete];
+
+    /// The benchmark group's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Save => "save",
+            Op::LoadHit => "load_hit",
+            Op::LoadMiss => "load_miss",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// Creates `n` copies of `template` under fresh ids in `store` (they share their
+/// values: cheap to make, for stores too big to fill record by record). Returns `n`.
+#[maybe_async::maybe_async]
+pub async fn fill_copies<S: portable_sessions::SessionStore>(
+    store: &S,
+    template: &OurRecord,
+    n: usize,
+) -> usize {
+    for _ in 0..n {
+        let mut record = template.clone();
+        record.id = OurId::default();
+        store.create(&mut record).await.expect("create");
+    }
+    n
+}
+
+/// Saves `expired` records that expired an hour ago into `store`, then times one
+/// `delete_expired`, which must remove exactly those.
+#[maybe_async::maybe_async]
+pub async fn expire_and_delete<S: portable_sessions::ExpiredDeletion>(
+    store: &S,
+    template: &OurRecord,
+    expired: usize,
+) -> Duration {
+    let past = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    for _ in 0..expired {
+        let mut record = template.clone();
+        record.id = OurId::default();
+        record.expiry_date = past;
+        store.save(&record).await.expect("save");
+    }
+    let start = Instant::now();
+    let deleted = store.delete_expired().await.expect("delete_expired");
+    let spent = start.elapsed();
+    assert_eq!(deleted, expired, "delete_expired removed the wrong records");
+    spent
+}

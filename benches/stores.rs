@@ -1,0 +1,172 @@
+//! Store operations, ours against tower-sessions' stores in the same run.
+//!
+//! `cargo bench --bench stores` measures our async mode, `cargo bench --bench stores
+//! --features sync` our blocking mode; the peers are async either way. Benchmark names
+//! carry the mode (`ours-async/...`, `ours-sync/...`), so after both runs criterion's
+//! report holds both side by side.
+//!
+//! - `create`, `save`, `load_hit`, `load_miss`, `delete`: one thread, a store of
+//!   10,000 sessions.
+//! - `load_threads`: loads on 1 and 2 threads (blocking mode) or tasks, each on its own
+//!   thread under `block_on` (async mode), on a store of 100,000 sessions, reported as
+//!   throughput.
+//! - `delete_expired`: ours only (tower-sessions' `MemoryStore` never deletes expired
+//!   records), on stores of 10,000, 100,000 and 1,000,000 sessions with 1% expired, and
+//!   with a fixed 1,000 expired: the cost follows the expired count, not the size.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use portable_sessions::{CachingSessionStore, MemoryStore};
+use tower_sessions_memory_store::MemoryStore as PeerMemoryStore;
+use tower_sessions_moka_store::MokaStore;
+
+mod common;
+use common::{
+    expire_and_delete, fill_copies, our_record, ours, parallel, peer, peer_record, run, run_peer,
+    Op, BIG_STORE_SIZE, MODE, STORE_SIZE,
+};
+
+type OurCaching = CachingSessionStore<MemoryStore, MemoryStore>;
+type PeerCaching = tower_sessions_core::CachingSessionStore<MokaStore, PeerMemoryStore>;
+
+/// Every store under test, each filled with the same number of sessions.
+struct Stores {
+    memory: ours::Filled<MemoryStore>,
+    caching: ours::Filled<OurCaching>,
+    peer_memory: peer::Filled<PeerMemoryStore>,
+    peer_moka: peer::Filled<MokaStore>,
+    peer_caching: peer::Filled<PeerCaching>,
+}
+
+impl Stores {
+    fn filled(n: usize) -> Self {
+        let caching = CachingSessionStore::new(MemoryStore::new(), MemoryStore::new());
+        let peer_caching = PeerCaching::new(MokaStore::new(None), PeerMemoryStore::default());
+        Self {
+            memory: run(ours::Filled::new(MemoryStore::new(), n, our_record)),
+            caching: run(ours::Filled::new(caching, n, our_record)),
+            peer_memory: run_peer(peer::Filled::new(
+                PeerMemoryStore::default(),
+                n,
+                peer_record,
+            )),
+            peer_moka: run_peer(peer::Filled::new(MokaStore::new(None), n, peer_record)),
+            peer_caching: run_peer(peer::Filled::new(peer_caching, n, peer_record)),
+        }
+    }
+}
+
+fn ours_name(store: &str) -> String {
+    format!("ours-{MODE}/{store}")
+}
+
+fn single_threaded(c: &mut Criterion) {
+    let s = Stores::filled(STORE_SIZE);
+    for op in Op::ALL {
+        let mut group = c.benchmark_group(op.name());
+        group.bench_function(ours_name("memory"), |b| {
+            b.iter_custom(|iters| run(s.memory.time(op, iters)))
+        });
+        group.bench_function(ours_name("caching"), |b| {
+            b.iter_custom(|iters| run(s.caching.time(op, iters)))
+        });
+        group.bench_function("tower/memory", |b| {
+            b.iter_custom(|iters| run_peer(s.peer_memory.time(op, iters)))
+        });
+        group.bench_function("tower/moka", |b| {
+            b.iter_custom(|iters| run_peer(s.peer_moka.time(op, iters)))
+        });
+        group.bench_function("tower/caching", |b| {
+            b.iter_custom(|iters| run_peer(s.peer_caching.time(op, iters)))
+        });
+        group.finish();
+    }
+}
+
+fn load_threads(c: &mut Criterion) {
+    let s = Stores::filled(BIG_STORE_SIZE);
+    let mut group = c.benchmark_group("load_threads");
+    for threads in [1, 2] {
+        // Each thread starts at its own place in the id list.
+        let from = |thread: usize| thread * BIG_STORE_SIZE / threads;
+        group.throughput(Throughput::Elements(threads as u64));
+        group.bench_function(BenchmarkId::new(ours_name("memory"), threads), |b| {
+            b.iter_custom(|iters| {
+                parallel(threads, |t| {
+                    run(ours::load(&s.memory.store, &s.memory.ids, from(t), iters));
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new(ours_name("caching"), threads), |b| {
+            b.iter_custom(|iters| {
+                parallel(threads, |t| {
+                    run(ours::load(&s.caching.store, &s.caching.ids, from(t), iters));
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("tower/memory", threads), |b| {
+            b.iter_custom(|iters| {
+                parallel(threads, |t| {
+                    run_peer(peer::load(
+                        &s.peer_memory.store,
+                        &s.peer_memory.ids,
+                        from(t),
+                        iters,
+                    ));
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("tower/moka", threads), |b| {
+            b.iter_custom(|iters| {
+                parallel(threads, |t| {
+                    run_peer(peer::load(
+                        &s.peer_moka.store,
+                        &s.peer_moka.ids,
+                        from(t),
+                        iters,
+                    ));
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn delete_expired(c: &mut Criterion) {
+    let mut group = c.benchmark_group("delete_expired");
+    group.sample_size(10);
+    for size in [10_000, 100_000, 1_000_000] {
+        let store = MemoryStore::new();
+        let template = our_record();
+        let filled = run(fill_copies(&store, &template, size));
+        assert_eq!(store.len(), filled);
+        for expired in [size / 100, 1_000] {
+            let name = if expired == 1_000 {
+                "fixed_1000"
+            } else {
+                "one_percent"
+            };
+            group.throughput(Throughput::Elements(expired as u64));
+            group.bench_function(BenchmarkId::new(format!("ours-{MODE}/{name}"), size), |b| {
+                b.iter_custom(|iters| {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        spent += run(expire_and_delete(&store, &template, expired));
+                    }
+                    spent
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = single_threaded, load_threads, delete_expired
+}
+criterion_main!(benches);

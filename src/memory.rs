@@ -1,10 +1,12 @@
 //! [`MemoryStore`]: sessions in this process's memory.
 
 use std::{
-    collections::{hash_map::Entry, BTreeSet, HashMap},
+    cmp::Reverse,
+    collections::{hash_map::Entry, BinaryHeap, HashMap},
     fmt,
     hash::{BuildHasher, Hasher},
     sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use parking_lot::RwLock;
@@ -81,9 +83,67 @@ struct Padded(RwLock<Shard>);
 
 #[derive(Default)]
 struct Shard {
-    records: HashMap<Id, Record, IdHasherBuilder>,
-    /// `(expiry in Unix nanoseconds, id)` for every record in `records`.
-    by_expiry: BTreeSet<(i128, Id)>,
+    records: HashMap<Id, Slot, IdHasherBuilder>,
+    /// `(expiry in Unix nanoseconds, id)` for every record in `records`, soonest first.
+    ///
+    /// Deleting a record or changing its expiry leaves its entry behind: a stale entry
+    /// is skipped when it comes due, and all are dropped at once when they outnumber
+    /// the records. That keeps writes at a push (cheap: new expiries are mostly the
+    /// latest) instead of a search tree's insert and remove.
+    expiries: BinaryHeap<Reverse<(i128, Id)>>,
+}
+
+impl Shard {
+    /// Adds `id`'s new expiry to the index.
+    fn index(&mut self, expiry: i128, id: Id) {
+        self.expiries.push(Reverse((expiry, id)));
+        self.compact_if_stale();
+    }
+
+    /// Rebuilds the index from the records once stale entries outnumber them: the
+    /// O(n) rebuild is paid for by the n writes that made the entries stale.
+    fn compact_if_stale(&mut self) {
+        if self.expiries.len() > 2 * self.records.len() + 32 {
+            self.expiries = self
+                .records
+                .iter()
+                .map(|(id, slot)| Reverse((slot.expiry, *id)))
+                .collect();
+        }
+    }
+
+    /// Returns `true` if the index's soonest entry is due at `now`.
+    fn is_due(&self, now: i128) -> bool {
+        self.expiries
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+    }
+
+    /// Deletes the records that have expired at `now`; returns how many.
+    fn delete_expired(&mut self, now: i128) -> usize {
+        let mut deleted = 0;
+        while self.is_due(now) {
+            let Some(Reverse((at, id))) = self.expiries.pop() else {
+                break;
+            };
+            // A stale entry (the record is gone, or now expires at another time) is
+            // just dropped.
+            if let Entry::Occupied(slot) = self.records.entry(id) {
+                if slot.get().expiry == at {
+                    slot.remove();
+                    deleted += 1;
+                }
+            }
+        }
+        deleted
+    }
+}
+
+struct Slot {
+    /// `record.expiry_date` in Unix nanoseconds: compared on every load, and much
+    /// cheaper to compare than a date with an offset.
+    expiry: i128,
+    record: Record,
 }
 
 impl Default for Inner {
@@ -147,10 +207,16 @@ impl MemoryStore {
             .all(|s| s.0.read().records.is_empty())
     }
 
-    fn now(&self) -> OffsetDateTime {
+    /// The current time in Unix nanoseconds.
+    fn now(&self) -> i128 {
         match &self.inner.clock {
-            Some(clock) => clock(),
-            None => OffsetDateTime::now_utc(),
+            Some(clock) => nanos(clock()),
+            // The system clock read directly: building an `OffsetDateTime` first would
+            // cost a calendar computation on every load.
+            None => match SystemTime::now().duration_since(UNIX_EPOCH) {
+                Ok(since) => since.as_nanos() as i128,
+                Err(before) => -(before.duration().as_nanos() as i128),
+            },
         }
     }
 
@@ -164,18 +230,21 @@ impl MemoryStore {
     // for no longer than a few map operations, never across an await.
 
     fn create_now(&self, record: &mut Record) {
+        let expiry = nanos(record.expiry_date);
         loop {
-            let mut shard = self.shard(&record.id).write();
+            let mut guard = self.shard(&record.id).write();
+            let shard = &mut *guard;
             match shard.records.entry(record.id) {
-                Entry::Vacant(slot) => {
-                    slot.insert(record.clone());
-                    shard
-                        .by_expiry
-                        .insert((nanos(record.expiry_date), record.id));
+                Entry::Vacant(vacant) => {
+                    vacant.insert(Slot {
+                        expiry,
+                        record: record.clone(),
+                    });
+                    shard.index(expiry, record.id);
                     return;
                 }
                 Entry::Occupied(_) => {
-                    drop(shard);
+                    drop(guard);
                     record.id = Id::default();
                 }
             }
@@ -183,53 +252,43 @@ impl MemoryStore {
     }
 
     fn save_now(&self, record: &Record) {
-        let mut shard = self.shard(&record.id).write();
         let expiry = nanos(record.expiry_date);
-        let old = shard.records.insert(record.id, record.clone());
-        match old {
-            Some(old) if nanos(old.expiry_date) == expiry => {}
-            Some(old) => {
-                shard.by_expiry.remove(&(nanos(old.expiry_date), old.id));
-                shard.by_expiry.insert((expiry, record.id));
-            }
-            None => {
-                shard.by_expiry.insert((expiry, record.id));
-            }
+        let slot = Slot {
+            expiry,
+            record: record.clone(),
+        };
+        let mut guard = self.shard(&record.id).write();
+        let shard = &mut *guard;
+        match shard.records.insert(record.id, slot) {
+            Some(old) if old.expiry == expiry => {}
+            _ => shard.index(expiry, record.id),
         }
     }
 
     fn load_now(&self, id: &Id) -> Option<Record> {
-        let now = self.now();
-        let shard = self.shard(id).read();
-        shard
-            .records
-            .get(id)
-            .filter(|record| !record.is_expired_at(now))
-            .cloned()
+        let (expiry, record) = {
+            let shard = self.shard(id).read();
+            let slot = shard.records.get(id)?;
+            (slot.expiry, slot.record.clone())
+        };
+        // The clock is read only for a hit, and outside the lock.
+        (expiry > self.now()).then_some(record)
     }
 
     fn delete_now(&self, id: &Id) {
         let mut shard = self.shard(id).write();
-        if let Some(old) = shard.records.remove(id) {
-            shard.by_expiry.remove(&(nanos(old.expiry_date), old.id));
+        if shard.records.remove(id).is_some() {
+            shard.compact_if_stale();
         }
     }
 
     fn delete_expired_now(&self) -> usize {
-        let now = nanos(self.now());
+        let now = self.now();
         let mut deleted = 0;
         for padded in self.inner.shards.iter() {
-            let is_due = |shard: &Shard| shard.by_expiry.first().is_some_and(|&(at, _)| at <= now);
             // Most shards have nothing due: look under the read lock first.
-            if !is_due(&padded.0.read()) {
-                continue;
-            }
-            let mut shard = padded.0.write();
-            while is_due(&shard) {
-                if let Some((_, id)) = shard.by_expiry.pop_first() {
-                    shard.records.remove(&id);
-                    deleted += 1;
-                }
+            if padded.0.read().is_due(now) {
+                deleted += padded.0.write().delete_expired(now);
             }
         }
         deleted
@@ -380,28 +439,70 @@ mod tests {
         assert!(used.len() > SHARDS / 2, "{} shards used", used.len());
     }
 
+    fn indexed(store: &MemoryStore) -> usize {
+        store
+            .inner
+            .shards
+            .iter()
+            .map(|s| s.0.read().expiries.len())
+            .sum()
+    }
+
     #[test]
-    fn expiry_index_follows_saves_and_deletes() {
-        let store = MemoryStore::new();
-        let mut record = Record::new(OffsetDateTime::UNIX_EPOCH + time::Duration::days(1));
-        store.create_now(&mut record);
-        record.expiry_date += time::Duration::days(1);
-        store.save_now(&record);
-        store.save_now(&record);
-        let indexed: usize = store
-            .inner
-            .shards
-            .iter()
-            .map(|s| s.0.read().by_expiry.len())
-            .sum();
-        assert_eq!(indexed, 1);
-        store.delete_now(&record.id);
-        let indexed: usize = store
-            .inner
-            .shards
-            .iter()
-            .map(|s| s.0.read().by_expiry.len())
-            .sum();
-        assert_eq!(indexed, 0);
+    fn stale_index_entries_are_skipped_and_compacted() {
+        let now = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let clock = now.clone();
+        let store = MemoryStore::with_clock(move || {
+            let seconds = clock.load(std::sync::atomic::Ordering::Relaxed);
+            OffsetDateTime::from_unix_timestamp(seconds).expect("in range")
+        });
+        let at = |seconds| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(seconds);
+
+        // Moved from 10 s to 20 s, then back to 10 s: three entries, one record.
+        let mut moved = Record::new(at(10));
+        store.create_now(&mut moved);
+        moved.expiry_date = at(20);
+        store.save_now(&moved);
+        moved.expiry_date = at(10);
+        store.save_now(&moved);
+        // Deleted before it expired: its entry stays behind.
+        let mut deleted = Record::new(at(10));
+        store.create_now(&mut deleted);
+        store.delete_now(&deleted.id);
+        // Moved later: its first entry is stale when it comes due.
+        let mut extended = Record::new(at(10));
+        store.create_now(&mut extended);
+        extended.expiry_date = at(30);
+        store.save_now(&extended);
+        assert_eq!(indexed(&store), 6);
+
+        now.store(15, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(store.delete_expired_now(), 1);
+        assert!(store.load_now(&moved.id).is_none());
+        assert!(store.load_now(&extended.id).is_some());
+        now.store(30, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(store.delete_expired_now(), 1);
+        assert_eq!(store.len(), 0);
+        assert_eq!(indexed(&store), 0);
+
+        // Rewriting one record's expiry over and over keeps the index small.
+        let mut busy = Record::new(at(100));
+        store.create_now(&mut busy);
+        for second in 101..10_000 {
+            busy.expiry_date = at(second);
+            store.save_now(&busy);
+        }
+        assert!(indexed(&store) <= 2 + 32, "{} entries", indexed(&store));
+        // And so does deleting many records.
+        for _ in 0..10_000 {
+            let mut record = Record::new(at(100_000));
+            store.create_now(&mut record);
+            store.delete_now(&record.id);
+        }
+        assert!(
+            indexed(&store) <= 2 * (2 + 32) * SHARDS,
+            "{} entries",
+            indexed(&store)
+        );
     }
 }

@@ -10,7 +10,10 @@
 //! machine is doing); a speedup is the peer's time divided by ours. The workload and
 //! the timed loops are those of `benches/`, which measure the same with criterion.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use portable_sessions::{CachingSessionStore, MemoryStore};
 use tower_sessions_memory_store::MemoryStore as PeerMemoryStore;
@@ -19,8 +22,9 @@ use tower_sessions_moka_store::MokaStore;
 #[path = "../benches/common/mod.rs"]
 mod common;
 use common::{
-    expire_and_delete, fill_copies, our_record, ours, parallel, peer, peer_record, run, run_peer,
-    Op, OurRecord, PeerRecord, BIG_STORE_SIZE, MODE, STORE_SIZE,
+    expire_and_delete, fill_copies, our_parallel_loads, our_record, ours, peer,
+    peer_parallel_loads, peer_record, run, run_peer, tokio_runtime, Op, OurRecord, PeerRecord,
+    BIG_STORE_SIZE, MODE, STORE_SIZE,
 };
 
 /// Rounds per figure; the best one counts.
@@ -185,35 +189,26 @@ fn main() {
     }
     drop((memory, caching, peer_memory, peer_moka, peer_caching));
 
-    // Loads on 1 and 2 threads, stores of 100,000 sessions: throughput.
+    // Loads on 1 and 2 threads (ours: a thread each under `block_on` in async mode;
+    // theirs: tasks on a two-worker tokio runtime), stores of 100,000 sessions.
     let memory = run(ours::Filled::new(
         MemoryStore::new(),
         BIG_STORE_SIZE,
         our_record,
     ));
-    let peer_memory = run_peer(peer::Filled::new(
-        PeerMemoryStore::default(),
+    let peer_memory = PeerMemoryStore::default();
+    let peer_memory = Arc::new(run_peer(peer::Filled::new(
+        peer_memory,
         BIG_STORE_SIZE,
         peer_record,
-    ));
-    let throughput = |threads: usize, load: &(dyn Fn(usize, u64) + Sync)| {
-        let per_round = best(|n| parallel(threads, |t| load(t, n)));
-        threads as f64 / per_round.as_secs_f64()
-    };
-    let from = |t: usize, threads: usize| t * BIG_STORE_SIZE / threads;
+    )));
+    let runtime = tokio_runtime(2);
     let mut scaling = Vec::new();
     for threads in [1, 2] {
-        let ours = throughput(threads, &|t, n| {
-            run(ours::load(&memory.store, &memory.ids, from(t, threads), n));
-        });
-        let theirs = throughput(threads, &|t, n| {
-            run_peer(peer::load(
-                &peer_memory.store,
-                &peer_memory.ids,
-                from(t, threads),
-                n,
-            ));
-        });
+        // `best` gives the time of one round of loads: one per thread.
+        let ours = threads as f64 / best(|n| our_parallel_loads(&memory, threads, n)).as_secs_f64();
+        let theirs = threads as f64
+            / best(|n| peer_parallel_loads(&runtime, &peer_memory, threads, n)).as_secs_f64();
         scaling.push((ours, theirs));
         let what = format!("load, {threads} thread(s), 100,000 sessions (ops/s)");
         let ratio = format!("{:.1}x", ours / theirs);
@@ -228,7 +223,7 @@ fn main() {
         String::new(),
         verdict(ours_scaling >= 1.6, ">= 1.6x"),
     );
-    drop((memory, peer_memory));
+    drop((memory, peer_memory, runtime));
 
     // delete_expired: ours only; tower-sessions' MemoryStore never deletes.
     let template = our_record();

@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     future::Future,
     hint::black_box,
-    sync::Barrier,
+    sync::{Arc, Barrier},
     time::{Duration, Instant},
 };
 
@@ -99,6 +99,17 @@ pub fn run_peer<F: Future>(work: F) -> F::Output {
     futures_lite::future::block_on(work)
 }
 
+/// Shuffles `items` (Fisher-Yates, with a fixed-seed xorshift: every run the same).
+pub fn shuffle<T>(items: &mut [T]) {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+}
+
 /// Runs `each(thread)` on `threads` threads that start together, and returns the wall
 /// time until the last one finished.
 pub fn parallel(threads: usize, each: impl Fn(usize) + Sync) -> Duration {
@@ -122,6 +133,58 @@ pub fn parallel(threads: usize, each: impl Fn(usize) + Sync) -> Duration {
     })
 }
 
+/// Times `tasks` tasks that each make `iters` loads from `filled`'s store, on a tokio
+/// runtime with a worker per task: the peer's loads in parallel. Its `MemoryStore`
+/// holds one async mutex, which tasks contend for; under `block_on` a task that finds
+/// it locked parks its whole thread, under tokio only the task waits, which is ten
+/// times faster. Each task starts at its own place in the (shuffled) ids.
+pub fn peer_parallel_loads<S: tower_sessions_core::SessionStore>(
+    runtime: &tokio::runtime::Runtime,
+    filled: &Arc<peer::Filled<S>>,
+    tasks: usize,
+    iters: u64,
+) -> Duration {
+    let start = Instant::now();
+    runtime.block_on(async {
+        let running: Vec<_> = (0..tasks)
+            .map(|task| {
+                let filled = Arc::clone(filled);
+                tokio::spawn(async move {
+                    let from = task * filled.ids.len() / tasks;
+                    peer::load(&filled.store, &filled.ids, from, iters).await
+                })
+            })
+            .collect();
+        for task in running {
+            task.await.expect("a benchmark task panicked");
+        }
+    });
+    start.elapsed()
+}
+
+/// Times `threads` threads that each make `iters` loads from `filled`'s store: ours
+/// in parallel (each thread under `block_on` in async mode: our stores never make a
+/// task wait, so a thread per task is the least overhead). Each thread starts at its
+/// own place in the (shuffled) ids.
+pub fn our_parallel_loads<S: portable_sessions::SessionStore>(
+    filled: &ours::Filled<S>,
+    threads: usize,
+    iters: u64,
+) -> Duration {
+    parallel(threads, |thread| {
+        let from = thread * filled.ids.len() / threads;
+        run(ours::load(&filled.store, &filled.ids, from, iters));
+    })
+}
+
+/// A tokio runtime with `workers` worker threads, for [`peer_parallel_loads`].
+pub fn tokio_runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .build()
+        .expect("a tokio runtime")
+}
+
 // The same timed loops for both crates: `ours` in our build's mode, `peer` always
 // async. A macro rather than two copies, so that the two can never drift apart.
 macro_rules! timed_loops {
@@ -136,7 +199,7 @@ macro_rules! timed_loops {
                 pub store: S,
                 /// The records in the store.
                 pub records: Vec<$record>,
-                /// Their ids.
+                /// Their ids, shuffled: loads go all over the store, as a server's do.
                 pub ids: Vec<$id>,
                 /// Ids that are not in the store.
                 pub missing: Vec<$id>,
@@ -154,9 +217,11 @@ macro_rules! timed_loops {
                         store.create(&mut record).await.expect("create");
                         records.push(record);
                     }
+                    let mut ids: Vec<$id> = records.iter().map(|record| record.id).collect();
+                    shuffle(&mut ids);
                     Self {
                         store,
-                        ids: records.iter().map(|record| record.id).collect(),
+                        ids,
                         missing: (0..n).map(|_| <$id>::default()).collect(),
                         records,
                         template: make(),

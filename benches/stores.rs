@@ -135,12 +135,7 @@ fn delete_expired(c: &mut Criterion) {
         let template = our_record();
         let filled = run(fill_copies(&store, &template, size));
         assert_eq!(store.len(), filled);
-        for expired in [size / 100, 1_000] {
-            let name = if expired == 1_000 {
-                "fixed_1000"
-            } else {
-                "one_percent"
-            };
+        for (name, expired) in [("one_percent", size / 100), ("fixed_1000", 1_000)] {
             group.throughput(Throughput::Elements(expired as u64));
             group.bench_function(BenchmarkId::new(format!("ours-{MODE}/{name}"), size), |b| {
                 b.iter_custom(|iters| {

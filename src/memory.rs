@@ -30,7 +30,9 @@ const SHARDS: usize = 64;
 /// - An expired record is never returned, even before it is deleted.
 /// - Each shard keeps an index of its records by expiry date, so
 ///   [`delete_expired`](ExpiredDeletion::delete_expired) costs in proportion to the
-///   number of expired records, not to the size of the store.
+///   number of expired records, not to the size of the store. (Entries that deletes
+///   and expiry changes leave behind are dropped as they come due, and all at once
+///   before they outnumber the records.)
 ///
 /// Sessions are lost when the process ends and are not shared between processes;
 /// use a persistent store for that, possibly behind a

@@ -5,12 +5,10 @@
 //! that runs of both modes sit side by side in criterion's report. The encoded sizes
 //! are printed before the timings.
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, Criterion};
 
 mod common;
-use common::{our_record, peer_record, OurRecord, PeerRecord, MODE};
+use common::{criterion_config, our_record, peer_record, OurRecord, PeerRecord, MODE};
 
 fn codec(c: &mut Criterion) {
     let ours = our_record();
@@ -45,9 +43,7 @@ fn codec(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = criterion_config();
     targets = codec
 }
 criterion_main!(benches);

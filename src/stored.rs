@@ -6,8 +6,8 @@
 //! reads it. So the stores here never write an id:
 //!
 //! - a record is found under the SHA-256 digest of its id's 16 bytes;
-//! - the stored bytes are [`Record::encode`] of the record with its id zeroed, and
-//!   [`decode`] puts back the id the caller asked for.
+//! - the stored bytes are [`Record::encode_without_id`], and [`decode`] gives the
+//!   record back the id the caller asked for.
 //!
 //! Why an unkeyed SHA-256 is enough: salts and keys protect low-entropy secrets
 //! (passwords) against precomputed tables and guessing. An id is 128 bits from the
@@ -55,20 +55,15 @@ pub(crate) fn fresh_id() -> Result<Id> {
     })
 }
 
-/// Encodes `record` for storage with its id zeroed: the stored bytes do not depend
-/// on the id, and do not reveal it.
+/// Encodes `record` for storage: without its id, so the stored bytes neither depend
+/// on the id nor reveal it.
 pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
-    // Cloning a record only bumps a reference count.
-    let mut anonymous = record.clone();
-    anonymous.id = Id::from_bytes([0; 16]);
-    anonymous.encode()
+    record.encode_without_id()
 }
 
 /// Decodes bytes written by [`encode`] as the record with id `id`.
 pub(crate) fn decode(id: &Id, bytes: &[u8]) -> Result<Record> {
-    let mut record = Record::decode(bytes)?;
-    record.id = *id;
-    Ok(record)
+    Record::decode_with_id(*id, bytes)
 }
 
 #[cfg(test)]

@@ -88,6 +88,19 @@ proptest! {
     }
 
     #[test]
+    fn records_round_trip_without_their_id(record in any_record()) {
+        let bytes = record.encode_without_id().unwrap();
+        prop_assert_eq!(Record::decode_with_id(record.id, &bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn decode_with_id_of_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Err(err) = Record::decode_with_id(Id::from_bytes([1; 16]), &bytes) {
+            prop_assert!(matches!(err, Error::Decode(_)));
+        }
+    }
+
+    #[test]
     fn every_truncation_and_extension_is_rejected(record in any_record(), extra in any::<u8>()) {
         let bytes = record.encode().unwrap();
         for len in 0..bytes.len() {
@@ -96,6 +109,14 @@ proptest! {
         let mut longer = bytes.clone();
         longer.push(extra);
         prop_assert!(matches!(Record::decode(&longer), Err(Error::Decode(_))));
+
+        let bytes = record.encode_without_id().unwrap();
+        for len in 0..bytes.len() {
+            prop_assert!(matches!(Record::decode_with_id(record.id, &bytes[..len]), Err(Error::Decode(_))));
+        }
+        let mut longer = bytes.clone();
+        longer.push(extra);
+        prop_assert!(matches!(Record::decode_with_id(record.id, &longer), Err(Error::Decode(_))));
     }
 
     #[test]
@@ -193,17 +214,40 @@ fn a_value_read_as_the_wrong_type_is_a_decode_error() {
 fn unknown_versions_and_oversized_input_are_rejected() {
     let record = Record::new(OffsetDateTime::UNIX_EPOCH);
     let mut bytes = record.encode().unwrap();
-    bytes[0] = 2;
+    bytes[0] = 3;
     let err = Record::decode(&bytes).unwrap_err();
     assert!(matches!(err, Error::Decode(_)));
     assert_eq!(
         err.report(),
-        "failed to decode session data: unknown record format version 2"
+        "failed to decode session data: record format version 3 where 1 was expected"
     );
+    assert!(matches!(
+        Record::decode_with_id(record.id, &bytes),
+        Err(Error::Decode(_))
+    ));
 
     let huge = vec![Record::FORMAT_VERSION; Record::MAX_ENCODED_LEN + 1];
     assert!(matches!(Record::decode(&huge), Err(Error::Decode(_))));
     assert!(matches!(Record::decode(&[]), Err(Error::Decode(_))));
+    assert!(matches!(
+        Record::decode_with_id(record.id, &[]),
+        Err(Error::Decode(_))
+    ));
+}
+
+#[test]
+fn the_two_formats_are_never_confused() {
+    let mut record = Record::new(OffsetDateTime::now_utc());
+    record.insert("user", &7u64).unwrap();
+    let with_id = record.encode().unwrap();
+    let without_id = record.encode_without_id().unwrap();
+    assert_eq!(with_id.len(), without_id.len() + 16);
+    assert!(matches!(Record::decode(&without_id), Err(Error::Decode(_))));
+    assert!(matches!(
+        Record::decode_with_id(record.id, &with_id),
+        Err(Error::Decode(_))
+    ));
+    assert!(!without_id.windows(16).any(|w| w == record.id.to_bytes()));
 }
 
 #[test]

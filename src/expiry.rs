@@ -1,10 +1,11 @@
 //! [`Expiry`] and [`SessionConfig`]: when a session ends.
 
-use std::{fmt, sync::Arc};
+use std::fmt;
 
 use time::{Duration, OffsetDateTime};
 
 use crate::{
+    clock::Clock,
     session::Record,
     session_store::{Error, Result},
 };
@@ -84,9 +85,6 @@ pub(crate) fn set_created_at(record: &mut Record, at: OffsetDateTime) {
     record.insert_raw(CREATED_KEY, bytes);
 }
 
-/// The clock a [`SessionConfig`] reads; `None` is the system clock.
-type Clock = Option<Arc<dyn Fn() -> OffsetDateTime + Send + Sync>>;
-
 /// How sessions expire: the [`Expiry`] policy, an optional cap on a session's whole
 /// lifetime, the store-side lifetime of browser-session cookies, and the clock.
 ///
@@ -142,7 +140,7 @@ impl SessionConfig {
             expiry,
             max_lifetime: None,
             session_end_ttl: Self::DEFAULT_SESSION_END_TTL,
-            clock: None,
+            clock: Clock::default(),
         }
     }
 
@@ -178,7 +176,7 @@ impl SessionConfig {
         mut self,
         clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static,
     ) -> Self {
-        self.clock = Some(Arc::new(clock));
+        self.clock = Clock::custom(clock);
         self
     }
 
@@ -200,10 +198,7 @@ impl SessionConfig {
 
     /// Returns the current time from the configured clock.
     pub(crate) fn now(&self) -> OffsetDateTime {
-        match &self.clock {
-            Some(clock) => clock(),
-            None => OffsetDateTime::now_utc(),
-        }
+        self.clock.now()
     }
 
     /// The expiry date of a record written at `now`, for a session created at
@@ -262,14 +257,7 @@ impl fmt::Debug for SessionConfig {
             .field("expiry", &self.expiry)
             .field("max_lifetime", &self.max_lifetime)
             .field("session_end_ttl", &self.session_end_ttl)
-            .field(
-                "clock",
-                &if self.clock.is_some() {
-                    "custom"
-                } else {
-                    "system"
-                },
-            )
+            .field("clock", &self.clock)
             .finish()
     }
 }

@@ -198,6 +198,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod caching;
+mod clock;
 mod deletion;
 mod expiry;
 mod handle;

@@ -6,13 +6,13 @@ use std::{
     fmt,
     hash::{BuildHasher, Hasher},
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use parking_lot::RwLock;
 use time::OffsetDateTime;
 
 use crate::{
+    clock::Clock,
     session::{Id, Record},
     session_store::{ExpiredDeletion, Result, SessionStore},
 };
@@ -74,7 +74,7 @@ pub struct MemoryStore {
 struct Inner {
     shards: Box<[Padded]>,
     hasher: IdHasherBuilder,
-    clock: Option<Box<dyn Fn() -> OffsetDateTime + Send + Sync>>,
+    clock: Clock,
 }
 
 /// One shard on a cache line of its own, so that readers of different shards do not
@@ -153,7 +153,7 @@ impl Default for Inner {
         Self {
             shards: (0..SHARDS).map(|_| Padded::default()).collect(),
             hasher: IdHasherBuilder::random(),
-            clock: None,
+            clock: Clock::default(),
         }
     }
 }
@@ -185,7 +185,7 @@ impl MemoryStore {
     pub fn with_clock(clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static) -> Self {
         Self {
             inner: Arc::new(Inner {
-                clock: Some(Box::new(clock)),
+                clock: Clock::custom(clock),
                 ..Inner::default()
             }),
         }
@@ -211,15 +211,7 @@ impl MemoryStore {
 
     /// The current time in Unix nanoseconds.
     fn now(&self) -> i128 {
-        match &self.inner.clock {
-            Some(clock) => nanos(clock()),
-            // The system clock read directly: building an `OffsetDateTime` first would
-            // cost a calendar computation on every load.
-            None => match SystemTime::now().duration_since(UNIX_EPOCH) {
-                Ok(since) => since.as_nanos() as i128,
-                Err(before) => -(before.duration().as_nanos() as i128),
-            },
-        }
+        self.inner.clock.now_nanos()
     }
 
     fn shard(&self, id: &Id) -> &RwLock<Shard> {
@@ -334,14 +326,7 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
-            .field(
-                "clock",
-                &if self.inner.clock.is_some() {
-                    "injected"
-                } else {
-                    "system"
-                },
-            )
+            .field("clock", &self.inner.clock)
             .finish()
     }
 }

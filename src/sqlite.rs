@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use time::OffsetDateTime;
 
 use crate::{
+    clock::Clock,
     session::{Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore},
     stored,
@@ -32,8 +33,6 @@ CREATE TABLE IF NOT EXISTS portable_sessions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (expires_at);
 ";
-
-type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 /// A session store in an SQLite database file: sessions survive restarts, and several
 /// processes on one machine can share the file.
@@ -99,7 +98,7 @@ type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: Arc<Pool>,
-    clock: Option<Clock>,
+    clock: Clock,
 }
 
 impl SqliteStore {
@@ -144,7 +143,7 @@ impl SqliteStore {
         };
         Ok(Self {
             pool: Arc::new(pool),
-            clock: None,
+            clock: Clock::default(),
         })
     }
 
@@ -157,7 +156,7 @@ impl SqliteStore {
         mut self,
         clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static,
     ) -> Self {
-        self.clock = Some(Arc::new(clock));
+        self.clock = Clock::custom(clock);
         self
     }
 
@@ -167,10 +166,7 @@ impl SqliteStore {
     }
 
     fn now(&self) -> OffsetDateTime {
-        match &self.clock {
-            Some(clock) => clock(),
-            None => OffsetDateTime::now_utc(),
-        }
+        self.clock.now()
     }
 
     /// Runs `op` with a pooled connection, off the executor.
@@ -341,14 +337,7 @@ impl fmt::Debug for SqliteStore {
         f.debug_struct("SqliteStore")
             .field("path", &self.pool.path)
             .field("connections", &self.pool.state.lock().open)
-            .field(
-                "clock",
-                &if self.clock.is_some() {
-                    "injected"
-                } else {
-                    "system"
-                },
-            )
+            .field("clock", &self.clock)
             .finish()
     }
 }

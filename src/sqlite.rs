@@ -210,10 +210,6 @@ fn column_time(at: OffsetDateTime) -> i64 {
     i64::try_from(nanos).unwrap_or(if nanos < 0 { i64::MIN } else { i64::MAX })
 }
 
-fn backend(err: rusqlite::Error) -> Error {
-    Error::backend(err)
-}
-
 fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
     // The stored bytes do not contain the id, so a new id needs no new encoding.
     let bytes = stored::encode(record)?;
@@ -223,12 +219,12 @@ fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
             "INSERT INTO portable_sessions (key, expires_at, record) VALUES (?1, ?2, ?3)
              ON CONFLICT (key) DO NOTHING",
         )
-        .map_err(backend)?;
+        .map_err(Error::backend)?;
     loop {
         let key = stored::digest(&record.id);
         if insert
             .execute(params![&key[..], expires_at, &bytes])
-            .map_err(backend)?
+            .map_err(Error::backend)?
             == 1
         {
             return Ok(());
@@ -245,7 +241,7 @@ fn save_row(conn: &Connection, record: &Record) -> Result<()> {
          ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, record = excluded.record",
     )
     .and_then(|mut upsert| upsert.execute(params![&key[..], column_time(record.expiry_date), &bytes]))
-    .map_err(backend)?;
+    .map_err(Error::backend)?;
     Ok(())
 }
 
@@ -258,7 +254,7 @@ fn load_row(conn: &Connection, id: &Id, now: OffsetDateTime) -> Result<Option<Re
                 .query_row(params![&key[..], column_time(now)], |row| row.get(0))
                 .optional()
         })
-        .map_err(backend)?;
+        .map_err(Error::backend)?;
     match bytes {
         None => Ok(None),
         // The column is the index; the record's own date is the exact one.
@@ -270,7 +266,7 @@ fn delete_row(conn: &Connection, id: &Id) -> Result<()> {
     let key = stored::digest(id);
     conn.prepare_cached("DELETE FROM portable_sessions WHERE key = ?1")
         .and_then(|mut delete| delete.execute(params![&key[..]]))
-        .map_err(backend)?;
+        .map_err(Error::backend)?;
     Ok(())
 }
 
@@ -280,14 +276,14 @@ fn delete_expired_rows(conn: &Connection, now: OffsetDateTime) -> Result<usize> 
             "DELETE FROM portable_sessions WHERE key IN
              (SELECT key FROM portable_sessions WHERE expires_at <= ?1 LIMIT ?2)",
         )
-        .map_err(backend)?;
+        .map_err(Error::backend)?;
     let mut deleted = 0;
     loop {
         // Each statement is its own transaction: the write lock is released between
         // batches.
         let batch = delete
             .execute(params![column_time(now), DELETE_BATCH as i64])
-            .map_err(backend)?;
+            .map_err(Error::backend)?;
         deleted += batch;
         if batch < DELETE_BATCH {
             return Ok(deleted);

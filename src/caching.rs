@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use crate::{
     session::{Id, Record},
-    session_store::{Error, ExpiredDeletion, Result, SessionStore},
+    session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
 };
 
 /// How many locks order the writes of one id against the cache fills of the same id.
@@ -36,6 +36,7 @@ type StripeLock = parking_lot::Mutex<()>;
 /// |---|---|---|---|
 /// | [`create`](SessionStore::create) | `store.create`, then `cache.save` of the final record | reported; the call succeeds | the error is returned, the cache untouched |
 /// | [`save`](SessionStore::save) | `store.save`, then `cache.save` | the entry is evicted, reported; the call succeeds | the entry is evicted; the error is returned |
+/// | [`update`](SessionStore::update) | `store.update`; if written, `cache.save` of the record at its new version, otherwise the entry is evicted | the entry is evicted, reported; the call succeeds | the entry is evicted; the error is returned |
 /// | [`load`](SessionStore::load) | `cache.load`; on a miss `store.load`, then `cache.save` to fill | reported; the store answers | the error is returned |
 /// | [`delete`](SessionStore::delete) | `store.delete`, then `cache.delete` | the error is returned: a logged-out session must not live on | the error is returned (the cache entry is still evicted) |
 /// | [`delete_expired`](ExpiredDeletion::delete_expired) | `store`, then `cache` | reported; the store's count is returned | the error is returned |
@@ -299,6 +300,38 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
         }
         let _ordered = self.stripe(id).lock().await;
         self.load_and_fill(id).await
+    }
+
+    async fn update(&self, record: &Record) -> Result<Update> {
+        let _ordered = self.stripe(&record.id).lock().await;
+        let stored = self.store.update(record).await;
+        match stored {
+            Ok(Update::Written(version)) => {
+                let mut written = record.clone();
+                written.version = version;
+                let cached = self.cache.save(&written).await;
+                if let Err(err) = cached {
+                    self.report(CacheOp::Save, Some(record.id), &err);
+                    self.evict_reporting(&record.id).await;
+                }
+                Ok(Update::Written(version))
+            }
+            Ok(outcome) => {
+                // The cache holds an older version, or a record the store no longer
+                // has: the retry's load must come from the store.
+                self.evict_reporting(&record.id).await;
+                Ok(outcome)
+            }
+            Err(err) => {
+                self.evict_reporting(&record.id).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Atomic when the store's `update` is: the cache only follows the store.
+    fn atomic_update(&self) -> bool {
+        self.store.atomic_update()
     }
 
     async fn delete(&self, id: &Id) -> Result<()> {

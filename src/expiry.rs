@@ -54,6 +54,10 @@ pub enum Expiry {
 /// [`Session`](crate::session::Session) API.
 pub(crate) const CREATED_KEY: &str = "\0created";
 
+/// The reserved key that marks the record left under an old id by
+/// [`Session::cycle_id`](crate::session::Session::cycle_id): the session moved away.
+pub(crate) const MOVED_KEY: &str = "\0moved";
+
 /// Returns `true` for keys that this crate reserves in a record.
 pub(crate) fn is_reserved(key: &str) -> bool {
     key.starts_with('\0')

@@ -1,14 +1,17 @@
 //! [`Session`]: the per-request handle on one session.
 
-use std::{fmt, sync::Arc};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::{de::DeserializeOwned, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use crate::{
-    expiry::{created_at, has_no_user_values, is_reserved, set_created_at, SessionConfig},
+    expiry::{
+        created_at, has_no_user_values, is_reserved, set_created_at, SessionConfig, CREATED_KEY,
+        MOVED_KEY,
+    },
     session::{Id, Record},
-    session_store::{Error, Result, SessionStore},
+    session_store::{Error, Result, SessionStore, Update, WriteConflict},
 };
 
 // The state lock is held while the record loads, so that racing clones load it once:
@@ -41,10 +44,25 @@ type State = Option<Loaded>;
 /// [`Error::Decode`] for a value read as a type it was not written as; nothing here
 /// panics on bad input.
 ///
-/// Writes are whole-record and unconditional (the store contract has no
-/// compare-and-set): two requests that change one session at the same time both
-/// write, and the later write wins; a request that writes a session while another
-/// deletes it (a logout) can write it back.
+/// # Concurrent requests
+///
+/// One browser often sends several requests of one session at once. Each handle
+/// records its request's changes key by key, and writes them with the store's
+/// conditional [`update`](SessionStore::update), over the version it loaded:
+///
+/// - **No lost update.** When another request wrote first, the handle loads the newer
+///   record, applies its own changes over it (keys it did not touch keep the other
+///   request's values; on a key both changed, the later write wins) and tries again,
+///   up to 64 times, then fails with a [`WriteConflict`].
+/// - **Atomic steps.** [`update`](Self::update) runs its function again on the newer
+///   value, so concurrent counters, carts and rate limits never lose a step.
+/// - **No undone logout.** A session deleted ([`flush`](Self::flush),
+///   [`delete`](Self::delete)), expired, or moved by [`cycle_id`](Self::cycle_id)
+///   under a request is never written back: the request's changes are dropped and
+///   its response sends no cookie, so it cannot replace or remove the one the
+///   logout or login response set.
+///
+/// This needs a store whose `update` is atomic, as every store in this crate's is.
 ///
 /// # Examples
 ///
@@ -88,14 +106,97 @@ struct Inner {
 }
 
 struct Loaded {
+    /// The session as this request sees it: the record as last loaded or written,
+    /// with `changes` applied.
     record: Record,
     /// `record.id` names a record in the store, as far as this handle knows.
     stored: bool,
     /// The values changed since they were loaded or last written.
     modified: bool,
+    /// What this request changed since the last write, key by key: what a write that
+    /// lost a race applies again over the newer record.
+    changes: Changes,
     /// A write reached the store through this handle.
     written: bool,
+    /// The stored session went away under this request (deleted, expired, or moved
+    /// by another request's `cycle_id`): nothing is written and no cookie is sent.
+    gone: bool,
 }
+
+impl Loaded {
+    /// Marks everything written as of `version`.
+    fn written(&mut self, version: u64) {
+        self.record.version = version;
+        self.modified = false;
+        self.changes = Changes::default();
+        self.written = true;
+    }
+
+    /// Drops this request's changes: the session is no longer there to change.
+    fn gone(&mut self) {
+        self.gone = true;
+        self.stored = false;
+        self.modified = false;
+        self.changes = Changes::default();
+    }
+}
+
+/// A request's changes to a session's values, by key.
+#[derive(Default)]
+struct Changes {
+    /// Every value was removed first ([`Session::clear`]).
+    cleared: bool,
+    /// Each key set (`Some`) or removed (`None`), last change only.
+    keys: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl Changes {
+    fn set(&mut self, key: &str, value: Option<Vec<u8>>) {
+        self.keys.insert(key.to_owned(), value);
+    }
+
+    fn clear(&mut self) {
+        self.cleared = true;
+        // What was set before the clear is gone with it; the crate's own keys stay.
+        self.keys.retain(|key, _| is_reserved(key));
+    }
+
+    /// Applies the changes over `base`, a newer version of the record: keys this
+    /// request did not touch keep their values there.
+    fn apply(&self, mut base: Record) -> Record {
+        if self.cleared {
+            let user: Vec<String> = base
+                .keys()
+                .filter(|key| !is_reserved(key))
+                .map(str::to_owned)
+                .collect();
+            for key in user {
+                base.remove(&key);
+            }
+        }
+        for (key, value) in &self.keys {
+            match value {
+                Some(bytes) => {
+                    base.insert_raw(key.clone(), bytes.clone());
+                }
+                None => {
+                    base.remove(key);
+                }
+            }
+        }
+        base
+    }
+}
+
+/// How many conditional writes one session write tries before it gives up with a
+/// [`WriteConflict`]: each refused try means another write of the same session
+/// succeeded, so this many requests of one session would have to write at once.
+pub(crate) const MAX_WRITE_ATTEMPTS: u32 = 64;
+
+/// How long the old id of a session moved by [`Session::cycle_id`] stays marked as
+/// moved: requests still in flight with it find it moved, so they write nothing and
+/// send no cookie that would replace the new one. After that it expires.
+const MOVED_GRACE: Duration = Duration::minutes(2);
 
 /// What a response must do with the session cookie after the handler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,24 +241,34 @@ impl Session {
         &self.inner.config
     }
 
-    fn fresh(&self, now: OffsetDateTime) -> Loaded {
-        // `Record::new` draws a fresh id: never the one the client sent.
+    fn fresh(&self, now: OffsetDateTime) -> Result<Loaded> {
+        // A freshly drawn id: never the one the client sent.
         let mut record = Record::new(now);
+        record.id = random_id()?;
         set_created_at(&mut record, now);
-        Loaded {
+        Ok(Loaded {
             record,
             stored: false,
             modified: false,
+            changes: Changes::default(),
             written: false,
-        }
+            gone: false,
+        })
     }
 
     /// Turns what the store returned for the incoming id into this request's state.
-    fn adopt(&self, found: Option<Record>, now: OffsetDateTime) -> Loaded {
+    fn adopt(&self, found: Option<Record>, now: OffsetDateTime) -> Result<Loaded> {
         let Some(mut record) = found else {
             return self.fresh(now);
         };
-        let mut modified = false;
+        if is_moved(&record) {
+            // Another request moved this session to a new id while this one was on
+            // its way: it must not start a session whose cookie would replace that.
+            let mut loaded = self.fresh(now)?;
+            loaded.gone();
+            return Ok(loaded);
+        }
+        let mut changes = Changes::default();
         match created_at(&record) {
             Ok(Some(created)) if self.inner.config.is_past_lifetime(created, now) => {
                 return self.fresh(now);
@@ -167,7 +278,7 @@ impl Session {
                 // A record written by something else: its lifetime starts now, and is
                 // written down at the next write.
                 set_created_at(&mut record, now);
-                modified = true;
+                changes.set(CREATED_KEY, record.get_raw(CREATED_KEY).map(<[u8]>::to_vec));
             }
             Err(err) => {
                 log::warn!(
@@ -179,13 +290,36 @@ impl Session {
                 return self.fresh(now);
             }
         }
-        Loaded {
+        Ok(Loaded {
             record,
             stored: true,
-            modified,
+            modified: !changes.keys.is_empty(),
+            changes,
             written: false,
-        }
+            gone: false,
+        })
     }
+
+    /// Sets the expiry date a write made now gives the record.
+    fn set_expiry(&self, record: &mut Record, now: OffsetDateTime) -> Result<()> {
+        let created = created_at(record)?.unwrap_or(now);
+        record.expiry_date = self.inner.config.expiry_date(created, now);
+        Ok(())
+    }
+}
+
+/// Returns `true` for the record that [`Session::cycle_id`] leaves under an old id.
+fn is_moved(record: &Record) -> bool {
+    record.contains_key(MOVED_KEY)
+}
+
+/// Draws a fresh id, failing instead of panicking when the OS has no randomness.
+fn random_id() -> Result<Id> {
+    Id::try_random().map_err(|err| {
+        Error::backend(format!(
+            "the operating system's random number generator failed: {err}"
+        ))
+    })
 }
 
 #[maybe_async::maybe_async]
@@ -199,30 +333,101 @@ impl Session {
                 match self.inner.incoming {
                     Some(id) => {
                         let found = self.inner.store.load(&id).await?;
-                        self.adopt(found, now)
+                        self.adopt(found, now)?
                     }
-                    None => self.fresh(now),
+                    None => self.fresh(now)?,
                 }
             }
         };
         Ok(state.insert(loaded))
     }
 
-    /// Writes the record: creates it when the store does not have it yet, saves it
-    /// otherwise, with an expiry date computed from now.
-    async fn write(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
-        let created = created_at(&loaded.record)?.unwrap_or(now);
-        loaded.record.expiry_date = self.inner.config.expiry_date(created, now);
-        if loaded.stored {
-            self.inner.store.save(&loaded.record).await?;
-        } else {
+    /// Writes the session: creates it when the store does not have it yet, otherwise
+    /// writes it conditionally on the version it was loaded at. When another write
+    /// came first, loads the newer record, applies this request's changes over it,
+    /// runs `recompute` on the result and tries again, up to
+    /// [`MAX_WRITE_ATTEMPTS`] times. When the session is gone, drops the changes.
+    async fn write(
+        &self,
+        loaded: &mut Loaded,
+        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+    ) -> Result<()> {
+        if loaded.gone {
+            return Ok(());
+        }
+        let now = self.inner.config.now();
+        self.set_expiry(&mut loaded.record, now)?;
+        if !loaded.stored {
             // The store may draw another id on a collision; the record then holds it.
             self.inner.store.create(&mut loaded.record).await?;
             loaded.stored = true;
+            let version = loaded.record.version;
+            loaded.written(version);
+            return Ok(());
         }
-        loaded.modified = false;
-        loaded.written = true;
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let outcome = self.inner.store.update(&loaded.record).await?;
+            match outcome {
+                Update::Written(version) => {
+                    loaded.written(version);
+                    return Ok(());
+                }
+                Update::Gone => {
+                    loaded.gone();
+                    return Ok(());
+                }
+                Update::Conflict => {
+                    let newer = self.inner.store.load(&loaded.record.id).await?;
+                    match newer {
+                        Some(newer) if !is_moved(&newer) => {
+                            let mut merged = loaded.changes.apply(newer);
+                            recompute(&mut merged)?;
+                            self.set_expiry(&mut merged, now)?;
+                            loaded.record = merged;
+                        }
+                        _ => {
+                            loaded.gone();
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        Err(Error::backend(WriteConflict {
+            attempts: MAX_WRITE_ATTEMPTS,
+        }))
+    }
+
+    /// Rewrites an unchanged session to move its expiry date forward, once and only
+    /// over the version it was loaded at: a refresh never revives a session, and one
+    /// that loses to another write has nothing to do (that write moved the date).
+    async fn refresh(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
+        let mut refreshed = loaded.record.clone();
+        self.set_expiry(&mut refreshed, now)?;
+        let outcome = self.inner.store.update(&refreshed).await?;
+        match outcome {
+            Update::Written(version) => {
+                loaded.record = refreshed;
+                loaded.written(version);
+            }
+            Update::Conflict => {}
+            Update::Gone => loaded.gone(),
+        }
         Ok(())
+    }
+
+    /// Deletes a record that `cycle_id` made and could not use; a failure is logged,
+    /// since the caller is already reporting another outcome. The id was never sent
+    /// to anyone, and the record expires like any other.
+    async fn discard(&self, id: &Id) {
+        let deleted = self.inner.store.delete(id).await;
+        if let Err(err) = deleted {
+            log::warn!(
+                target: "portable_sessions::session",
+                "could not delete the unused record {id:?} of an interrupted cycle_id: {}",
+                err.report()
+            );
+        }
     }
 
     /// Returns the value stored under `key`, decoded as a `T`, or `None` if there is
@@ -250,19 +455,84 @@ impl Session {
     /// a NUL character (reserved for this crate), or the store's error if loading the
     /// session fails. On error the session is unchanged.
     pub async fn insert<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
-        if is_reserved(key) {
-            return Err(Error::encode(format!(
-                "session key {key:?} is reserved: keys starting with NUL belong to portable-sessions"
-            )));
-        }
+        check_key(key)?;
         let bytes = postcard::to_allocvec(value).map_err(Error::encode)?;
         let mut state = self.inner.state.lock().await;
         let loaded = self.loaded(&mut state).await?;
         if loaded.record.get_raw(key) != Some(bytes.as_slice()) {
-            loaded.record.insert_raw(key, bytes);
+            loaded.record.insert_raw(key, bytes.clone());
+            loaded.changes.set(key, Some(bytes));
             loaded.modified = true;
         }
         Ok(())
+    }
+
+    /// Replaces the value under `key` with `f` of the current one, atomically: for
+    /// counters, carts and rate limits, where concurrent requests of one session
+    /// must not lose a step. Returns the value written.
+    ///
+    /// The session (with any other change this request made) is written at once,
+    /// conditionally; if another request wrote the session first, `f` runs again on
+    /// the newer value, so `f` must have no effect beyond its result. A session not
+    /// stored yet is only changed here, and stored when it is finished or saved.
+    /// When the session turns out to be gone (a concurrent logout), nothing is
+    /// written and the value computed here is returned, stored nowhere.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Decode`] if the current value is not a `T`, [`Error::Encode`]
+    /// for a reserved key or a value that cannot be serialized, a
+    /// [`WriteConflict`] after too many concurrent writes, or the store's error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use portable_sessions::{session::{Expiry, Session}, MemoryStore, SessionStore};
+    ///
+    /// # #[maybe_async::maybe_async]
+    /// # async fn run() -> portable_sessions::session_store::Result<()> {
+    /// let store = Arc::new(MemoryStore::default());
+    /// let session = Session::new(store.clone(), None, Expiry::OnSessionEnd.into());
+    /// session.insert("user", "alice").await?;
+    /// session.save().await?;
+    /// let id = session.id().await?;
+    ///
+    /// // Two requests of the same session count at once: neither step is lost.
+    /// let first = Session::new(store.clone(), id, Expiry::OnSessionEnd.into());
+    /// let second = Session::new(store.clone(), id, Expiry::OnSessionEnd.into());
+    /// let a = first.update("visits", |n: Option<u64>| n.unwrap_or(0) + 1).await?;
+    /// let b = second.update("visits", |n: Option<u64>| n.unwrap_or(0) + 1).await?;
+    /// assert_eq!((a, b), (1, 2));
+    /// # Ok(())
+    /// # }
+    /// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+    /// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+    /// ```
+    pub async fn update<T, F>(&self, key: &str, mut f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: FnMut(Option<T>) -> T + Send,
+    {
+        check_key(key)?;
+        let mut state = self.inner.state.lock().await;
+        let loaded = self.loaded(&mut state).await?;
+        let mut result = None;
+        let mut apply = |record: &mut Record| -> Result<()> {
+            let next = f(record.get::<T>(key)?);
+            let bytes = postcard::to_allocvec(&next).map_err(Error::encode)?;
+            record.insert_raw(key, bytes);
+            result = Some(next);
+            Ok(())
+        };
+        apply(&mut loaded.record)?;
+        let bytes = loaded.record.get_raw(key).map(<[u8]>::to_vec);
+        loaded.changes.set(key, bytes);
+        loaded.modified = true;
+        if loaded.stored {
+            self.write(loaded, &mut apply).await?;
+        }
+        result.ok_or_else(|| Error::encode("the update function never ran"))
     }
 
     /// Removes the value stored under `key` and returns it decoded as a `T`.
@@ -280,6 +550,7 @@ impl Session {
         let loaded = self.loaded(&mut state).await?;
         let value = loaded.record.get(key)?;
         if loaded.record.remove(key).is_some() {
+            loaded.changes.set(key, None);
             loaded.modified = true;
         }
         Ok(value)
@@ -298,7 +569,10 @@ impl Session {
         let mut state = self.inner.state.lock().await;
         let loaded = self.loaded(&mut state).await?;
         let removed = loaded.record.remove(key);
-        loaded.modified |= removed.is_some();
+        if removed.is_some() {
+            loaded.changes.set(key, None);
+            loaded.modified = true;
+        }
         Ok(removed)
     }
 
@@ -320,6 +594,7 @@ impl Session {
                 &mut loaded.record,
                 created.unwrap_or_else(|| self.inner.config.now()),
             );
+            loaded.changes.clear();
             loaded.modified = true;
         }
         Ok(())
@@ -337,7 +612,7 @@ impl Session {
     }
 
     /// Returns the id the session is stored under, or `None` while it is not stored
-    /// (new and not yet saved, or deleted).
+    /// (new and not yet saved, deleted, or gone under a concurrent request).
     ///
     /// # Errors
     ///
@@ -357,16 +632,18 @@ impl Session {
     }
 
     /// Writes the session to the store now, modified or not: creates it under a fresh
-    /// id when it is new, saves it otherwise, with an expiry date computed from now.
+    /// id when it is new, and otherwise writes it over the version it was loaded at,
+    /// merging with what other requests wrote meanwhile (see the type's docs), with an
+    /// expiry date computed from now. A session that is gone is not written again.
     ///
     /// # Errors
     ///
-    /// Returns the store's error; the session then stays modified.
+    /// Returns the store's error, or a [`WriteConflict`] after too many concurrent
+    /// writes; the session then stays modified.
     pub async fn save(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
         let loaded = self.loaded(&mut state).await?;
-        let now = self.inner.config.now();
-        self.write(loaded, now).await
+        self.write(loaded, &mut |_| Ok(())).await
     }
 
     /// Deletes the session's record from the store.
@@ -381,19 +658,22 @@ impl Session {
     pub async fn delete(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
         let loaded = self.loaded(&mut state).await?;
+        let fresh = random_id()?;
         if loaded.stored {
             self.inner.store.delete(&loaded.record.id).await?;
         }
-        loaded.record.id = Id::default();
+        loaded.record.id = fresh;
         loaded.stored = false;
         loaded.modified = false;
+        loaded.changes = Changes::default();
         Ok(())
     }
 
     /// Ends the session: deletes its record from the store and starts over with no
     /// values, a fresh id and a new lifetime. Does not load the session first.
     ///
-    /// Call it on logout.
+    /// Call it on logout. Requests of the session still in flight can no longer
+    /// write it: their changes are dropped.
     ///
     /// # Errors
     ///
@@ -404,46 +684,129 @@ impl Session {
             Some(loaded) => loaded.stored.then_some(loaded.record.id),
             None => self.inner.incoming,
         };
+        let fresh = self.fresh(self.inner.config.now())?;
         if let Some(id) = stored {
             self.inner.store.delete(&id).await?;
         }
-        *state = Some(self.fresh(self.inner.config.now()));
+        *state = Some(fresh);
         Ok(())
     }
 
     /// Moves the session to a freshly drawn id, against session fixation: call it
     /// when the user's privileges change, such as at login.
     ///
-    /// A stored session is created under the new id (with its current values) before
-    /// the old id is deleted, so a failure leaves it loadable under one of the two
-    /// ids, never neither. A session that is not stored yet just draws a new id and is
-    /// marked modified.
+    /// A stored session is created under the new id (with its current values) first;
+    /// then the old record is replaced, conditionally on the version this request
+    /// last saw, by a marker that expires within two minutes: requests still in
+    /// flight with the old id write nothing and send no cookie, so they can neither
+    /// revive the old id nor replace the new cookie. Values those requests wrote
+    /// before the move are carried over to the new id. If the session was deleted
+    /// meanwhile (a concurrent logout), the new record is deleted too and the session
+    /// is gone: nothing more is written.
+    ///
+    /// A session that is not stored yet just draws a new id, and one left without
+    /// values (after [`clear`](Self::clear)) is deleted, not moved.
     ///
     /// # Errors
     ///
-    /// Returns the store's error. If creating the new record failed, nothing changed:
-    /// the session is still under its old id. If deleting the old one failed, the
-    /// session is under its new id, and the old id loads the old record until it
-    /// expires.
+    /// Returns the store's error, or a [`WriteConflict`] after too many concurrent
+    /// writes; the session is then still under its old id, unchanged.
     pub async fn cycle_id(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
         let loaded = self.loaded(&mut state).await?;
-        if !loaded.stored {
-            loaded.record.id = Id::default();
-            loaded.modified = true;
+        if loaded.gone {
+            return Ok(());
+        }
+        let fresh = random_id()?;
+        if !loaded.stored || has_no_user_values(&loaded.record) {
+            if loaded.stored {
+                self.inner.store.delete(&loaded.record.id).await?;
+                loaded.stored = false;
+                loaded.modified = false;
+                loaded.changes = Changes::default();
+            } else {
+                loaded.modified |= !has_no_user_values(&loaded.record);
+            }
+            loaded.record.id = fresh;
             return Ok(());
         }
         let now = self.inner.config.now();
-        let created = created_at(&loaded.record)?.unwrap_or(now);
-        let old = loaded.record.id;
         let mut moved = loaded.record.clone();
-        moved.id = Id::default();
-        moved.expiry_date = self.inner.config.expiry_date(created, now);
+        moved.id = fresh;
+        moved.version = 0;
+        self.set_expiry(&mut moved, now)?;
         self.inner.store.create(&mut moved).await?;
-        loaded.record = moved;
-        loaded.modified = false;
-        loaded.written = true;
-        self.inner.store.delete(&old).await
+
+        let mut marker = Record::new(now + MOVED_GRACE);
+        marker.id = loaded.record.id;
+        marker.expiry_date = marker.expiry_date.min(loaded.record.expiry_date);
+        marker.insert_raw(MOVED_KEY, Vec::new());
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            marker.version = loaded.record.version;
+            let retired = self.inner.store.update(&marker).await;
+            let outcome = match retired {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    self.discard(&moved.id).await;
+                    return Err(err);
+                }
+            };
+            match outcome {
+                Update::Written(_) => {
+                    loaded.record = moved;
+                    loaded.stored = true;
+                    let version = loaded.record.version;
+                    loaded.written(version);
+                    return Ok(());
+                }
+                Update::Gone => {
+                    self.discard(&moved.id).await;
+                    loaded.gone();
+                    return Ok(());
+                }
+                Update::Conflict => {
+                    // Another request wrote the old record first: carry its values
+                    // over to the new one, then retire the old one again.
+                    let newer = match self.inner.store.load(&loaded.record.id).await {
+                        Ok(newer) => newer,
+                        Err(err) => {
+                            self.discard(&moved.id).await;
+                            return Err(err);
+                        }
+                    };
+                    let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
+                        self.discard(&moved.id).await;
+                        loaded.gone();
+                        return Ok(());
+                    };
+                    loaded.record = loaded.changes.apply(newer);
+                    let mut next = loaded.record.clone();
+                    next.id = moved.id;
+                    next.version = moved.version;
+                    next.expiry_date = moved.expiry_date;
+                    let rewritten = self.inner.store.update(&next).await;
+                    match rewritten {
+                        Ok(Update::Written(version)) => {
+                            moved = next;
+                            moved.version = version;
+                        }
+                        other => {
+                            self.discard(&moved.id).await;
+                            return Err(match other {
+                                Err(err) => err,
+                                Ok(_) => Error::backend(
+                                    "the new record of a cycle_id changed or vanished under it",
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.discard(&moved.id).await;
+        Err(Error::backend(WriteConflict {
+            attempts: MAX_WRITE_ATTEMPTS,
+        }))
     }
 
     /// Ends the request: writes the session if it changed (or, with `refresh`, if
@@ -462,20 +825,30 @@ impl Session {
         }
         let loaded = self.loaded(&mut state).await?;
         let now = self.inner.config.now();
+        if loaded.gone {
+            return Ok(CookieAction::Keep);
+        }
         if loaded.modified {
             if has_no_user_values(&loaded.record) {
                 // Nothing worth keeping.
                 if loaded.stored {
+                    let fresh = random_id()?;
                     self.inner.store.delete(&loaded.record.id).await?;
-                    loaded.record.id = Id::default();
+                    loaded.record.id = fresh;
                     loaded.stored = false;
                 }
                 loaded.modified = false;
+                loaded.changes = Changes::default();
             } else {
-                self.write(loaded, now).await?;
+                self.write(loaded, &mut |_| Ok(())).await?;
             }
         } else if loaded.stored && self.refresh_due(&loaded.record, now, refresh)? {
-            self.write(loaded, now).await?;
+            self.refresh(loaded, now).await?;
+        }
+        if loaded.gone {
+            // Another request logged out or moved the session meanwhile: its
+            // response has set the cookie, and this one must not undo that.
+            return Ok(CookieAction::Keep);
         }
         Ok(if loaded.stored {
             if loaded.written || self.inner.incoming != Some(loaded.record.id) {
@@ -495,6 +868,16 @@ impl Session {
             CookieAction::Keep
         })
     }
+}
+
+/// Refuses the keys this crate reserves.
+fn check_key(key: &str) -> Result<()> {
+    if is_reserved(key) {
+        return Err(Error::encode(format!(
+            "session key {key:?} is reserved: keys starting with NUL belong to portable-sessions"
+        )));
+    }
+    Ok(())
 }
 
 impl Session {

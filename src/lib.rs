@@ -44,7 +44,9 @@
 //!
 //! # Implementing a custom store
 //!
-//! A backend implements the four methods of [`SessionStore`]. This one keeps records
+//! A backend implements the four methods of [`SessionStore`], and the conditional
+//! write [`update`](SessionStore::update) that keeps concurrent requests of one
+//! session from undoing each other. This one keeps records
 //! in a `HashMap` behind a mutex (a toy: [`MemoryStore`] does the same job faster).
 //! It is written once for both modes with the [`maybe_async`]
 //! attribute, which this crate re-exports together with [`async_trait`]; a store for
@@ -56,7 +58,7 @@
 //! use portable_sessions::{
 //!     async_trait, maybe_async,
 //!     session::{Id, Record},
-//!     session_store::{self, Error},
+//!     session_store::{self, Error, Update},
 //!     SessionStore,
 //! };
 //! use time::{Duration, OffsetDateTime};
@@ -97,6 +99,26 @@
 //!     async fn delete(&self, id: &Id) -> session_store::Result<()> {
 //!         self.map()?.remove(id);
 //!         Ok(())
+//!     }
+//!
+//!     // The conditional write: compare and replace under the one lock, so that two
+//!     // requests that loaded the same version cannot both write.
+//!     async fn update(&self, record: &Record) -> session_store::Result<Update> {
+//!         let now = OffsetDateTime::now_utc();
+//!         let mut map = self.map()?;
+//!         let Some(stored) = map.get_mut(&record.id).filter(|r| !r.is_expired_at(now)) else {
+//!             return Ok(Update::Gone); // never re-create a deleted or expired session
+//!         };
+//!         if stored.version != record.version {
+//!             return Ok(Update::Conflict);
+//!         }
+//!         *stored = record.clone();
+//!         stored.version = record.version + 1;
+//!         Ok(Update::Written(stored.version))
+//!     }
+//!
+//!     fn atomic_update(&self) -> bool {
+//!         true
 //!     }
 //! }
 //!
@@ -139,7 +161,9 @@
 //! [`SessionStore::create`] inserts only if the id is free, and draws a new one while
 //! it is not; [`save`](SessionStore::save) writes the whole record;
 //! [`load`](SessionStore::load) returns `None` for a missing or expired record;
-//! [`delete`](SessionStore::delete) of a missing id succeeds. Errors are one of the
+//! [`delete`](SessionStore::delete) of a missing id succeeds;
+//! [`update`](SessionStore::update) writes only over the version it was given, and
+//! never re-creates a session that is gone. Errors are one of the
 //! three kinds of [`session_store::Error`], each keeping its cause.
 //!
 //! # Caching

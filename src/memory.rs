@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::{
     clock::Clock,
     session::{Id, Record},
-    session_store::{ExpiredDeletion, Result, SessionStore},
+    session_store::{ExpiredDeletion, Result, SessionStore, Update},
 };
 
 /// How many independently locked shards a store has: enough that two threads rarely
@@ -259,6 +259,31 @@ impl MemoryStore {
         }
     }
 
+    fn update_now(&self, record: &Record) -> Update {
+        let expiry = nanos(record.expiry_date);
+        let now = self.now();
+        let mut guard = self.shard(&record.id).write();
+        let shard = &mut *guard;
+        let Some(slot) = shard.records.get_mut(&record.id) else {
+            return Update::Gone;
+        };
+        if slot.expiry <= now {
+            return Update::Gone;
+        }
+        if slot.record.version != record.version {
+            return Update::Conflict;
+        }
+        let version = record.version.wrapping_add(1);
+        let old_expiry = slot.expiry;
+        slot.record = record.clone();
+        slot.record.version = version;
+        slot.expiry = expiry;
+        if old_expiry != expiry {
+            shard.index(expiry, record.id);
+        }
+        Update::Written(version)
+    }
+
     fn load_now(&self, id: &Id) -> Option<Record> {
         let (expiry, record) = {
             let shard = self.shard(id).read();
@@ -312,6 +337,15 @@ impl SessionStore for MemoryStore {
     async fn delete(&self, id: &Id) -> Result<()> {
         self.delete_now(id);
         Ok(())
+    }
+
+    /// Compares and replaces under the record's shard lock: atomic.
+    async fn update(&self, record: &Record) -> Result<Update> {
+        Ok(self.update_now(record))
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
     }
 }
 

@@ -2,14 +2,56 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use redis::{Cmd, FromRedisValue, RedisError, Value};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, Value};
 use time::OffsetDateTime;
 
 use crate::{
     session::{Id, Record},
-    session_store::{Error, ExpiredDeletion, Result, SessionStore},
+    session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stored,
 };
+
+/// The conditional write, run by Redis as one step: writes the new value (or deletes
+/// the key, for a record saved already expired) only if the key exists and its value
+/// starts with the expected version.
+///
+/// KEYS[1] is the key; ARGV[1] the expected version (8 bytes, big-endian), ARGV[2]
+/// the new value, ARGV[3] its TTL in milliseconds ("0": delete). It returns 0 when no
+/// key is there, 1 for another version, 2 once written.
+const UPDATE_SCRIPT: &str = r"
+local current = redis.call('GETRANGE', KEYS[1], 0, 7)
+if current == '' then return 0 end
+if current ~= ARGV[1] then return 1 end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 2
+";
+
+fn update_script() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(UPDATE_SCRIPT))
+}
+
+/// The length of the version in front of every stored value.
+const VERSION_LEN: usize = 8;
+
+/// The stored value: the version (8 bytes, big-endian, so that the update script can
+/// compare it as a string), then the record without its id.
+fn encode_value(record: &Record, version: u64) -> Result<Vec<u8>> {
+    record.encode_without_id_after(&version.to_be_bytes())
+}
+
+fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
+    let (version, bytes) = value
+        .split_first_chunk::<VERSION_LEN>()
+        .ok_or_else(|| Error::decode("stored value is shorter than its version"))?;
+    let mut record = stored::decode(id, bytes)?;
+    record.version = u64::from_be_bytes(*version);
+    Ok(record)
+}
 
 /// A session store in Redis: one key per session, expiring through Redis' own TTL, so
 /// any number of server processes share sessions and nothing needs deleting.
@@ -28,6 +70,10 @@ use crate::{
 ///   [`delete_expired`](ExpiredDeletion::delete_expired) does nothing and returns 0:
 ///   Redis removes expired keys itself.
 /// - **Create** writes with `SET ... NX` and draws a new id while the key exists.
+/// - **Conditional writes.** The value starts with the record's version (8 bytes,
+///   big-endian); [`update`](SessionStore::update) runs a Lua script that compares it
+///   and writes in one step on the server, in one round trip (`EVALSHA`; the script
+///   is sent once more, with `EVAL`, after the server restarted and forgot it).
 /// - **Timeouts and outages.** Connecting and each reply wait at most the
 ///   [timeout](RedisStore::with_timeout) (2 s unless set): an unreachable or hung
 ///   server makes operations fail with [`Error::Backend`], never hang. A connection
@@ -160,11 +206,23 @@ fn ttl_millis(expiry: OffsetDateTime, now: OffsetDateTime) -> Option<u64> {
 /// it (it restarted, or dropped idle clients): worth one retry on a new connection.
 /// A timeout is not: the server may still be processing the command.
 ///
-/// Every command here may run twice safely: `GET`, `DEL` and a plain `SET` are
-/// idempotent, and a `SET NX` whose first copy did land finds its key taken, so
-/// `create` draws another id; the first copy then expires with its TTL.
+/// Such a server never read the command, so sending it again runs it once. Were it to
+/// run twice anyway: `GET`, `DEL` and a plain `SET` are idempotent; a `SET NX` whose
+/// first copy did land finds its key taken, so `create` draws another id (the first
+/// copy expires with its TTL); an update whose first copy landed finds the version
+/// moved on and answers `Conflict`, after which the caller reloads and sees its write.
 fn closed_while_idle(err: &RedisError) -> bool {
     err.is_connection_dropped() && !err.is_timeout()
+}
+
+/// `true` if Redis refused `EVALSHA` because it does not know the script.
+fn is_no_script(err: &Error) -> bool {
+    let Error::Backend(source) = err else {
+        return false;
+    };
+    source
+        .downcast_ref::<RedisError>()
+        .is_some_and(|err| err.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
 }
 
 /// `true` if the shared connection may be unusable after `err`: it is dropped, and the
@@ -181,7 +239,7 @@ impl SessionStore for RedisStore {
             // Already expired: it would never load, so there is nothing to write.
             return Ok(());
         };
-        let bytes = stored::encode(record)?;
+        let bytes = encode_value(record, record.version)?;
         loop {
             let mut set = redis::cmd("SET");
             set.arg(self.key(&record.id))
@@ -202,7 +260,7 @@ impl SessionStore for RedisStore {
         let key = self.key(&record.id);
         match ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) {
             Some(ttl) => {
-                let bytes = stored::encode(record)?;
+                let bytes = encode_value(record, record.version)?;
                 let mut set = redis::cmd("SET");
                 set.arg(key).arg(bytes).arg("PX").arg(ttl);
                 self.query::<()>(&set).await
@@ -222,7 +280,7 @@ impl SessionStore for RedisStore {
         let Some(bytes) = bytes else {
             return Ok(None);
         };
-        let record = stored::decode(id, &bytes)?;
+        let record = decode_value(id, &bytes)?;
         Ok(Some(record).filter(|r| !r.is_expired_at(OffsetDateTime::now_utc())))
     }
 
@@ -230,6 +288,50 @@ impl SessionStore for RedisStore {
         let mut del = redis::cmd("DEL");
         del.arg(self.key(id));
         self.query::<()>(&del).await
+    }
+
+    /// One server-side script, one round trip: atomic.
+    async fn update(&self, record: &Record) -> Result<Update> {
+        let next = record.version.wrapping_add(1);
+        let ttl = ttl_millis(record.expiry_date, OffsetDateTime::now_utc());
+        let value = match ttl {
+            Some(_) => encode_value(record, next)?,
+            None => Vec::new(),
+        };
+        let script = update_script();
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(script.get_hash())
+            .arg(1)
+            .arg(self.key(&record.id))
+            .arg(&record.version.to_be_bytes()[..])
+            .arg(&value)
+            .arg(ttl.unwrap_or(0));
+        let outcome: i64 = match self.query(&call).await {
+            Err(err) if is_no_script(&err) => {
+                // The server does not know the script (it restarted): send it whole.
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(UPDATE_SCRIPT)
+                    .arg(1)
+                    .arg(self.key(&record.id))
+                    .arg(&record.version.to_be_bytes()[..])
+                    .arg(&value)
+                    .arg(ttl.unwrap_or(0));
+                self.query(&eval).await?
+            }
+            other => other?,
+        };
+        match outcome {
+            0 => Ok(Update::Gone),
+            1 => Ok(Update::Conflict),
+            2 => Ok(Update::Written(next)),
+            other => Err(Error::backend(format!(
+                "the update script answered {other}, not 0, 1 or 2"
+            ))),
+        }
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
     }
 }
 

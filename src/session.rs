@@ -261,6 +261,16 @@ pub struct Record {
     pub id: Id,
     /// The moment from which the session no longer loads.
     pub expiry_date: OffsetDateTime,
+    /// Which write of the session this is: [`SessionStore::update`] writes only over
+    /// the version it was given, and stores the next one.
+    ///
+    /// [`create`](crate::SessionStore::create) and
+    /// [`save`](crate::SessionStore::save) store it as given, and
+    /// [`load`](crate::SessionStore::load) returns it. The record codec does not
+    /// carry it: a store keeps it beside the encoded bytes, where it can compare it.
+    ///
+    /// [`SessionStore::update`]: crate::SessionStore::update
+    pub version: u64,
     data: Data,
 }
 
@@ -282,6 +292,7 @@ impl Record {
         Self {
             id: Id::default(),
             expiry_date,
+            version: 0,
             data: Data::default(),
         }
     }
@@ -381,7 +392,7 @@ impl Record {
     /// [`MAX_ENCODED_LEN`](Record::MAX_ENCODED_LEN), so that nothing is written that
     /// [`decode`](Record::decode) would refuse.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        self.encode_as(Some(self.id))
+        self.encode_as(Some(self.id), &[])
     }
 
     /// Encodes the record without its id, for stores that know the id from where the
@@ -408,10 +419,17 @@ impl Record {
     /// assert!(Record::decode(&bytes).is_err()); // the other format is refused
     /// ```
     pub fn encode_without_id(&self) -> Result<Vec<u8>> {
-        self.encode_as(None)
+        self.encode_as(None, &[])
     }
 
-    fn encode_as(&self, id: Option<Id>) -> Result<Vec<u8>> {
+    /// [`encode_without_id`](Record::encode_without_id) after `prefix`, in one
+    /// allocation: for stores that keep something (the version) in front of a record.
+    #[cfg(feature = "redis")]
+    pub(crate) fn encode_without_id_after(&self, prefix: &[u8]) -> Result<Vec<u8>> {
+        self.encode_as(None, prefix)
+    }
+
+    fn encode_as(&self, id: Option<Id>, prefix: &[u8]) -> Result<Vec<u8>> {
         let mut head = [0u8; 1 + 16 + MAX_I128_VARINT_LEN];
         let mut head_len = 1;
         match id {
@@ -441,13 +459,17 @@ impl Record {
                 Self::MAX_ENCODED_LEN
             )));
         }
-        let mut bytes = Vec::with_capacity(len);
+        let mut bytes = Vec::with_capacity(prefix.len() + len);
+        bytes.extend_from_slice(prefix);
         bytes.extend_from_slice(&head[..head_len]);
         bytes.extend_from_slice(values);
         Ok(bytes)
     }
 
     /// Decodes a record written by [`encode`](Record::encode).
+    ///
+    /// The codec does not carry [`version`](Record::version): the record comes back
+    /// at version 0, and a store sets the version it keeps beside the bytes.
     ///
     /// # Errors
     ///
@@ -507,6 +529,7 @@ impl Record {
         Ok(Self {
             id,
             expiry_date,
+            version: 0,
             data: Data::decode(values)?,
         })
     }
@@ -534,6 +557,7 @@ impl fmt::Debug for Record {
         f.debug_struct("Record")
             .field("id", &self.id)
             .field("expiry_date", &self.expiry_date)
+            .field("version", &self.version)
             .field("keys", &self.keys().collect::<Vec<_>>())
             .finish()
     }

@@ -64,6 +64,15 @@ impl Error {
         Self::Backend(source.into())
     }
 
+    /// Returns `true` if this is a [`WriteConflict`]: the session's changes were not
+    /// written because concurrent writes to it kept coming first.
+    pub fn is_write_conflict(&self) -> bool {
+        match self {
+            Self::Backend(source) => source.is::<WriteConflict>(),
+            _ => false,
+        }
+    }
+
     /// Formats the error with every cause in its chain, `outer: inner: ...`, for logs.
     pub fn report(&self) -> String {
         let mut text = self.to_string();
@@ -75,6 +84,71 @@ impl Error {
         }
         text
     }
+}
+
+/// What a conditional write ([`SessionStore::update`]) did.
+///
+/// # Examples
+///
+/// ```
+/// use portable_sessions::{session::Record, session_store::Update, MemoryStore, SessionStore};
+/// use time::{Duration, OffsetDateTime};
+///
+/// # #[maybe_async::maybe_async]
+/// # async fn run() -> portable_sessions::session_store::Result<()> {
+/// let store = MemoryStore::new();
+/// let mut record = Record::new(OffsetDateTime::now_utc() + Duration::hours(1));
+/// store.create(&mut record).await?;
+///
+/// // Two requests load the same version...
+/// let mut first = store.load(&record.id).await?.expect("stored");
+/// let mut second = first.clone();
+/// first.insert("cart", &["apple"])?;
+/// second.insert("cart", &["pear"])?;
+/// // ...the first to write wins, the other learns that it must merge and retry.
+/// let written = store.update(&first).await?;
+/// assert_eq!(written, Update::Written(first.version + 1));
+/// let refused = store.update(&second).await?;
+/// assert_eq!(refused, Update::Conflict);
+///
+/// // A deleted session is never brought back.
+/// store.delete(&record.id).await?;
+/// let gone = store.update(&first).await?;
+/// assert_eq!(gone, Update::Gone);
+/// # Ok(())
+/// # }
+/// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+/// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[must_use = "a conditional write may have written nothing"]
+pub enum Update {
+    /// The record was written; the store now holds it at this version (the expected
+    /// version plus one).
+    Written(u64),
+    /// Nothing was written: the stored record is at another version (another write
+    /// came first). Load it again, apply the changes over it, and retry.
+    Conflict,
+    /// Nothing was written: there is no live record under this id (deleted, expired,
+    /// or never stored). Nothing was created either.
+    Gone,
+}
+
+/// The error inside [`Error::Backend`] when a session's changes could not be written
+/// because other writes to the same session kept coming first, a bounded number of
+/// times in a row.
+///
+/// ```
+/// use portable_sessions::session_store::{Error, WriteConflict};
+///
+/// let err = Error::backend(WriteConflict { attempts: 64 });
+/// assert!(err.is_write_conflict());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the session changed under {attempts} attempts in a row to write it")]
+pub struct WriteConflict {
+    /// How many conditional writes were refused.
+    pub attempts: u32,
 }
 
 /// Keeps session records: the interface that every backend implements.
@@ -91,6 +165,32 @@ impl Error {
 /// | [`save`](SessionStore::save) | write the whole record, inserting or replacing |
 /// | [`load`](SessionStore::load) | return `None` for a missing or expired record, even before expired records are deleted |
 /// | [`delete`](SessionStore::delete) | remove the record; a missing id is not an error |
+/// | [`update`](SessionStore::update) | atomically: replace the record only if the stored one is live and at `record.version`, advancing the version; never insert |
+///
+/// Every record carries a [`version`](Record::version). `create` and `save` store it
+/// as given and `load` returns it; `update`, the conditional write that
+/// [`Session`](crate::session::Session) uses, stores the record at the next version,
+/// so two requests that loaded the same version cannot both write (no lost update),
+/// and a session that is gone is never written back (no undone logout).
+///
+/// # Making `update` atomic
+///
+/// The provided `update` is a fallback for stores written before it existed: it
+/// loads, compares and saves in three steps, so two writers can still both succeed
+/// between them. It logs a warning the first time it runs. A store overrides it with
+/// one atomic step and says so with [`atomic_update`](SessionStore::atomic_update):
+///
+/// - in memory, compare and replace under the lock that guards the record;
+/// - in SQL, one statement: `UPDATE .. SET .., version = version + 1 WHERE key = ? AND
+///   version = ? AND expires_at > ?`; zero rows changed is `Conflict` if a live row
+///   is still there, `Gone` if not;
+/// - in a key-value server, a server-side script or transaction that compares the
+///   stored version and writes in one step (never a read, then a write).
+///
+/// Keep the version beside the encoded record, not inside it: the record codec does
+/// not carry it, and an atomic compare needs it where the backend can read it.
+/// [`testing::check_store`](crate::testing) checks all of this, and fails for a store
+/// that still uses the fallback.
 ///
 /// The crate-level docs show a complete implementation.
 #[maybe_async::maybe_async]
@@ -108,6 +208,49 @@ pub trait SessionStore: Debug + Send + Sync + 'static {
 
     /// Removes the record with this id; removing a missing id succeeds.
     async fn delete(&self, id: &Id) -> Result<()>;
+
+    /// Replaces the stored record with `record` only if the stored one is live (not
+    /// expired) and at version `record.version`; the stored record is then at the
+    /// next version, which [`Update::Written`] returns. Never inserts: a missing or
+    /// expired record is [`Update::Gone`]; another version is [`Update::Conflict`].
+    ///
+    /// Stores must override this with an atomic implementation (see
+    /// [Making `update` atomic](SessionStore#making-update-atomic)) and return `true`
+    /// from [`atomic_update`](SessionStore::atomic_update). The provided one is
+    /// `load`, compare, `save`: correct alone, but two concurrent writers can both
+    /// succeed. It logs a warning the first time it runs in a process.
+    async fn update(&self, record: &Record) -> Result<Update> {
+        warn_non_atomic_update(self);
+        let current = self.load(&record.id).await?;
+        match current {
+            None => Ok(Update::Gone),
+            Some(current) if current.version != record.version => Ok(Update::Conflict),
+            Some(_) => {
+                let mut next = record.clone();
+                next.version = record.version.wrapping_add(1);
+                self.save(&next).await?;
+                Ok(Update::Written(next.version))
+            }
+        }
+    }
+
+    /// Returns `true` if [`update`](SessionStore::update) is atomic in this store;
+    /// `false` (the default) while it is the provided, non-atomic fallback.
+    fn atomic_update(&self) -> bool {
+        false
+    }
+}
+
+/// Logs, once per process, that a store runs the non-atomic fallback of `update`.
+fn warn_non_atomic_update<S: SessionStore + ?Sized>(store: &S) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        log::warn!(
+            target: "portable_sessions::session_store",
+            "{store:?} does not implement SessionStore::update: concurrent requests of one \
+             session can lose updates or undo a logout; see the SessionStore docs"
+        );
+    });
 }
 
 /// A store that can remove its expired records in one pass.
@@ -200,6 +343,14 @@ impl<S: SessionStore + ?Sized> SessionStore for std::sync::Arc<S> {
 
     async fn delete(&self, id: &Id) -> Result<()> {
         (**self).delete(id).await
+    }
+
+    async fn update(&self, record: &Record) -> Result<Update> {
+        (**self).update(record).await
+    }
+
+    fn atomic_update(&self) -> bool {
+        (**self).atomic_update()
     }
 }
 

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::{
     clock::Clock,
     session::{Id, Record},
-    session_store::{Error, ExpiredDeletion, Result, SessionStore},
+    session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stored,
 };
 
@@ -29,7 +29,8 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS portable_sessions (
     key BLOB PRIMARY KEY NOT NULL,
     expires_at INTEGER NOT NULL,
-    record BLOB NOT NULL
+    record BLOB NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (expires_at);
 ";
@@ -38,9 +39,13 @@ CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (ex
 /// processes on one machine can share the file.
 ///
 /// - **Schema.** [`open`](SqliteStore::open) creates one table, `portable_sessions`
-///   (a 32-byte key, the expiry date in Unix nanoseconds with an index on it, and the
-///   encoded record), if it is not there yet: opening is idempotent, and the table
-///   can live in a database file the program also uses for other things.
+///   (a 32-byte key, the expiry date in Unix nanoseconds with an index on it, the
+///   encoded record, and its version), if it is not there yet: opening is idempotent,
+///   and the table can live in a database file the program also uses for other
+///   things. A table made before versions existed gets its `version` column added.
+/// - **Conditional writes.** [`update`](SessionStore::update) is one `UPDATE`
+///   statement that compares the version and the expiry date and writes in the same
+///   step.
 /// - **Stolen files give no sessions.** Records are keyed by the SHA-256 digest of
 ///   their id and stored with the id zeroed, so the file, its WAL and its backups
 ///   hold no id that could be replayed as a cookie. Ids are 128 random bits, so an
@@ -129,6 +134,7 @@ impl SqliteStore {
             );
         }
         conn.execute_batch(SCHEMA).map_err(Error::backend)?;
+        add_version_column(&conn).map_err(Error::backend)?;
         let max = std::thread::available_parallelism()
             .map_or(2, usize::from)
             .clamp(2, 8);
@@ -201,6 +207,36 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Adds the `version` column to a table made before versions existed; its rows start
+/// at version 0.
+fn add_version_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has_version: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('portable_sessions') WHERE name = 'version')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_version {
+        // Another process may add it at the same moment: a duplicate column is fine.
+        match conn.execute_batch(
+            "ALTER TABLE portable_sessions ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+        ) {
+            Err(err) if err.to_string().contains("duplicate column") => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// The version as stored: SQLite integers are signed, so the `u64` is kept as the
+/// `i64` with the same bits.
+fn column_version(version: u64) -> i64 {
+    i64::from_ne_bytes(version.to_ne_bytes())
+}
+
+fn record_version(column: i64) -> u64 {
+    u64::from_ne_bytes(column.to_ne_bytes())
+}
+
 /// The expiry date as stored in the indexed column: Unix nanoseconds, saturated to
 /// the `i64` range (years 1677 to 2262). A date beyond either end sorts as that end,
 /// which keeps its meaning (long expired, or not expiring); the exact date is in the
@@ -216,14 +252,16 @@ fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
     let expires_at = column_time(record.expiry_date);
     let mut insert = conn
         .prepare_cached(
-            "INSERT INTO portable_sessions (key, expires_at, record) VALUES (?1, ?2, ?3)
+            "INSERT INTO portable_sessions (key, expires_at, record, version)
+             VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (key) DO NOTHING",
         )
         .map_err(Error::backend)?;
+    let version = column_version(record.version);
     loop {
         let key = stored::digest(&record.id);
         if insert
-            .execute(params![&key[..], expires_at, &bytes])
+            .execute(params![&key[..], expires_at, &bytes, version])
             .map_err(Error::backend)?
             == 1
         {
@@ -237,29 +275,80 @@ fn save_row(conn: &Connection, record: &Record) -> Result<()> {
     let bytes = stored::encode(record)?;
     let key = stored::digest(&record.id);
     conn.prepare_cached(
-        "INSERT INTO portable_sessions (key, expires_at, record) VALUES (?1, ?2, ?3)
-         ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, record = excluded.record",
+        "INSERT INTO portable_sessions (key, expires_at, record, version) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at,
+             record = excluded.record, version = excluded.version",
     )
-    .and_then(|mut upsert| upsert.execute(params![&key[..], column_time(record.expiry_date), &bytes]))
+    .and_then(|mut upsert| {
+        upsert.execute(params![
+            &key[..],
+            column_time(record.expiry_date),
+            &bytes,
+            column_version(record.version)
+        ])
+    })
     .map_err(Error::backend)?;
     Ok(())
 }
 
+fn update_row(conn: &Connection, record: &Record, now: OffsetDateTime) -> Result<Update> {
+    let bytes = stored::encode(record)?;
+    let key = stored::digest(&record.id);
+    let expected = column_version(record.version);
+    let next = record.version.wrapping_add(1);
+    // One statement: the compare and the write are atomic.
+    let changed = conn
+        .prepare_cached(
+            "UPDATE portable_sessions SET expires_at = ?1, record = ?2, version = ?3
+             WHERE key = ?4 AND version = ?5 AND expires_at > ?6",
+        )
+        .and_then(|mut update| {
+            update.execute(params![
+                column_time(record.expiry_date),
+                &bytes,
+                column_version(next),
+                &key[..],
+                expected,
+                column_time(now)
+            ])
+        })
+        .map_err(Error::backend)?;
+    if changed == 1 {
+        return Ok(Update::Written(next));
+    }
+    // Nothing written: tell a newer version from no live record.
+    let live: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM portable_sessions WHERE key = ?1 AND expires_at > ?2)",
+        )
+        .and_then(|mut select| {
+            select.query_row(params![&key[..], column_time(now)], |row| row.get(0))
+        })
+        .map_err(Error::backend)?;
+    Ok(if live { Update::Conflict } else { Update::Gone })
+}
+
 fn load_row(conn: &Connection, id: &Id, now: OffsetDateTime) -> Result<Option<Record>> {
     let key = stored::digest(id);
-    let bytes: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT record FROM portable_sessions WHERE key = ?1 AND expires_at > ?2")
+    let row: Option<(Vec<u8>, i64)> = conn
+        .prepare_cached(
+            "SELECT record, version FROM portable_sessions WHERE key = ?1 AND expires_at > ?2",
+        )
         .and_then(|mut select| {
             select
-                .query_row(params![&key[..], column_time(now)], |row| row.get(0))
+                .query_row(params![&key[..], column_time(now)], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
                 .optional()
         })
         .map_err(Error::backend)?;
-    match bytes {
-        None => Ok(None),
-        // The column is the index; the record's own date is the exact one.
-        Some(bytes) => Ok(Some(stored::decode(id, &bytes)?).filter(|r| !r.is_expired_at(now))),
-    }
+    let Some((bytes, version)) = row else {
+        return Ok(None);
+    };
+    let mut record = stored::decode(id, &bytes)?;
+    record.version = record_version(version);
+    // The column is the index; the record's own date is the exact one.
+    Ok(Some(record).filter(|r| !r.is_expired_at(now)))
 }
 
 fn delete_row(conn: &Connection, id: &Id) -> Result<()> {
@@ -316,6 +405,17 @@ impl SessionStore for SqliteStore {
     async fn delete(&self, id: &Id) -> Result<()> {
         let id = *id;
         self.with_conn(move |conn| delete_row(conn, &id)).await
+    }
+
+    /// One conditional `UPDATE` statement: atomic.
+    async fn update(&self, record: &Record) -> Result<Update> {
+        let (owned, now) = (record.clone(), self.now());
+        self.with_conn(move |conn| update_row(conn, &owned, now))
+            .await
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
     }
 }
 

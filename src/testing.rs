@@ -29,7 +29,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::{
     session::{Id, Record},
-    session_store::Error,
+    session_store::{Error, Update},
     ExpiredDeletion, SessionStore,
 };
 
@@ -102,16 +102,28 @@ fn same<T: PartialEq + Debug>(actual: T, expected: T, rule: &str) {
 
 /// Checks the [`SessionStore`] contract: `create` inserts only under a free id and
 /// draws a new one on a collision; `save` inserts or replaces the whole record; `load`
-/// gives back exactly what was written, and `None` for missing and expired records;
-/// `delete` removes, and succeeds for a missing id.
+/// gives back exactly what was written (its version included), and `None` for missing
+/// and expired records; `delete` removes, and succeeds for a missing id; `update`
+/// writes only over the expected version, advances it, and never re-creates a
+/// missing, deleted or expired record, also under concurrent writers (see
+/// [`check_update`]).
 ///
 /// # Panics
 ///
-/// Panics, naming the broken rule, if the store breaks one or returns an error.
+/// Panics, naming the broken rule, if the store breaks one or returns an error, and
+/// for a store that still relies on the provided, non-atomic
+/// [`update`](SessionStore::update).
 #[maybe_async::maybe_async]
 pub async fn check_store<S: SessionStore + ?Sized>(store: &S) {
-    // create, then load what was created
+    check_basics(store).await;
+    check_update(store).await;
+}
+
+#[maybe_async::maybe_async]
+async fn check_basics<S: SessionStore + ?Sized>(store: &S) {
+    // create, then load what was created, at the version it was given
     let mut first = record_with_values(in_an_hour());
+    first.version = 7;
     let created = store.create(&mut first).await;
     ok(created, "create");
     let loaded = ok(store.load(&first.id).await, "load");
@@ -160,8 +172,9 @@ pub async fn check_store<S: SessionStore + ?Sized>(store: &S) {
         "save replaces the whole record",
     );
 
-    // save inserts a record the store has not seen
-    let fresh = record_with_values(in_an_hour());
+    // save inserts a record the store has not seen, at the version it was given
+    let mut fresh = record_with_values(in_an_hour());
+    fresh.version = u64::MAX - 1;
     let saved = store.save(&fresh).await;
     ok(saved, "save of a new record");
     let loaded = ok(store.load(&fresh.id).await, "load");
@@ -306,4 +319,175 @@ pub async fn check_expired_deletion<S: ExpiredDeletion + ?Sized>(store: &S, expi
         let deleted = store.delete(&record.id).await;
         ok(deleted, "delete");
     }
+}
+
+/// How many concurrent writers [`check_update`] runs, and how many steps each takes.
+const WRITERS: u64 = 8;
+const STEPS: u64 = 25;
+
+/// Checks the conditional write, [`SessionStore::update`]: written only over the
+/// expected version, which it advances by one; [`Update::Conflict`] for a stale
+/// version, with nothing written; [`Update::Gone`] for a record that is missing,
+/// deleted or expired, with nothing created; and, with 8 concurrent writers each
+/// counting 25 steps through load-update-retry loops (threads in blocking mode,
+/// futures polled together in async mode), a count of exactly 200.
+///
+/// [`check_store`] runs it too.
+///
+/// # Panics
+///
+/// Panics, naming the broken rule, if the store breaks one or returns an error, or
+/// if [`atomic_update`](SessionStore::atomic_update) says that the store still uses
+/// the provided, non-atomic `update`.
+#[maybe_async::maybe_async]
+pub async fn check_update<S: SessionStore + ?Sized>(store: &S) {
+    assert!(
+        store.atomic_update(),
+        "store contract broken: {store:?} uses the provided SessionStore::update, which is \
+         not atomic: two requests of one session can both write, losing an update or \
+         reviving a deleted session. Override `update` with one atomic compare-and-write \
+         (see the SessionStore docs, \"Making update atomic\"), then return true from \
+         `atomic_update`."
+    );
+
+    let mut record = record_with_values(in_an_hour());
+    record.version = 41;
+    ok(store.create(&mut record).await, "create");
+    let mut first = ok(store.load(&record.id).await, "load").expect("created");
+    let mut second = first.clone();
+    same(first.version, 41, "load returns the version create stored");
+
+    insert(&mut first, "user_id", &7u64);
+    first.expiry_date = in_an_hour() + Duration::minutes(10);
+    let written = ok(store.update(&first).await, "update");
+    same(
+        written,
+        Update::Written(42),
+        "update over the stored version writes, at the next version",
+    );
+    let loaded = ok(store.load(&record.id).await, "load").expect("updated");
+    let mut expected = first.clone();
+    expected.version = 42;
+    same(
+        &loaded,
+        &expected,
+        "update replaces values and expiry date, and stores the next version",
+    );
+
+    insert(&mut second, "user_id", &8u64);
+    let refused = ok(store.update(&second).await, "update of a stale version");
+    same(
+        refused,
+        Update::Conflict,
+        "update over a version that is no longer stored is a conflict",
+    );
+    let kept = ok(store.load(&record.id).await, "load").expect("still there");
+    same(&kept, &expected, "a conflicting update writes nothing");
+
+    let never = record_with_values(in_an_hour());
+    let gone = ok(store.update(&never).await, "update of a missing record");
+    same(gone, Update::Gone, "update of a missing record is gone");
+    let created = ok(store.load(&never.id).await, "load");
+    same(created, None, "update never inserts");
+
+    let mut lapsing = record_with_values(in_an_hour());
+    ok(store.create(&mut lapsing).await, "create");
+    let mut lapsed = lapsing.clone();
+    lapsed.expiry_date = an_hour_ago();
+    ok(store.save(&lapsed).await, "save of an expired record");
+    let expired = ok(store.update(&lapsing).await, "update of an expired record");
+    same(expired, Update::Gone, "update of an expired record is gone");
+    let revived = ok(store.load(&lapsing.id).await, "load");
+    same(revived, None, "update never revives an expired record");
+
+    ok(store.delete(&record.id).await, "delete");
+    let deleted = ok(store.update(&kept).await, "update of a deleted record");
+    same(deleted, Update::Gone, "update of a deleted record is gone");
+    let revived = ok(store.load(&record.id).await, "load");
+    same(revived, None, "update never revives a deleted record");
+
+    // Concurrent writers: every step counts once.
+    let mut counter = Record::new(in_an_hour());
+    ok(store.create(&mut counter).await, "create");
+    run_writers(store, counter.id).await;
+    let counted = ok(store.load(&counter.id).await, "load").expect("the counter");
+    let total: Option<u64> = value(&counted, "count");
+    same(
+        total,
+        Some(WRITERS * STEPS),
+        "concurrent updates lose no step (is update atomic?)",
+    );
+    same(
+        counted.version,
+        WRITERS * STEPS,
+        "each update advances the version by one",
+    );
+    for id in [counter.id, lapsing.id] {
+        ok(store.delete(&id).await, "delete");
+    }
+}
+
+/// Adds one to the record's `count` with a load-update-retry loop.
+#[maybe_async::maybe_async]
+async fn count_once<S: SessionStore + ?Sized>(store: &S, id: Id) {
+    for _ in 0..100_000 {
+        let loaded = ok(store.load(&id).await, "load");
+        let mut record = loaded.expect("store contract broken: a record vanished under update");
+        let count: u64 = value(&record, "count").unwrap_or(0);
+        insert(&mut record, "count", &(count + 1));
+        let outcome = ok(store.update(&record).await, "update");
+        match outcome {
+            Update::Written(_) => return,
+            Update::Conflict => {}
+            Update::Gone => panic!("store contract broken: a live record was gone for update"),
+        }
+    }
+    panic!("store contract broken: update kept conflicting with no writer left to win");
+}
+
+#[maybe_async::sync_impl]
+fn run_writers<S: SessionStore + ?Sized>(store: &S, id: Id) {
+    std::thread::scope(|scope| {
+        for _ in 0..WRITERS {
+            scope.spawn(|| {
+                for _ in 0..STEPS {
+                    count_once(store, id);
+                }
+            });
+        }
+    });
+}
+
+#[maybe_async::async_impl]
+async fn run_writers<S: SessionStore + ?Sized>(store: &S, id: Id) {
+    let writers = (0..WRITERS).map(|_| async move {
+        for _ in 0..STEPS {
+            count_once(store, id).await;
+        }
+    });
+    join_all(writers.collect()).await;
+}
+
+/// Polls every future until all are done, on whatever executor runs the caller.
+#[maybe_async::async_impl]
+async fn join_all<F: std::future::Future<Output = ()>>(futures: Vec<F>) {
+    let mut futures: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for slot in &mut futures {
+            if let Some(future) = slot {
+                if future.as_mut().poll(cx).is_ready() {
+                    *slot = None;
+                } else {
+                    pending = true;
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
 }

@@ -14,7 +14,7 @@ use common::{block, FaultyStore};
 
 use portable_sessions::{
     session::{Expiry, Id, Record, Session, SessionConfig},
-    session_store::{Error, Result},
+    session_store::{Error, Result, Update},
     MemoryStore, SameSite, SessionManager, SessionStore,
 };
 use time::{Duration, OffsetDateTime};
@@ -30,7 +30,7 @@ tests_in_both_modes!(
     flush_ends_the_session_without_loading_it,
     cycle_id_moves_the_record,
     cycle_id_failing_to_create_leaves_the_old_id,
-    cycle_id_failing_to_delete_leaves_the_new_id,
+    cycle_id_failing_to_retire_the_old_id_leaves_it,
     load_errors_are_returned_and_retried,
     expiry_dates_follow_the_policy,
     lifetime_cap_ends_even_a_refreshed_session,
@@ -127,6 +127,16 @@ impl SessionStore for Probe {
 
     async fn delete(&self, id: &Id) -> Result<()> {
         self.faulty.delete(id).await
+    }
+
+    async fn update(&self, record: &Record) -> Result<Update> {
+        let outcome = self.faulty.update(record).await?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(outcome)
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
     }
 }
 
@@ -319,8 +329,18 @@ async fn cycle_id_moves_the_record() {
     session.cycle_id().await.unwrap();
     let new_id = session.id().await.unwrap().expect("stored");
     assert_ne!(new_id, id);
-    let old = probe.store.load(&id).await.unwrap();
-    assert_eq!(old, None, "the old id no longer loads");
+    // The old id holds a marker without values, for two minutes at most.
+    let old = probe.store.load(&id).await.unwrap().expect("a marker");
+    assert_eq!(old.keys().filter(|k| !k.starts_with('\0')).count(), 0);
+    assert!(old.expiry_date <= probe.now() + Duration::minutes(2));
+    let late = probe.session(Some(id), HOUR);
+    let late_user = late.get::<String>("user").await.unwrap();
+    assert_eq!(late_user, None, "the old id never shows the session");
+    let late_id = late.id().await.unwrap();
+    assert_eq!(late_id, None);
+    probe.advance(121);
+    let expired = probe.store.load(&id).await.unwrap();
+    assert_eq!(expired, None, "the marker expires");
     let moved = probe.store.load(&new_id).await.unwrap().expect("moved");
     assert_eq!(
         moved.get::<String>("user").unwrap().as_deref(),
@@ -367,29 +387,18 @@ async fn cycle_id_failing_to_create_leaves_the_old_id() {
 }
 
 #[maybe_async::maybe_async]
-async fn cycle_id_failing_to_delete_leaves_the_new_id() {
+async fn cycle_id_failing_to_retire_the_old_id_leaves_it() {
     let probe = Probe::new();
     let id = stored(&probe, "alice").await;
     let session = probe.session(Some(id), HOUR);
-    probe.faulty.faults.delete.store(true, Ordering::SeqCst);
+    probe.faulty.faults.update.store(true, Ordering::SeqCst);
     let cycled = session.cycle_id().await;
     assert!(matches!(cycled, Err(Error::Backend(_))));
-    let new_id = session.id().await.unwrap().expect("stored");
-    assert_ne!(new_id, id, "the session moved");
-    let moved = probe
-        .store
-        .load(&new_id)
-        .await
-        .unwrap()
-        .expect("the new record");
-    assert_eq!(
-        moved.get::<String>("user").unwrap().as_deref(),
-        Some("alice")
-    );
-    // The old id still loads: whichever cookie the client ends up with, it is
-    // logged in under one of the two ids.
-    let old = probe.store.load(&id).await.unwrap();
-    assert!(old.is_some());
+    let still = session.id().await.unwrap();
+    assert_eq!(still, Some(id), "nothing changed");
+    let old = probe.store.load(&id).await.unwrap().expect("still there");
+    assert_eq!(old.get::<String>("user").unwrap().as_deref(), Some("alice"));
+    assert_eq!(probe.store.len(), 1, "the unused new record is deleted");
 }
 
 #[maybe_async::maybe_async]

@@ -9,7 +9,7 @@ use std::sync::{
 
 use portable_sessions::{
     session::{Id, Record},
-    session_store::{Error, Result},
+    session_store::{Error, Result, Update},
     ExpiredDeletion, MemoryStore, SessionStore,
 };
 
@@ -50,6 +50,7 @@ macro_rules! tests_in_both_modes {
 pub struct Faults {
     pub create: AtomicBool,
     pub save: AtomicBool,
+    pub update: AtomicBool,
     pub load: AtomicBool,
     pub delete: AtomicBool,
     pub delete_expired: AtomicBool,
@@ -86,6 +87,7 @@ impl FaultyStore {
         for fault in [
             &self.faults.create,
             &self.faults.save,
+            &self.faults.update,
             &self.faults.load,
             &self.faults.delete,
             &self.faults.delete_expired,
@@ -119,6 +121,15 @@ impl SessionStore for FaultyStore {
     async fn delete(&self, id: &Id) -> Result<()> {
         self.check(&self.faults.delete, "delete")?;
         self.inner.delete(id).await
+    }
+
+    async fn update(&self, record: &Record) -> Result<Update> {
+        self.check(&self.faults.update, "update")?;
+        self.inner.update(record).await
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
     }
 }
 

@@ -526,12 +526,21 @@ impl Session {
             Ok(())
         };
         apply(&mut loaded.record)?;
-        let bytes = loaded.record.get_raw(key).map(<[u8]>::to_vec);
-        loaded.changes.set(key, bytes);
         loaded.modified = true;
-        if loaded.stored {
-            self.write(loaded, &mut apply).await?;
+        // The step is written now, and is not one of the recorded changes: after a
+        // conflict `apply` computes it again from the newer value, which a recorded
+        // change would overwrite first. Not written (the session is not stored yet,
+        // or the write failed), it waits for the next write as a recorded change.
+        let written = if loaded.stored {
+            self.write(loaded, &mut apply).await
+        } else {
+            Ok(())
+        };
+        if !loaded.stored || written.is_err() {
+            let bytes = loaded.record.get_raw(key).map(<[u8]>::to_vec);
+            loaded.changes.set(key, bytes);
         }
+        written?;
         result.ok_or_else(|| Error::encode("the update function never ran"))
     }
 

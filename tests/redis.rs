@@ -28,24 +28,10 @@ use time::{Duration, OffsetDateTime};
 
 use common::{block, live_record};
 
-const SHARED: &str = "redis://127.0.0.1:6379";
+const SHARED: &str = common::SHARED_REDIS;
 
-/// A key prefix no other test (or run) uses.
-fn unique_prefix(test: &str) -> String {
-    format!("portable-sessions-test:{test}:{}:", Id::default())
-}
-
-/// A store on the shared server, under a prefix of its own.
 fn shared_store(test: &str) -> RedisStore {
-    if TcpStream::connect("127.0.0.1:6379").is_err() {
-        panic!(
-            "no Redis answers on 127.0.0.1:6379: start one, or run `bash scripts/test.sh`, \
-             which does"
-        );
-    }
-    RedisStore::new(SHARED)
-        .unwrap()
-        .with_key_prefix(unique_prefix(test))
+    common::shared_redis(test)
 }
 
 fn raw(url: &str) -> redis::Connection {

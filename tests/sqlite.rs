@@ -7,10 +7,10 @@ mod common;
 
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     sync::{
-        atomic::{AtomicI64, AtomicUsize, Ordering},
+        atomic::{AtomicI64, Ordering},
         mpsc, Arc,
     },
     time::{Duration as StdDuration, Instant},
@@ -25,34 +25,7 @@ use portable_sessions::{
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use common::{block, live_record};
-
-/// A directory under the system's temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "portable-sessions-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create a temporary directory");
-        Self(dir)
-    }
-
-    fn db(&self) -> PathBuf {
-        self.0.join("sessions.db")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{block, live_record, TempDir};
 
 /// A store whose clock the test moves: `(store, seconds since the Unix epoch)`.
 fn store_with_clock(path: &Path) -> (SqliteStore, Arc<AtomicI64>) {

@@ -182,3 +182,52 @@ pub async fn check_corruption_is_contained<S: SessionStore>(
     store.delete(&victim.id).await.unwrap();
     store.delete(&bystander.id).await.unwrap();
 }
+
+/// A directory under the system's temporary directory, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "portable-sessions-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        Self(dir)
+    }
+
+    pub fn db(&self) -> std::path::PathBuf {
+        self.0.join("sessions.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The Redis server every test shares, at 127.0.0.1:6379.
+pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+
+/// A key prefix no other test (or run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("portable-sessions-test:{test}:{}:", Id::default())
+}
+
+/// A Redis store on the shared server, under a prefix of its own.
+#[cfg(feature = "redis")]
+pub fn shared_redis(test: &str) -> portable_sessions::RedisStore {
+    if std::net::TcpStream::connect("127.0.0.1:6379").is_err() {
+        panic!(
+            "no Redis answers on 127.0.0.1:6379: start one, or run `bash scripts/test.sh`, \
+             which does"
+        );
+    }
+    portable_sessions::RedisStore::new(SHARED_REDIS)
+        .expect("a valid URL")
+        .with_key_prefix(unique_prefix(test))
+}

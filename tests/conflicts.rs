@@ -1,0 +1,657 @@
+//! Concurrent requests of one session: conditional writes, merging, atomic updates,
+//! and logouts and logins that racing requests can never undo. In both modes.
+//!
+//! The interleavings are deterministic: two request handles on one store, stepped in
+//! a chosen order, and a store that pauses a request inside its write until the test
+//! has run another one. Then real load: many threads (and, in async mode, several
+//! futures on each thread) counting through `Session::update` on every store.
+
+mod common;
+
+use std::sync::{
+    atomic::{AtomicI64, AtomicUsize, Ordering},
+    Arc, Condvar, Mutex,
+};
+
+use common::{block, TempDir};
+use portable_sessions::{
+    session::{Expiry, Id, Record, SessionConfig},
+    session_store::{Result, Update},
+    CachingSessionStore, MemoryStore, SessionManager, SessionStore,
+};
+use time::{Duration, OffsetDateTime};
+
+tests_in_both_modes!(
+    requests_writing_different_keys_keep_both,
+    requests_writing_one_key_the_later_wins_and_nothing_else_is_lost,
+    a_write_racing_a_logout_never_revives_the_session,
+    a_write_racing_cycle_id_neither_revives_nor_overwrites,
+    a_refresh_racing_a_logout_never_revives_the_session,
+    update_runs_again_on_the_newer_value,
+    endless_conflicts_end_in_a_clear_error,
+    a_request_arriving_with_a_moved_id_writes_nothing,
+);
+
+/// A store that, once armed, stops the next conditional write just before it reaches
+/// the memory store, until the test lets it go: the test runs another request while
+/// one is held there, between its load and its write.
+#[derive(Debug, Default)]
+struct PausingStore {
+    inner: MemoryStore,
+    gate: Gate,
+    updates: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
+enum GateState {
+    #[default]
+    Open,
+    Armed,
+    Holding,
+    Released,
+}
+
+impl Gate {
+    fn set(&self, state: GateState) {
+        *self.state.lock().unwrap() = state;
+        self.changed.notify_all();
+    }
+
+    fn wait_for(&self, wanted: GateState) {
+        let state = self.state.lock().unwrap();
+        let timeout = std::time::Duration::from_secs(20);
+        let (state, waited) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| *s != wanted)
+            .unwrap();
+        assert!(
+            !waited.timed_out(),
+            "the gate never reached {wanted:?}: {state:?}"
+        );
+    }
+
+    /// Called by the store: holds the caller here if armed.
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        if *state == GateState::Armed {
+            *state = GateState::Holding;
+            self.changed.notify_all();
+            drop(state);
+            self.wait_for(GateState::Released);
+            self.set(GateState::Open);
+        }
+    }
+}
+
+impl PausingStore {
+    /// Runs `held` on a thread of its own until it reaches its next conditional write,
+    /// then `meanwhile` on this thread, then lets `held` finish; returns its result.
+    fn interleave<T: Send>(&self, held: impl FnOnce() -> T + Send, meanwhile: impl FnOnce()) -> T {
+        self.gate.set(GateState::Armed);
+        std::thread::scope(|scope| {
+            let held = scope.spawn(held);
+            self.gate.wait_for(GateState::Holding);
+            meanwhile();
+            self.gate.set(GateState::Released);
+            held.join().expect("the held request")
+        })
+    }
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for PausingStore {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.inner.create(record).await
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.inner.save(record).await
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.inner.load(id).await
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.inner.delete(id).await
+    }
+
+    async fn update(&self, record: &Record) -> Result<Update> {
+        self.updates.fetch_add(1, Ordering::SeqCst);
+        self.gate.pass();
+        self.inner.update(record).await
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
+    }
+}
+
+fn manager_of(store: Arc<dyn SessionStore>) -> SessionManager {
+    SessionManager::from_shared(store)
+        .with_cookie_name("sid")
+        .with_expiry(Expiry::OnInactivity(Duration::hours(1)))
+}
+
+/// The `sid=ID` pair of a `Set-Cookie` value.
+fn pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap_or_default().to_owned()
+}
+
+fn id_of(cookie: &str) -> Id {
+    cookie["sid=".len()..].parse().expect("an id")
+}
+
+/// One request that stores `key = value` in a new session; returns its cookie.
+#[maybe_async::maybe_async]
+async fn new_session(manager: &SessionManager, values: &[(&str, &str)]) -> String {
+    let session = manager.begin(None::<&str>);
+    for (key, value) in values {
+        session.insert(key, value).await.unwrap();
+    }
+    let set = manager.finish(&session).await.unwrap();
+    pair(&set.expect("a new session sets its cookie"))
+}
+
+/// What a new request with `cookie` reads under `key`.
+#[maybe_async::maybe_async]
+async fn read(manager: &SessionManager, cookie: &str, key: &str) -> Option<String> {
+    let session = manager.begin([cookie]);
+    let value = session.get::<String>(key).await.unwrap();
+    manager.finish(&session).await.unwrap();
+    value
+}
+
+/// Whether the store holds a session with values under the cookie's id.
+#[maybe_async::maybe_async]
+async fn live(store: &dyn SessionStore, cookie: &str) -> bool {
+    let found = store.load(&id_of(cookie)).await.unwrap();
+    found.is_some_and(|record| record.keys().any(|key| !key.starts_with('\0')))
+}
+
+#[maybe_async::maybe_async]
+async fn requests_writing_different_keys_keep_both() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+
+    let a = manager.begin([cookie.as_str()]);
+    let b = manager.begin([cookie.as_str()]);
+    a.insert("theme", "dark").await.unwrap();
+    b.insert("cart", "pear").await.unwrap();
+    let set_a = manager.finish(&a).await.unwrap();
+    let set_b = manager.finish(&b).await.unwrap();
+    assert_eq!(set_a.map(|s| pair(&s)), Some(cookie.clone()));
+    assert_eq!(
+        set_b.map(|s| pair(&s)),
+        Some(cookie.clone()),
+        "merged, not lost"
+    );
+
+    let theme = read(&manager, &cookie, "theme").await;
+    let cart = read(&manager, &cookie, "cart").await;
+    let user = read(&manager, &cookie, "user").await;
+    assert_eq!(theme.as_deref(), Some("dark"));
+    assert_eq!(cart.as_deref(), Some("pear"));
+    assert_eq!(user.as_deref(), Some("alice"));
+    let record = store.load(&id_of(&cookie)).await.unwrap().unwrap();
+    assert_eq!(record.version, 2, "one create, then two conditional writes");
+}
+
+#[maybe_async::maybe_async]
+async fn requests_writing_one_key_the_later_wins_and_nothing_else_is_lost() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice"), ("theme", "light")]).await;
+
+    let a = manager.begin([cookie.as_str()]);
+    let b = manager.begin([cookie.as_str()]);
+    a.insert("theme", "dark").await.unwrap();
+    a.insert("lang", "en").await.unwrap();
+    b.insert("theme", "blue").await.unwrap();
+    b.remove::<String>("user").await.unwrap();
+    b.insert("user", "alice").await.unwrap(); // set back: still one of b's changes
+    manager.finish(&a).await.unwrap();
+    manager.finish(&b).await.unwrap();
+
+    let theme = read(&manager, &cookie, "theme").await;
+    let lang = read(&manager, &cookie, "lang").await;
+    let user = read(&manager, &cookie, "user").await;
+    assert_eq!(
+        theme.as_deref(),
+        Some("blue"),
+        "the later write wins its key"
+    );
+    assert_eq!(
+        lang.as_deref(),
+        Some("en"),
+        "the earlier one's other keys stay"
+    );
+    assert_eq!(user.as_deref(), Some("alice"));
+
+    // A removal is a change too: it is applied over the newer record.
+    let a = manager.begin([cookie.as_str()]);
+    let b = manager.begin([cookie.as_str()]);
+    a.insert("lang", "fr").await.unwrap();
+    b.remove::<String>("theme").await.unwrap();
+    manager.finish(&a).await.unwrap();
+    manager.finish(&b).await.unwrap();
+    let theme = read(&manager, &cookie, "theme").await;
+    let lang = read(&manager, &cookie, "lang").await;
+    assert_eq!(theme, None);
+    assert_eq!(lang.as_deref(), Some("fr"));
+}
+
+#[maybe_async::maybe_async]
+async fn a_write_racing_a_logout_never_revives_the_session() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+
+    // A request loads the session; a logout ends it; then the first one writes.
+    let visit = manager.begin([cookie.as_str()]);
+    let user = visit.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+    let logout = manager.begin([cookie.as_str()]);
+    logout.flush().await.unwrap();
+    let removal = manager.finish(&logout).await.unwrap().expect("a removal");
+    assert!(removal.starts_with("sid=;"), "{removal}");
+
+    visit.insert("visits", &"5").await.unwrap();
+    let set = manager.finish(&visit).await.unwrap();
+    assert_eq!(set, None, "no cookie that would undo the logout's removal");
+    let revived = live(&*store, &cookie).await;
+    assert!(!revived, "the logged-out session stays gone");
+    assert!(store.is_empty());
+    let id = visit.id().await.unwrap();
+    assert_eq!(id, None);
+
+    // The same with the write inside the commit: held after its load, before its
+    // conditional write, while the logout runs.
+    let store = Arc::new(PausingStore::default());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    let visit = manager.begin([cookie.as_str()]);
+    visit.insert("visits", &"6").await.unwrap();
+    let set = store.interleave(
+        || block(manager.finish(&visit)).unwrap(),
+        || {
+            let logout = manager.begin([cookie.as_str()]);
+            block(logout.flush()).unwrap();
+            block(manager.finish(&logout)).unwrap();
+        },
+    );
+    assert_eq!(set, None);
+    assert!(store.inner.is_empty(), "nothing written back");
+}
+
+#[maybe_async::maybe_async]
+async fn a_write_racing_cycle_id_neither_revives_nor_overwrites() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("cart", "apple")]).await;
+
+    // A request loads the anonymous session; a login moves it; then the first writes.
+    let visit = manager.begin([cookie.as_str()]);
+    visit.insert("cart", "pear").await.unwrap();
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    login.insert("user", "alice").await.unwrap();
+    let logged_in = pair(&manager.finish(&login).await.unwrap().expect("the new id"));
+    assert_ne!(logged_in, cookie);
+
+    let set = manager.finish(&visit).await.unwrap();
+    assert_eq!(set, None, "no cookie that would replace the new one");
+    let old = live(&*store, &cookie).await;
+    assert!(!old, "the pre-login id never comes back");
+    let user = read(&manager, &logged_in, "user").await;
+    let cart = read(&manager, &logged_in, "cart").await;
+    assert_eq!(
+        user.as_deref(),
+        Some("alice"),
+        "the login is not overwritten"
+    );
+    assert_eq!(cart.as_deref(), Some("apple"), "the late change is dropped");
+    let stale = read(&manager, &cookie, "user").await;
+    assert_eq!(stale, None);
+
+    // A change written after the login loaded the session, but before it retired
+    // the old id, moves with the session.
+    let store = Arc::new(PausingStore::default());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("cart", "apple")]).await;
+    let login = manager.begin([cookie.as_str()]);
+    login.get::<String>("cart").await.unwrap();
+    store.interleave(
+        || block(login.cycle_id()).unwrap(),
+        || {
+            let visit = manager.begin([cookie.as_str()]);
+            block(visit.insert("cart", "pear")).unwrap();
+            block(manager.finish(&visit)).unwrap();
+        },
+    );
+    block(login.insert("user", "alice")).unwrap();
+    let logged_in = pair(&block(manager.finish(&login)).unwrap().expect("new id"));
+    let cart = read(&manager, &logged_in, "cart").await;
+    let user = read(&manager, &logged_in, "user").await;
+    assert_eq!(cart.as_deref(), Some("pear"), "carried over to the new id");
+    assert_eq!(user.as_deref(), Some("alice"));
+    let old = live(&*store, &cookie).await;
+    assert!(!old);
+
+    // A logout while the login is held: the login must not revive the session.
+    let cookie = new_session(&manager, &[("cart", "apple")]).await;
+    let login = manager.begin([cookie.as_str()]);
+    login.get::<String>("cart").await.unwrap();
+    store.interleave(
+        || block(login.cycle_id()).unwrap(),
+        || {
+            let logout = manager.begin([cookie.as_str()]);
+            block(logout.flush()).unwrap();
+            block(manager.finish(&logout)).unwrap();
+        },
+    );
+    let set = block(manager.finish(&login)).unwrap();
+    assert_eq!(set, None);
+    let id = login.id().await.unwrap();
+    assert_eq!(id, None, "the session is gone");
+    assert!(
+        store.inner.len() <= 2,
+        "only the two earlier sessions' records"
+    );
+    let old = live(&*store, &cookie).await;
+    assert!(!old);
+}
+
+#[maybe_async::maybe_async]
+async fn a_refresh_racing_a_logout_never_revives_the_session() {
+    let clock = Arc::new(AtomicI64::new(1_700_000_000));
+    let now = {
+        let clock = clock.clone();
+        move || OffsetDateTime::from_unix_timestamp(clock.load(Ordering::SeqCst)).unwrap()
+    };
+    let store = Arc::new(MemoryStore::with_clock(now.clone()));
+    let config =
+        SessionConfig::new(Expiry::OnInactivity(Duration::hours(1))).with_clock(now.clone());
+    let manager = SessionManager::from_shared(store.clone())
+        .with_cookie_name("sid")
+        .with_config(config)
+        .with_refresh_on_request(0.25);
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    clock.fetch_add(30 * 60, Ordering::SeqCst); // a refresh is due
+
+    let reader = manager.begin([cookie.as_str()]);
+    let user = reader.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+    let logout = manager.begin([cookie.as_str()]);
+    logout.flush().await.unwrap();
+    manager.finish(&logout).await.unwrap();
+
+    let set = manager.finish(&reader).await.unwrap();
+    assert_eq!(set, None, "a refresh of a gone session sends nothing");
+    assert!(store.is_empty(), "and writes nothing");
+
+    // A refresh that loses to another write leaves that write alone.
+    let cookie = new_session(&manager, &[("user", "bob")]).await;
+    clock.fetch_add(30 * 60, Ordering::SeqCst);
+    let reader = manager.begin([cookie.as_str()]);
+    reader.get::<String>("user").await.unwrap();
+    let writer = manager.begin([cookie.as_str()]);
+    writer.insert("user", "carol").await.unwrap();
+    manager.finish(&writer).await.unwrap();
+    manager.finish(&reader).await.unwrap();
+    let user = read(&manager, &cookie, "user").await;
+    assert_eq!(user.as_deref(), Some("carol"));
+}
+
+#[maybe_async::maybe_async]
+async fn update_runs_again_on_the_newer_value() {
+    let store = Arc::new(PausingStore::default());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+
+    let calls = AtomicUsize::new(0);
+    let first = manager.begin([cookie.as_str()]);
+    first.get::<String>("user").await.unwrap();
+    let counted = store.interleave(
+        || {
+            block(first.update("visits", |n: Option<u64>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                n.unwrap_or(0) + 1
+            }))
+            .unwrap()
+        },
+        || {
+            // Another request counts while the first one is held before its write.
+            let other = manager.begin([cookie.as_str()]);
+            let n = block(other.update("visits", |n: Option<u64>| n.unwrap_or(0) + 5)).unwrap();
+            assert_eq!(n, 5);
+            block(manager.finish(&other)).unwrap();
+        },
+    );
+    assert_eq!(
+        counted, 6,
+        "the first request's step comes after the other's"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "run again after the conflict"
+    );
+    let set = manager.finish(&first).await.unwrap();
+    assert!(set.is_some(), "the written session's cookie is renewed");
+    let session = manager.begin([cookie.as_str()]);
+    let visits = session.get::<u64>("visits").await.unwrap();
+    assert_eq!(visits, Some(6));
+
+    // On a session not stored yet, update only changes the handle: the commit
+    // creates it.
+    let fresh = manager.begin(None::<&str>);
+    let writes = store.updates.load(Ordering::SeqCst);
+    let one = fresh
+        .update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    assert_eq!(store.updates.load(Ordering::SeqCst), writes);
+    let cookie = pair(&manager.finish(&fresh).await.unwrap().expect("created"));
+    let session = manager.begin([cookie.as_str()]);
+    let visits = session.get::<u64>("visits").await.unwrap();
+    assert_eq!(visits, Some(1));
+
+    // A value of another type is a decode error, and nothing changes.
+    let wrong = session
+        .update("visits", |s: Option<String>| s.unwrap_or_default())
+        .await;
+    assert!(matches!(
+        wrong,
+        Err(portable_sessions::session_store::Error::Decode(_))
+    ));
+    let reserved = session
+        .update("\0created", |n: Option<u64>| n.unwrap_or(0))
+        .await;
+    assert!(reserved.is_err());
+}
+
+/// A store whose conditional writes always lose, as under a storm of other writers.
+#[derive(Debug, Default)]
+struct AlwaysConflicting(MemoryStore);
+
+#[maybe_async::maybe_async]
+impl SessionStore for AlwaysConflicting {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.0.create(record).await
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.0.save(record).await
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.0.load(id).await
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.0.delete(id).await
+    }
+
+    async fn update(&self, _: &Record) -> Result<Update> {
+        Ok(Update::Conflict)
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn endless_conflicts_end_in_a_clear_error() {
+    let store = Arc::new(AlwaysConflicting::default());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    let session = manager.begin([cookie.as_str()]);
+    session.insert("theme", "dark").await.unwrap();
+    let failed = manager.finish(&session).await.unwrap_err();
+    assert!(failed.is_write_conflict(), "{}", failed.report());
+    assert!(
+        failed.report().contains("64 attempts"),
+        "{}",
+        failed.report()
+    );
+    let modified = session.is_modified().await;
+    assert!(modified, "the changes are still there to retry");
+    let stored = store.0.load(&id_of(&cookie)).await.unwrap().unwrap();
+    assert_eq!(stored.get::<String>("theme").unwrap(), None);
+}
+
+#[maybe_async::maybe_async]
+async fn a_request_arriving_with_a_moved_id_writes_nothing() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    manager.finish(&login).await.unwrap();
+    let records = store.len();
+
+    // Sent before the login's response arrived, handled after it.
+    let late = manager.begin([cookie.as_str()]);
+    let user = late.get::<String>("user").await.unwrap();
+    assert_eq!(user, None, "the old id never shows the session");
+    late.insert("visits", &"1").await.unwrap();
+    let counted = late
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    assert_eq!(counted, 1);
+    let set = manager.finish(&late).await.unwrap();
+    assert_eq!(set, None, "no cookie that would replace the new one");
+    assert_eq!(store.len(), records, "nothing created");
+}
+
+// Many requests of one session counting at once, on every store.
+
+/// Threads, each running requests that count once through `Session::update`; in
+/// async mode each thread drives two requests at a time on one executor.
+const THREADS: usize = 8;
+const REQUESTS: usize = 25;
+
+#[maybe_async::maybe_async]
+async fn count_once(manager: &SessionManager, cookie: &str) {
+    let session = manager.begin([cookie]);
+    session
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    let set = manager.finish(&session).await.unwrap();
+    assert!(set.is_some(), "a written session renews its cookie");
+}
+
+#[maybe_async::sync_impl]
+fn count_concurrently(manager: &SessionManager, cookie: &str) {
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                for _ in 0..REQUESTS {
+                    count_once(manager, cookie);
+                }
+            });
+        }
+    });
+}
+
+#[maybe_async::async_impl]
+fn count_concurrently(manager: &SessionManager, cookie: &str) {
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                block(async {
+                    for _ in 0..REQUESTS / 2 {
+                        futures_lite::future::zip(
+                            count_once(manager, cookie),
+                            count_once(manager, cookie),
+                        )
+                        .await;
+                    }
+                    for _ in 0..REQUESTS % 2 {
+                        count_once(manager, cookie).await;
+                    }
+                })
+            });
+        }
+    });
+}
+
+fn counts_exactly(store: Arc<dyn SessionStore>) {
+    let manager = manager_of(store);
+    let cookie = block(new_session(&manager, &[("user", "alice")]));
+    count_concurrently(&manager, &cookie);
+    let session = manager.begin([cookie.as_str()]);
+    let n = block(session.get::<u64>("n")).unwrap();
+    assert_eq!(n, Some((THREADS * REQUESTS) as u64), "no step lost");
+    let user = block(session.get::<String>("user")).unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+}
+
+#[test]
+fn concurrent_counting_is_exact_on_memory() {
+    counts_exactly(Arc::new(MemoryStore::new()));
+}
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn concurrent_counting_is_exact_on_sqlite() {
+    let dir = TempDir::new("conflicts-sqlite");
+    let store = portable_sessions::SqliteStore::open(dir.db()).unwrap();
+    counts_exactly(Arc::new(store));
+}
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn concurrent_counting_is_exact_on_memory_cached_sqlite() {
+    let dir = TempDir::new("conflicts-cached-sqlite");
+    let store = portable_sessions::SqliteStore::open(dir.db()).unwrap();
+    counts_exactly(Arc::new(CachingSessionStore::new(
+        MemoryStore::new(),
+        store,
+    )));
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn concurrent_counting_is_exact_on_redis() {
+    counts_exactly(Arc::new(common::shared_redis("conflicts")));
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn concurrent_counting_is_exact_on_memory_cached_redis() {
+    let store = CachingSessionStore::new(MemoryStore::new(), common::shared_redis("conflicts"));
+    counts_exactly(Arc::new(store));
+}

@@ -2,15 +2,16 @@
 //! feature (every session call is an ordinary blocking call).
 //!
 //! ```text
-//! cargo run --example http_blocking --features sync [-- ADDRESS]
+//! cargo run --example http_blocking --features sync,sqlite,redis [-- ADDRESS [STORE]]
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
 //! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice
 //! curl -c jar -b jar -X POST http://127.0.0.1:3000/logout   # the cookie is removed
 //! ```
 //!
-//! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), prints
-//! the address it bound as its first line, and stops on Ctrl-C. The application
+//! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), keeps
+//! sessions in STORE (`memory`, the default; `sqlite:PATH`; or a `redis://` URL),
+//! prints the address it bound as its first line, and stops on Ctrl-C. The application
 //! itself is in `visits/mod.rs`, shared with `http_smol.rs`.
 
 use std::{
@@ -23,7 +24,7 @@ use std::{
     },
 };
 
-use portable_sessions::{MemoryStore, SessionManager, SessionStore};
+use portable_sessions::{SessionManager, SessionStore};
 use tiny_http::{Header, Request, Response, Server};
 
 #[path = "visits/mod.rs"]
@@ -38,10 +39,8 @@ const MAX_BODY: u64 = 1024;
 
 fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let addr = std::env::args().nth(1);
-    let app = App::bind(
-        addr.as_deref().unwrap_or("127.0.0.1:3000"),
-        MemoryStore::new(),
-    )?;
+    let store = visits::open_store(std::env::args().nth(2).as_deref())?;
+    let app = App::bind(addr.as_deref().unwrap_or("127.0.0.1:3000"), store)?;
     // The first line of output is the address, for scripts and tests to read.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", app.local_addr())?;

@@ -3,15 +3,16 @@
 //! async mode.
 //!
 //! ```text
-//! cargo run --example http_smol [-- ADDRESS]
+//! cargo run --example http_smol --features sqlite,redis [-- ADDRESS [STORE]]
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
 //! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice
 //! curl -c jar -b jar -X POST http://127.0.0.1:3000/logout   # the cookie is removed
 //! ```
 //!
-//! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), prints
-//! the address it bound as its first line, and stops on Ctrl-C. The application
+//! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), keeps
+//! sessions in STORE (`memory`, the default; `sqlite:PATH`; or a `redis://` URL),
+//! prints the address it bound as its first line, and stops on Ctrl-C. The application
 //! itself is in `visits/mod.rs`, shared with `http_blocking.rs`.
 //!
 //! Why hyper: it is the most used and best kept HTTP implementation in Rust, and it
@@ -29,15 +30,13 @@ fn main() {
 fn main() -> std::io::Result<()> {
     use std::io::Write;
 
-    use portable_sessions::MemoryStore;
-
     let addr = std::env::args().nth(1);
+    let store = visits::open_store(std::env::args().nth(2).as_deref()).map_err(|err| {
+        eprintln!("{err}");
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, err)
+    })?;
     smol::block_on(async {
-        let app = App::bind(
-            addr.as_deref().unwrap_or("127.0.0.1:3000"),
-            MemoryStore::new(),
-        )
-        .await?;
+        let app = App::bind(addr.as_deref().unwrap_or("127.0.0.1:3000"), store).await?;
         // The first line of output is the address, for scripts and tests to read.
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{}", app.local_addr()?)?;

@@ -10,20 +10,20 @@ mod http;
 #[path = "../examples/http_blocking.rs"]
 mod example;
 
-use portable_sessions::MemoryStore;
-
 #[test]
-fn serves_sessions_over_http() {
-    let store = MemoryStore::new();
-    let app = example::App::bind("127.0.0.1:0", store.clone()).expect("binds");
-    let addr = app.local_addr();
-    let stopper = app.stopper();
-    let server = std::thread::spawn(move || app.run());
+fn serves_sessions_over_http_on_every_store() {
+    http::each_store("http-blocking", |store| {
+        let app = example::App::bind("127.0.0.1:0", store.clone()).expect("binds");
+        let addr = app.local_addr();
+        let stopper = app.stopper();
+        let server = std::thread::spawn(move || app.run());
 
-    http::check_server(addr, &store);
+        http::check_server(addr, &*store);
+        http::check_races(addr, &*store);
 
-    stopper.stop();
-    server.join().expect("the server stops cleanly");
+        stopper.stop();
+        server.join().expect("the server stops cleanly");
+    });
 }
 
 #[cfg(unix)]

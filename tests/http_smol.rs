@@ -10,28 +10,28 @@ mod http;
 #[path = "../examples/http_smol.rs"]
 mod example;
 
-use portable_sessions::MemoryStore;
-
 #[test]
-fn serves_sessions_over_http() {
-    let store = MemoryStore::new();
-    let app = smol::block_on(example::App::bind("127.0.0.1:0", store.clone())).expect("binds");
-    let addr = app.local_addr().expect("bound");
-    let (stop, stopped) = smol::channel::bounded::<()>(1);
-    let server = std::thread::spawn(move || {
-        smol::block_on(app.run(async move {
-            let _ = stopped.recv().await;
-        }))
+fn serves_sessions_over_http_on_every_store() {
+    http::each_store("http-smol", |store| {
+        let app = smol::block_on(example::App::bind("127.0.0.1:0", store.clone())).expect("binds");
+        let addr = app.local_addr().expect("bound");
+        let (stop, stopped) = smol::channel::bounded::<()>(1);
+        let server = std::thread::spawn(move || {
+            smol::block_on(app.run(async move {
+                let _ = stopped.recv().await;
+            }))
+        });
+
+        http::check_server(addr, &*store);
+        http::check_races(addr, &*store);
+
+        stop.send_blocking(())
+            .expect("the server listens for the stop");
+        server
+            .join()
+            .expect("the server thread")
+            .expect("the server stops cleanly");
     });
-
-    http::check_server(addr, &store);
-
-    stop.send_blocking(())
-        .expect("the server listens for the stop");
-    server
-        .join()
-        .expect("the server thread")
-        .expect("the server stops cleanly");
 }
 
 #[cfg(unix)]

@@ -3,12 +3,60 @@
 //! example file shows only what differs: the server and the session cookie's round
 //! trip through `SessionManager::begin` and `SessionManager::finish`.
 
+use std::sync::Arc;
+
 use portable_sessions::{
     session::{Expiry, Session, SessionConfig},
     session_store::Result,
-    SessionManager, SessionStore,
+    MemoryStore, SessionManager, SessionStore,
 };
 use time::Duration;
+
+/// The store named by the examples' second argument: `memory` (the default),
+/// `sqlite:PATH` (feature `sqlite`), or a `redis://` URL (feature `redis`).
+///
+/// # Errors
+///
+/// Says what is wrong with the argument, or why the store cannot be opened.
+pub(crate) fn open_store(spec: Option<&str>) -> std::result::Result<Arc<dyn SessionStore>, String> {
+    match spec.unwrap_or("memory") {
+        "memory" => Ok(Arc::new(MemoryStore::new())),
+        spec if spec.starts_with("sqlite:") => open_sqlite(&spec["sqlite:".len()..]),
+        spec if spec.starts_with("redis://") || spec.starts_with("redis+unix://") => {
+            open_redis(spec)
+        }
+        other => Err(format!(
+            "unknown store {other:?}: expected `memory`, `sqlite:PATH` or a `redis://` URL"
+        )),
+    }
+}
+
+#[cfg(feature = "sqlite")]
+fn open_sqlite(path: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+    if path.is_empty() {
+        return Err("`sqlite:` needs a file path, as in `sqlite:/tmp/sessions.db`".to_owned());
+    }
+    let store = portable_sessions::SqliteStore::open(path)
+        .map_err(|err| format!("cannot open {path}: {}", err.report()))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn open_sqlite(_: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+    Err("this build has no SQLite store: build with `--features sqlite`".to_owned())
+}
+
+#[cfg(feature = "redis")]
+fn open_redis(url: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+    let store = portable_sessions::RedisStore::new(url)
+        .map_err(|err| format!("bad Redis URL: {}", err.report()))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "redis"))]
+fn open_redis(_: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+    Err("this build has no Redis store: build with `--features redis`".to_owned())
+}
 
 /// The cookie name the examples use.
 pub(crate) const COOKIE: &str = "sid";
@@ -42,7 +90,8 @@ fn reply(status: u16, body: impl Into<String>) -> Reply {
 
 /// Serves one request on its session.
 ///
-/// - `GET /`: counts the visit; answers `visits=N user=NAME` (`-` when logged out).
+/// - `GET /`: counts the visit, atomically (concurrent visits of one session each
+///   count once); answers `visits=N user=NAME` (`-` when logged out).
 /// - `POST /login` with a name as the body: moves the session to a new id (against
 ///   session fixation) and logs that name in.
 /// - `POST /logout`: ends the session.
@@ -57,10 +106,13 @@ pub(crate) async fn route(
     path: &str,
     body: &[u8],
 ) -> Result<Reply> {
+    // Route on the path alone: `/?utm=x` is still `/`.
+    let path = path.split('?').next().unwrap_or_default();
     match (method, path) {
         ("GET", "/") => {
-            let visits = session.get::<u64>("visits").await?.unwrap_or(0) + 1;
-            session.insert("visits", &visits).await?;
+            let visits = session
+                .update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)
+                .await?;
             let user = session.get::<String>("user").await?;
             let user = user.as_deref().unwrap_or("-");
             Ok(reply(200, format!("visits={visits} user={user}\n")))

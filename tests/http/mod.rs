@@ -217,6 +217,165 @@ pub fn check_server(addr: SocketAddr, store: &dyn SessionStore) {
     assert_eq!(missing.status, 404);
 }
 
+/// Runs `check` on each store the examples take: memory, SQLite (a file of its own)
+/// and Redis (the shared server, under a prefix of its own), as features allow.
+pub fn each_store(test: &str, check: impl Fn(std::sync::Arc<dyn SessionStore>)) {
+    check(std::sync::Arc::new(portable_sessions::MemoryStore::new()));
+    #[cfg(feature = "sqlite")]
+    {
+        let dir = crate::common::TempDir::new(test);
+        check(std::sync::Arc::new(
+            portable_sessions::SqliteStore::open(dir.db()).expect("opens"),
+        ));
+    }
+    #[cfg(feature = "redis")]
+    check(std::sync::Arc::new(crate::common::shared_redis(test)));
+}
+
+/// A request for [`at_once`].
+type Request = Box<dyn Fn(&Client) -> Answer + Send + Sync>;
+
+/// `count` visits with `cookie`.
+fn visits_with(cookie: &str, count: usize) -> Vec<Request> {
+    (0..count)
+        .map(|_| {
+            let cookie = cookie.to_owned();
+            Box::new(move |c: &Client| c.visit(Some(cookie.as_bytes()))) as Request
+        })
+        .collect()
+}
+
+/// Sends `requests` at once (each a closure over its own client), released together
+/// by a barrier; returns their answers in order.
+fn at_once(addr: SocketAddr, requests: Vec<Request>) -> Vec<Answer> {
+    let barrier = std::sync::Barrier::new(requests.len());
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = requests
+            .iter()
+            .map(|request| {
+                let (client, barrier) = (Client::new(addr), &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    request(&client)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("the client thread"))
+            .collect()
+    })
+}
+
+/// Drives the `visits` application at `addr` with concurrent requests of one
+/// session: concurrent visits each count once, and a logout or a login racing
+/// visits in flight is never undone.
+pub fn check_races(addr: SocketAddr, store: &dyn SessionStore) {
+    let client = Client::new(addr);
+
+    // 40 visits at once with one cookie count exactly 40.
+    let first = client.visit(None);
+    visits(&first, 1, "-");
+    let cookie = first.cookie();
+    let answers = at_once(addr, visits_with(&cookie, 40));
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    let mut counts: Vec<u64> = answers
+        .iter()
+        .map(|a| {
+            let n = a
+                .body
+                .trim_start_matches("visits=")
+                .split(' ')
+                .next()
+                .unwrap();
+            n.parse().expect("a count")
+        })
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(
+        counts,
+        (2..=41).collect::<Vec<_>>(),
+        "each visit counted once"
+    );
+    visits(&client.visit(Some(cookie.as_bytes())), 42, "-");
+
+    // A logout racing 30 visits in flight stays a logout.
+    let login = client.post("/login", Some(&cookie), "alice");
+    assert_eq!(login.status, 200, "{login:?}");
+    let user = login.cookie();
+    let mut requests = visits_with(&user, 30);
+    let logout_cookie = user.clone();
+    requests.push(Box::new(move |c: &Client| {
+        c.post("/logout", Some(&logout_cookie), "")
+    }));
+    let answers = at_once(addr, requests);
+    assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
+    let logout = answers.last().expect("the logout");
+    assert!(
+        logout
+            .set_cookie
+            .as_deref()
+            .is_some_and(|c| c.starts_with("sid=;")),
+        "{logout:?}"
+    );
+    assert!(!stored(store, &user), "the logged-out session stays gone");
+    visits(&client.visit(Some(user.as_bytes())), 1, "-");
+    for answer in &answers[..30] {
+        if let Some(set) = &answer.set_cookie {
+            // A visit that loaded the session before the logout may renew its cookie;
+            // one after it starts an anonymous session: never a logged-in one.
+            let pair = set.split(';').next().unwrap_or_default();
+            assert!(
+                pair == user || !stored_as(store, pair, "alice"),
+                "{answer:?}"
+            );
+        }
+    }
+
+    // A login racing 30 visits on the pre-login cookie keeps the user logged in
+    // under the new id, and the pre-login id never comes back.
+    let anonymous = client.visit(None).cookie();
+    let mut requests = visits_with(&anonymous, 30);
+    let login_cookie = anonymous.clone();
+    requests.push(Box::new(move |c: &Client| {
+        c.post("/login", Some(&login_cookie), "bob")
+    }));
+    let answers = at_once(addr, requests);
+    assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
+    let logged_in = answers.last().expect("the login").cookie();
+    assert_ne!(logged_in, anonymous);
+    for answer in &answers[..30] {
+        if let Some(set) = &answer.set_cookie {
+            let pair = set.split(';').next().unwrap_or_default();
+            assert_eq!(
+                pair, anonymous,
+                "a racing visit never sets another id: {answer:?}"
+            );
+        }
+    }
+    assert!(
+        !stored(store, &anonymous),
+        "the pre-login id never comes back"
+    );
+    assert!(stored_as(store, &logged_in, "bob"));
+    let after = client.visit(Some(logged_in.as_bytes()));
+    assert_eq!(after.status, 200);
+    assert!(after.body.ends_with(" user=bob\n"), "{after:?}");
+    let stale = client.visit(Some(anonymous.as_bytes()));
+    assert!(stale.body.ends_with(" user=-\n"), "{stale:?}");
+}
+
+/// Returns `true` if the session under the cookie's id is logged in as `user`.
+fn stored_as(store: &dyn SessionStore, cookie: &str, user: &str) -> bool {
+    let Ok(id) = cookie["sid=".len()..].parse::<Id>() else {
+        return false;
+    };
+    let found = crate::common::block(store.load(&id)).expect("the store answers");
+    found.is_some_and(|record| record.get::<String>("user").ok().flatten().as_deref() == Some(user))
+}
+
 /// Where cargo put the example binary `name`: `target/<profile>/examples/`, beside
 /// the `deps/` folder that holds this test binary. `cargo test` builds examples
 /// before it runs any test; `None` when it was not built (`cargo test --test ...`).

@@ -13,6 +13,7 @@
 //! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass,
 //!   or continuously on a [`Timer`] and a [`DeletionSchedule`].
 //! - [`session_store::Error`]: what a store operation can fail with.
+//! - [`session_store::Update`]: what a conditional write did (written, conflict, gone).
 //! - [`session::Session`]: the per-request handle on one session: typed values,
 //!   loaded on first use, written back only when changed.
 //! - [`SessionManager`]: the session cookie's round trip for any HTTP framework, with
@@ -201,6 +202,18 @@
 //! new id at login; [`session::Session::flush`] ends it at logout. The examples
 //! `http_blocking` (tiny_http, blocking mode) and `http_smol` (hyper on smol) are
 //! complete servers.
+//!
+//! # Concurrent requests of one session
+//!
+//! Every stored record carries a [`version`](session::Record::version), and
+//! [`session::Session`] writes with the store's conditional
+//! [`update`](SessionStore::update): only over the version its request loaded. When
+//! another request wrote first, it applies its own changes key by key over the newer
+//! record and retries; [`Session::update`](session::Session::update) changes one value
+//! atomically (counters, carts, rate limits). A session deleted, expired or moved by
+//! [`cycle_id`](session::Session::cycle_id) under a request is never written back, and
+//! that request's response sends no cookie: a logout or a login is never undone by a
+//! request that was still in flight.
 //!
 //! # Features
 //!

@@ -16,6 +16,10 @@
 //! # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()) }
 //! ```
 //!
+//! [`check_store`] includes [`check_update`], the conditional write's rules and a run
+//! of concurrent writers; it fails for a store that still uses the provided,
+//! non-atomic [`SessionStore::update`].
+//!
 //! The checks panic, with a message naming the rule that was broken, as test
 //! assertions do. They use the system clock for expiry dates, and records with fresh
 //! random ids, so a store that other tests use at the same time is fine, except for

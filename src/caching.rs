@@ -1,15 +1,16 @@
 //! [`CachingSessionStore`]: a fast cache in front of a store that holds the truth.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     fmt,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
+    time::{Duration, Instant},
 };
 
-use parking_lot::Mutex;
+use time::OffsetDateTime;
 
 use crate::{
     session::{Id, Record},
@@ -22,9 +23,19 @@ const STRIPES: usize = 64;
 // The stripe lock is held across the awaits of a store call and a cache call, so in
 // async mode it must be an async mutex; in blocking mode a plain one does.
 #[cfg(not(feature = "sync"))]
-type StripeLock = async_lock::Mutex<()>;
+type StripeLock = async_lock::Mutex<Suspects>;
+#[cfg(not(feature = "sync"))]
+type StripeGuard<'a> = async_lock::MutexGuard<'a, Suspects>;
 #[cfg(feature = "sync")]
-type StripeLock = parking_lot::Mutex<()>;
+type StripeLock = parking_lot::Mutex<Suspects>;
+#[cfg(feature = "sync")]
+type StripeGuard<'a> = parking_lot::MutexGuard<'a, Suspects>;
+
+/// How long loads wait before evicting a suspect entry again after its second failed
+/// eviction; the wait doubles with each further failure, up to [`MAX_EVICT_BACKOFF`].
+/// (After the first failure the next load tries again at once.)
+const EVICT_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_EVICT_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A cache (`Cache`, say a [`MemoryStore`](crate::MemoryStore)) in front of a store
 /// (`Store`, say a database) that holds the truth.
@@ -43,9 +54,14 @@ type StripeLock = parking_lot::Mutex<()>;
 ///
 /// Writes and cache fills of one id are serialized by a striped lock, so a fill that
 /// read an old version from the store cannot land in the cache after a newer save or a
-/// delete. When the cache cannot even evict an entry that may be stale, the id is
-/// remembered and loads of it skip the cache until an eviction succeeds. The cache hit
-/// path takes no lock of this type's own.
+/// delete. When the cache cannot even evict an entry that may be stale, or a write's
+/// future is dropped between its store step and its cache step (a client that
+/// disconnected, a timeout), the id is remembered as suspect, and loads of it skip the
+/// cache until an eviction succeeds. After a failed eviction the next load tries once
+/// more, then loads back off (from 100 ms, doubling, up to 30 s) rather than each wait
+/// on a failing cache; [`delete_expired`](ExpiredDeletion::delete_expired) retries
+/// every suspect and forgets those whose record has expired, so they never pile up.
+/// A cache hit takes no lock unless its own stripe (one of 64) holds a suspect.
 ///
 /// Failures that do not fail the call are never silent: each is logged through the
 /// [`log`](https://docs.rs/log) facade (target `portable_sessions::caching`) and
@@ -90,11 +106,67 @@ pub struct CachingSessionStore<Cache, Store> {
 }
 
 struct Shared {
-    stripes: Box<[StripeLock]>,
-    /// Ids whose cache entry may be stale because evicting it failed.
-    suspects: Mutex<HashSet<Id>>,
-    /// `suspects.len()`, readable without the lock so that the hit path stays free.
-    suspect_count: AtomicUsize,
+    stripes: Box<[Stripe]>,
+}
+
+/// One lock of the striped lock, with the ids of its stripe whose cache entry may be
+/// stale.
+#[derive(Default)]
+struct Stripe {
+    lock: StripeLock,
+    /// How many suspects the stripe holds: read without the lock, so that a hit in a
+    /// stripe without suspects takes no lock at all.
+    suspects: AtomicUsize,
+}
+
+/// Ids whose cache entry may be stale: evicting it failed, or a write was interrupted
+/// (its future dropped) between the store step and the cache step.
+#[derive(Default)]
+struct Suspects(HashMap<Id, Suspect>);
+
+struct Suspect {
+    /// Unix nanoseconds from which the entry would have expired anyway (the record's
+    /// expiry date), when known: the suspicion ends there.
+    until: Option<i128>,
+    /// No eviction is tried before this, after failed ones.
+    retry_at: Option<Instant>,
+    /// Failed evictions so far.
+    failures: u32,
+}
+
+impl Suspects {
+    /// Marks `id` suspect until `until` (if known), keeping any backoff under way.
+    fn mark(&mut self, id: Id, until: Option<i128>) {
+        self.0
+            .entry(id)
+            .and_modify(|suspect| {
+                suspect.until = match (suspect.until, until) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                }
+            })
+            .or_insert(Suspect {
+                until,
+                retry_at: None,
+                failures: 0,
+            });
+    }
+
+    /// Notes a failed eviction of `id`: backs off exponentially.
+    fn failed(&mut self, id: Id, until: Option<i128>) {
+        self.mark(id, until);
+        if let Some(suspect) = self.0.get_mut(&id) {
+            suspect.failures = suspect.failures.saturating_add(1);
+            // The next load tries once more at once; after that, loads wait.
+            suspect.retry_at = (suspect.failures > 1).then(|| {
+                let doublings = (suspect.failures - 2).min(16);
+                Instant::now()
+                    + EVICT_BACKOFF
+                        .saturating_mul(1 << doublings)
+                        .min(MAX_EVICT_BACKOFF)
+            });
+        }
+    }
 }
 
 type ErrorHook = Arc<dyn Fn(&CacheFailure<'_>) + Send + Sync>;
@@ -138,9 +210,7 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
             cache,
             store,
             shared: Arc::new(Shared {
-                stripes: (0..STRIPES).map(|_| StripeLock::default()).collect(),
-                suspects: Mutex::default(),
-                suspect_count: AtomicUsize::new(0),
+                stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             }),
             on_error: None,
         }
@@ -183,7 +253,7 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
         &self.store
     }
 
-    fn stripe(&self, id: &Id) -> &StripeLock {
+    fn stripe(&self, id: &Id) -> &Stripe {
         let bits = u128::from_le_bytes(id.to_bytes());
         &self.shared.stripes[((bits ^ (bits >> 64)) as usize) % STRIPES]
     }
@@ -203,50 +273,167 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
             hook(&CacheFailure { op, id, error });
         }
     }
+}
 
-    fn is_suspect(&self, id: &Id) -> bool {
-        self.shared.suspect_count.load(Ordering::Acquire) > 0
-            && self.shared.suspects.lock().contains(id)
+/// Held by a write from before its store step until its cache step is done: if the
+/// write's future is dropped in between (or the store panics), the id stays suspect,
+/// so that loads never serve what the cache held before the store changed.
+struct Ordered<'a> {
+    stripe: &'a Stripe,
+    suspects: StripeGuard<'a>,
+    id: Id,
+    until: Option<i128>,
+    done: bool,
+}
+
+impl Ordered<'_> {
+    /// Marks the id suspect (after a failed eviction, say), counted for the hit path.
+    fn mark(&mut self, failed: bool) {
+        if failed {
+            self.suspects.failed(self.id, self.until);
+        } else {
+            self.suspects.mark(self.id, self.until);
+        }
+        self.stripe
+            .suspects
+            .store(self.suspects.0.len(), Ordering::Release);
     }
 
-    fn set_suspect(&self, id: Id, suspect: bool) {
-        let mut suspects = self.shared.suspects.lock();
-        let changed = if suspect {
-            suspects.insert(id)
-        } else {
-            suspects.remove(&id)
-        };
-        if changed {
-            self.shared
-                .suspect_count
-                .store(suspects.len(), Ordering::Release);
+    /// Clears the id: the cache holds what the store holds, or nothing.
+    fn clear(&mut self) {
+        if self.suspects.0.remove(&self.id).is_some() {
+            self.stripe
+                .suspects
+                .store(self.suspects.0.len(), Ordering::Release);
+        }
+    }
+
+    fn is_suspect(&self) -> bool {
+        self.suspects.0.contains_key(&self.id)
+    }
+}
+
+impl Drop for Ordered<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.mark(false);
         }
     }
 }
 
+fn nanos(at: OffsetDateTime) -> i128 {
+    at.unix_timestamp_nanos()
+}
+
 #[maybe_async::maybe_async]
 impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store> {
-    /// Evicts `id` from the cache; if that fails, reports it and stops serving the id
-    /// from the cache until a later eviction succeeds. Returns the cache's error.
-    async fn evict(&self, id: &Id) -> Result<()> {
-        match self.cache.delete(id).await {
+    /// Takes the stripe lock of `id` for a write or a fill that ends by the cache step.
+    async fn ordered(&self, id: Id, until: Option<i128>) -> Ordered<'_> {
+        let stripe = self.stripe(&id);
+        let suspects = stripe.lock.lock().await;
+        Ordered {
+            stripe,
+            suspects,
+            id,
+            until,
+            done: false,
+        }
+    }
+
+    /// Evicts the id from the cache; on failure reports it, backs off, and keeps the
+    /// id suspect, so that loads skip the cache until an eviction succeeds.
+    async fn evict(&self, ordered: &mut Ordered<'_>, op: CacheOp) -> Result<()> {
+        let evicted = self.cache.delete(&ordered.id).await;
+        match evicted {
             Ok(()) => {
-                if self.is_suspect(id) {
-                    self.set_suspect(*id, false);
-                }
+                ordered.clear();
                 Ok(())
             }
             Err(err) => {
-                self.set_suspect(*id, true);
+                ordered.mark(true);
+                self.report(op, Some(ordered.id), &err);
                 Err(err)
             }
         }
     }
 
-    async fn evict_reporting(&self, id: &Id) {
-        if let Err(err) = self.evict(id).await {
-            self.report(CacheOp::Evict, Some(*id), &err);
+    /// After the store step of a write: copies `written` into the cache, or evicts
+    /// the entry when that fails. Either way the write is done.
+    async fn follow(&self, ordered: &mut Ordered<'_>, written: &Record) {
+        let cached = self.cache.save(written).await;
+        match cached {
+            Ok(()) => ordered.clear(),
+            Err(err) => {
+                self.report(CacheOp::Save, Some(ordered.id), &err);
+                let _ = self.evict(ordered, CacheOp::Evict).await;
+            }
         }
+        ordered.done = true;
+    }
+
+    /// Loads from the store and copies a found record into the cache, holding the
+    /// id's stripe lock, so that no write of the id comes between the two.
+    async fn load_and_fill(&self, ordered: &mut Ordered<'_>) -> Result<Option<Record>> {
+        let loaded = self.store.load(&ordered.id).await?;
+        if let Some(record) = &loaded {
+            let filled = self.cache.save(record).await;
+            if let Err(err) = filled {
+                self.report(CacheOp::Fill, Some(ordered.id), &err);
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Loads an id whose stripe holds suspects: a suspect one is evicted first (or,
+    /// while evictions fail or back off, answered by the store alone).
+    async fn load_suspect(&self, id: &Id) -> Result<Option<Record>> {
+        let mut ordered = self.ordered(*id, None).await;
+        ordered.done = true;
+        let Some(suspect) = ordered.suspects.0.get(id) else {
+            drop(ordered);
+            return self.load_cached(id).await;
+        };
+        let now = Instant::now();
+        if suspect
+            .until
+            .is_some_and(|until| until <= nanos(OffsetDateTime::now_utc()))
+        {
+            // The entry has expired in the cache too: it can no longer be served.
+            ordered.clear();
+            drop(ordered);
+            return self.load_cached(id).await;
+        }
+        if suspect.retry_at.is_some_and(|at| at > now) {
+            return self.store.load(id).await;
+        }
+        self.evict_then_load(&mut ordered).await
+    }
+
+    /// Evicts a suspect entry, then loads and fills; while the eviction fails, the
+    /// cache may still be stale, so the store alone answers.
+    async fn evict_then_load(&self, ordered: &mut Ordered<'_>) -> Result<Option<Record>> {
+        let evicted = self.evict(ordered, CacheOp::Evict).await;
+        match evicted {
+            Ok(()) => self.load_and_fill(ordered).await,
+            Err(_) => self.store.load(&ordered.id).await,
+        }
+    }
+
+    /// The usual load: the cache, then on a miss the store, filling the cache.
+    async fn load_cached(&self, id: &Id) -> Result<Option<Record>> {
+        let cached = self.cache.load(id).await;
+        match cached {
+            Ok(Some(record)) => return Ok(Some(record)),
+            Ok(None) => {}
+            Err(err) => self.report(CacheOp::Load, Some(*id), &err),
+        }
+        let mut ordered = self.ordered(*id, None).await;
+        ordered.done = true;
+        if ordered.is_suspect() {
+            // A write was interrupted meanwhile: evict before filling.
+            return self.evict_then_load(&mut ordered).await;
+        }
+        self.load_and_fill(&mut ordered).await
     }
 }
 
@@ -263,68 +450,41 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
-        let _ordered = self.stripe(&record.id).lock().await;
+        let until = Some(nanos(record.expiry_date));
+        let mut ordered = self.ordered(record.id, until).await;
         let stored = self.store.save(record).await;
         match stored {
             Ok(()) => {
-                let cached = self.cache.save(record).await;
-                if let Err(err) = cached {
-                    self.report(CacheOp::Save, Some(record.id), &err);
-                    self.evict_reporting(&record.id).await;
-                }
+                self.follow(&mut ordered, record).await;
                 Ok(())
             }
             Err(err) => {
                 // The store may or may not hold the new version: the cache holds neither.
-                self.evict_reporting(&record.id).await;
+                let _ = self.evict(&mut ordered, CacheOp::Evict).await;
+                ordered.done = true;
                 Err(err)
             }
         }
     }
 
-    async fn load(&self, id: &Id) -> Result<Option<Record>> {
-        if self.is_suspect(id) {
-            let _ordered = self.stripe(id).lock().await;
-            let evicted = self.evict(id).await;
-            if evicted.is_err() {
-                // Still possibly stale in the cache: answer from the store alone.
-                return self.store.load(id).await;
-            }
-            return self.load_and_fill(id).await;
-        }
-        let cached = self.cache.load(id).await;
-        match cached {
-            Ok(Some(record)) => return Ok(Some(record)),
-            Ok(None) => {}
-            Err(err) => self.report(CacheOp::Load, Some(*id), &err),
-        }
-        let _ordered = self.stripe(id).lock().await;
-        self.load_and_fill(id).await
-    }
-
     async fn update(&self, record: &Record) -> Result<Update> {
-        let _ordered = self.stripe(&record.id).lock().await;
+        let until = Some(nanos(record.expiry_date));
+        let mut ordered = self.ordered(record.id, until).await;
         let stored = self.store.update(record).await;
         match stored {
             Ok(Update::Written(version)) => {
                 let mut written = record.clone();
                 written.version = version;
-                let cached = self.cache.save(&written).await;
-                if let Err(err) = cached {
-                    self.report(CacheOp::Save, Some(record.id), &err);
-                    self.evict_reporting(&record.id).await;
-                }
+                self.follow(&mut ordered, &written).await;
                 Ok(Update::Written(version))
             }
-            Ok(outcome) => {
-                // The cache holds an older version, or a record the store no longer
-                // has: the retry's load must come from the store.
-                self.evict_reporting(&record.id).await;
-                Ok(outcome)
-            }
-            Err(err) => {
-                self.evict_reporting(&record.id).await;
-                Err(err)
+            other => {
+                // Not written (the cache may hold an older version, or a record the
+                // store no longer has: the retry's load must come from the store), or
+                // the store failed and may hold either version.
+                let _ = self.evict(&mut ordered, CacheOp::Evict).await;
+                ordered.done = true;
+                other
             }
         }
     }
@@ -334,34 +494,22 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
         self.store.atomic_update()
     }
 
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        if self.stripe(id).suspects.load(Ordering::Acquire) > 0 {
+            return self.load_suspect(id).await;
+        }
+        self.load_cached(id).await
+    }
+
     async fn delete(&self, id: &Id) -> Result<()> {
-        let _ordered = self.stripe(id).lock().await;
+        let mut ordered = self.ordered(*id, None).await;
         let stored = self.store.delete(id).await;
-        let evicted = self.evict(id).await;
+        let evicted = self.evict(&mut ordered, CacheOp::Delete).await;
+        ordered.done = true;
         match (stored, evicted) {
-            (Err(store_err), Err(cache_err)) => {
-                self.report(CacheOp::Delete, Some(*id), &cache_err);
-                Err(store_err)
-            }
-            (Err(err), Ok(())) | (Ok(()), Err(err)) => Err(err),
+            (Err(err), _) | (Ok(()), Err(err)) => Err(err),
             (Ok(()), Ok(())) => Ok(()),
         }
-    }
-}
-
-#[maybe_async::maybe_async]
-impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store> {
-    /// Loads from the store and copies a found record into the cache. The caller holds
-    /// the id's stripe lock, so no write of the id can come between the two.
-    async fn load_and_fill(&self, id: &Id) -> Result<Option<Record>> {
-        let loaded = self.store.load(id).await?;
-        if let Some(record) = &loaded {
-            let filled = self.cache.save(record).await;
-            if let Err(err) = filled {
-                self.report(CacheOp::Fill, Some(*id), &err);
-            }
-        }
-        Ok(loaded)
     }
 }
 
@@ -373,12 +521,35 @@ where
 {
     /// Deletes expired records from the store, then from the cache, and returns the
     /// store's count. A cache failure is reported, not returned: expired records are
-    /// never served either way.
+    /// never served either way. Then every suspect entry is dropped if its record has
+    /// expired, or evicted again (whatever its backoff): suspects never pile up
+    /// beyond one pass once the cache answers.
     async fn delete_expired(&self) -> Result<usize> {
         let deleted = self.store.delete_expired().await?;
         let cached = self.cache.delete_expired().await;
         if let Err(err) = cached {
             self.report(CacheOp::DeleteExpired, None, &err);
+        }
+        let now = nanos(OffsetDateTime::now_utc());
+        for stripe in self.shared.stripes.iter() {
+            if stripe.suspects.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let ids: Vec<Id> = {
+                let mut suspects = stripe.lock.lock().await;
+                suspects
+                    .0
+                    .retain(|_, suspect| suspect.until.is_none_or(|until| until > now));
+                stripe.suspects.store(suspects.0.len(), Ordering::Release);
+                suspects.0.keys().copied().collect()
+            };
+            for id in ids {
+                let mut ordered = self.ordered(id, None).await;
+                ordered.done = true;
+                if ordered.is_suspect() {
+                    let _ = self.evict(&mut ordered, CacheOp::Evict).await;
+                }
+            }
         }
         Ok(deleted)
     }
@@ -403,7 +574,12 @@ impl<Cache: fmt::Debug, Store: fmt::Debug> fmt::Debug for CachingSessionStore<Ca
             .field("store", &self.store)
             .field(
                 "suspects",
-                &self.shared.suspect_count.load(Ordering::Relaxed),
+                &self
+                    .shared
+                    .stripes
+                    .iter()
+                    .map(|s| s.suspects.load(Ordering::Relaxed))
+                    .sum::<usize>(),
             )
             .field("on_cache_error", &self.on_error.is_some())
             .finish()

@@ -10,7 +10,7 @@ use crate::{
         created_at, has_no_user_values, is_reserved, set_created_at, SessionConfig, CREATED_KEY,
         MOVED_KEY,
     },
-    session::{Id, Record},
+    session::{random_id, Id, Record},
     session_store::{Error, Result, SessionStore, Update, WriteConflict},
 };
 
@@ -243,8 +243,7 @@ impl Session {
 
     fn fresh(&self, now: OffsetDateTime) -> Result<Loaded> {
         // A freshly drawn id: never the one the client sent.
-        let mut record = Record::new(now);
-        record.id = random_id()?;
+        let mut record = Record::with_id(random_id()?, now);
         set_created_at(&mut record, now);
         Ok(Loaded {
             record,
@@ -311,15 +310,6 @@ impl Session {
 /// Returns `true` for the record that [`Session::cycle_id`] leaves under an old id.
 fn is_moved(record: &Record) -> bool {
     record.contains_key(MOVED_KEY)
-}
-
-/// Draws a fresh id, failing instead of panicking when the OS has no randomness.
-fn random_id() -> Result<Id> {
-    Id::try_random().map_err(|err| {
-        Error::backend(format!(
-            "the operating system's random number generator failed: {err}"
-        ))
-    })
 }
 
 #[maybe_async::maybe_async]
@@ -746,9 +736,8 @@ impl Session {
         self.set_expiry(&mut moved, now)?;
         self.inner.store.create(&mut moved).await?;
 
-        let mut marker = Record::new(now + MOVED_GRACE);
-        marker.id = loaded.record.id;
-        marker.expiry_date = marker.expiry_date.min(loaded.record.expiry_date);
+        let grace = (now + MOVED_GRACE).min(loaded.record.expiry_date);
+        let mut marker = Record::with_id(loaded.record.id, grace);
         marker.insert_raw(MOVED_KEY, Vec::new());
         for _ in 0..MAX_WRITE_ATTEMPTS {
             marker.version = loaded.record.version;
@@ -916,5 +905,76 @@ impl fmt::Debug for Session {
             .field("incoming", &self.inner.incoming)
             .field("store", &self.inner.store)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{session::tests::RNG_FAILS, MemoryStore};
+
+    fn rng_fails(fails: bool) {
+        RNG_FAILS.with(|flag| flag.set(fails));
+    }
+
+    fn backend_error<T: fmt::Debug>(result: Result<T>, what: &str) {
+        assert!(
+            matches!(&result, Err(Error::Backend(err)) if err.to_string().contains("random")),
+            "{what}: {result:?}"
+        );
+    }
+
+    /// Every place that draws an id fails with an error, not a panic, when the OS
+    /// random source fails, and leaves the session as it was.
+    #[maybe_async::maybe_async]
+    async fn random_source_failures_are_errors() {
+        let store = Arc::new(MemoryStore::new());
+        let config = SessionConfig::default();
+
+        rng_fails(true);
+        let new = Session::new(store.clone(), None, config.clone());
+        backend_error(new.get::<u8>("k").await, "first use of a new session");
+        rng_fails(false);
+        new.insert("user", "alice").await.unwrap();
+        new.save().await.unwrap();
+        let id = new.id().await.unwrap().expect("stored");
+
+        let session = Session::new(store.clone(), Some(id), config.clone());
+        session.get::<String>("user").await.unwrap();
+        rng_fails(true);
+        backend_error(session.cycle_id().await, "cycle_id");
+        backend_error(session.delete().await, "delete");
+        backend_error(session.flush().await, "flush");
+        rng_fails(false);
+        let still = store.load(&id).await.unwrap().expect("still stored");
+        assert_eq!(
+            still.get::<String>("user").unwrap().as_deref(),
+            Some("alice")
+        );
+        let same_id = session.id().await.unwrap();
+        assert_eq!(same_id, Some(id));
+
+        // A create whose id is taken must draw another one.
+        let mut colliding = still.clone();
+        rng_fails(true);
+        backend_error(
+            store.create(&mut colliding).await,
+            "create under a taken id",
+        );
+        rng_fails(false);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn random_source_failures_are_errors_in_this_mode() {
+        #[maybe_async::sync_impl]
+        fn run() {
+            random_source_failures_are_errors();
+        }
+        #[maybe_async::async_impl]
+        fn run() {
+            futures_lite::future::block_on(random_source_failures_are_errors());
+        }
+        run();
     }
 }

@@ -116,6 +116,10 @@ impl SessionManager {
     /// The default cookie name, `id`.
     pub const DEFAULT_COOKIE_NAME: &'static str = "id";
 
+    /// The largest fraction [`with_refresh_on_request`](Self::with_refresh_on_request)
+    /// takes.
+    pub const MAX_REFRESH_FRACTION: f64 = 0.5;
+
     /// Makes a manager over `store`, with the default cookie attributes and
     /// [`Expiry::OnSessionEnd`].
     pub fn new(store: impl SessionStore) -> Self {
@@ -216,19 +220,28 @@ impl SessionManager {
     /// ([`Expiry::OnInactivity`]'s duration, or the session-end TTL).
     ///
     /// With `0.0` every request that reaches the store rewrites; with `0.25` a session
-    /// with a one-hour window is rewritten at most once per 15 minutes. `fraction` is
-    /// clamped to `0.0..=1.0` (NaN counts as `0.0`). Sessions with
+    /// with a one-hour window is rewritten at most once per 15 minutes. Sessions with
     /// [`Expiry::AtDateTime`] never slide. Off by default: then only writes (of
     /// modified sessions) move the expiry date.
     ///
     /// With refresh on, [`finish`](Self::finish) loads every session whose request
     /// carried a cookie, used or not.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `fraction` is not between `0.0` and
+    /// [`MAX_REFRESH_FRACTION`](Self::MAX_REFRESH_FRACTION) (`0.5`): a programming
+    /// error, found at startup. A larger fraction leaves only the end of the window for
+    /// a request to refresh in, so the sessions of users active all along would still
+    /// expire (at `1.0`, every one).
     pub fn with_refresh_on_request(mut self, fraction: f64) -> Self {
-        self.refresh = Some(if fraction >= 0.0 {
-            fraction.min(1.0)
-        } else {
-            0.0
-        });
+        assert!(
+            (0.0..=Self::MAX_REFRESH_FRACTION).contains(&fraction),
+            "with_refresh_on_request({fraction}): the fraction must be between 0.0 and {}; \
+             above that, sessions of active users expire before a request refreshes them",
+            Self::MAX_REFRESH_FRACTION
+        );
+        self.refresh = Some(fraction);
         self
     }
 

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use crate::{
     clock::Clock,
-    session::{Id, Record},
+    session::{random_id, Id, Record},
     session_store::{ExpiredDeletion, Result, SessionStore, Update},
 };
 
@@ -80,10 +80,19 @@ struct Inner {
 /// One shard on a cache line of its own, so that readers of different shards do not
 /// slow each other down by writing to one line.
 #[repr(align(128))]
-#[derive(Default)]
 struct Padded(RwLock<Shard>);
 
-#[derive(Default)]
+impl Padded {
+    /// An empty shard whose table hashes with seeds of its own, drawn independently of
+    /// the shard selector's: ids chosen to collide in one never collide in the other.
+    fn new() -> Self {
+        Self(RwLock::new(Shard {
+            records: HashMap::with_hasher(IdHasherBuilder::random()),
+            expiries: BinaryHeap::new(),
+        }))
+    }
+}
+
 struct Shard {
     records: HashMap<Id, Slot, IdHasherBuilder>,
     /// `(expiry in Unix nanoseconds, id)` for every record in `records`, soonest first.
@@ -151,7 +160,7 @@ struct Slot {
 impl Default for Inner {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
+            shards: (0..SHARDS).map(|_| Padded::new()).collect(),
             hasher: IdHasherBuilder::random(),
             clock: Clock::default(),
         }
@@ -223,7 +232,7 @@ impl MemoryStore {
     // The store's synchronous core: every operation takes one shard lock and holds it
     // for no longer than a few map operations, never across an await.
 
-    fn create_now(&self, record: &mut Record) {
+    fn create_now(&self, record: &mut Record) -> Result<()> {
         let expiry = nanos(record.expiry_date);
         loop {
             let mut guard = self.shard(&record.id).write();
@@ -235,11 +244,11 @@ impl MemoryStore {
                         record: record.clone(),
                     });
                     shard.index(expiry, record.id);
-                    return;
+                    return Ok(());
                 }
                 Entry::Occupied(_) => {
                     drop(guard);
-                    record.id = Id::default();
+                    record.id = random_id()?;
                 }
             }
         }
@@ -321,8 +330,7 @@ fn nanos(at: OffsetDateTime) -> i128 {
 #[maybe_async::maybe_async]
 impl SessionStore for MemoryStore {
     async fn create(&self, record: &mut Record) -> Result<()> {
-        self.create_now(record);
-        Ok(())
+        self.create_now(record)
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
@@ -379,9 +387,13 @@ struct IdHasherBuilder {
 impl IdHasherBuilder {
     fn random() -> Self {
         let mut bytes = [0u8; 16];
-        // Without OS randomness the seeds stay zero: hashing still works, only the
-        // resistance to chosen ids is lost, which is no reason to fail.
-        let _ = getrandom::fill(&mut bytes);
+        if getrandom::fill(&mut bytes).is_err() {
+            // No OS randomness right now: std's randomly keyed hasher still gives
+            // seeds no caller can predict, which is all they are for.
+            let keys = std::collections::hash_map::RandomState::new();
+            bytes[..8].copy_from_slice(&keys.hash_one(1u8).to_le_bytes());
+            bytes[8..].copy_from_slice(&keys.hash_one(2u8).to_le_bytes());
+        }
         let seed = u128::from_le_bytes(bytes);
         Self {
             seeds: [seed as u64, (seed >> 64) as u64],
@@ -460,6 +472,30 @@ mod tests {
         assert!(used.len() > SHARDS / 2, "{} shards used", used.len());
     }
 
+    #[test]
+    fn chosen_ids_with_a_zero_half_spread_over_each_table() {
+        let store = MemoryStore::new();
+        for half in [0, 64] {
+            let ids: Vec<Id> = (1..=10_000u128)
+                .map(|n| Id::from_bytes((n << half).to_le_bytes()))
+                .collect();
+            let shard = store.inner.shards[0].0.read();
+            let buckets: std::collections::HashSet<u64> = ids
+                .iter()
+                .map(|id| shard.records.hasher().hash_one(id) & 0xffff)
+                .collect();
+            // 10,000 random draws from 65,536 buckets leave about 9,300 distinct.
+            assert!(buckets.len() > 9_000, "{} buckets", buckets.len());
+        }
+        // And the operations stay fast: 10,000 such ids in one store.
+        let mut record = Record::new(OffsetDateTime::now_utc() + time::Duration::hours(1));
+        for n in 1..=10_000u128 {
+            record.id = Id::from_bytes(n.to_le_bytes());
+            store.save_now(&record);
+        }
+        assert_eq!(store.len(), 10_000);
+    }
+
     fn indexed(store: &MemoryStore) -> usize {
         store
             .inner
@@ -481,18 +517,18 @@ mod tests {
 
         // Moved from 10 s to 20 s, then back to 10 s: three entries, one record.
         let mut moved = Record::new(at(10));
-        store.create_now(&mut moved);
+        store.create_now(&mut moved).unwrap();
         moved.expiry_date = at(20);
         store.save_now(&moved);
         moved.expiry_date = at(10);
         store.save_now(&moved);
         // Deleted before it expired: its entry stays behind.
         let mut deleted = Record::new(at(10));
-        store.create_now(&mut deleted);
+        store.create_now(&mut deleted).unwrap();
         store.delete_now(&deleted.id);
         // Moved later: its first entry is stale when it comes due.
         let mut extended = Record::new(at(10));
-        store.create_now(&mut extended);
+        store.create_now(&mut extended).unwrap();
         extended.expiry_date = at(30);
         store.save_now(&extended);
         assert_eq!(indexed(&store), 6);
@@ -508,7 +544,7 @@ mod tests {
 
         // Rewriting one record's expiry over and over keeps the index small.
         let mut busy = Record::new(at(100));
-        store.create_now(&mut busy);
+        store.create_now(&mut busy).unwrap();
         for second in 101..10_000 {
             busy.expiry_date = at(second);
             store.save_now(&busy);
@@ -517,7 +553,7 @@ mod tests {
         // And so does deleting many records.
         for _ in 0..10_000 {
             let mut record = Record::new(at(100_000));
-            store.create_now(&mut record);
+            store.create_now(&mut record).unwrap();
             store.delete_now(&record.id);
         }
         assert!(

@@ -6,7 +6,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind,
 use time::OffsetDateTime;
 
 use crate::{
-    session::{Id, Record},
+    session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stored,
 };
@@ -252,7 +252,7 @@ impl SessionStore for RedisStore {
                 return Ok(());
             }
             // The key exists: another session has this id.
-            record.id = stored::fresh_id()?;
+            record.id = random_id()?;
         }
     }
 

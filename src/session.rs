@@ -89,6 +89,22 @@ impl Id {
     }
 }
 
+/// Draws a fresh id for the crate's own use: an error, never a panic, when the
+/// operating system cannot supply random bytes.
+pub(crate) fn random_id() -> Result<Id> {
+    #[cfg(test)]
+    if tests::RNG_FAILS.with(std::cell::Cell::get) {
+        return Err(Error::backend(
+            "the operating system's random number generator failed: injected",
+        ));
+    }
+    Id::try_random().map_err(|err| {
+        Error::backend(format!(
+            "the operating system's random number generator failed: {err}"
+        ))
+    })
+}
+
 impl Default for Id {
     /// Draws a fresh random id, like [`Id::try_random`].
     ///
@@ -288,9 +304,19 @@ impl Record {
     pub const FORMAT_VERSION_WITHOUT_ID: u8 = 2;
 
     /// Makes a record with a fresh random id, the given expiry date and no values.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the operating system cannot supply random bytes, as
+    /// [`Id::default`] does.
     pub fn new(expiry_date: OffsetDateTime) -> Self {
+        Self::with_id(Id::default(), expiry_date)
+    }
+
+    /// Makes a record with this id and expiry date, and no values.
+    pub(crate) fn with_id(id: Id, expiry_date: OffsetDateTime) -> Self {
         Self {
-            id: Id::default(),
+            id,
             expiry_date,
             version: 0,
             data: Data::default(),
@@ -713,8 +739,14 @@ fn put_field(bytes: &mut Vec<u8>, field: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes this thread's next draws of [`random_id`] fail, as a broken OS
+        /// random source would.
+        pub(crate) static RNG_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     #[test]
     fn text_form_matches_base64url_of_le_bytes() {

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use crate::{
     clock::Clock,
-    session::{Id, Record},
+    session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stored,
 };
@@ -267,7 +267,7 @@ fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
         {
             return Ok(());
         }
-        record.id = stored::fresh_id()?;
+        record.id = random_id()?;
     }
 }
 

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     session::{Id, Record},
-    session_store::{Error, Result},
+    session_store::Result,
 };
 
 /// The length of a storage key: a SHA-256 digest.
@@ -44,15 +44,6 @@ pub(crate) fn hex_key(prefix: &str, bytes: &[u8]) -> String {
         key.push(char::from(HEX[usize::from(b & 15)]));
     }
     key
-}
-
-/// Draws a new id for a record whose id is taken.
-pub(crate) fn fresh_id() -> Result<Id> {
-    Id::try_random().map_err(|err| {
-        Error::backend(format!(
-            "the operating system's random number generator failed: {err}"
-        ))
-    })
 }
 
 /// Encodes `record` for storage: without its id, so the stored bytes neither depend

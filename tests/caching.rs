@@ -7,8 +7,9 @@ use std::sync::{atomic::Ordering, Arc};
 use common::{expired_record, live_record, FaultyStore};
 use parking_lot::Mutex;
 use portable_sessions::{
-    session::Id, session_store::Error, CacheOp, CachingSessionStore, ExpiredDeletion, MemoryStore,
-    SessionStore,
+    session::Id,
+    session_store::{Error, Update},
+    CacheOp, CachingSessionStore, ExpiredDeletion, MemoryStore, SessionStore,
 };
 
 type Reports = Arc<Mutex<Vec<(CacheOp, Option<Id>)>>>;
@@ -130,13 +131,30 @@ async fn failed_eviction_never_serves_the_stale_entry() {
         Some(&record),
         "the cache still holds the old version"
     );
-    // Yet every load answers with the store's version.
+    // Yet every load answers with the store's version. The first load tries the
+    // eviction again, fails and reports it; the next ones back off instead of each
+    // waiting out a slow cache.
     for _ in 0..3 {
         let loaded = caching.load(&record.id).await.unwrap();
         assert_eq!(loaded.as_ref(), Some(&newer));
     }
-    // Once the cache recovers, the stale entry is evicted and the cache refilled.
+    assert_eq!(
+        ops(&reports),
+        vec![CacheOp::Save, CacheOp::Evict, CacheOp::Evict],
+        "one more eviction tried, and reported"
+    );
+    // Once the cache recovers, the deletion pass evicts the stale entry, whatever
+    // the backoff, and the next load refills the cache.
     cache.fail_all(false);
+    assert!(
+        format!("{caching:?}").contains("suspects: 1"),
+        "{caching:?}"
+    );
+    caching.delete_expired().await.unwrap();
+    assert!(
+        format!("{caching:?}").contains("suspects: 0"),
+        "{caching:?}"
+    );
     let loaded = caching.load(&record.id).await.unwrap();
     assert_eq!(loaded.as_ref(), Some(&newer));
     let cached = cache.inner.load(&record.id).await.unwrap();
@@ -212,8 +230,10 @@ async fn delete_cache_failure_is_returned_and_the_session_is_not_served() {
     cache.fail_all(false);
     let loaded = caching.load(&record.id).await.unwrap();
     assert_eq!(loaded, None);
+    // The load backed off from evicting again so soon; the deletion pass does not.
+    caching.delete_expired().await.unwrap();
     let cached = cache.inner.load(&record.id).await.unwrap();
-    assert_eq!(cached, None, "the first load after recovery evicted it");
+    assert_eq!(cached, None, "the deletion pass after recovery evicted it");
 }
 
 #[maybe_async::maybe_async]
@@ -290,7 +310,81 @@ tests_in_both_modes!(
     delete_store_failure_returns_error,
     delete_expired_runs_on_both_layers,
     errors_keep_their_source,
+    suspects_end_when_their_record_expires,
+    update_follows_the_store,
 );
+
+/// Suspect ids (their cache entry could not be evicted) are bounded: one whose record
+/// has expired is forgotten by the next deletion pass, even while the cache still
+/// fails, since an expired entry is never served.
+#[maybe_async::maybe_async]
+async fn suspects_end_when_their_record_expires() {
+    let (caching, cache, _store, _) = layered();
+    cache.faults.save.store(true, Ordering::SeqCst);
+    cache.faults.delete.store(true, Ordering::SeqCst);
+    for n in 0..100 {
+        let mut record = live_record(n);
+        caching.create(&mut record).await.unwrap();
+        let mut lapsed = record.clone();
+        lapsed.expiry_date = time::OffsetDateTime::now_utc() - time::Duration::seconds(1);
+        caching.save(&lapsed).await.unwrap();
+    }
+    assert!(
+        format!("{caching:?}").contains("suspects: 100"),
+        "{caching:?}"
+    );
+    caching.delete_expired().await.unwrap();
+    assert!(
+        format!("{caching:?}").contains("suspects: 0"),
+        "{caching:?}"
+    );
+}
+
+/// The conditional write: the store decides, and the cache follows (written) or is
+/// evicted (conflict, gone, failure), so that a retry's load sees the store.
+#[maybe_async::maybe_async]
+async fn update_follows_the_store() {
+    let (caching, cache, store, reports) = layered();
+    let mut record = live_record(1);
+    caching.create(&mut record).await.unwrap();
+    let mut newer = record.clone();
+    newer.insert("user", &2u64).unwrap();
+    let written = caching.update(&newer).await.unwrap();
+    assert_eq!(written, Update::Written(1));
+    let cached = cache.inner.load(&record.id).await.unwrap().expect("cached");
+    assert_eq!(
+        (cached.version, cached.get::<u64>("user").unwrap()),
+        (1, Some(2))
+    );
+
+    // Another process wrote the store directly: the cache's version is stale.
+    let mut other = cached.clone();
+    other.insert("user", &3u64).unwrap();
+    other.version = 2;
+    store.inner.save(&other).await.unwrap();
+    let stale = caching.update(&cached).await.unwrap();
+    assert_eq!(stale, Update::Conflict);
+    let evicted = cache.inner.load(&record.id).await.unwrap();
+    assert_eq!(evicted, None, "a conflict evicts the cache entry");
+    let fresh = caching.load(&record.id).await.unwrap();
+    assert_eq!(fresh, Some(other.clone()));
+
+    store.inner.delete(&record.id).await.unwrap();
+    let gone = caching.update(&other).await.unwrap();
+    assert_eq!(gone, Update::Gone);
+    let served = caching.load(&record.id).await.unwrap();
+    assert_eq!(served, None, "never served after the store lost it");
+
+    let mut live = live_record(4);
+    caching.create(&mut live).await.unwrap();
+    store.faults.update.store(true, Ordering::SeqCst);
+    let failed = caching.update(&live).await;
+    assert!(matches!(failed, Err(Error::Backend(_))));
+    let evicted = cache.inner.load(&live.id).await.unwrap();
+    assert_eq!(evicted, None);
+    assert!(ops(&reports).is_empty(), "{:?}", ops(&reports));
+    assert!(caching.atomic_update());
+}
 
 /// A store whose loads wait at a gate, to hold a cache fill in the middle.
 #[derive(Debug, Clone, Default)]
@@ -389,4 +483,114 @@ fn a_fill_cannot_resurrect_a_deleted_session() {
     deleter.join().unwrap();
     assert_eq!(common::block(cache.load(&record.id)).unwrap(), None);
     assert_eq!(common::block(caching.load(&record.id)).unwrap(), None);
+}
+
+/// Async mode: a caller's future dropped between the store step and the cache step (a
+/// client that disconnects, a timeout layer) must not leave the cache serving what
+/// the store no longer holds. Each write is dropped at each of its awaits.
+#[cfg(not(feature = "sync"))]
+mod cancellation {
+    use std::{
+        future::Future,
+        sync::atomic::{AtomicBool, AtomicUsize},
+        task::{Context, Poll},
+    };
+
+    use portable_sessions::{session::Record, session_store::Result};
+
+    use super::*;
+
+    /// A memory store whose next operation, once armed, does its work and then never
+    /// completes: like a Redis command sent before the caller gave up, it happened.
+    #[derive(Debug, Clone, Default)]
+    struct Stalling {
+        inner: MemoryStore,
+        /// Stall after the operation's work (`true`) or before it (`false`).
+        after: Arc<AtomicBool>,
+        armed: Arc<AtomicUsize>,
+    }
+
+    impl Stalling {
+        async fn step<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+            if self.armed.swap(0, Ordering::SeqCst) == 0 {
+                return work.await;
+            }
+            if self.after.load(Ordering::SeqCst) {
+                let _ = work.await;
+            }
+            std::future::pending().await
+        }
+    }
+
+    #[portable_sessions::async_trait::async_trait]
+    impl SessionStore for Stalling {
+        async fn create(&self, record: &mut Record) -> Result<()> {
+            self.inner.create(record).await
+        }
+        async fn save(&self, record: &Record) -> Result<()> {
+            self.step(self.inner.save(record)).await
+        }
+        async fn load(&self, id: &Id) -> Result<Option<Record>> {
+            self.inner.load(id).await
+        }
+        async fn delete(&self, id: &Id) -> Result<()> {
+            self.step(self.inner.delete(id)).await
+        }
+        async fn update(&self, record: &Record) -> Result<Update> {
+            self.step(self.inner.update(record)).await
+        }
+        fn atomic_update(&self) -> bool {
+            true
+        }
+    }
+
+    /// Polls `future` once, expecting it to stall, then drops it.
+    fn drop_midway<F: Future>(future: F) {
+        let mut future = Box::pin(future);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(
+            matches!(future.as_mut().poll(&mut cx), Poll::Pending),
+            "the operation stalls"
+        );
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Write {
+        Save,
+        Update,
+        Delete,
+    }
+
+    /// Interrupts each write in the store (after its work) and in the cache (before
+    /// its work); every later load must answer what the store holds.
+    #[test]
+    fn a_dropped_write_never_leaves_the_cache_stale() {
+        for write in [Write::Save, Write::Update, Write::Delete] {
+            for in_store in [true, false] {
+                let (cache, store) = (Stalling::default(), Stalling::default());
+                let caching = CachingSessionStore::new(cache.clone(), store.clone());
+                let mut record = live_record(1);
+                futures_lite::future::block_on(caching.create(&mut record)).unwrap();
+                let mut newer = record.clone();
+                newer.insert("user", &2u64).unwrap();
+                let stalling = if in_store { &store } else { &cache };
+                // In the store: the step does its work, then stalls. In the cache: the
+                // store step ran, and the cache step stalls before its work.
+                stalling.after.store(in_store, Ordering::SeqCst);
+                stalling.armed.store(1, Ordering::SeqCst);
+                match write {
+                    Write::Save => drop_midway(caching.save(&newer)),
+                    Write::Update => drop_midway(caching.update(&newer)),
+                    Write::Delete => drop_midway(caching.delete(&record.id)),
+                }
+                let truth = futures_lite::future::block_on(store.inner.load(&record.id)).unwrap();
+                let cached = futures_lite::future::block_on(cache.inner.load(&record.id)).unwrap();
+                assert_ne!(cached, truth, "{write:?}: the cache is stale, as set up");
+                for _ in 0..2 {
+                    let loaded = futures_lite::future::block_on(caching.load(&record.id)).unwrap();
+                    assert_eq!(loaded, truth, "{write:?} dropped (in store: {in_store})");
+                }
+            }
+        }
+    }
 }

@@ -820,3 +820,21 @@ fn handles_are_send_and_sync() {
 fn invalid_cookie_names_are_refused_at_startup() {
     let _ = SessionManager::new(MemoryStore::default()).with_cookie_name("a;b");
 }
+
+#[test]
+fn unusable_refresh_fractions_are_refused_at_startup() {
+    for fraction in [1.0, 0.99, 0.51, -0.1, f64::NAN, f64::INFINITY] {
+        let refused = std::panic::catch_unwind(|| {
+            SessionManager::new(MemoryStore::default()).with_refresh_on_request(fraction)
+        });
+        let message = refused.expect_err("refused");
+        let text = message
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        assert!(text.contains("between 0.0 and 0.5"), "{fraction}: {text}");
+    }
+    for fraction in [0.0, 0.25, 0.5] {
+        let _ = SessionManager::new(MemoryStore::default()).with_refresh_on_request(fraction);
+    }
+}

@@ -270,24 +270,31 @@ impl MemoryStore {
 
     fn update_now(&self, record: &Record) -> Update {
         let expiry = nanos(record.expiry_date);
-        let now = self.now();
+        // Made before the lock, as `save_now` does: the copy's reference count and
+        // the table lookup then miss the cache at the same time, not one after the
+        // other. A write that is refused drops it again.
+        let mut next = record.clone();
+        next.version = record.version.wrapping_add(1);
         let mut guard = self.shard(&record.id).write();
         let shard = &mut *guard;
         let Some(slot) = shard.records.get_mut(&record.id) else {
             return Update::Gone;
         };
-        if slot.expiry <= now {
+        if self.inner.clock.has_passed(slot.expiry) {
             return Update::Gone;
         }
         if slot.record.version != record.version {
             return Update::Conflict;
         }
-        let version = record.version.wrapping_add(1);
-        let old_expiry = slot.expiry;
-        slot.record = record.clone();
-        slot.record.version = version;
-        slot.expiry = expiry;
-        if old_expiry != expiry {
+        let version = next.version;
+        let old = std::mem::replace(
+            slot,
+            Slot {
+                expiry,
+                record: next,
+            },
+        );
+        if old.expiry != expiry {
             shard.index(expiry, record.id);
         }
         Update::Written(version)
@@ -300,7 +307,7 @@ impl MemoryStore {
             (slot.expiry, slot.record.clone())
         };
         // The clock is read only for a hit, and outside the lock.
-        (expiry > self.now()).then_some(record)
+        (!self.inner.clock.has_passed(expiry)).then_some(record)
     }
 
     fn delete_now(&self, id: &Id) {

@@ -23,7 +23,9 @@ const TARGET: &str = "portable_sessions::deletion";
 /// - After a failed pass the failure is reported (see below) and the next pass is
 ///   tried sooner or later by **bounded exponential backoff**: the first retry after
 ///   `first` (by default the period or one second, whichever is shorter), each next
-///   one twice as late, never later than `max` (by default the period). A success
+///   one twice as late, never later than `max` (by default the period), and never
+///   sooner than [`MIN_BACKOFF`] (100 ms), so that a store that is down is not asked
+///   again in a busy loop. The loop also yields between passes. A success
 ///   resets it.
 /// - **Jitter** (none by default) lengthens every delay by a random part of itself,
 ///   so that processes started together spread their passes apart. The random numbers
@@ -252,8 +254,13 @@ impl DeletionSchedule {
         }
     }
 
-    /// The backoff after `failures_in_a_row` failures (at least one), before jitter.
+    /// The backoff after `failures_in_a_row` failures (at least one), before jitter:
+    /// never below [`MIN_BACKOFF`], whatever was configured.
     fn backoff(&self) -> Duration {
+        self.uncapped_backoff().max(MIN_BACKOFF)
+    }
+
+    fn uncapped_backoff(&self) -> Duration {
         let doublings = self.failures_in_a_row.saturating_sub(1).min(127);
         let nanos = self
             .backoff_first
@@ -303,6 +310,32 @@ impl fmt::Debug for DeletionSchedule {
     }
 }
 
+/// The shortest wait after a failed pass, whatever the schedule says: a store that is
+/// down is not asked again in a busy loop.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Lets other tasks on the executor (or other threads) run: between two passes, so
+/// that a loop whose timer returns at once (a zero period) never starves them.
+#[maybe_async::async_impl]
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+#[maybe_async::sync_impl]
+fn yield_now() {
+    std::thread::yield_now();
+}
+
 /// Runs passes of `store.delete_expired()` on `schedule`, sleeping on `timer`, until
 /// the timer says stop. The body of [`ExpiredDeletion::continuously_delete_expired`].
 #[maybe_async::maybe_async]
@@ -315,6 +348,7 @@ pub(crate) async fn run<S: ExpiredDeletion + ?Sized>(
     while timer.sleep(delay).await == Tick::Continue {
         let result = store.delete_expired().await;
         delay = schedule.after_pass(&result);
+        yield_now().await;
     }
     let summary = schedule.summary();
     log::debug!(target: TARGET, "deletion loop stopped: {summary:?}");
@@ -354,6 +388,21 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_never_goes_below_the_floor() {
+        let mut schedule =
+            DeletionSchedule::new(Duration::ZERO).with_backoff(Duration::ZERO, Duration::ZERO);
+        let failed = Err(crate::session_store::Error::backend("down"));
+        for _ in 0..5 {
+            assert_eq!(schedule.after_pass(&failed), MIN_BACKOFF);
+        }
+        assert_eq!(
+            schedule.after_pass(&Ok(0)),
+            Duration::ZERO,
+            "a success keeps the period"
+        );
+    }
 
     #[test]
     fn backoff_doubles_saturates_and_stays_capped() {

@@ -98,8 +98,9 @@ pub struct Session {
 struct Inner {
     store: Arc<dyn SessionStore>,
     config: SessionConfig,
-    /// The id the request carried, if it carried a well-formed one.
-    incoming: Option<Id>,
+    /// The well-formed ids the request's session cookies carried, in order: a browser
+    /// sends same-named cookies of other paths or a parent domain too.
+    incoming: Vec<Id>,
     /// The request carried a session cookie, well-formed or not.
     cookie_seen: bool,
     state: StateLock,
@@ -214,14 +215,16 @@ impl Session {
     ///
     /// Nothing is loaded until the session is first used.
     pub fn new(store: Arc<dyn SessionStore>, id: Option<Id>, config: SessionConfig) -> Self {
-        Self::from_request(store, id, id.is_some(), config)
+        Self::from_request(store, id.into_iter().collect(), id.is_some(), config)
     }
 
-    /// Like [`new`](Self::new), also knowing whether the request carried a session
-    /// cookie at all (a malformed one parses to no id, but must still be removed).
+    /// Like [`new`](Self::new), with every well-formed id the request's cookies
+    /// carried (tried in order: the first that loads is the session), and whether it
+    /// carried a session cookie at all (a malformed one parses to no id, but must
+    /// still be removed).
     pub(crate) fn from_request(
         store: Arc<dyn SessionStore>,
-        id: Option<Id>,
+        incoming: Vec<Id>,
         cookie_seen: bool,
         config: SessionConfig,
     ) -> Self {
@@ -229,7 +232,7 @@ impl Session {
             inner: Arc::new(Inner {
                 store,
                 config,
-                incoming: id,
+                incoming,
                 cookie_seen,
                 state: StateLock::new(None),
             }),
@@ -255,22 +258,13 @@ impl Session {
         })
     }
 
-    /// Turns what the store returned for the incoming id into this request's state.
-    fn adopt(&self, found: Option<Record>, now: OffsetDateTime) -> Result<Loaded> {
-        let Some(mut record) = found else {
-            return self.fresh(now);
-        };
-        if is_moved(&record) {
-            // Another request moved this session to a new id while this one was on
-            // its way: it must not start a session whose cookie would replace that.
-            let mut loaded = self.fresh(now)?;
-            loaded.gone();
-            return Ok(loaded);
-        }
+    /// Turns a record the store returned for an incoming id into this request's
+    /// state; `None` if the session has outlived its lifetime cap or is unreadable.
+    fn adopt(&self, mut record: Record, now: OffsetDateTime) -> Option<Loaded> {
         let mut changes = Changes::default();
         match created_at(&record) {
             Ok(Some(created)) if self.inner.config.is_past_lifetime(created, now) => {
-                return self.fresh(now);
+                return None;
             }
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -286,10 +280,10 @@ impl Session {
                     record.id,
                     err.report()
                 );
-                return self.fresh(now);
+                return None;
             }
         }
-        Ok(Loaded {
+        Some(Loaded {
             record,
             stored: true,
             modified: !changes.keys.is_empty(),
@@ -314,18 +308,40 @@ fn is_moved(record: &Record) -> bool {
 
 #[maybe_async::maybe_async]
 impl Session {
-    /// Loads the record into `state` on first use and returns it.
+    /// Loads the record into `state` on first use and returns it: the first incoming
+    /// id that loads a usable session. When none does, a fresh session; or, when one
+    /// of them was moved away by a login under way, a gone one (see
+    /// [`cycle_id`](Self::cycle_id)): a request in flight during that login must not
+    /// start a session whose cookie would replace the new one.
     async fn loaded<'s>(&self, state: &'s mut State) -> Result<&'s mut Loaded> {
         let loaded = match state.take() {
             Some(loaded) => loaded,
             None => {
                 let now = self.inner.config.now();
-                match self.inner.incoming {
-                    Some(id) => {
-                        let found = self.inner.store.load(&id).await?;
-                        self.adopt(found, now)?
+                let mut adopted = None;
+                let mut moved = false;
+                for id in &self.inner.incoming {
+                    let found = self.inner.store.load(id).await?;
+                    match found {
+                        None => {}
+                        Some(record) if is_moved(&record) => moved = true,
+                        Some(record) => {
+                            adopted = self.adopt(record, now);
+                            if adopted.is_some() {
+                                break;
+                            }
+                        }
                     }
-                    None => self.fresh(now)?,
+                }
+                match adopted {
+                    Some(loaded) => loaded,
+                    None => {
+                        let mut fresh = self.fresh(now)?;
+                        if moved {
+                            fresh.gone();
+                        }
+                        fresh
+                    }
                 }
             }
         };
@@ -680,12 +696,17 @@ impl Session {
     pub async fn flush(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
         let stored = match &*state {
-            Some(loaded) => loaded.stored.then_some(loaded.record.id),
-            None => self.inner.incoming,
+            Some(loaded) => loaded
+                .stored
+                .then_some(loaded.record.id)
+                .into_iter()
+                .collect(),
+            // Not loaded: whichever of the incoming ids is the session goes.
+            None => self.inner.incoming.clone(),
         };
         let fresh = self.fresh(self.inner.config.now())?;
-        if let Some(id) = stored {
-            self.inner.store.delete(&id).await?;
+        for id in &stored {
+            self.inner.store.delete(id).await?;
         }
         *state = Some(fresh);
         Ok(())
@@ -813,7 +834,7 @@ impl Session {
     pub(crate) async fn commit(&self, refresh: Option<f64>) -> Result<CookieAction> {
         let mut state = self.inner.state.lock().await;
         if state.is_none() {
-            match self.inner.incoming {
+            match self.inner.incoming.first() {
                 // Untouched: only a refresh needs the record.
                 Some(_) if refresh.is_some() => {}
                 Some(_) => return Ok(CookieAction::Keep),
@@ -849,7 +870,7 @@ impl Session {
             return Ok(CookieAction::Keep);
         }
         Ok(if loaded.stored {
-            if loaded.written || self.inner.incoming != Some(loaded.record.id) {
+            if loaded.written || !self.inner.incoming.contains(&loaded.record.id) {
                 CookieAction::Set {
                     id: loaded.record.id,
                     max_age: self

@@ -259,7 +259,7 @@ pub use maybe_async;
 
 pub use crate::{
     caching::{CacheFailure, CacheOp, CachingSessionStore},
-    deletion::{DeletionFailure, DeletionSchedule, DeletionSummary},
+    deletion::{DeletionFailure, DeletionSchedule, DeletionSummary, MIN_BACKOFF},
     manager::{SameSite, SessionManager},
     memory::MemoryStore,
     session_store::{ExpiredDeletion, SessionStore},

@@ -112,6 +112,9 @@ struct CookieConfig {
     same_site: Option<SameSite>,
 }
 
+/// The most session-cookie values of one request that [`SessionManager::begin`] keeps.
+const MAX_CANDIDATES: usize = 4;
+
 impl SessionManager {
     /// The default cookie name, `id`.
     pub const DEFAULT_COOKIE_NAME: &'static str = "id";
@@ -157,6 +160,11 @@ impl SessionManager {
     }
 
     /// Sets the cookie's name.
+    ///
+    /// Consider a name starting with `__Host-` (say `__Host-sid`): browsers then
+    /// accept the cookie only when it is `Secure`, has `Path=/` and no `Domain`, as
+    /// this manager's defaults are, so no other path or subdomain can set a
+    /// same-named cookie that the browser would send beside it.
     ///
     /// # Panics
     ///
@@ -259,30 +267,35 @@ impl SessionManager {
     /// of them, if it has several). No I/O: the session loads on first use.
     ///
     /// Header values that are not UTF-8, cookies that do not parse, and values of
-    /// the session cookie that are not a well-formed id are skipped; the first
-    /// well-formed id wins. This never fails.
+    /// the session cookie that are not a well-formed id are skipped; a value in
+    /// double quotes counts without them. Every well-formed id is kept, in order: a
+    /// browser also sends same-named cookies set for other paths or a parent domain
+    /// (often stale, and often first), so the session is the first of them that
+    /// loads, and the cookie is removed only when none does. This never fails.
     pub fn begin<I>(&self, cookie_headers: I) -> Session
     where
         I: IntoIterator,
         I::Item: AsRef<[u8]>,
     {
         let mut seen = false;
-        let mut id = None;
-        'headers: for header in cookie_headers {
+        let mut ids = Vec::new();
+        for header in cookie_headers {
             let Ok(text) = std::str::from_utf8(header.as_ref()) else {
                 continue;
             };
             for cookie in Cookie::split_parse(text).flatten() {
                 if cookie.name() == self.cookie.name {
                     seen = true;
-                    if let Ok(parsed) = cookie.value().parse::<Id>() {
-                        id = Some(parsed);
-                        break 'headers;
+                    if let Ok(parsed) = cookie.value_trimmed().parse::<Id>() {
+                        // A few at most: a request cannot make the session try more.
+                        if !ids.contains(&parsed) && ids.len() < MAX_CANDIDATES {
+                            ids.push(parsed);
+                        }
                     }
                 }
             }
         }
-        Session::from_request(self.store.clone(), id, seen, self.config.clone())
+        Session::from_request(self.store.clone(), ids, seen, self.config.clone())
     }
 
     /// Ends a request: writes the session when needed and returns the `Set-Cookie`

@@ -64,7 +64,8 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 ///   reversed by guessing, and processes sharing the store need no shared secret.
 /// - **Expiry.** Every write sets the value and its TTL in one `SET ... PX`, rounded
 ///   up to the millisecond; a record saved already expired deletes its key, and one
-///   created already expired is not written.
+///   created already expired is not written (but still gets a new id when its id is
+///   taken, as `create` must).
 ///   [`load`](SessionStore::load) also checks the record's own date, so a session is
 ///   never served after it expires, whatever the clocks.
 ///   [`delete_expired`](ExpiredDeletion::delete_expired) does nothing and returns 0:
@@ -236,8 +237,17 @@ fn breaks_connection(err: &RedisError) -> bool {
 impl SessionStore for RedisStore {
     async fn create(&self, record: &mut Record) -> Result<()> {
         let Some(ttl) = ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) else {
-            // Already expired: it would never load, so there is nothing to write.
-            return Ok(());
+            // Created already expired: it would never load, so nothing is written, but
+            // its id must still be one that no other session holds.
+            loop {
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(self.key(&record.id));
+                let taken: bool = self.query(&exists).await?;
+                if !taken {
+                    return Ok(());
+                }
+                record.id = random_id()?;
+            }
         };
         let bytes = encode_value(record, record.version)?;
         loop {

@@ -141,6 +141,7 @@ impl SqliteStore {
         let pool = Pool {
             path,
             max,
+            writer: Mutex::new(()),
             state: Mutex::new(PoolState {
                 idle: vec![conn],
                 open: 1,
@@ -179,7 +180,7 @@ impl SqliteStore {
     #[maybe_async::async_impl]
     async fn with_conn<T, F>(&self, op: F) -> Result<T>
     where
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
         let pool = self.pool.clone();
@@ -190,7 +191,7 @@ impl SqliteStore {
     #[maybe_async::sync_impl]
     fn with_conn<T, F>(&self, op: F) -> Result<T>
     where
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
         self.pool.with_conn(op)
@@ -359,24 +360,25 @@ fn delete_row(conn: &Connection, id: &Id) -> Result<()> {
     Ok(())
 }
 
-fn delete_expired_rows(conn: &Connection, now: OffsetDateTime) -> Result<usize> {
-    let mut delete = conn
-        .prepare_cached(
-            "DELETE FROM portable_sessions WHERE key IN
-             (SELECT key FROM portable_sessions WHERE expires_at <= ?1 LIMIT ?2)",
-        )
-        .map_err(Error::backend)?;
+fn delete_expired_rows(db: &Db<'_>, now: OffsetDateTime) -> Result<usize> {
     let mut deleted = 0;
     loop {
-        // Each statement is its own transaction: the write lock is released between
-        // batches.
-        let batch = delete
-            .execute(params![column_time(now), DELETE_BATCH as i64])
-            .map_err(Error::backend)?;
+        // Each batch is its own transaction, under the writer lock only for itself:
+        // writers of this process that queued meanwhile go next, and other processes'
+        // get SQLite's lock in the pause.
+        let batch = db.write(|conn| {
+            conn.prepare_cached(
+                "DELETE FROM portable_sessions WHERE key IN
+                 (SELECT key FROM portable_sessions WHERE expires_at <= ?1 LIMIT ?2)",
+            )
+            .and_then(|mut delete| delete.execute(params![column_time(now), DELETE_BATCH as i64]))
+            .map_err(Error::backend)
+        })?;
         deleted += batch;
         if batch < DELETE_BATCH {
             return Ok(deleted);
         }
+        std::thread::yield_now();
     }
 }
 
@@ -386,7 +388,10 @@ impl SessionStore for SqliteStore {
         // The blocking pool needs owned data; a record clone shares its values.
         let mut owned = record.clone();
         let id = self
-            .with_conn(move |conn| create_row(conn, &mut owned).map(|()| owned.id))
+            .with_conn(move |db| {
+                db.write(|conn| create_row(conn, &mut owned))
+                    .map(|()| owned.id)
+            })
             .await?;
         record.id = id;
         Ok(())
@@ -394,23 +399,26 @@ impl SessionStore for SqliteStore {
 
     async fn save(&self, record: &Record) -> Result<()> {
         let owned = record.clone();
-        self.with_conn(move |conn| save_row(conn, &owned)).await
+        self.with_conn(move |db| db.write(|conn| save_row(conn, &owned)))
+            .await
     }
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
         let (id, now) = (*id, self.now());
-        self.with_conn(move |conn| load_row(conn, &id, now)).await
+        self.with_conn(move |db| db.read(|conn| load_row(conn, &id, now)))
+            .await
     }
 
     async fn delete(&self, id: &Id) -> Result<()> {
         let id = *id;
-        self.with_conn(move |conn| delete_row(conn, &id)).await
+        self.with_conn(move |db| db.write(|conn| delete_row(conn, &id)))
+            .await
     }
 
     /// One conditional `UPDATE` statement: atomic.
     async fn update(&self, record: &Record) -> Result<Update> {
         let (owned, now) = (record.clone(), self.now());
-        self.with_conn(move |conn| update_row(conn, &owned, now))
+        self.with_conn(move |db| db.write(|conn| update_row(conn, &owned, now)))
             .await
     }
 
@@ -423,8 +431,7 @@ impl SessionStore for SqliteStore {
 impl ExpiredDeletion for SqliteStore {
     async fn delete_expired(&self) -> Result<usize> {
         let now = self.now();
-        self.with_conn(move |conn| delete_expired_rows(conn, now))
-            .await
+        self.with_conn(move |db| delete_expired_rows(db, now)).await
     }
 }
 
@@ -438,6 +445,28 @@ impl fmt::Debug for SqliteStore {
     }
 }
 
+/// A pooled connection lent to one operation, with the pool's writer lock.
+struct Db<'a> {
+    conn: &'a Connection,
+    writer: &'a Mutex<()>,
+}
+
+impl Db<'_> {
+    /// Runs a read.
+    fn read<T>(&self, op: impl FnOnce(&Connection) -> T) -> T {
+        op(self.conn)
+    }
+
+    /// Runs a write while holding the writer lock, then hands the lock fairly to the
+    /// next writer in line.
+    fn write<T>(&self, op: impl FnOnce(&Connection) -> T) -> T {
+        let turn = self.writer.lock();
+        let result = op(self.conn);
+        parking_lot::MutexGuard::unlock_fair(turn);
+        result
+    }
+}
+
 /// Connections to one database file, opened on demand up to `max`.
 ///
 /// A connection is used by one thread at a time, for one statement or one batch, and
@@ -446,6 +475,11 @@ impl fmt::Debug for SqliteStore {
 struct Pool {
     path: PathBuf,
     max: usize,
+    /// Taken by each write statement of this process, and handed on fairly: a long
+    /// `delete_expired` lets the writers that queued during a batch in before its
+    /// next batch, instead of re-taking SQLite's lock while they sleep in its busy
+    /// handler (and, after its timeout, fail).
+    writer: Mutex<()>,
     state: Mutex<PoolState>,
     returned: Condvar,
 }
@@ -457,10 +491,13 @@ struct PoolState {
 }
 
 impl Pool {
-    fn with_conn<T>(&self, op: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    fn with_conn<T>(&self, op: impl FnOnce(&Db<'_>) -> Result<T>) -> Result<T> {
         let conn = self.take()?;
         let panic_guard = LostOnPanic(self);
-        let result = op(&conn);
+        let result = op(&Db {
+            conn: &conn,
+            writer: &self.writer,
+        });
         std::mem::forget(panic_guard);
         self.state.lock().idle.push(conn);
         self.returned.notify_one();

@@ -213,8 +213,20 @@ async fn check_basics<S: SessionStore + ?Sized>(store: &S) {
     let missing = ok(store.load(&Id::default()).await, "load of a missing id");
     same(missing, None, "load of a missing id returns None");
     let mut expired = record_with_values(an_hour_ago());
+    expired.id = first.id;
     let created = store.create(&mut expired).await;
     ok(created, "create of an expired record");
+    assert!(
+        expired.id != first.id,
+        "store contract broken: create of an expired record under a taken id must draw a \
+         new id too"
+    );
+    let kept = ok(store.load(&first.id).await, "load");
+    same(
+        kept.as_ref(),
+        Some(&changed),
+        "create of an expired record does not overwrite another session",
+    );
     let loaded = ok(store.load(&expired.id).await, "load");
     same(
         loaded,

@@ -576,3 +576,36 @@ mod tasks {
         .unwrap();
     }
 }
+
+/// A loop with a zero period (its timer returns at once) still yields between passes:
+/// another task on the same single-threaded executor makes progress, and the loop
+/// stops when asked.
+#[cfg(all(not(feature = "sync"), feature = "async-io"))]
+#[test]
+fn a_zero_period_loop_lets_other_tasks_on_its_thread_run() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let store = MemoryStore::new();
+        let timer = portable_sessions::AsyncIoTimer::new();
+        let stop = timer.stop_handle();
+        let executor = smol::LocalExecutor::new();
+        let summary = futures_lite::future::block_on(executor.run(async {
+            let deletion = executor.spawn(
+                store.continuously_delete_expired(DeletionSchedule::new(Duration::ZERO), &timer),
+            );
+            let other = executor.spawn(async {
+                for _ in 0..100 {
+                    futures_lite::future::yield_now().await;
+                }
+            });
+            other.await;
+            stop.stop();
+            deletion.await
+        }));
+        let _ = done.send(summary);
+    });
+    let summary = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the other task ran and the loop stopped: it yields between passes");
+    assert!(summary.passes > 0);
+}

@@ -42,7 +42,68 @@ tests_in_both_modes!(
     refresh_on_request_is_throttled,
     session_end_cookie_has_no_max_age,
     store_errors_fail_finish,
+    a_stale_duplicate_cookie_does_not_lock_the_user_out,
+    cycle_id_of_an_emptied_session_stores_nothing,
 );
+
+#[maybe_async::maybe_async]
+async fn a_stale_duplicate_cookie_does_not_lock_the_user_out() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    let id = stored(&probe, "alice").await;
+    let stale = Id::default(); // a parent domain's old cookie, sent first
+
+    for header in [
+        format!("id={stale}; id={id}"),
+        format!("id={stale}; theme=dark; id=\"{id}\""),
+        format!("id=garbage; id={stale}; id={id}"),
+    ] {
+        let session = manager.begin([header.as_str()]);
+        let user = session.get::<String>("user").await.unwrap();
+        assert_eq!(user.as_deref(), Some("alice"), "{header}");
+        let set = manager.finish(&session).await.unwrap();
+        assert_eq!(set, None, "nothing removed or replaced: {header}");
+    }
+    // Two headers, the valid cookie in the second.
+    let first = format!("id={stale}");
+    let second = format!("id={id}");
+    let session = manager.begin([first.as_str(), second.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+    // A logout that never loads ends whichever of them is the session.
+    session.flush().await.unwrap();
+    let gone = probe.store.load(&id).await.unwrap();
+    assert_eq!(gone, None);
+
+    // When none loads, the cookie is removed.
+    let other = Id::default();
+    let header = format!("id={stale}; id={other}");
+    let session = manager.begin([header.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user, None);
+    let set = manager.finish(&session).await.unwrap().expect("a removal");
+    assert!(set.starts_with("id=;"), "{set}");
+}
+
+#[maybe_async::maybe_async]
+async fn cycle_id_of_an_emptied_session_stores_nothing() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    let id = stored(&probe, "alice").await;
+    let cookie = format!("id={id}");
+    let session = manager.begin([cookie.as_str()]);
+    session.clear().await.unwrap();
+    session.cycle_id().await.unwrap();
+    assert!(
+        probe.store.is_empty(),
+        "no empty record stored, the old one deleted"
+    );
+    let none = session.id().await.unwrap();
+    assert_eq!(none, None);
+    let set = manager.finish(&session).await.unwrap().expect("a removal");
+    assert!(set.starts_with("id=;"), "{set}");
+    assert!(probe.store.is_empty());
+}
 
 /// A [`FaultyStore`] (operations fail on demand) over a [`MemoryStore`] with an
 /// injected clock, counting the calls that reach it.
@@ -567,12 +628,9 @@ async fn manager_removes_bad_and_unknown_cookies() {
     let probe = Probe::new();
     let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
     let unknown = format!("id={}", Id::default());
-    let malformed: [&[u8]; 4] = [
-        b"id=garbage",
-        b"id=",
-        b"id=\"AAAAAAAAAAAAAAAAAAAAAA\"",
-        b"id=AAAAAAAAAAAAAAAAAAAAAA==",
-    ];
+    let malformed: [&[u8]; 3] = [b"id=garbage", b"id=", b"id=AAAAAAAAAAAAAAAAAAAAAA=="];
+    // Well-formed once its quotes are dropped: an unknown id like the other.
+    let quoted: &[u8] = b"id=\"AAAAAAAAAAAAAAAAAAAAAA\"";
     let not_ours: [&[u8]; 4] = [
         b"id=\xff\xfe",
         b";;;=;id",
@@ -583,7 +641,7 @@ async fn manager_removes_bad_and_unknown_cookies() {
         .iter()
         .chain(&not_ours)
         .copied()
-        .chain([unknown.as_bytes()]);
+        .chain([unknown.as_bytes(), quoted]);
     for header in all {
         let ours = !not_ours.contains(&header);
         // Unused: a malformed cookie is removed at once; a well-formed one is not

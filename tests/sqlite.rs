@@ -405,3 +405,59 @@ fn the_store_is_send_sync_clone_and_fits_in_a_dyn_store() {
     }
     let _ = as_dyn;
 }
+
+/// A purge of 200,000 expired rows (after a long downtime, say) lets a writer of the
+/// same store in between its batches: every save succeeds, many during the purge,
+/// none waits out the busy timeout.
+#[test]
+fn a_large_purge_lets_writers_in() {
+    const EXPIRED: usize = 200_000;
+    let dir = TempDir::new("purge");
+    let store = SqliteStore::open(dir.db()).unwrap();
+    let bytes = common::expired_record().encode_without_id().unwrap();
+    let past = (OffsetDateTime::now_utc() - Duration::hours(1)).unix_timestamp_nanos() as i64;
+    {
+        let mut conn = raw_connection(&dir.db());
+        let tx = conn.transaction().unwrap();
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO portable_sessions (key, expires_at, record, version)
+                     VALUES (?1, ?2, ?3, 0)",
+                )
+                .unwrap();
+            for _ in 0..EXPIRED {
+                insert
+                    .execute(rusqlite::params![key_of(&Id::default()), past, &bytes])
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+
+    let purging = std::sync::atomic::AtomicBool::new(true);
+    let (deleted, (saves, errors)) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut record = live_record(1);
+            block(store.create(&mut record)).unwrap();
+            let (mut saves, mut errors) = (0usize, Vec::new());
+            while purging.load(Ordering::SeqCst) {
+                match block(store.save(&record)) {
+                    Ok(()) => saves += 1,
+                    Err(err) => errors.push(err.report()),
+                }
+            }
+            (saves, errors)
+        });
+        let deleted = block(store.delete_expired());
+        purging.store(false, Ordering::SeqCst);
+        (deleted, writer.join().unwrap())
+    });
+    assert_eq!(deleted.unwrap(), EXPIRED);
+    assert!(
+        errors.is_empty(),
+        "saves failed during the purge: {errors:?}"
+    );
+    // The purge ran about 390 batches; the writer had a turn after most of them.
+    assert!(saves >= 50, "only {saves} saves got in during the purge");
+}

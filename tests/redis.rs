@@ -7,7 +7,6 @@
 mod common;
 
 use std::{
-    net::{Ipv4Addr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -51,27 +50,36 @@ fn keys(conn: &mut redis::Connection, prefix: &str) -> Vec<String> {
         .unwrap()
 }
 
-/// A `redis-server` of the test's own on a free loopback port, without persistence.
+/// A `redis-server` of the test's own, without persistence, listening only on a Unix
+/// socket in a temporary directory of its own: no other test (or program) can take
+/// its address, before it starts or while it is down for a restart.
 struct RedisServer {
-    port: u16,
+    dir: common::TempDir,
     password: Option<&'static str>,
     child: Child,
 }
 
 impl RedisServer {
     fn start() -> Self {
-        Self::start_on(free_port(), None)
+        Self::start_in(common::TempDir::new("redis-server"), None)
     }
 
     /// Starts a server that wants a password: connecting then takes a round trip.
     fn start_with_password(password: &'static str) -> Self {
-        Self::start_on(free_port(), Some(password))
+        Self::start_in(common::TempDir::new("redis-server"), Some(password))
     }
 
-    fn start_on(port: u16, password: Option<&'static str>) -> Self {
+    fn socket(dir: &common::TempDir) -> std::path::PathBuf {
+        dir.0.join("redis.sock")
+    }
+
+    fn start_in(dir: common::TempDir, password: Option<&'static str>) -> Self {
+        let socket = Self::socket(&dir);
         let mut command = Command::new("redis-server");
         command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args(["--unixsocketperm", "700"])
             .args(["--save", "", "--appendonly", "no"]);
         if let Some(password) = password {
             command.args(["--requirepass", password]);
@@ -89,18 +97,22 @@ impl RedisServer {
                 )
             });
         let mut server = Self {
-            port,
+            dir,
             password,
             child,
         };
         let deadline = Instant::now() + StdDuration::from_secs(10);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("redis-server on port {port} exited at start: {status}");
+                panic!(
+                    "redis-server on {} exited at start: {status}",
+                    socket.display()
+                );
             }
             assert!(
                 Instant::now() < deadline,
-                "redis-server did not listen on port {port} within 10 s"
+                "redis-server did not listen on {} within 10 s",
+                socket.display()
             );
             std::thread::sleep(StdDuration::from_millis(10));
         }
@@ -108,9 +120,10 @@ impl RedisServer {
     }
 
     fn url(&self) -> String {
+        let socket = Self::socket(&self.dir);
         match self.password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(password) => format!("redis+unix://{}?pass={password}", socket.display()),
+            None => format!("redis+unix://{}", socket.display()),
         }
     }
 
@@ -120,9 +133,11 @@ impl RedisServer {
         self.child.wait().unwrap();
     }
 
-    /// Restarts a killed server on the same port.
+    /// Restarts a killed server on the same socket.
     fn restart(&mut self) {
-        *self = Self::start_on(self.port, self.password);
+        let dir = std::mem::replace(&mut self.dir, common::TempDir::new("redis-server"));
+        let password = self.password;
+        *self = Self::start_in(dir, password);
     }
 
     fn signal(&self, signal: Signal) {
@@ -146,13 +161,6 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 fn is_backend<T: std::fmt::Debug>(result: &Result<T>) -> bool {

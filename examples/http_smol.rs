@@ -12,7 +12,11 @@
 //!
 //! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), keeps
 //! sessions in STORE (`memory`, the default; `sqlite:PATH`; or a `redis://` URL),
-//! prints the address it bound as its first line, and stops on Ctrl-C. The application
+//! deletes expired sessions every minute on a task of its own (`AsyncIoTimer`),
+//! prints the address it bound as its first line, and stops on Ctrl-C. A client
+//! gets 10 seconds to send its request head; a failed `accept` (out of file
+//! descriptors, say) is logged and retried after a pause, never the server's end;
+//! bodies over 1 KiB get a 413. The application
 //! itself is in `visits/mod.rs`, shared with `http_blocking.rs`.
 //!
 //! Why hyper: it is the most used and best kept HTTP implementation in Rust, and it
@@ -67,9 +71,11 @@ pub(crate) use server::App;
 /// The server, in a module of its own only because it builds in async mode alone.
 #[cfg(not(feature = "sync"))]
 mod server {
-    use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc};
+    use std::{
+        convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc, time::Duration,
+    };
 
-    use http_body_util::{BodyExt, Full, Limited};
+    use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
     use hyper::{
         body::{Bytes, Incoming},
         header::{CONTENT_TYPE, COOKIE, SET_COOKIE},
@@ -77,29 +83,44 @@ mod server {
         service::service_fn,
         Request, Response,
     };
-    use portable_sessions::{SessionManager, SessionStore};
+    use portable_sessions::{AsyncIoTimer, DeletionSchedule, ExpiredDeletion, SessionManager};
     use smol::net::{TcpListener, TcpStream};
-    use smol_hyper::rt::FuturesIo;
+    use smol_hyper::rt::{FuturesIo, SmolTimer};
 
     use super::visits;
 
     /// The largest request body read, in bytes.
     const MAX_BODY: usize = 1024;
 
-    /// The server: a listener and the session manager.
+    /// How long a client may take to send its request head.
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The server: a listener, the session manager, and the deletion loop's store.
     #[derive(Clone, Debug)]
     pub(crate) struct App {
         listener: TcpListener,
+        store: Arc<dyn ExpiredDeletion>,
         sessions: Arc<SessionManager>,
+        deletion: DeletionSchedule,
     }
 
     impl App {
         /// Listens on `addr`, keeping sessions in `store`.
-        pub(crate) async fn bind(addr: &str, store: impl SessionStore) -> io::Result<Self> {
+        pub(crate) async fn bind(addr: &str, store: Arc<dyn ExpiredDeletion>) -> io::Result<Self> {
             Ok(Self {
                 listener: TcpListener::bind(addr).await?,
-                sessions: Arc::new(visits::sessions(store)),
+                sessions: Arc::new(visits::sessions(store.clone())),
+                store,
+                deletion: DeletionSchedule::new(Duration::from_secs(60)),
             })
+        }
+
+        /// Deletes expired sessions every `period` instead of every minute (the tests
+        /// use it).
+        #[allow(dead_code)]
+        pub(crate) fn with_deletion_period(mut self, period: Duration) -> Self {
+            self.deletion = DeletionSchedule::new(period);
+            self
         }
 
         /// Returns the address the server listens on.
@@ -107,20 +128,40 @@ mod server {
             self.listener.local_addr()
         }
 
-        /// Serves connections, each on its own task on smol's executor, until
-        /// `shutdown` completes; then stops accepting and returns.
+        /// Serves connections, each on its own task on smol's executor, and deletes
+        /// expired sessions on another, until `shutdown` completes; then stops
+        /// accepting, stops the deletion loop and returns.
         pub(crate) async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+            let timer = AsyncIoTimer::new();
+            let stop = timer.stop_handle();
+            let deletion = {
+                let (store, schedule) = (self.store.clone(), self.deletion.clone());
+                smol::spawn(
+                    async move { store.continuously_delete_expired(schedule, &timer).await },
+                )
+            };
             let accept = async {
+                let mut pause = Duration::from_millis(10);
                 loop {
-                    let (stream, _) = self.listener.accept().await?;
-                    smol::spawn(self.clone().connection(stream)).detach();
+                    match self.listener.accept().await {
+                        Ok((stream, _)) => {
+                            pause = Duration::from_millis(10);
+                            smol::spawn(self.clone().connection(stream)).detach();
+                        }
+                        Err(err) => {
+                            // Out of file descriptors, say: the connections being
+                            // served free some. Wait, longer each time, and go on.
+                            eprintln!("failed to accept a connection: {err}");
+                            smol::Timer::after(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                        }
+                    }
                 }
             };
-            smol::future::or(accept, async {
-                shutdown.await;
-                Ok(())
-            })
-            .await
+            smol::future::or(accept, shutdown).await;
+            stop.stop();
+            deletion.await;
+            Ok(())
         }
 
         async fn connection(self, stream: TcpStream) {
@@ -129,6 +170,8 @@ mod server {
                 async move { Ok::<_, Infallible>(app.serve(request).await) }
             });
             let served = http1::Builder::new()
+                .timer(SmolTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(FuturesIo::new(stream), service)
                 .await;
             if let Err(err) = served {
@@ -144,6 +187,10 @@ mod server {
 
             let routed = match Limited::new(request.into_body(), MAX_BODY).collect().await {
                 Ok(body) => visits::route(&session, &method, &path, &body.to_bytes()).await,
+                Err(err) if err.is::<LengthLimitError>() => Ok(visits::Reply {
+                    status: 413,
+                    body: "request body too large\n".to_owned(),
+                }),
                 Err(err) => Ok(visits::Reply {
                     status: 400,
                     body: format!("unreadable body: {err}\n"),

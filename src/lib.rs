@@ -200,7 +200,7 @@
 //! [`finish`](SessionManager::finish) writes the session when it changed and returns
 //! the `Set-Cookie` value to send. [`session::Session::cycle_id`] moves a session to a
 //! new id at login; [`session::Session::flush`] ends it at logout. The examples
-//! `http_blocking` (tiny_http, blocking mode) and `http_smol` (hyper on smol) are
+//! `http_blocking` (std sockets, blocking mode) and `http_smol` (hyper on smol) are
 //! complete servers.
 //!
 //! # Concurrent requests of one session

@@ -1,4 +1,4 @@
-//! The blocking HTTP example (tiny_http, `sync` feature), end to end over real HTTP.
+//! The blocking HTTP example (std sockets, `sync` feature), end to end over real HTTP.
 #![cfg(feature = "sync")]
 
 mod common;
@@ -20,10 +20,24 @@ fn serves_sessions_over_http_on_every_store() {
 
         http::check_server(addr, &*store);
         http::check_races(addr, &*store);
+        http::check_hostile_clients(addr);
 
         stopper.stop();
         server.join().expect("the server stops cleanly");
     });
+}
+
+#[test]
+fn deletes_expired_sessions_by_itself() {
+    let store = portable_sessions::MemoryStore::new();
+    let app = example::App::bind("127.0.0.1:0", std::sync::Arc::new(store.clone()))
+        .expect("binds")
+        .with_deletion_period(std::time::Duration::from_millis(20));
+    let stopper = app.stopper();
+    let server = std::thread::spawn(move || app.run());
+    http::check_deletes_expired(&store);
+    stopper.stop();
+    server.join().expect("the server stops cleanly");
 }
 
 #[cfg(unix)]

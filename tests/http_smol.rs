@@ -24,6 +24,7 @@ fn serves_sessions_over_http_on_every_store() {
 
         http::check_server(addr, &*store);
         http::check_races(addr, &*store);
+        http::check_hostile_clients(addr);
 
         stop.send_blocking(())
             .expect("the server listens for the stop");
@@ -38,4 +39,28 @@ fn serves_sessions_over_http_on_every_store() {
 #[test]
 fn binary_prints_its_address_and_stops_on_ctrl_c() {
     http::check_binary("http_smol");
+}
+
+#[test]
+fn deletes_expired_sessions_by_itself() {
+    let store = portable_sessions::MemoryStore::new();
+    let app = smol::block_on(example::App::bind(
+        "127.0.0.1:0",
+        std::sync::Arc::new(store.clone()),
+    ))
+    .expect("binds")
+    .with_deletion_period(std::time::Duration::from_millis(20));
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let server = std::thread::spawn(move || {
+        smol::block_on(app.run(async move {
+            let _ = stopped.recv().await;
+        }))
+    });
+    http::check_deletes_expired(&store);
+    stop.send_blocking(())
+        .expect("the server listens for the stop");
+    server
+        .join()
+        .expect("the server thread")
+        .expect("the server stops cleanly");
 }

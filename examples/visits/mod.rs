@@ -8,17 +8,20 @@ use std::sync::Arc;
 use portable_sessions::{
     session::{Expiry, Session, SessionConfig},
     session_store::Result,
-    MemoryStore, SessionManager, SessionStore,
+    ExpiredDeletion, MemoryStore, SessionManager, SessionStore,
 };
 use time::Duration;
 
-/// The store named by the examples' second argument: `memory` (the default),
+/// The store named by the examples' second argument (with its expired-session
+/// deletion, which the examples run every minute): `memory` (the default),
 /// `sqlite:PATH` (feature `sqlite`), or a `redis://` URL (feature `redis`).
 ///
 /// # Errors
 ///
 /// Says what is wrong with the argument, or why the store cannot be opened.
-pub(crate) fn open_store(spec: Option<&str>) -> std::result::Result<Arc<dyn SessionStore>, String> {
+pub(crate) fn open_store(
+    spec: Option<&str>,
+) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
     match spec.unwrap_or("memory") {
         "memory" => Ok(Arc::new(MemoryStore::new())),
         spec if spec.starts_with("sqlite:") => open_sqlite(&spec["sqlite:".len()..]),
@@ -32,7 +35,7 @@ pub(crate) fn open_store(spec: Option<&str>) -> std::result::Result<Arc<dyn Sess
 }
 
 #[cfg(feature = "sqlite")]
-fn open_sqlite(path: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+fn open_sqlite(path: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
     if path.is_empty() {
         return Err("`sqlite:` needs a file path, as in `sqlite:/tmp/sessions.db`".to_owned());
     }
@@ -42,19 +45,19 @@ fn open_sqlite(path: &str) -> std::result::Result<Arc<dyn SessionStore>, String>
 }
 
 #[cfg(not(feature = "sqlite"))]
-fn open_sqlite(_: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+fn open_sqlite(_: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
     Err("this build has no SQLite store: build with `--features sqlite`".to_owned())
 }
 
 #[cfg(feature = "redis")]
-fn open_redis(url: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+fn open_redis(url: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
     let store = portable_sessions::RedisStore::new(url)
         .map_err(|err| format!("bad Redis URL: {}", err.report()))?;
     Ok(Arc::new(store))
 }
 
 #[cfg(not(feature = "redis"))]
-fn open_redis(_: &str) -> std::result::Result<Arc<dyn SessionStore>, String> {
+fn open_redis(_: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
     Err("this build has no Redis store: build with `--features redis`".to_owned())
 }
 

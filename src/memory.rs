@@ -449,7 +449,11 @@ impl Hasher for IdHasher {
     }
 
     fn finish(&self) -> u64 {
-        self.hash
+        // One more folded multiply by an odd constant: the product's high half
+        // carries every input bit into the low bits, which pick the table bucket.
+        // Without it, ids that differ only in a few bits (chosen, not drawn) could
+        // share low bits whenever a seed had trailing zeros.
+        folded_multiply(self.hash, 0x9E37_79B9_7F4A_7C15)
     }
 }
 

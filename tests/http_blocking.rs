@@ -10,20 +10,25 @@ mod http;
 #[path = "../examples/http_blocking.rs"]
 mod example;
 
+/// Runs `app` on a thread of its own while `check` drives it, then stops it.
+fn serving(app: example::App, check: impl FnOnce(std::net::SocketAddr)) {
+    let addr = app.local_addr();
+    let stopper = app.stopper();
+    let server = std::thread::spawn(move || app.run());
+    check(addr);
+    stopper.stop();
+    server.join().expect("the server stops cleanly");
+}
+
 #[test]
 fn serves_sessions_over_http_on_every_store() {
     http::each_store("http-blocking", |store| {
         let app = example::App::bind("127.0.0.1:0", store.clone()).expect("binds");
-        let addr = app.local_addr();
-        let stopper = app.stopper();
-        let server = std::thread::spawn(move || app.run());
-
-        http::check_server(addr, &*store);
-        http::check_races(addr, &*store);
-        http::check_hostile_clients(addr);
-
-        stopper.stop();
-        server.join().expect("the server stops cleanly");
+        serving(app, |addr| {
+            http::check_server(addr, &*store);
+            http::check_races(addr, &*store);
+            http::check_hostile_clients(addr);
+        });
     });
 }
 
@@ -33,11 +38,7 @@ fn deletes_expired_sessions_by_itself() {
     let app = example::App::bind("127.0.0.1:0", std::sync::Arc::new(store.clone()))
         .expect("binds")
         .with_deletion_period(std::time::Duration::from_millis(20));
-    let stopper = app.stopper();
-    let server = std::thread::spawn(move || app.run());
-    http::check_deletes_expired(&store);
-    stopper.stop();
-    server.join().expect("the server stops cleanly");
+    serving(app, |_| http::check_deletes_expired(&store));
 }
 
 #[cfg(unix)]

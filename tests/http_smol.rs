@@ -10,28 +10,33 @@ mod http;
 #[path = "../examples/http_smol.rs"]
 mod example;
 
+/// Runs `app` on a thread of its own while `check` drives it, then stops it.
+fn serving(app: example::App, check: impl FnOnce(std::net::SocketAddr)) {
+    let addr = app.local_addr().expect("bound");
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let server = std::thread::spawn(move || {
+        smol::block_on(app.run(async move {
+            let _ = stopped.recv().await;
+        }))
+    });
+    check(addr);
+    stop.send_blocking(())
+        .expect("the server listens for the stop");
+    server
+        .join()
+        .expect("the server thread")
+        .expect("the server stops cleanly");
+}
+
 #[test]
 fn serves_sessions_over_http_on_every_store() {
     http::each_store("http-smol", |store| {
         let app = smol::block_on(example::App::bind("127.0.0.1:0", store.clone())).expect("binds");
-        let addr = app.local_addr().expect("bound");
-        let (stop, stopped) = smol::channel::bounded::<()>(1);
-        let server = std::thread::spawn(move || {
-            smol::block_on(app.run(async move {
-                let _ = stopped.recv().await;
-            }))
+        serving(app, |addr| {
+            http::check_server(addr, &*store);
+            http::check_races(addr, &*store);
+            http::check_hostile_clients(addr);
         });
-
-        http::check_server(addr, &*store);
-        http::check_races(addr, &*store);
-        http::check_hostile_clients(addr);
-
-        stop.send_blocking(())
-            .expect("the server listens for the stop");
-        server
-            .join()
-            .expect("the server thread")
-            .expect("the server stops cleanly");
     });
 }
 
@@ -50,17 +55,5 @@ fn deletes_expired_sessions_by_itself() {
     ))
     .expect("binds")
     .with_deletion_period(std::time::Duration::from_millis(20));
-    let (stop, stopped) = smol::channel::bounded::<()>(1);
-    let server = std::thread::spawn(move || {
-        smol::block_on(app.run(async move {
-            let _ = stopped.recv().await;
-        }))
-    });
-    http::check_deletes_expired(&store);
-    stop.send_blocking(())
-        .expect("the server listens for the stop");
-    server
-        .join()
-        .expect("the server thread")
-        .expect("the server stops cleanly");
+    serving(app, |_| http::check_deletes_expired(&store));
 }

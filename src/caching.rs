@@ -10,8 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use time::OffsetDateTime;
-
 use crate::{
     session::{Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
@@ -60,8 +58,10 @@ const MAX_EVICT_BACKOFF: Duration = Duration::from_secs(30);
 /// cache until an eviction succeeds. After a failed eviction the next load tries once
 /// more, then loads back off (from 100 ms, doubling, up to 30 s) rather than each wait
 /// on a failing cache; [`delete_expired`](ExpiredDeletion::delete_expired) retries
-/// every suspect and forgets those whose record has expired, so they never pile up.
-/// A cache hit takes no lock unless its own stripe (one of 64) holds a suspect.
+/// every suspect, so they never outlast a pass once the cache answers. A cache hit
+/// takes no lock unless its own stripe (one of 64) holds a suspect.
+///
+/// The callback runs while the id's stripe lock is held: it must not call this store.
 ///
 /// Failures that do not fail the call are never silent: each is logged through the
 /// [`log`](https://docs.rs/log) facade (target `portable_sessions::caching`) and
@@ -125,9 +125,6 @@ struct Stripe {
 struct Suspects(HashMap<Id, Suspect>);
 
 struct Suspect {
-    /// Unix nanoseconds from which the entry would have expired anyway (the record's
-    /// expiry date), when known: the suspicion ends there.
-    until: Option<i128>,
     /// No eviction is tried before this, after failed ones.
     retry_at: Option<Instant>,
     /// Failed evictions so far.
@@ -135,26 +132,17 @@ struct Suspect {
 }
 
 impl Suspects {
-    /// Marks `id` suspect until `until` (if known), keeping any backoff under way.
-    fn mark(&mut self, id: Id, until: Option<i128>) {
-        self.0
-            .entry(id)
-            .and_modify(|suspect| {
-                suspect.until = match (suspect.until, until) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    _ => None,
-                }
-            })
-            .or_insert(Suspect {
-                until,
-                retry_at: None,
-                failures: 0,
-            });
+    /// Marks `id` suspect, keeping any backoff under way.
+    fn mark(&mut self, id: Id) {
+        self.0.entry(id).or_insert(Suspect {
+            retry_at: None,
+            failures: 0,
+        });
     }
 
     /// Notes a failed eviction of `id`: backs off exponentially.
-    fn failed(&mut self, id: Id, until: Option<i128>) {
-        self.mark(id, until);
+    fn failed(&mut self, id: Id) {
+        self.mark(id);
         if let Some(suspect) = self.0.get_mut(&id) {
             suspect.failures = suspect.failures.saturating_add(1);
             // The next load tries once more at once; after that, loads wait.
@@ -282,7 +270,6 @@ struct Ordered<'a> {
     stripe: &'a Stripe,
     suspects: StripeGuard<'a>,
     id: Id,
-    until: Option<i128>,
     done: bool,
 }
 
@@ -290,9 +277,9 @@ impl Ordered<'_> {
     /// Marks the id suspect (after a failed eviction, say), counted for the hit path.
     fn mark(&mut self, failed: bool) {
         if failed {
-            self.suspects.failed(self.id, self.until);
+            self.suspects.failed(self.id);
         } else {
-            self.suspects.mark(self.id, self.until);
+            self.suspects.mark(self.id);
         }
         self.stripe
             .suspects
@@ -321,21 +308,16 @@ impl Drop for Ordered<'_> {
     }
 }
 
-fn nanos(at: OffsetDateTime) -> i128 {
-    at.unix_timestamp_nanos()
-}
-
 #[maybe_async::maybe_async]
 impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store> {
     /// Takes the stripe lock of `id` for a write or a fill that ends by the cache step.
-    async fn ordered(&self, id: Id, until: Option<i128>) -> Ordered<'_> {
+    async fn ordered(&self, id: Id) -> Ordered<'_> {
         let stripe = self.stripe(&id);
         let suspects = stripe.lock.lock().await;
         Ordered {
             stripe,
             suspects,
             id,
-            until,
             done: false,
         }
     }
@@ -387,23 +369,13 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
     /// Loads an id whose stripe holds suspects: a suspect one is evicted first (or,
     /// while evictions fail or back off, answered by the store alone).
     async fn load_suspect(&self, id: &Id) -> Result<Option<Record>> {
-        let mut ordered = self.ordered(*id, None).await;
+        let mut ordered = self.ordered(*id).await;
         ordered.done = true;
         let Some(suspect) = ordered.suspects.0.get(id) else {
             drop(ordered);
             return self.load_cached(id).await;
         };
-        let now = Instant::now();
-        if suspect
-            .until
-            .is_some_and(|until| until <= nanos(OffsetDateTime::now_utc()))
-        {
-            // The entry has expired in the cache too: it can no longer be served.
-            ordered.clear();
-            drop(ordered);
-            return self.load_cached(id).await;
-        }
-        if suspect.retry_at.is_some_and(|at| at > now) {
+        if suspect.retry_at.is_some_and(|at| at > Instant::now()) {
             return self.store.load(id).await;
         }
         self.evict_then_load(&mut ordered).await
@@ -427,7 +399,7 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
             Ok(None) => {}
             Err(err) => self.report(CacheOp::Load, Some(*id), &err),
         }
-        let mut ordered = self.ordered(*id, None).await;
+        let mut ordered = self.ordered(*id).await;
         ordered.done = true;
         if ordered.is_suspect() {
             // A write was interrupted meanwhile: evict before filling.
@@ -450,8 +422,7 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
-        let until = Some(nanos(record.expiry_date));
-        let mut ordered = self.ordered(record.id, until).await;
+        let mut ordered = self.ordered(record.id).await;
         let stored = self.store.save(record).await;
         match stored {
             Ok(()) => {
@@ -468,8 +439,7 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     }
 
     async fn update(&self, record: &Record) -> Result<Update> {
-        let until = Some(nanos(record.expiry_date));
-        let mut ordered = self.ordered(record.id, until).await;
+        let mut ordered = self.ordered(record.id).await;
         let stored = self.store.update(record).await;
         match stored {
             Ok(Update::Written(version)) => {
@@ -502,7 +472,7 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     }
 
     async fn delete(&self, id: &Id) -> Result<()> {
-        let mut ordered = self.ordered(*id, None).await;
+        let mut ordered = self.ordered(*id).await;
         let stored = self.store.delete(id).await;
         let evicted = self.evict(&mut ordered, CacheOp::Delete).await;
         ordered.done = true;
@@ -521,30 +491,23 @@ where
 {
     /// Deletes expired records from the store, then from the cache, and returns the
     /// store's count. A cache failure is reported, not returned: expired records are
-    /// never served either way. Then every suspect entry is dropped if its record has
-    /// expired, or evicted again (whatever its backoff): suspects never pile up
-    /// beyond one pass once the cache answers.
+    /// never served either way. Then every suspect entry is evicted again, whatever
+    /// its backoff: suspects never outlast a pass once the cache answers. (An id stops
+    /// being suspect only when an eviction succeeds: the stale entry's own expiry is
+    /// not known, and may be later than any record written since.)
     async fn delete_expired(&self) -> Result<usize> {
         let deleted = self.store.delete_expired().await?;
         let cached = self.cache.delete_expired().await;
         if let Err(err) = cached {
             self.report(CacheOp::DeleteExpired, None, &err);
         }
-        let now = nanos(OffsetDateTime::now_utc());
         for stripe in self.shared.stripes.iter() {
             if stripe.suspects.load(Ordering::Acquire) == 0 {
                 continue;
             }
-            let ids: Vec<Id> = {
-                let mut suspects = stripe.lock.lock().await;
-                suspects
-                    .0
-                    .retain(|_, suspect| suspect.until.is_none_or(|until| until > now));
-                stripe.suspects.store(suspects.0.len(), Ordering::Release);
-                suspects.0.keys().copied().collect()
-            };
+            let ids: Vec<Id> = stripe.lock.lock().await.0.keys().copied().collect();
             for id in ids {
-                let mut ordered = self.ordered(id, None).await;
+                let mut ordered = self.ordered(id).await;
                 ordered.done = true;
                 if ordered.is_suspect() {
                     let _ = self.evict(&mut ordered, CacheOp::Evict).await;

@@ -321,7 +321,21 @@ impl Session {
                 let mut adopted = None;
                 let mut moved = false;
                 for id in &self.inner.incoming {
-                    let found = self.inner.store.load(id).await?;
+                    let found = match self.inner.store.load(id).await {
+                        Ok(found) => found,
+                        // Unreadable: corrupt, or written in a format this build does
+                        // not read. Left as it is in the store, and logged; the
+                        // request goes on as if the cookie had not named it.
+                        Err(err @ Error::Decode(_)) => {
+                            log::warn!(
+                                target: "portable_sessions::session",
+                                "session {id:?} cannot be read, so the request does not use it: {}",
+                                err.report()
+                            );
+                            continue;
+                        }
+                        Err(err) => return Err(err),
+                    };
                     match found {
                         None => {}
                         Some(record) if is_moved(&record) => moved = true,
@@ -362,8 +376,14 @@ impl Session {
             return Ok(());
         }
         let now = self.inner.config.now();
-        self.set_expiry(&mut loaded.record, now)?;
         if !loaded.stored {
+            if has_no_user_values(&loaded.record) {
+                // Nothing worth keeping, and nothing stored to end.
+                loaded.modified = false;
+                loaded.changes = Changes::default();
+                return Ok(());
+            }
+            self.set_expiry(&mut loaded.record, now)?;
             // The store may draw another id on a collision; the record then holds it.
             self.inner.store.create(&mut loaded.record).await?;
             loaded.stored = true;
@@ -372,8 +392,24 @@ impl Session {
             return Ok(());
         }
         for _ in 0..MAX_WRITE_ATTEMPTS {
+            // A session left without values ends: it is written already expired, and
+            // conditionally, so that values another request stored meanwhile are
+            // merged in (and the session then kept) rather than deleted with it.
+            let ending = has_no_user_values(&loaded.record);
+            if ending {
+                loaded.record.expiry_date = OffsetDateTime::UNIX_EPOCH;
+            } else {
+                self.set_expiry(&mut loaded.record, now)?;
+            }
             let outcome = self.inner.store.update(&loaded.record).await?;
             match outcome {
+                Update::Written(_) if ending => {
+                    loaded.record.id = random_id()?;
+                    loaded.stored = false;
+                    loaded.modified = false;
+                    loaded.changes = Changes::default();
+                    return Ok(());
+                }
                 Update::Written(version) => {
                     loaded.written(version);
                     return Ok(());
@@ -388,7 +424,6 @@ impl Session {
                         Some(newer) if !is_moved(&newer) => {
                             let mut merged = loaded.changes.apply(newer);
                             recompute(&mut merged)?;
-                            self.set_expiry(&mut merged, now)?;
                             loaded.record = merged;
                         }
                         _ => {
@@ -488,7 +523,8 @@ impl Session {
     ///
     /// Returns [`Error::Decode`] if the current value is not a `T`, [`Error::Encode`]
     /// for a reserved key or a value that cannot be serialized, a
-    /// [`WriteConflict`] after too many concurrent writes, or the store's error.
+    /// [`WriteConflict`] after too many concurrent writes, or the store's error. On
+    /// error the session is as it was before the call.
     ///
     /// # Examples
     ///
@@ -531,22 +567,24 @@ impl Session {
             result = Some(next);
             Ok(())
         };
+        let before = (loaded.record.clone(), loaded.modified);
         apply(&mut loaded.record)?;
         loaded.modified = true;
-        // The step is written now, and is not one of the recorded changes: after a
-        // conflict `apply` computes it again from the newer value, which a recorded
-        // change would overwrite first. Not written (the session is not stored yet,
-        // or the write failed), it waits for the next write as a recorded change.
-        let written = if loaded.stored {
-            self.write(loaded, &mut apply).await
+        if loaded.stored {
+            // The step is written now, and is not one of the recorded changes: after a
+            // conflict `apply` computes it again from the newer value, which a
+            // recorded change would overwrite first.
+            let written = self.write(loaded, &mut apply).await;
+            if let Err(err) = written {
+                // Not written: the session is as it was before the call.
+                (loaded.record, loaded.modified) = before;
+                return Err(err);
+            }
         } else {
-            Ok(())
-        };
-        if !loaded.stored || written.is_err() {
+            // Not stored yet: the step waits for the session's creation.
             let bytes = loaded.record.get_raw(key).map(<[u8]>::to_vec);
             loaded.changes.set(key, bytes);
         }
-        written?;
         result.ok_or_else(|| Error::encode("the update function never ran"))
     }
 
@@ -720,12 +758,13 @@ impl Session {
     /// last saw, by a marker that expires within two minutes: requests still in
     /// flight with the old id write nothing and send no cookie, so they can neither
     /// revive the old id nor replace the new cookie. Values those requests wrote
-    /// before the move are carried over to the new id. If the session was deleted
-    /// meanwhile (a concurrent logout), the new record is deleted too and the session
-    /// is gone: nothing more is written.
+    /// before the move are carried over to the new id. If the session was deleted or
+    /// moved meanwhile (a concurrent logout or login), the new record is deleted too,
+    /// and the handle starts over as a new, empty session under a fresh id: a login
+    /// then stores its values there, and nothing of the ended session comes back.
     ///
     /// A session that is not stored yet just draws a new id, and one left without
-    /// values (after [`clear`](Self::clear)) is deleted, not moved.
+    /// values (after [`clear`](Self::clear)) is ended, not moved.
     ///
     /// # Errors
     ///
@@ -734,25 +773,30 @@ impl Session {
     pub async fn cycle_id(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
         let loaded = self.loaded(&mut state).await?;
-        if loaded.gone {
-            return Ok(());
-        }
-        let fresh = random_id()?;
-        if !loaded.stored || has_no_user_values(&loaded.record) {
-            if loaded.stored {
-                self.inner.store.delete(&loaded.record.id).await?;
-                loaded.stored = false;
-                loaded.modified = false;
-                loaded.changes = Changes::default();
-            } else {
-                loaded.modified |= !has_no_user_values(&loaded.record);
-            }
-            loaded.record.id = fresh;
-            return Ok(());
-        }
         let now = self.inner.config.now();
+        if loaded.gone {
+            // The session went away under this request (a logout, another login):
+            // a login now starts a new, empty one rather than silently doing nothing.
+            *loaded = self.fresh(now)?;
+            return Ok(());
+        }
+        if loaded.stored && has_no_user_values(&loaded.record) {
+            // Emptied by `clear`: end it (conditionally, see `write`) instead of
+            // moving an empty record; unless another request stored values meanwhile.
+            loaded.modified = true;
+            self.write(loaded, &mut |_| Ok(())).await?;
+        }
+        if loaded.gone {
+            *loaded = self.fresh(now)?;
+            return Ok(());
+        }
+        if !loaded.stored {
+            loaded.record.id = random_id()?;
+            loaded.modified |= !has_no_user_values(&loaded.record);
+            return Ok(());
+        }
         let mut moved = loaded.record.clone();
-        moved.id = fresh;
+        moved.id = random_id()?;
         moved.version = 0;
         self.set_expiry(&mut moved, now)?;
         self.inner.store.create(&mut moved).await?;
@@ -780,7 +824,7 @@ impl Session {
                 }
                 Update::Gone => {
                     self.discard(&moved.id).await;
-                    loaded.gone();
+                    *loaded = self.fresh(now)?;
                     return Ok(());
                 }
                 Update::Conflict => {
@@ -795,7 +839,7 @@ impl Session {
                     };
                     let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
                         self.discard(&moved.id).await;
-                        loaded.gone();
+                        *loaded = self.fresh(now)?;
                         return Ok(());
                     };
                     loaded.record = loaded.changes.apply(newer);
@@ -848,19 +892,8 @@ impl Session {
             return Ok(CookieAction::Keep);
         }
         if loaded.modified {
-            if has_no_user_values(&loaded.record) {
-                // Nothing worth keeping.
-                if loaded.stored {
-                    let fresh = random_id()?;
-                    self.inner.store.delete(&loaded.record.id).await?;
-                    loaded.record.id = fresh;
-                    loaded.stored = false;
-                }
-                loaded.modified = false;
-                loaded.changes = Changes::default();
-            } else {
-                self.write(loaded, &mut |_| Ok(())).await?;
-            }
+            // A session left without values ends here (see `write`).
+            self.write(loaded, &mut |_| Ok(())).await?;
         } else if loaded.stored && self.refresh_due(&loaded.record, now, refresh)? {
             self.refresh(loaded, now).await?;
         }

@@ -13,7 +13,9 @@ use crate::{
 
 /// The conditional write, run by Redis as one step: writes the new value (or deletes
 /// the key, for a record saved already expired) only if the key exists and its value
-/// starts with the expected version.
+/// starts with the expected version. A value written before versions existed (it
+/// starts with the record format byte 2, never the first byte of a version) counts as
+/// version 0.
 ///
 /// KEYS[1] is the key; ARGV[1] the expected version (8 bytes, big-endian), ARGV[2]
 /// the new value, ARGV[3] its TTL in milliseconds ("0": delete). It returns 0 when no
@@ -21,6 +23,7 @@ use crate::{
 const UPDATE_SCRIPT: &str = r"
 local current = redis.call('GETRANGE', KEYS[1], 0, 7)
 if current == '' then return 0 end
+if string.byte(current, 1) == 2 then current = string.rep('\0', 8) end
 if current ~= ARGV[1] then return 1 end
 if ARGV[3] == '0' then
   redis.call('DEL', KEYS[1])
@@ -45,6 +48,10 @@ fn encode_value(record: &Record, version: u64) -> Result<Vec<u8>> {
 }
 
 fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
+    if value.first() == Some(&Record::FORMAT_VERSION_WITHOUT_ID) {
+        // Written before versions existed: the record alone, at version 0.
+        return stored::decode(id, value);
+    }
     let (version, bytes) = value
         .split_first_chunk::<VERSION_LEN>()
         .ok_or_else(|| Error::decode("stored value is shorter than its version"))?;

@@ -404,8 +404,10 @@ impl SessionStore for SqliteStore {
     }
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
-        let (id, now) = (*id, self.now());
-        self.with_conn(move |db| db.read(|conn| load_row(conn, &id, now)))
+        let (id, clock) = (*id, self.clock.clone());
+        // The time is read once the connection is in hand: a wait for it must not
+        // let a record that expired meanwhile through.
+        self.with_conn(move |db| db.read(|conn| load_row(conn, &id, clock.now())))
             .await
     }
 
@@ -417,8 +419,10 @@ impl SessionStore for SqliteStore {
 
     /// One conditional `UPDATE` statement: atomic.
     async fn update(&self, record: &Record) -> Result<Update> {
-        let (owned, now) = (record.clone(), self.now());
-        self.with_conn(move |db| db.write(|conn| update_row(conn, &owned, now)))
+        let (owned, clock) = (record.clone(), self.clock.clone());
+        // The time is read under the writer lock, just before the statement: a wait
+        // for a connection or the lock must not let an expired record be written.
+        self.with_conn(move |db| db.write(|conn| update_row(conn, &owned, clock.now())))
             .await
     }
 

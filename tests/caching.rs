@@ -310,21 +310,25 @@ tests_in_both_modes!(
     delete_store_failure_returns_error,
     delete_expired_runs_on_both_layers,
     errors_keep_their_source,
-    suspects_end_when_their_record_expires,
+    suspects_are_retried_by_the_deletion_pass,
     update_follows_the_store,
 );
 
-/// Suspect ids (their cache entry could not be evicted) are bounded: one whose record
-/// has expired is forgotten by the next deletion pass, even while the cache still
-/// fails, since an expired entry is never served.
+/// Suspect ids (their cache entry could not be evicted) never outlast a deletion pass
+/// once the cache answers, and never before: not even when the record written since
+/// has expired, since the stale entry may live longer.
 #[maybe_async::maybe_async]
-async fn suspects_end_when_their_record_expires() {
+async fn suspects_are_retried_by_the_deletion_pass() {
     let (caching, cache, _store, _) = layered();
-    cache.faults.save.store(true, Ordering::SeqCst);
-    cache.faults.delete.store(true, Ordering::SeqCst);
+    let mut records = Vec::new();
     for n in 0..100 {
         let mut record = live_record(n);
         caching.create(&mut record).await.unwrap();
+        records.push(record);
+    }
+    cache.faults.save.store(true, Ordering::SeqCst);
+    cache.faults.delete.store(true, Ordering::SeqCst);
+    for record in &records {
         let mut lapsed = record.clone();
         lapsed.expiry_date = time::OffsetDateTime::now_utc() - time::Duration::seconds(1);
         caching.save(&lapsed).await.unwrap();
@@ -335,9 +339,23 @@ async fn suspects_end_when_their_record_expires() {
     );
     caching.delete_expired().await.unwrap();
     assert!(
+        format!("{caching:?}").contains("suspects: 100"),
+        "{caching:?}"
+    );
+    for record in &records {
+        let served = caching.load(&record.id).await.unwrap();
+        assert_eq!(served, None, "the live entry in the cache is stale");
+    }
+    cache.fail_all(false);
+    caching.delete_expired().await.unwrap();
+    assert!(
         format!("{caching:?}").contains("suspects: 0"),
         "{caching:?}"
     );
+    for record in &records {
+        let served = caching.load(&record.id).await.unwrap();
+        assert_eq!(served, None);
+    }
 }
 
 /// The conditional write: the store decides, and the cache follows (written) or is

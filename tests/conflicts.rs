@@ -30,7 +30,53 @@ tests_in_both_modes!(
     update_runs_again_on_the_newer_value,
     endless_conflicts_end_in_a_clear_error,
     a_request_arriving_with_a_moved_id_writes_nothing,
+    emptying_a_session_never_deletes_a_concurrent_write,
+    a_failed_update_leaves_the_session_as_it_was,
 );
+
+/// A step whose write failed is not kept as a change: a retry (or the commit)
+/// computes it again from what is stored, so another request's step is not lost.
+#[maybe_async::maybe_async]
+async fn a_failed_update_leaves_the_session_as_it_was() {
+    let store = Arc::new(common::FaultyStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    let session = manager.begin([cookie.as_str()]);
+    let one = session
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    store.faults.update.store(true, Ordering::SeqCst);
+    let failed = session
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await;
+    assert!(failed.is_err());
+    let n = session.get::<u64>("n").await.unwrap();
+    assert_eq!(n, Some(1), "as it was before the failed call");
+    store.faults.update.store(false, Ordering::SeqCst);
+    // Meanwhile another request counted.
+    let other = manager.begin([cookie.as_str()]);
+    let two = other
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    assert_eq!(two, 2);
+    let three = session
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    assert_eq!(three, 3, "computed from the stored value, no step lost");
+    manager.finish(&session).await.unwrap();
+    let stored = read_u64(&manager, &cookie, "n").await;
+    assert_eq!(stored, Some(3));
+}
+
+#[maybe_async::maybe_async]
+async fn read_u64(manager: &SessionManager, cookie: &str, key: &str) -> Option<u64> {
+    let session = manager.begin([cookie]);
+    session.get::<u64>(key).await.unwrap()
+}
 
 /// A store that, once armed, stops the next conditional write just before it reaches
 /// the memory store, until the test lets it go: the test runs another request while
@@ -357,16 +403,53 @@ async fn a_write_racing_cycle_id_neither_revives_nor_overwrites() {
             block(manager.finish(&logout)).unwrap();
         },
     );
-    let set = block(manager.finish(&login)).unwrap();
-    assert_eq!(set, None);
-    let id = login.id().await.unwrap();
-    assert_eq!(id, None, "the session is gone");
-    assert!(
-        store.inner.len() <= 2,
-        "only the two earlier sessions' records"
-    );
+    // The login goes on as a new, empty session: nothing of the logged-out one.
+    let cart = block(login.get::<String>("cart")).unwrap();
+    assert_eq!(cart, None, "nothing of the ended session comes back");
+    block(login.insert("user", "alice")).unwrap();
+    let set = block(manager.finish(&login))
+        .unwrap()
+        .expect("a new session");
+    let logged_in = pair(&set);
+    assert_ne!(logged_in, cookie);
+    let user = read(&manager, &logged_in, "user").await;
+    let cart = read(&manager, &logged_in, "cart").await;
+    assert_eq!((user.as_deref(), cart), (Some("alice"), None));
     let old = live(&*store, &cookie).await;
-    assert!(!old);
+    assert!(!old, "the logged-out id stays logged out");
+}
+
+/// A request that empties a session ends it only if nothing else was written
+/// meanwhile: a login racing it is kept, not deleted with it.
+#[maybe_async::maybe_async]
+async fn emptying_a_session_never_deletes_a_concurrent_write() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("flash", "saved")]).await;
+    let reader = manager.begin([cookie.as_str()]);
+    let flash = reader.remove::<String>("flash").await.unwrap();
+    assert_eq!(flash.as_deref(), Some("saved"));
+    let login = manager.begin([cookie.as_str()]);
+    login.insert("user", "alice").await.unwrap();
+    manager.finish(&login).await.unwrap();
+
+    let set = manager.finish(&reader).await.unwrap();
+    assert_eq!(
+        set.map(|s| pair(&s)),
+        Some(cookie.clone()),
+        "kept, not removed"
+    );
+    let user = read(&manager, &cookie, "user").await;
+    let flash = read(&manager, &cookie, "flash").await;
+    assert_eq!((user.as_deref(), flash), (Some("alice"), None));
+
+    // Without a race, an emptied session ends, and its cookie is removed.
+    let reader = manager.begin([cookie.as_str()]);
+    reader.clear().await.unwrap();
+    let set = manager.finish(&reader).await.unwrap().expect("a removal");
+    assert!(set.starts_with("sid=;"), "{set}");
+    let gone = live(&*store, &cookie).await;
+    assert!(!gone);
 }
 
 #[maybe_async::maybe_async]

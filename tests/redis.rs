@@ -258,6 +258,68 @@ async fn a_corrupt_value_fails_only_its_own_load() {
     .await;
 }
 
+/// A value written by a build before versions existed (the record alone) loads at
+/// version 0, and the conditional write takes it over; a session whose cookie names
+/// an unreadable value goes on as a new session instead of failing every request.
+#[maybe_async::maybe_async]
+async fn values_from_before_versions_load_and_update() {
+    let store = shared_store("legacy");
+    let mut conn = raw(SHARED);
+    let mut record = live_record(7);
+    let () = redis::cmd("SET")
+        .arg(key_of(&store, &record.id))
+        .arg(record.encode_without_id().unwrap())
+        .arg("EX")
+        .arg(3600)
+        .query(&mut conn)
+        .unwrap();
+    let loaded = store.load(&record.id).await.unwrap().expect("readable");
+    assert_eq!(loaded, record, "version 0");
+    record.insert("user", &8u64).unwrap();
+    let written = store.update(&record).await.unwrap();
+    assert_eq!(
+        written,
+        portable_sessions::session_store::Update::Written(1)
+    );
+    let loaded = store.load(&record.id).await.unwrap().expect("still there");
+    assert_eq!(loaded.version, 1);
+    assert_eq!(loaded.get::<u64>("user").unwrap(), Some(8));
+
+    let corrupt = live_record(9);
+    let () = redis::cmd("SET")
+        .arg(key_of(&store, &corrupt.id))
+        .arg(&b"\x00\x00\x00\x00\x00\x00\x00\x01garbage"[..])
+        .arg("EX")
+        .arg(3600)
+        .query(&mut conn)
+        .unwrap();
+    let manager = portable_sessions::SessionManager::new(store.clone());
+    let cookie = format!("id={}", corrupt.id);
+    let session = manager.begin([cookie.as_str()]);
+    let user = session.get::<u64>("user").await.unwrap();
+    assert_eq!(user, None, "a new session");
+    session.insert("user", &10u64).await.unwrap();
+    let set = manager
+        .finish(&session)
+        .await
+        .unwrap()
+        .expect("a new cookie");
+    assert!(!set.contains(&corrupt.id.to_string()), "{set}");
+    let left: Vec<u8> = redis::cmd("GET")
+        .arg(key_of(&store, &corrupt.id))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        left.ends_with(b"garbage"),
+        "the unreadable value is left alone"
+    );
+    for id in [record.id, corrupt.id] {
+        store.delete(&id).await.unwrap();
+    }
+    let new_id = session.id().await.unwrap().expect("stored");
+    store.delete(&new_id).await.unwrap();
+}
+
 #[maybe_async::maybe_async]
 async fn prefixes_keep_stores_apart() {
     let a = shared_store("prefix-a");
@@ -396,6 +458,7 @@ tests_in_both_modes!(
     keys_are_digests_and_values_carry_their_ttl,
     redis_drops_the_key_when_the_record_expires,
     a_corrupt_value_fails_only_its_own_load,
+    values_from_before_versions_load_and_update,
     prefixes_keep_stores_apart,
     a_bad_url_is_a_backend_error,
     a_killed_server_gives_backend_errors_then_the_store_recovers,

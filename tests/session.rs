@@ -15,7 +15,7 @@ use common::{block, FaultyStore};
 use portable_sessions::{
     session::{Expiry, Id, Record, Session, SessionConfig},
     session_store::{Error, Result, Update},
-    MemoryStore, SameSite, SessionManager, SessionStore,
+    ExpiredDeletion, MemoryStore, SameSite, SessionManager, SessionStore,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -94,15 +94,21 @@ async fn cycle_id_of_an_emptied_session_stores_nothing() {
     let session = manager.begin([cookie.as_str()]);
     session.clear().await.unwrap();
     session.cycle_id().await.unwrap();
-    assert!(
-        probe.store.is_empty(),
-        "no empty record stored, the old one deleted"
-    );
     let none = session.id().await.unwrap();
     assert_eq!(none, None);
     let set = manager.finish(&session).await.unwrap().expect("a removal");
     assert!(set.starts_with("id=;"), "{set}");
-    assert!(probe.store.is_empty());
+    // No empty record was stored under a new id, and the old one was ended: it never
+    // loads, and the next deletion pass removes it.
+    let old = probe.store.load(&id).await.unwrap();
+    assert_eq!(old, None);
+    let deleted = probe.store.delete_expired().await.unwrap();
+    assert_eq!(deleted, 1);
+    assert!(probe.store.is_empty(), "nothing else was stored");
+}
+
+fn id_of(cookie: &str) -> Id {
+    cookie["id=".len()..].parse().expect("an id")
 }
 
 /// A [`FaultyStore`] (operations fail on demand) over a [`MemoryStore`] with an
@@ -694,6 +700,12 @@ async fn manager_removes_the_cookie_after_flush_and_empty_sessions() {
     session.clear().await.unwrap();
     let set = manager.finish(&session).await.unwrap();
     assert_eq!(set, Some(manager.removal_cookie()));
+    // Ended by a conditional write of an expired record: it never loads, and the next
+    // deletion pass removes it.
+    let ended = probe.store.load(&id_of(&cookie)).await.unwrap();
+    assert_eq!(ended, None);
+    let deleted = probe.store.delete_expired().await.unwrap();
+    assert_eq!(deleted, 1);
     assert!(probe.store.is_empty());
 
     // Flushed in a request that had no cookie: nothing to remove.

@@ -13,11 +13,11 @@ use std::sync::{
     Arc, Condvar, Mutex,
 };
 
-use common::{block, TempDir};
+use common::block;
 use portable_sessions::{
     session::{Expiry, Id, Record, SessionConfig},
     session_store::{Result, Update},
-    CachingSessionStore, MemoryStore, SessionManager, SessionStore,
+    MemoryStore, SessionManager, SessionStore,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -710,7 +710,7 @@ fn concurrent_counting_is_exact_on_memory() {
 #[cfg(feature = "sqlite")]
 #[test]
 fn concurrent_counting_is_exact_on_sqlite() {
-    let dir = TempDir::new("conflicts-sqlite");
+    let dir = common::TempDir::new("conflicts-sqlite");
     let store = portable_sessions::SqliteStore::open(dir.db()).unwrap();
     counts_exactly(Arc::new(store));
 }
@@ -718,9 +718,9 @@ fn concurrent_counting_is_exact_on_sqlite() {
 #[cfg(feature = "sqlite")]
 #[test]
 fn concurrent_counting_is_exact_on_memory_cached_sqlite() {
-    let dir = TempDir::new("conflicts-cached-sqlite");
+    let dir = common::TempDir::new("conflicts-cached-sqlite");
     let store = portable_sessions::SqliteStore::open(dir.db()).unwrap();
-    counts_exactly(Arc::new(CachingSessionStore::new(
+    counts_exactly(Arc::new(portable_sessions::CachingSessionStore::new(
         MemoryStore::new(),
         store,
     )));
@@ -735,6 +735,9 @@ fn concurrent_counting_is_exact_on_redis() {
 #[cfg(feature = "redis")]
 #[test]
 fn concurrent_counting_is_exact_on_memory_cached_redis() {
-    let store = CachingSessionStore::new(MemoryStore::new(), common::shared_redis("conflicts"));
+    let store = portable_sessions::CachingSessionStore::new(
+        MemoryStore::new(),
+        common::shared_redis("conflicts"),
+    );
     counts_exactly(Arc::new(store));
 }

@@ -224,6 +224,10 @@ pub fn check_server(addr: SocketAddr, store: &dyn SessionStore) {
 
 /// Runs `check` on each store the examples take: memory, SQLite (a file of its own)
 /// and Redis (the shared server, under a prefix of its own), as features allow.
+#[cfg_attr(
+    not(any(feature = "sqlite", feature = "redis")),
+    allow(unused_variables)
+)]
 pub fn each_store(test: &str, check: impl Fn(Arc<dyn ExpiredDeletion>)) {
     check(Arc::new(portable_sessions::MemoryStore::new()));
     #[cfg(feature = "sqlite")]

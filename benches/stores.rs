@@ -8,7 +8,9 @@
 //! - `create`, `save`, `load_hit`, `load_miss`, `delete`: one thread, a store of
 //!   10,000 sessions.
 //! - `load_threads`: loads on 1 and 2 threads (blocking mode) or tasks (async mode) on a
-//!   store of 100,000 sessions, reported as throughput. Each of our tasks runs on its
+//!   store of 100,000 sessions, reported as throughput, beside the physical floor
+//!   (`floor/hashmap-arc`: a bare `HashMap` lookup and an `Arc` clone of the record's
+//!   bytes, same ids, same order). Each of our tasks runs on its
 //!   own thread under `block_on`; the peer's run on a tokio runtime with two workers,
 //!   which serves its contended mutex far better than `block_on` does.
 //! - `delete_expired`: ours only (tower-sessions' `MemoryStore` never deletes expired
@@ -25,8 +27,8 @@ use tower_sessions_moka_store::MokaStore;
 mod common;
 use common::{
     criterion_config, expire_and_delete, fill_copies, our_parallel_loads, our_record, ours, peer,
-    peer_parallel_loads, peer_record, run, run_peer, tokio_runtime, Op, BIG_STORE_SIZE, MODE,
-    STORE_SIZE,
+    peer_parallel_loads, peer_record, run, run_peer, tokio_runtime, Floor, Op, BIG_STORE_SIZE,
+    MODE, STORE_SIZE,
 };
 
 type OurCaching = CachingSessionStore<MemoryStore, MemoryStore>;
@@ -107,8 +109,13 @@ fn load_threads(c: &mut Criterion) {
         peer_record,
     )));
     let runtime = tokio_runtime(2);
+    let floor = Floor::of(&memory);
 
     let mut group = c.benchmark_group("load_threads");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("floor/hashmap-arc", 1), |b| {
+        b.iter_custom(|iters| floor.loads(iters))
+    });
     for threads in [1, 2] {
         group.throughput(Throughput::Elements(threads as u64));
         group.bench_function(BenchmarkId::new(ours_name("memory"), threads), |b| {

@@ -442,3 +442,62 @@ pub async fn expire_and_delete<S: portable_sessions::ExpiredDeletion>(
     assert_eq!(deleted, expired, "delete_expired removed the wrong records");
     spent
 }
+
+/// The physical floor of a load, for DESIGN.md section 7: a bare `HashMap` lookup of a
+/// random id plus an `Arc` clone of the record's bytes, over the same number of
+/// sessions, looked up in the same shuffled order. The ids are random already, so the
+/// table hashes them by their low 64 bits, the cheapest hash there is.
+pub struct Floor {
+    map: HashMap<OurId, Arc<[u8]>, std::hash::BuildHasherDefault<LowBits>>,
+    ids: Vec<OurId>,
+}
+
+/// Hashes an id by its low 64 bits: for the floor only (no protection against chosen
+/// ids, which a store must have).
+#[derive(Default)]
+pub struct LowBits(u64);
+
+impl std::hash::Hasher for LowBits {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Floor {
+    /// The floor's table for the ids of `filled`, each with its record's stored bytes.
+    pub fn of<S>(filled: &ours::Filled<S>) -> Self {
+        let map = filled
+            .records
+            .iter()
+            .map(|record| {
+                let bytes = record.encode_without_id().expect("encodes");
+                (record.id, Arc::from(bytes))
+            })
+            .collect();
+        Self {
+            map,
+            ids: filled.ids.clone(),
+        }
+    }
+
+    /// Times `iters` lookups with an `Arc` clone, cycling through the shuffled ids.
+    pub fn loads(&self, iters: u64) -> Duration {
+        let start = Instant::now();
+        for id in self.ids.iter().cycle().take(iters as usize) {
+            black_box(self.map.get(id).cloned());
+        }
+        start.elapsed()
+    }
+}

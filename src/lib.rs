@@ -18,6 +18,8 @@
 //!   loaded on first use, written back only when changed.
 //! - [`SessionManager`]: the session cookie's round trip for any HTTP framework, with
 //!   [`session::Expiry`] and [`session::SessionConfig`] deciding when sessions end.
+//! - `SessionLayer` (feature `axum`, async mode): the round trip as a tower layer, and
+//!   [`session::Session`] as an axum extractor.
 //!
 //! # Which one do I want?
 //!
@@ -225,6 +227,7 @@
 //! | `redis` | no | [`RedisStore`]; async mode uses the redis crate's smol support, no tokio runtime (tokio's `sync` types only) |
 //! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
 //! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
+//! | `axum` | no | `SessionLayer` and the `Session` extractor for axum 0.8 and any tower stack (async mode; axum-core, http, tower-layer, tower-service) |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
 //! `tracing` with its `log` bridge) receives it.
@@ -234,6 +237,8 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(all(feature = "axum", not(feature = "sync")))]
+mod axum_layer;
 mod caching;
 mod clock;
 mod deletion;
@@ -266,6 +271,9 @@ pub use crate::{
     timer::{StopHandle, Tick, Timer},
 };
 
+#[cfg(all(feature = "axum", not(feature = "sync")))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "axum", not(feature = "sync")))))]
+pub use crate::axum_layer::{MissingSessionLayer, SessionLayer, SessionService};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::redis_store::RedisStore;

@@ -1,0 +1,206 @@
+//! The axum integration: the example server end to end over real HTTP on every store,
+//! and the layer's own rules on small routers of the test's own.
+#![cfg(all(feature = "axum", not(feature = "sync")))]
+
+mod common;
+mod http;
+
+// The example's own code, minus its `main`.
+#[allow(dead_code)]
+#[path = "../examples/http_axum.rs"]
+mod example;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
+use portable_sessions::{session::Session, session_store, MemoryStore, SessionManager};
+
+/// A tokio runtime for one test.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// Runs the example `app` while `check` drives it, then stops it.
+fn serving(app: impl FnOnce() -> example::App, check: impl FnOnce(SocketAddr)) {
+    let runtime = runtime();
+    let app = runtime.block_on(async { app() });
+    let addr = app.local_addr().expect("bound");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    check(addr);
+    let _ = stop.send(());
+    runtime
+        .block_on(server)
+        .expect("the server task")
+        .expect("the server stops cleanly");
+}
+
+#[test]
+fn serves_sessions_over_http_on_every_store() {
+    http::each_store("http-axum", |store| {
+        let bound = store.clone();
+        serving(
+            move || {
+                futures_lite::future::block_on(example::App::bind("127.0.0.1:0", bound))
+                    .expect("binds")
+            },
+            |addr| {
+                http::check_server(addr, &*store);
+                http::check_races(addr, &*store);
+                http::check_hostile_clients(addr);
+            },
+        );
+    });
+}
+
+#[test]
+fn deletes_expired_sessions_by_itself() {
+    let store = MemoryStore::new();
+    let shared = Arc::new(store.clone());
+    serving(
+        move || {
+            futures_lite::future::block_on(example::App::bind("127.0.0.1:0", shared))
+                .expect("binds")
+                .with_deletion_period(Duration::from_millis(20))
+        },
+        |_| http::check_deletes_expired(&store),
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn binary_prints_its_address_and_stops_on_ctrl_c() {
+    http::check_binary_logging("http_axum", false);
+}
+
+/// Serves `router` on a free port while `check` drives it.
+fn serve_router(router: Router, check: impl FnOnce(SocketAddr)) {
+    let runtime = runtime();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("binds");
+    let addr = listener.local_addr().expect("bound");
+    let server = runtime.spawn(async move { axum::serve(listener, router).await });
+    check(addr);
+    server.abort();
+}
+
+fn manager(store: MemoryStore) -> SessionManager {
+    SessionManager::new(store).with_cookie_name("sid")
+}
+
+/// Sends `GET path` with an optional cookie; returns the status, the `Set-Cookie`
+/// values and the body.
+fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<String>, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut request = agent.get(format!("http://{addr}{path}"));
+    if let Some(cookie) = cookie {
+        request = request.header("Cookie", cookie);
+    }
+    let mut response = request.call().expect("the server answers");
+    let cookies = response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().expect("ASCII").to_owned())
+        .collect();
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_to_string().expect("a body");
+    (status, cookies, body)
+}
+
+async fn count(session: Session) -> Result<String, session_store::Error> {
+    let n = session
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await?;
+    Ok(n.to_string())
+}
+
+async fn fail_after_insert(session: Session) -> Result<String, StatusCode> {
+    session
+        .insert("lost", "value")
+        .await
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    Err(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+async fn with_own_cookie(session: Session) -> impl IntoResponse {
+    session.insert("user", "alice").await.expect("memory");
+    ([(header::SET_COOKIE, "theme=dark; Path=/")], "ok")
+}
+
+async fn store_error(session: Session) -> Result<String, session_store::Error> {
+    // A value stored as a string, read as a number: an error `?` turns into a 500.
+    session.insert("n", "not a number").await?;
+    let n = session.get::<u64>("n").await?;
+    Ok(format!("{n:?}"))
+}
+
+#[test]
+fn the_layer_follows_its_rules() {
+    let store = MemoryStore::new();
+    let router = Router::new()
+        .route("/count", get(count))
+        .route("/fail", get(fail_after_insert))
+        .route("/own-cookie", get(with_own_cookie))
+        .route("/store-error", get(store_error))
+        .layer(manager(store.clone()).layer());
+    serve_router(router, |addr| {
+        // One line of setup, `Session` as an extractor, `?` on the crate's error.
+        let (status, cookies, body) = fetch(addr, "/count", None);
+        assert_eq!((status, body.as_str()), (200, "1"));
+        assert_eq!(cookies.len(), 1, "{cookies:?}");
+        let cookie = cookies[0].split(';').next().unwrap().to_owned();
+        let (_, _, body) = fetch(addr, "/count", Some(&cookie));
+        assert_eq!(body, "2");
+
+        // The handler failed: nothing written, no cookie.
+        let before = store.len();
+        let (status, cookies, _) = fetch(addr, "/fail", None);
+        assert_eq!(status, 500);
+        assert!(cookies.is_empty(), "{cookies:?}");
+        assert_eq!(
+            store.len(),
+            before,
+            "no session created for a failed handler"
+        );
+
+        // The session cookie is appended beside the handler's own.
+        let (status, cookies, _) = fetch(addr, "/own-cookie", None);
+        assert_eq!(status, 200);
+        assert_eq!(cookies.len(), 2, "{cookies:?}");
+        assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
+        assert!(cookies.iter().any(|c| c.starts_with("sid=")));
+
+        // A store error is a bare 500 that leaks nothing.
+        let (status, _, body) = fetch(addr, "/store-error", None);
+        assert_eq!(status, 500);
+        assert_eq!(body, "internal server error");
+    });
+}
+
+#[test]
+fn a_missing_layer_is_a_500_not_a_panic() {
+    let router = Router::new().route("/count", get(count));
+    serve_router(router, |addr| {
+        let (status, cookies, body) = fetch(addr, "/count", None);
+        assert_eq!(status, 500);
+        assert!(cookies.is_empty());
+        assert_eq!(body, "internal server error");
+    });
+}

@@ -65,6 +65,10 @@ CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (ex
 /// - **Corrupt rows** make [`load`](SessionStore::load) of that id fail with
 ///   [`Error::Decode`]; other sessions are unaffected.
 ///
+/// - **Beside sqlx.** rusqlite 0.31 to 0.40 are accepted, so a program that also uses
+///   sqlx 0.8's SQLite driver builds with both linking the same SQLite (cargo picks
+///   rusqlite 0.31 then), and both can use one database file.
+///
 /// # Blocking
 ///
 /// SQLite calls block. In async mode (the default) each operation runs on the

@@ -227,6 +227,7 @@
 //! | `redis` | no | [`RedisStore`]; async mode uses the redis crate's smol support, no tokio runtime (tokio's `sync` types only) |
 //! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
 //! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
+//! | `tower-sessions` | no | `TowerSessionsStore` (our stores for tower-sessions 0.14 and 0.15) and `FromTowerSessions` (its stores as ours), async mode |
 //! | `axum` | no | `SessionLayer` and the `Session` extractor for axum 0.8 and any tower stack (async mode; axum-core, http, tower-layer, tower-service) |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
@@ -258,6 +259,8 @@ mod stored;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 mod timer;
+#[cfg(all(feature = "tower-sessions", not(feature = "sync")))]
+mod tower_sessions;
 
 pub use async_trait;
 pub use maybe_async;
@@ -286,6 +289,12 @@ pub use crate::timer::AsyncIoTimer;
 pub use crate::timer::ThreadTimer;
 #[cfg(all(feature = "tokio", not(feature = "sync")))]
 pub use crate::timer::TokioTimer;
+#[cfg(all(feature = "tower-sessions", not(feature = "sync")))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(feature = "tower-sessions", not(feature = "sync"))))
+)]
+pub use crate::tower_sessions::{FromTowerSessions, TowerSessionsStore};
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

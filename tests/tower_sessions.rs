@@ -1,0 +1,217 @@
+//! Interop with tower-sessions, both ways: our stores through tower-sessions' own
+//! trait (0.14 and 0.15), and its stores (the 0.14 memory store) through ours.
+#![cfg(all(feature = "tower-sessions", not(feature = "sync")))]
+
+mod common;
+
+use std::{collections::HashMap, sync::Arc};
+
+use common::block;
+use portable_sessions::{
+    session::{Expiry, Id, Session},
+    FromTowerSessions, MemoryStore, SessionManager, SessionStore, TowerSessionsStore,
+};
+use serde_json::json;
+use time::{Duration, OffsetDateTime};
+
+/// Drives a store through tower-sessions 0.14's trait, as its layer would.
+async fn their_round_trip_0_14<S: tower_sessions_core::SessionStore>(store: &S) {
+    use tower_sessions_core::session::{Id as TheirId, Record as TheirRecord};
+    let values = HashMap::from([
+        ("user".to_owned(), json!({"id": 42, "name": "alice"})),
+        ("cart".to_owned(), json!(["apple", "pear"])),
+        ("flag".to_owned(), json!(true)),
+    ]);
+    let mut record = TheirRecord {
+        id: TheirId::default(),
+        data: values.clone(),
+        expiry_date: OffsetDateTime::now_utc() + Duration::hours(1),
+    };
+    store.create(&mut record).await.expect("create");
+    let loaded = store.load(&record.id).await.expect("load").expect("found");
+    assert_eq!(loaded.data, values, "JSON values come back exactly");
+    assert_eq!(loaded.id, record.id);
+
+    // A create under a taken id draws another, never overwriting.
+    let mut intruder = TheirRecord {
+        id: record.id,
+        data: HashMap::new(),
+        expiry_date: record.expiry_date,
+    };
+    store.create(&mut intruder).await.expect("create");
+    assert_ne!(intruder.id, record.id);
+
+    let mut changed = loaded.clone();
+    changed.data.insert("flag".to_owned(), json!(false));
+    store.save(&changed).await.expect("save");
+    let loaded = store.load(&record.id).await.expect("load").expect("found");
+    assert_eq!(loaded.data["flag"], json!(false));
+
+    let mut expired = changed.clone();
+    expired.expiry_date = OffsetDateTime::now_utc() - Duration::seconds(1);
+    store.save(&expired).await.expect("save");
+    let gone = store.load(&record.id).await.expect("load");
+    assert!(gone.is_none(), "an expired record never loads");
+
+    store.delete(&intruder.id).await.expect("delete");
+    let gone = store.load(&intruder.id).await.expect("load");
+    assert!(gone.is_none());
+    let missing = store.load(&TheirId::default()).await.expect("load");
+    assert!(missing.is_none());
+}
+
+/// The same through tower-sessions 0.15's trait (what its latest layer takes).
+async fn their_round_trip_0_15<S: tower_sessions_core_0_15::SessionStore>(store: &S) {
+    use tower_sessions_core_0_15::session::{Id as TheirId, Record as TheirRecord};
+    let mut record = TheirRecord {
+        id: TheirId::default(),
+        data: HashMap::from([("user".to_owned(), json!("bob"))]),
+        expiry_date: OffsetDateTime::now_utc() + Duration::hours(1),
+    };
+    store.create(&mut record).await.expect("create");
+    let loaded = store.load(&record.id).await.expect("load").expect("found");
+    assert_eq!(loaded.data["user"], json!("bob"));
+    // The id's text form is the same in both crates: cookies carry over.
+    let ours: Id = record.id.to_string().parse().expect("same text form");
+    assert_eq!(ours.to_string(), record.id.to_string());
+    store.delete(&record.id).await.expect("delete");
+}
+
+#[test]
+fn our_stores_serve_tower_sessions() {
+    block(their_round_trip_0_14(&TowerSessionsStore::new(
+        MemoryStore::new(),
+    )));
+    block(their_round_trip_0_15(&TowerSessionsStore::new(
+        MemoryStore::new(),
+    )));
+    #[cfg(feature = "sqlite")]
+    {
+        let dir = common::TempDir::new("tower-sessions");
+        let store = portable_sessions::SqliteStore::open(dir.db()).expect("opens");
+        block(their_round_trip_0_14(&TowerSessionsStore::new(
+            store.clone(),
+        )));
+        block(their_round_trip_0_15(&TowerSessionsStore::new(store)));
+    }
+    #[cfg(feature = "redis")]
+    block(their_round_trip_0_14(&TowerSessionsStore::new(
+        common::shared_redis("tower-sessions"),
+    )));
+}
+
+#[test]
+fn tower_sessions_stores_serve_our_sessions() {
+    let theirs = tower_sessions_memory_store::MemoryStore::default();
+    let store = FromTowerSessions::new(theirs);
+    assert!(!store.atomic_update(), "their API has no conditional write");
+    block(async {
+        // Records: typed values and versions come back exactly.
+        let mut record =
+            portable_sessions::session::Record::new(OffsetDateTime::now_utc() + Duration::hours(1));
+        record.insert("user_id", &42u64).unwrap();
+        record.insert("roles", &vec!["admin".to_owned()]).unwrap();
+        record.version = 9;
+        store.create(&mut record).await.unwrap();
+        let loaded = store.load(&record.id).await.unwrap().expect("found");
+        assert_eq!(loaded, record);
+
+        // Sessions over it: the manager's whole round trip.
+        let manager = SessionManager::new(store.clone()).with_expiry(Expiry::OnSessionEnd);
+        let session = manager.begin(None::<&str>);
+        session.insert("user", "alice").await.unwrap();
+        let set = manager.finish(&session).await.unwrap().expect("a cookie");
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let session = manager.begin([cookie.as_str()]);
+        let n = session
+            .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        let user = session.get::<String>("user").await.unwrap();
+        assert_eq!(user.as_deref(), Some("alice"));
+        manager.finish(&session).await.unwrap();
+
+        // A session its handle loaded, then logged out elsewhere, is not written back.
+        let late = Session::new(
+            Arc::new(store.clone()),
+            session.id().await.unwrap(),
+            Expiry::OnSessionEnd.into(),
+        );
+        late.get::<u64>("n").await.unwrap();
+        store
+            .delete(&session.id().await.unwrap().unwrap())
+            .await
+            .unwrap();
+        late.insert("n", &5u64).await.unwrap();
+        late.save().await.unwrap();
+        let revived = store
+            .load(&session.id().await.unwrap().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(revived, None, "the fallback update still never re-creates");
+    });
+}
+
+/// A tower-sessions 0.15 application (its own layer and extractor, on axum) keeps
+/// working, over real HTTP, when its store is swapped for one of ours in one line.
+#[test]
+fn a_tower_sessions_application_runs_on_our_store() {
+    use axum::{routing::get, Router};
+
+    async fn count(session: tower_sessions::Session) -> String {
+        let n: u64 = session.get("n").await.expect("reads").unwrap_or(0) + 1;
+        session.insert("n", n).await.expect("writes");
+        n.to_string()
+    }
+
+    let store = MemoryStore::new();
+    // The one line: `TowerSessionsStore::new(...)` where its own store was.
+    let layer = tower_sessions::SessionManagerLayer::new(TowerSessionsStore::new(store.clone()))
+        .with_secure(false);
+    let router = Router::new().route("/", get(count)).layer(layer);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("binds");
+    let addr = listener.local_addr().expect("bound");
+    let server = runtime.spawn(async move { axum::serve(listener, router).await });
+
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut first = agent
+        .get(format!("http://{addr}/"))
+        .call()
+        .expect("answers");
+    let cookie = first
+        .headers()
+        .get("set-cookie")
+        .expect("a session cookie")
+        .to_str()
+        .expect("ASCII")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(first.body_mut().read_to_string().unwrap(), "1");
+    for n in 2..=3 {
+        let mut next = agent
+            .get(format!("http://{addr}/"))
+            .header("Cookie", &cookie)
+            .call()
+            .expect("answers");
+        assert_eq!(next.body_mut().read_to_string().unwrap(), n.to_string());
+    }
+    // The session is in our store, under the id of tower-sessions' cookie.
+    let id: Id = cookie["id=".len()..].parse().expect("our text form");
+    let record = block(store.load(&id)).unwrap().expect("stored in ours");
+    assert_eq!(record.get_raw("n"), Some(&b"3"[..]), "as JSON text");
+    server.abort();
+}

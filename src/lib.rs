@@ -19,7 +19,8 @@
 //! - [`SessionManager`]: the session cookie's round trip for any HTTP framework, with
 //!   [`session::Expiry`] and [`session::SessionConfig`] deciding when sessions end.
 //! - `SessionLayer` (feature `axum`, async mode): the round trip as a tower layer, and
-//!   [`session::Session`] as an axum extractor.
+//!   [`session::Session`] as an axum extractor; `SessionMiddleware` (feature
+//!   `actix-web`) the same for actix-web.
 //!
 //! # Which one do I want?
 //!
@@ -228,6 +229,7 @@
 //! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
 //! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
 //! | `tower-sessions` | no | `TowerSessionsStore` (our stores for tower-sessions 0.14 and 0.15) and `FromTowerSessions` (its stores as ours), async mode |
+//! | `actix-web` | no | `SessionMiddleware`, the `Session` extractor and `ResponseError` for actix-web 4 (async mode; actix-web without its default features) |
 //! | `axum` | no | `SessionLayer` and the `Session` extractor for axum 0.8 and any tower stack (async mode; axum-core, http, tower-layer, tower-service) |
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade, so any logger (or
@@ -238,6 +240,8 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(all(feature = "actix-web", not(feature = "sync")))]
+mod actix;
 #[cfg(all(feature = "axum", not(feature = "sync")))]
 mod axum_layer;
 mod caching;
@@ -274,6 +278,9 @@ pub use crate::{
     timer::{StopHandle, Tick, Timer},
 };
 
+#[cfg(all(feature = "actix-web", not(feature = "sync")))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "actix-web", not(feature = "sync")))))]
+pub use crate::actix::{SessionMiddleware, SessionMiddlewareService};
 #[cfg(all(feature = "axum", not(feature = "sync")))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "axum", not(feature = "sync")))))]
 pub use crate::axum_layer::{MissingSessionLayer, SessionLayer, SessionService};

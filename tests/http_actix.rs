@@ -1,0 +1,193 @@
+//! The actix-web integration: the example server end to end over real HTTP on every
+//! store, and the middleware's own rules on a small app of the test's own.
+#![cfg(all(feature = "actix-web", not(feature = "sync")))]
+
+mod common;
+mod http;
+
+// The example's own code, minus its `main`.
+#[allow(dead_code)]
+#[path = "../examples/http_actix.rs"]
+mod example;
+
+use std::{net::SocketAddr, sync::mpsc, time::Duration};
+
+use actix_web::{dev::ServerHandle, http::header, web, HttpResponse, HttpServer};
+use portable_sessions::{session::Session, session_store, MemoryStore, SessionManager};
+
+/// Runs `app` in an actix system on a thread of its own while `check` drives it, then
+/// stops it.
+fn serving(app: example::App, check: impl FnOnce(SocketAddr)) {
+    let addr = app.local_addr();
+    let (started, handle) = mpsc::channel::<ServerHandle>();
+    let server = std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(app.run(move |handle| {
+            let _ = started.send(handle);
+        }))
+    });
+    let handle = handle
+        .recv_timeout(Duration::from_secs(20))
+        .expect("started");
+    check(addr);
+    actix_web::rt::System::new().block_on(handle.stop(true));
+    server
+        .join()
+        .expect("the server thread")
+        .expect("the server stops cleanly");
+}
+
+#[test]
+fn serves_sessions_over_http_on_every_store() {
+    http::each_store("http-actix", |store| {
+        let app = example::App::bind("127.0.0.1:0", store.clone()).expect("binds");
+        serving(app, |addr| {
+            http::check_server(addr, &*store);
+            http::check_races(addr, &*store);
+            http::check_hostile_clients(addr);
+        });
+    });
+}
+
+#[test]
+fn deletes_expired_sessions_by_itself() {
+    let store = MemoryStore::new();
+    let app = example::App::bind("127.0.0.1:0", std::sync::Arc::new(store.clone()))
+        .expect("binds")
+        .with_deletion_period(Duration::from_millis(20));
+    serving(app, |_| http::check_deletes_expired(&store));
+}
+
+#[cfg(unix)]
+#[test]
+fn binary_prints_its_address_and_stops_on_ctrl_c() {
+    http::check_binary_logging("http_actix", false);
+}
+
+async fn count(session: Session) -> Result<HttpResponse, session_store::Error> {
+    let n = session
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await?;
+    Ok(HttpResponse::Ok().body(n.to_string()))
+}
+
+async fn fail_after_insert(session: Session) -> HttpResponse {
+    session.insert("lost", "value").await.expect("memory");
+    HttpResponse::InternalServerError().finish()
+}
+
+async fn with_own_cookie(session: Session) -> HttpResponse {
+    session.insert("user", "alice").await.expect("memory");
+    HttpResponse::Ok()
+        .insert_header((header::SET_COOKIE, "theme=dark; Path=/"))
+        .body("ok")
+}
+
+async fn store_error(session: Session) -> Result<HttpResponse, session_store::Error> {
+    session.insert("n", "not a number").await?;
+    let n = session.get::<u64>("n").await?;
+    Ok(HttpResponse::Ok().body(format!("{n:?}")))
+}
+
+/// Serves a small app of the test's own (`wrapped`: with the middleware) while
+/// `check` drives it.
+fn serve_routes(store: MemoryStore, wrapped: bool, check: impl FnOnce(SocketAddr)) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let addr = listener.local_addr().expect("bound");
+    let middleware = SessionManager::new(store)
+        .with_cookie_name("sid")
+        .middleware();
+    let (started, handle) = mpsc::channel::<ServerHandle>();
+    let server = std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let server = HttpServer::new(move || {
+                let routes = actix_web::App::new()
+                    .route("/count", web::get().to(count))
+                    .route("/fail", web::get().to(fail_after_insert))
+                    .route("/own-cookie", web::get().to(with_own_cookie))
+                    .route("/store-error", web::get().to(store_error));
+                routes.wrap(actix_web::middleware::Condition::new(
+                    wrapped,
+                    middleware.clone(),
+                ))
+            })
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .expect("listens")
+            .run();
+            let _ = started.send(server.handle());
+            server.await
+        })
+    });
+    let handle = handle
+        .recv_timeout(Duration::from_secs(20))
+        .expect("started");
+    check(addr);
+    actix_web::rt::System::new().block_on(handle.stop(true));
+    server.join().expect("the server thread").expect("stops");
+}
+
+fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<String>, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut request = agent.get(format!("http://{addr}{path}"));
+    if let Some(cookie) = cookie {
+        request = request.header("Cookie", cookie);
+    }
+    let mut response = request.call().expect("the server answers");
+    let cookies = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ASCII").to_owned())
+        .collect();
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_to_string().expect("a body");
+    (status, cookies, body)
+}
+
+#[test]
+fn the_middleware_follows_its_rules() {
+    let store = MemoryStore::new();
+    serve_routes(store.clone(), true, |addr| {
+        let (status, cookies, body) = fetch(addr, "/count", None);
+        assert_eq!((status, body.as_str()), (200, "1"));
+        assert_eq!(cookies.len(), 1, "{cookies:?}");
+        let cookie = cookies[0].split(';').next().unwrap().to_owned();
+        let (_, _, body) = fetch(addr, "/count", Some(&cookie));
+        assert_eq!(body, "2");
+
+        let before = store.len();
+        let (status, cookies, _) = fetch(addr, "/fail", None);
+        assert_eq!(status, 500);
+        assert!(cookies.is_empty(), "{cookies:?}");
+        assert_eq!(
+            store.len(),
+            before,
+            "no session created for a failed handler"
+        );
+
+        let (status, cookies, _) = fetch(addr, "/own-cookie", None);
+        assert_eq!(status, 200);
+        assert_eq!(cookies.len(), 2, "{cookies:?}");
+        assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
+        assert!(cookies.iter().any(|c| c.starts_with("sid=")));
+
+        let (status, _, body) = fetch(addr, "/store-error", None);
+        assert_eq!(status, 500);
+        assert_eq!(body, "internal server error");
+    });
+}
+
+#[test]
+fn a_missing_middleware_is_a_500_not_a_panic() {
+    serve_routes(MemoryStore::new(), false, |addr| {
+        let (status, cookies, body) = fetch(addr, "/count", None);
+        assert_eq!(status, 500);
+        assert!(cookies.is_empty());
+        assert_eq!(body, "internal server error");
+    });
+}

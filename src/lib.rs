@@ -44,7 +44,10 @@
 //! The switch comes from [`maybe_async`](https://docs.rs/maybe-async), whose mode is
 //! global to a build: **one program gets one mode**. If any crate in your dependency
 //! graph turns on `sync` (or `maybe-async/is_sync`), the whole program is blocking.
-//! `cargo --all-features` therefore builds the blocking mode.
+//! `cargo --all-features` therefore builds the blocking mode. The framework
+//! integrations and the `AsyncIoTimer`/`TokioTimer` timers are async mode's: a
+//! blocking-mode program that uses them fails to compile with one message naming the
+//! `sync` feature as the cause.
 //!
 //! # Implementing a custom store
 //!
@@ -265,6 +268,8 @@ pub mod testing;
 mod timer;
 #[cfg(all(feature = "tower-sessions", not(feature = "sync")))]
 mod tower_sessions;
+#[cfg(all(feature = "sync", any(feature = "axum", feature = "actix-web")))]
+mod wrong_mode;
 
 pub use async_trait;
 pub use maybe_async;
@@ -290,11 +295,11 @@ pub use crate::redis_store::RedisStore;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::sqlite::SqliteStore;
-#[cfg(all(feature = "async-io", not(feature = "sync")))]
+#[cfg(feature = "async-io")]
 pub use crate::timer::AsyncIoTimer;
 #[cfg(feature = "sync")]
 pub use crate::timer::ThreadTimer;
-#[cfg(all(feature = "tokio", not(feature = "sync")))]
+#[cfg(feature = "tokio")]
 pub use crate::timer::TokioTimer;
 #[cfg(all(feature = "tower-sessions", not(feature = "sync")))]
 #[cfg_attr(
@@ -302,6 +307,10 @@ pub use crate::timer::TokioTimer;
     doc(cfg(all(feature = "tower-sessions", not(feature = "sync"))))
 )]
 pub use crate::tower_sessions::{FromTowerSessions, TowerSessionsStore};
+#[cfg(all(feature = "sync", feature = "axum"))]
+pub use crate::wrong_mode::SessionLayer;
+#[cfg(all(feature = "sync", feature = "actix-web"))]
+pub use crate::wrong_mode::SessionMiddleware;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

@@ -85,6 +85,12 @@ pub enum Tick {
 ///
 /// [`ExpiredDeletion::continuously_delete_expired`]: crate::ExpiredDeletion::continuously_delete_expired
 #[maybe_async::maybe_async]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a `Timer` in this build's mode",
+    note = "in blocking mode (the `sync` feature) a timer is `ThreadTimer` or one of your own; \
+            `AsyncIoTimer` and `TokioTimer` are async mode's, and maybe-async's mode is global \
+            to a build: some crate in the dependency graph may enable `portable-sessions/sync`"
+)]
 pub trait Timer: Send + Sync {
     /// Waits for `duration`, or less if the task is asked to stop, and says which.
     ///
@@ -390,4 +396,20 @@ mod tests {
         futures_lite::future::block_on(stop.stopped());
         assert!(stop.is_stopped());
     }
+}
+
+timer_type! {
+    #[cfg(all(feature = "async-io", feature = "sync"))]
+    /// In blocking mode: a placeholder that is not a [`Timer`], so that a program
+    /// using it fails to compile with a message naming the `sync` feature. In async
+    /// mode it is the async-io timer; in blocking mode use `ThreadTimer`.
+    AsyncIoTimer
+}
+
+timer_type! {
+    #[cfg(all(feature = "tokio", feature = "sync"))]
+    /// In blocking mode: a placeholder that is not a [`Timer`], so that a program
+    /// using it fails to compile with a message naming the `sync` feature. In async
+    /// mode it is the tokio timer; in blocking mode use `ThreadTimer`.
+    TokioTimer
 }

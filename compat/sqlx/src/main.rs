@@ -25,7 +25,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut record = Record::new(OffsetDateTime::now_utc() + Duration::hours(1));
     record.insert("user", "alice")?;
     store.create(&mut record).await?;
-    let loaded = store.load(&record.id).await?.ok_or("the session is there")?;
+    let loaded = store
+        .load(&record.id)
+        .await?
+        .ok_or("the session is there")?;
     assert_eq!(loaded.get::<String>("user")?.as_deref(), Some("alice"));
 
     let (users,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM users")

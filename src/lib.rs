@@ -221,6 +221,23 @@
 //! that request's response sends no cookie: a logout or a login is never undone by a
 //! request that was still in flight.
 //!
+//! # Using it with your framework
+//!
+//! - **axum** (feature `axum`): `.layer(SessionManager::new(store).layer())` on the
+//!   router, then `session: Session` in handlers; `?` on [`session_store::Error`]
+//!   answers a bare 500 (logged). The `SessionLayer` docs show a whole app.
+//! - **actix-web** (feature `actix-web`): `.wrap(manager.middleware())` on the `App`,
+//!   the same extractor and error handling (`SessionMiddleware` docs).
+//! - **tower-sessions** (feature `tower-sessions`): `TowerSessionsStore` puts any of
+//!   these stores under tower-sessions' own layer; `FromTowerSessions` puts any of its
+//!   stores under [`SessionManager`].
+//! - **Anything else**, blocking or async: [`SessionManager::begin`] with the request's
+//!   `Cookie` header values, [`SessionManager::finish`] for the `Set-Cookie` to send
+//!   (the `http_blocking` and `http_smol` examples).
+//!
+//! [`session::Session`]'s futures are `Send`, and a request that never touches its
+//! session costs no store call.
+//!
 //! # Features
 //!
 //! | feature | default | what it does |

@@ -154,9 +154,21 @@ fn tower_sessions_stores_serve_our_sessions() {
 }
 
 /// A tower-sessions 0.15 application (its own layer and extractor, on axum) keeps
-/// working, over real HTTP, when its store is swapped for one of ours in one line.
+/// working, over real HTTP, when its store is swapped for one of ours in one line: on
+/// memory, SQLite and Redis.
 #[test]
-fn a_tower_sessions_application_runs_on_our_store() {
+fn a_tower_sessions_application_runs_on_our_stores() {
+    app_counts_on(MemoryStore::new());
+    #[cfg(feature = "sqlite")]
+    {
+        let dir = common::TempDir::new("tower-sessions-app");
+        app_counts_on(portable_sessions::SqliteStore::open(dir.db()).expect("opens"));
+    }
+    #[cfg(feature = "redis")]
+    app_counts_on(common::shared_redis("tower-sessions-app"));
+}
+
+fn app_counts_on<S: SessionStore + Clone>(store: S) {
     use axum::{routing::get, Router};
 
     async fn count(session: tower_sessions::Session) -> String {
@@ -165,7 +177,6 @@ fn a_tower_sessions_application_runs_on_our_store() {
         n.to_string()
     }
 
-    let store = MemoryStore::new();
     // The one line: `TowerSessionsStore::new(...)` where its own store was.
     let layer = tower_sessions::SessionManagerLayer::new(TowerSessionsStore::new(store.clone()))
         .with_secure(false);
@@ -213,5 +224,6 @@ fn a_tower_sessions_application_runs_on_our_store() {
     let id: Id = cookie["id=".len()..].parse().expect("our text form");
     let record = block(store.load(&id)).unwrap().expect("stored in ours");
     assert_eq!(record.get_raw("n"), Some(&b"3"[..]), "as JSON text");
+    block(store.delete(&id)).unwrap();
     server.abort();
 }

@@ -127,41 +127,19 @@ fn serve_routes(store: MemoryStore, wrapped: bool, check: impl FnOnce(SocketAddr
     server.join().expect("the server thread").expect("stops");
 }
 
-fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<String>, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into();
-    let mut request = agent.get(format!("http://{addr}{path}"));
-    if let Some(cookie) = cookie {
-        request = request.header("Cookie", cookie);
-    }
-    let mut response = request.call().expect("the server answers");
-    let cookies = response
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().expect("ASCII").to_owned())
-        .collect();
-    let status = response.status().as_u16();
-    let body = response.body_mut().read_to_string().expect("a body");
-    (status, cookies, body)
-}
-
 #[test]
 fn the_middleware_follows_its_rules() {
     let store = MemoryStore::new();
     serve_routes(store.clone(), true, |addr| {
-        let (status, cookies, body) = fetch(addr, "/count", None);
+        let (status, cookies, body) = http::fetch(addr, "/count", None);
         assert_eq!((status, body.as_str()), (200, "1"));
         assert_eq!(cookies.len(), 1, "{cookies:?}");
         let cookie = cookies[0].split(';').next().unwrap().to_owned();
-        let (_, _, body) = fetch(addr, "/count", Some(&cookie));
+        let (_, _, body) = http::fetch(addr, "/count", Some(&cookie));
         assert_eq!(body, "2");
 
         let before = store.len();
-        let (status, cookies, _) = fetch(addr, "/fail", None);
+        let (status, cookies, _) = http::fetch(addr, "/fail", None);
         assert_eq!(status, 500);
         assert!(cookies.is_empty(), "{cookies:?}");
         assert_eq!(
@@ -170,13 +148,13 @@ fn the_middleware_follows_its_rules() {
             "no session created for a failed handler"
         );
 
-        let (status, cookies, _) = fetch(addr, "/own-cookie", None);
+        let (status, cookies, _) = http::fetch(addr, "/own-cookie", None);
         assert_eq!(status, 200);
         assert_eq!(cookies.len(), 2, "{cookies:?}");
         assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
         assert!(cookies.iter().any(|c| c.starts_with("sid=")));
 
-        let (status, _, body) = fetch(addr, "/store-error", None);
+        let (status, _, body) = http::fetch(addr, "/store-error", None);
         assert_eq!(status, 500);
         assert_eq!(body, "internal server error");
     });
@@ -185,7 +163,7 @@ fn the_middleware_follows_its_rules() {
 #[test]
 fn a_missing_middleware_is_a_500_not_a_panic() {
     serve_routes(MemoryStore::new(), false, |addr| {
-        let (status, cookies, body) = fetch(addr, "/count", None);
+        let (status, cookies, body) = http::fetch(addr, "/count", None);
         assert_eq!(status, 500);
         assert!(cookies.is_empty());
         assert_eq!(body, "internal server error");

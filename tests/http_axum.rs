@@ -100,30 +100,6 @@ fn manager(store: MemoryStore) -> SessionManager {
     SessionManager::new(store).with_cookie_name("sid")
 }
 
-/// Sends `GET path` with an optional cookie; returns the status, the `Set-Cookie`
-/// values and the body.
-fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<String>, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into();
-    let mut request = agent.get(format!("http://{addr}{path}"));
-    if let Some(cookie) = cookie {
-        request = request.header("Cookie", cookie);
-    }
-    let mut response = request.call().expect("the server answers");
-    let cookies = response
-        .headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .map(|v| v.to_str().expect("ASCII").to_owned())
-        .collect();
-    let status = response.status().as_u16();
-    let body = response.body_mut().read_to_string().expect("a body");
-    (status, cookies, body)
-}
-
 async fn count(session: Session) -> Result<String, session_store::Error> {
     let n = session
         .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
@@ -162,16 +138,16 @@ fn the_layer_follows_its_rules() {
         .layer(manager(store.clone()).layer());
     serve_router(router, |addr| {
         // One line of setup, `Session` as an extractor, `?` on the crate's error.
-        let (status, cookies, body) = fetch(addr, "/count", None);
+        let (status, cookies, body) = http::fetch(addr, "/count", None);
         assert_eq!((status, body.as_str()), (200, "1"));
         assert_eq!(cookies.len(), 1, "{cookies:?}");
         let cookie = cookies[0].split(';').next().unwrap().to_owned();
-        let (_, _, body) = fetch(addr, "/count", Some(&cookie));
+        let (_, _, body) = http::fetch(addr, "/count", Some(&cookie));
         assert_eq!(body, "2");
 
         // The handler failed: nothing written, no cookie.
         let before = store.len();
-        let (status, cookies, _) = fetch(addr, "/fail", None);
+        let (status, cookies, _) = http::fetch(addr, "/fail", None);
         assert_eq!(status, 500);
         assert!(cookies.is_empty(), "{cookies:?}");
         assert_eq!(
@@ -181,14 +157,14 @@ fn the_layer_follows_its_rules() {
         );
 
         // The session cookie is appended beside the handler's own.
-        let (status, cookies, _) = fetch(addr, "/own-cookie", None);
+        let (status, cookies, _) = http::fetch(addr, "/own-cookie", None);
         assert_eq!(status, 200);
         assert_eq!(cookies.len(), 2, "{cookies:?}");
         assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
         assert!(cookies.iter().any(|c| c.starts_with("sid=")));
 
         // A store error is a bare 500 that leaks nothing.
-        let (status, _, body) = fetch(addr, "/store-error", None);
+        let (status, _, body) = http::fetch(addr, "/store-error", None);
         assert_eq!(status, 500);
         assert_eq!(body, "internal server error");
     });
@@ -198,7 +174,7 @@ fn the_layer_follows_its_rules() {
 fn a_missing_layer_is_a_500_not_a_panic() {
     let router = Router::new().route("/count", get(count));
     serve_router(router, |addr| {
-        let (status, cookies, body) = fetch(addr, "/count", None);
+        let (status, cookies, body) = http::fetch(addr, "/count", None);
         assert_eq!(status, 500);
         assert!(cookies.is_empty());
         assert_eq!(body, "internal server error");

@@ -451,6 +451,30 @@ pub fn check_deletes_expired(store: &portable_sessions::MemoryStore) {
     }
 }
 
+/// Sends `GET path` with an optional `Cookie` header; returns the status, every
+/// `Set-Cookie` value and the body.
+pub fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<String>, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut request = agent.get(format!("http://{addr}{path}"));
+    if let Some(cookie) = cookie {
+        request = request.header("Cookie", cookie);
+    }
+    let mut response = request.call().expect("the server answers");
+    let cookies = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ASCII").to_owned())
+        .collect();
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_to_string().expect("a body");
+    (status, cookies, body)
+}
+
 /// Returns `true` if the session under the cookie's id is logged in as `user`.
 fn stored_as(store: &dyn SessionStore, cookie: &str, user: &str) -> bool {
     let Ok(id) = cookie["sid=".len()..].parse::<Id>() else {

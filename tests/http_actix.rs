@@ -131,32 +131,7 @@ fn serve_routes(store: MemoryStore, wrapped: bool, check: impl FnOnce(SocketAddr
 fn the_middleware_follows_its_rules() {
     let store = MemoryStore::new();
     serve_routes(store.clone(), true, |addr| {
-        let (status, cookies, body) = http::fetch(addr, "/count", None);
-        assert_eq!((status, body.as_str()), (200, "1"));
-        assert_eq!(cookies.len(), 1, "{cookies:?}");
-        let cookie = cookies[0].split(';').next().unwrap().to_owned();
-        let (_, _, body) = http::fetch(addr, "/count", Some(&cookie));
-        assert_eq!(body, "2");
-
-        let before = store.len();
-        let (status, cookies, _) = http::fetch(addr, "/fail", None);
-        assert_eq!(status, 500);
-        assert!(cookies.is_empty(), "{cookies:?}");
-        assert_eq!(
-            store.len(),
-            before,
-            "no session created for a failed handler"
-        );
-
-        let (status, cookies, _) = http::fetch(addr, "/own-cookie", None);
-        assert_eq!(status, 200);
-        assert_eq!(cookies.len(), 2, "{cookies:?}");
-        assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
-        assert!(cookies.iter().any(|c| c.starts_with("sid=")));
-
-        let (status, _, body) = http::fetch(addr, "/store-error", None);
-        assert_eq!(status, 500);
-        assert_eq!(body, "internal server error");
+        http::check_integration_rules(addr, &store)
     });
 }
 

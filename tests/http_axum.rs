@@ -136,38 +136,7 @@ fn the_layer_follows_its_rules() {
         .route("/own-cookie", get(with_own_cookie))
         .route("/store-error", get(store_error))
         .layer(manager(store.clone()).layer());
-    serve_router(router, |addr| {
-        // One line of setup, `Session` as an extractor, `?` on the crate's error.
-        let (status, cookies, body) = http::fetch(addr, "/count", None);
-        assert_eq!((status, body.as_str()), (200, "1"));
-        assert_eq!(cookies.len(), 1, "{cookies:?}");
-        let cookie = cookies[0].split(';').next().unwrap().to_owned();
-        let (_, _, body) = http::fetch(addr, "/count", Some(&cookie));
-        assert_eq!(body, "2");
-
-        // The handler failed: nothing written, no cookie.
-        let before = store.len();
-        let (status, cookies, _) = http::fetch(addr, "/fail", None);
-        assert_eq!(status, 500);
-        assert!(cookies.is_empty(), "{cookies:?}");
-        assert_eq!(
-            store.len(),
-            before,
-            "no session created for a failed handler"
-        );
-
-        // The session cookie is appended beside the handler's own.
-        let (status, cookies, _) = http::fetch(addr, "/own-cookie", None);
-        assert_eq!(status, 200);
-        assert_eq!(cookies.len(), 2, "{cookies:?}");
-        assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
-        assert!(cookies.iter().any(|c| c.starts_with("sid=")));
-
-        // A store error is a bare 500 that leaks nothing.
-        let (status, _, body) = http::fetch(addr, "/store-error", None);
-        assert_eq!(status, 500);
-        assert_eq!(body, "internal server error");
-    });
+    serve_router(router, |addr| http::check_integration_rules(addr, &store));
 }
 
 #[test]

@@ -451,6 +451,44 @@ pub fn check_deletes_expired(store: &portable_sessions::MemoryStore) {
     }
 }
 
+/// Drives a small app of a framework test's own, whose session integration (cookie
+/// `sid`) wraps `/count` (counts with `Session::update`), `/fail` (inserts, then
+/// answers 500), `/own-cookie` (inserts, and sets a cookie of its own) and
+/// `/store-error` (a value read as the wrong type, through `?`): the integration's
+/// rules, the same for every framework.
+pub fn check_integration_rules(addr: SocketAddr, store: &portable_sessions::MemoryStore) {
+    // One line of setup, `Session` as an extractor, `?` on the crate's error.
+    let (status, cookies, body) = fetch(addr, "/count", None);
+    assert_eq!((status, body.as_str()), (200, "1"));
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    let cookie = cookies[0].split(';').next().unwrap().to_owned();
+    let (_, _, body) = fetch(addr, "/count", Some(&cookie));
+    assert_eq!(body, "2");
+
+    // The handler failed: nothing written, no cookie.
+    let before = store.len();
+    let (status, cookies, _) = fetch(addr, "/fail", None);
+    assert_eq!(status, 500);
+    assert!(cookies.is_empty(), "{cookies:?}");
+    assert_eq!(
+        store.len(),
+        before,
+        "no session created for a failed handler"
+    );
+
+    // The session cookie is appended beside the handler's own.
+    let (status, cookies, _) = fetch(addr, "/own-cookie", None);
+    assert_eq!(status, 200);
+    assert_eq!(cookies.len(), 2, "{cookies:?}");
+    assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
+    assert!(cookies.iter().any(|c| c.starts_with("sid=")));
+
+    // A store error is a bare 500 that leaks nothing.
+    let (status, _, body) = fetch(addr, "/store-error", None);
+    assert_eq!(status, 500);
+    assert_eq!(body, "internal server error");
+}
+
 /// Sends `GET path` with an optional `Cookie` header; returns the status, every
 /// `Set-Cookie` value and the body.
 pub fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<String>, String) {

@@ -133,6 +133,15 @@ impl Loaded {
         self.written = true;
     }
 
+    /// Leaves the values readable under `id`, a fresh id, as a session that is not
+    /// stored and has nothing to write: after its record was deleted or ended.
+    fn unstored(&mut self, id: Id) {
+        self.record.id = id;
+        self.stored = false;
+        self.modified = false;
+        self.changes = Changes::default();
+    }
+
     /// Drops this request's changes: the session is no longer there to change.
     fn gone(&mut self) {
         self.gone = true;
@@ -404,10 +413,7 @@ impl Session {
             let outcome = self.inner.store.update(&loaded.record).await?;
             match outcome {
                 Update::Written(_) if ending => {
-                    loaded.record.id = random_id()?;
-                    loaded.stored = false;
-                    loaded.modified = false;
-                    loaded.changes = Changes::default();
+                    loaded.unstored(random_id()?);
                     return Ok(());
                 }
                 Update::Written(version) => {
@@ -715,10 +721,7 @@ impl Session {
         if loaded.stored {
             self.inner.store.delete(&loaded.record.id).await?;
         }
-        loaded.record.id = fresh;
-        loaded.stored = false;
-        loaded.modified = false;
-        loaded.changes = Changes::default();
+        loaded.unstored(fresh);
         Ok(())
     }
 

@@ -315,25 +315,24 @@ impl SessionStore for RedisStore {
             Some(_) => encode_value(record, next)?,
             None => Vec::new(),
         };
-        let script = update_script();
-        let mut call = redis::cmd("EVALSHA");
-        call.arg(script.get_hash())
-            .arg(1)
-            .arg(self.key(&record.id))
-            .arg(&record.version.to_be_bytes()[..])
-            .arg(&value)
-            .arg(ttl.unwrap_or(0));
-        let outcome: i64 = match self.query(&call).await {
+        let (key, expected) = (self.key(&record.id), record.version.to_be_bytes());
+        // `EVALSHA hash` or `EVAL source`, with the same key and arguments.
+        let call = |verb: &str, script: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(script)
+                .arg(1)
+                .arg(&key)
+                .arg(&expected[..])
+                .arg(&value)
+                .arg(ttl.unwrap_or(0));
+            cmd
+        };
+        let by_hash = call("EVALSHA", update_script().get_hash());
+        let outcome: i64 = match self.query(&by_hash).await {
             Err(err) if is_no_script(&err) => {
                 // The server does not know the script (it restarted): send it whole.
-                let mut eval = redis::cmd("EVAL");
-                eval.arg(UPDATE_SCRIPT)
-                    .arg(1)
-                    .arg(self.key(&record.id))
-                    .arg(&record.version.to_be_bytes()[..])
-                    .arg(&value)
-                    .arg(ttl.unwrap_or(0));
-                self.query(&eval).await?
+                let whole = call("EVAL", UPDATE_SCRIPT);
+                self.query(&whole).await?
             }
             other => other?,
         };

@@ -2,7 +2,7 @@
 //! extractor.
 //!
 //! ```text
-//! cargo run --example http_actix --features actix-web,sqlite,redis [-- ADDRESS [STORE]]
+//! cargo run --example http_actix --features actix-web,sqlite,redis,postgres [-- ADDRESS [STORE]]
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
 //! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice
@@ -10,7 +10,8 @@
 //! ```
 //!
 //! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), keeps
-//! sessions in STORE (`memory`, the default; `sqlite:PATH`; or a `redis://` URL),
+//! sessions in STORE (`memory`, the default; `sqlite:PATH`; a `redis://` URL; or a
+//! `postgres://` URL),
 //! deletes expired sessions every minute on a task of its own (`TokioTimer`: actix
 //! runs on tokio), prints the address it bound as its first line, and stops on
 //! Ctrl-C. The application itself is in `visits/mod.rs`, shared with the other HTTP

@@ -1,7 +1,7 @@
 //! An axum 0.8 server with sessions: one `.layer(...)`, and `Session` as an extractor.
 //!
 //! ```text
-//! cargo run --example http_axum --features axum,sqlite,redis [-- ADDRESS [STORE]]
+//! cargo run --example http_axum --features axum,sqlite,redis,postgres [-- ADDRESS [STORE]]
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
 //! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice
@@ -9,7 +9,8 @@
 //! ```
 //!
 //! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), keeps
-//! sessions in STORE (`memory`, the default; `sqlite:PATH`; or a `redis://` URL),
+//! sessions in STORE (`memory`, the default; `sqlite:PATH`; a `redis://` URL; or a
+//! `postgres://` URL),
 //! deletes expired sessions every minute on a tokio task (`TokioTimer`), prints the
 //! address it bound as its first line, and stops on Ctrl-C. The application itself is
 //! in `visits/mod.rs`, shared with the other HTTP examples; here it is one axum

@@ -3,7 +3,7 @@
 //! async mode.
 //!
 //! ```text
-//! cargo run --example http_smol --features sqlite,redis [-- ADDRESS [STORE]]
+//! cargo run --example http_smol --features sqlite,redis,postgres [-- ADDRESS [STORE]]
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
 //! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice
@@ -11,7 +11,8 @@
 //! ```
 //!
 //! It listens on ADDRESS (default `127.0.0.1:3000`; port 0 picks a free port), keeps
-//! sessions in STORE (`memory`, the default; `sqlite:PATH`; or a `redis://` URL),
+//! sessions in STORE (`memory`, the default; `sqlite:PATH`; a `redis://` URL; or a
+//! `postgres://` URL),
 //! deletes expired sessions every minute on a task of its own (`AsyncIoTimer`),
 //! prints the address it bound as its first line, and stops on Ctrl-C. A client
 //! gets 10 seconds to send its request head; a failed `accept` (out of file

@@ -2,29 +2,64 @@
 # Runs every test of portable-sessions in both modes: async (default) and blocking
 # (`sync`). maybe-async's mode is global to a build, so the modes are two builds.
 #
-# The Redis store's tests run real redis-server processes: this script installs
-# redis-server from Debian's packages when it is missing (as root) and starts one on
-# 127.0.0.1:6379 when nothing answers there.
+# The Redis and PostgreSQL stores' tests talk to real servers. Where one is missing
+# this script installs it from Debian's packages (as root), and where nothing
+# answers it starts one:
+# - Redis on 127.0.0.1:6379, without persistence;
+# - PostgreSQL on 127.0.0.1:5432: a cluster of its own in /tmp (user `postgres`,
+#   trust authentication for local connections, database `test`), made with the
+#   installed server's initdb, so that no system configuration is changed.
+# Tests that restart or freeze a server start their own, on Unix sockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-have_redis_port() { (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; }
+have_port() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+is_root() { [ "$(id -u)" = 0 ]; }
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing redis-server from Debian's packages"
+apt_install() {
+    if is_root && command -v apt-get >/dev/null 2>&1; then
+        echo "installing $* from Debian's packages"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq redis-server >/dev/null
+        apt-get install -y -qq "$@" >/dev/null
     else
-        echo "redis-server is missing: install it (Debian: apt-get install redis-server)" >&2
+        echo "missing: $* (Debian: apt-get install $*)" >&2
         exit 1
     fi
+}
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
 fi
-if ! have_redis_port; then
+if ! have_port 6379; then
     echo "starting redis-server on 127.0.0.1:6379"
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
-    for _ in $(seq 50); do have_redis_port && break; sleep 0.1; done
+    for _ in $(seq 50); do have_port 6379 && break; sleep 0.1; done
+fi
+
+pg_bindir() { find /usr/lib/postgresql -maxdepth 2 -name bin 2>/dev/null | sort -V | tail -n 1; }
+if [ -z "$(pg_bindir)" ] || ! command -v psql >/dev/null 2>&1 || ! command -v pgrep >/dev/null 2>&1; then
+    apt_install postgresql postgresql-client procps
+fi
+# PostgreSQL refuses to run as root: as root, its programs run as `postgres`.
+as_postgres() {
+    if is_root; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi
+}
+if ! have_port 5432; then
+    bin="$(pg_bindir)"
+    data=/tmp/portable-sessions-postgres
+    echo "starting PostgreSQL ($bin) on 127.0.0.1:5432, cluster in $data"
+    if [ ! -f "$data/PG_VERSION" ]; then
+        mkdir -p "$data"
+        if is_root; then chown postgres: "$data"; fi
+        chmod 700 "$data"
+        as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >/dev/null
+    fi
+    as_postgres "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w \
+        -o "-c listen_addresses=127.0.0.1 -p 5432 -k $data" start >/dev/null
+fi
+if ! psql -h 127.0.0.1 -U postgres -d postgres -XAtc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1; then
+    psql -h 127.0.0.1 -U postgres -d postgres -Xqc "CREATE DATABASE test"
 fi
 
 echo "=== async mode"

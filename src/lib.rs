@@ -271,13 +271,15 @@ mod expiry;
 mod handle;
 mod manager;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis_store;
 pub mod session;
 pub mod session_store;
 #[cfg(feature = "sqlite")]
 mod sqlite;
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+#[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
 mod stored;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -306,6 +308,9 @@ pub use crate::actix::{SessionMiddleware, SessionMiddlewareService};
 #[cfg(all(feature = "axum", not(feature = "sync")))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "axum", not(feature = "sync")))))]
 pub use crate::axum_layer::{MissingSessionLayer, SessionLayer, SessionService};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use crate::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::redis_store::RedisStore;

@@ -741,3 +741,18 @@ fn concurrent_counting_is_exact_on_memory_cached_redis() {
     );
     counts_exactly(Arc::new(store));
 }
+
+#[cfg(feature = "postgres")]
+#[test]
+fn concurrent_counting_is_exact_on_postgres() {
+    let schema = common::PgSchema::new("conflicts");
+    counts_exactly(Arc::new(schema.store()));
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn concurrent_counting_is_exact_on_memory_cached_postgres() {
+    let schema = common::PgSchema::new("conflicts_cached");
+    let store = portable_sessions::CachingSessionStore::new(MemoryStore::new(), schema.store());
+    counts_exactly(Arc::new(store));
+}

@@ -14,7 +14,8 @@ use time::Duration;
 
 /// The store named by the examples' second argument (with its expired-session
 /// deletion, which the examples run every minute): `memory` (the default),
-/// `sqlite:PATH` (feature `sqlite`), or a `redis://` URL (feature `redis`).
+/// `sqlite:PATH` (feature `sqlite`), a `redis://` URL (feature `redis`), or a
+/// `postgres://` URL (feature `postgres`).
 ///
 /// # Errors
 ///
@@ -28,8 +29,12 @@ pub(crate) fn open_store(
         spec if spec.starts_with("redis://") || spec.starts_with("redis+unix://") => {
             open_redis(spec)
         }
+        spec if spec.starts_with("postgres://") || spec.starts_with("postgresql://") => {
+            open_postgres(spec)
+        }
         other => Err(format!(
-            "unknown store {other:?}: expected `memory`, `sqlite:PATH` or a `redis://` URL"
+            "unknown store {other:?}: expected `memory`, `sqlite:PATH`, a `redis://` URL \
+             or a `postgres://` URL"
         )),
     }
 }
@@ -59,6 +64,18 @@ fn open_redis(url: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String
 #[cfg(not(feature = "redis"))]
 fn open_redis(_: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
     Err("this build has no Redis store: build with `--features redis`".to_owned())
+}
+
+#[cfg(feature = "postgres")]
+fn open_postgres(url: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
+    let store = portable_sessions::PostgresStore::new(url)
+        .map_err(|err| format!("bad PostgreSQL URL: {}", err.report()))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn open_postgres(_: &str) -> std::result::Result<Arc<dyn ExpiredDeletion>, String> {
+    Err("this build has no PostgreSQL store: build with `--features postgres`".to_owned())
 }
 
 /// The cookie name the examples use.

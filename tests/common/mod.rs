@@ -231,3 +231,90 @@ pub fn shared_redis(test: &str) -> portable_sessions::RedisStore {
         .expect("a valid URL")
         .with_key_prefix(unique_prefix(test))
 }
+
+/// The PostgreSQL server every test shares: 127.0.0.1:5432, database `test`, user
+/// `postgres` with trust authentication (as `scripts/test.sh` leaves it).
+pub const SHARED_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Runs `sql` on the shared PostgreSQL server through `psql` and returns its
+/// unaligned output, one row per line.
+pub fn psql(sql: &str) -> String {
+    let output = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "5432",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+        ])
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("cannot run psql ({err}): run `bash scripts/test.sh`, which installs it")
+        });
+    assert!(
+        output.status.success(),
+        "psql failed on {sql:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .trim_end()
+        .to_owned()
+}
+
+/// A schema of its own on the shared PostgreSQL server, dropped with everything in it
+/// when this is dropped.
+pub struct PgSchema(pub String);
+
+impl PgSchema {
+    /// A new schema name no other test (or run) uses; the store creates the schema.
+    pub fn new(test: &str) -> Self {
+        if std::net::TcpStream::connect("127.0.0.1:5432").is_err() {
+            panic!(
+                "no PostgreSQL answers on 127.0.0.1:5432: start one, or run \
+                 `bash scripts/test.sh`, which does"
+            );
+        }
+        Self(format!(
+            "ps_test_{test}_{}",
+            Id::default().to_string().to_lowercase().replace('-', "_")
+        ))
+    }
+
+    /// A store on the shared server keeping its table in this schema.
+    #[cfg(feature = "postgres")]
+    pub fn store(&self) -> portable_sessions::PostgresStore {
+        portable_sessions::PostgresStore::new(SHARED_POSTGRES)
+            .expect("a valid URL")
+            .with_table(&self.0, "sessions")
+            .expect("valid names")
+    }
+
+    /// The schema-qualified table, quoted for SQL.
+    pub fn table(&self) -> String {
+        format!("\"{}\".\"sessions\"", self.0)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-X",
+                "-q",
+                "-c",
+            ])
+            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
+            .output();
+    }
+}

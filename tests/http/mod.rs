@@ -223,9 +223,10 @@ pub fn check_server(addr: SocketAddr, store: &dyn SessionStore) {
 }
 
 /// Runs `check` on each store the examples take: memory, SQLite (a file of its own)
-/// and Redis (the shared server, under a prefix of its own), as features allow.
+/// Redis (the shared server, under a prefix of its own) and PostgreSQL (the shared
+/// server, in a schema of its own), as features allow.
 #[cfg_attr(
-    not(any(feature = "sqlite", feature = "redis")),
+    not(any(feature = "sqlite", feature = "redis", feature = "postgres")),
     allow(unused_variables)
 )]
 pub fn each_store(test: &str, check: impl Fn(Arc<dyn ExpiredDeletion>)) {
@@ -239,6 +240,11 @@ pub fn each_store(test: &str, check: impl Fn(Arc<dyn ExpiredDeletion>)) {
     }
     #[cfg(feature = "redis")]
     check(Arc::new(crate::common::shared_redis(test)));
+    #[cfg(feature = "postgres")]
+    {
+        let schema = crate::common::PgSchema::new(test);
+        check(Arc::new(schema.store()));
+    }
 }
 
 /// A request for [`at_once`].

@@ -1,0 +1,256 @@
+//! Where and as whom a [`PostgresStore`](super::PostgresStore) connects: a parsed
+//! `postgres://` URL.
+
+use std::{fmt, path::PathBuf, time::Duration};
+
+use crate::session_store::{Error, Result};
+
+/// The server's address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Host {
+    /// A host name or IP address, with the port.
+    Tcp(String, u16),
+    /// The directory of the server's Unix socket; the socket is `.s.PGSQL.PORT` in it.
+    #[cfg(unix)]
+    Unix(PathBuf, u16),
+}
+
+/// What a URL says about a connection.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Config {
+    pub(crate) host: Host,
+    pub(crate) user: String,
+    pub(crate) password: Option<String>,
+    pub(crate) dbname: String,
+    pub(crate) application_name: String,
+    /// `connect_timeout`, if the URL sets it.
+    pub(crate) connect_timeout: Option<Duration>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the password: configs end up in logs.
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "..."))
+            .field("dbname", &self.dbname)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(host, port) if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Self::Tcp(host, port) => write!(f, "{host}:{port}"),
+            #[cfg(unix)]
+            Self::Unix(dir, port) => write!(f, "{}/.s.PGSQL.{port}", dir.display()),
+        }
+    }
+}
+
+fn invalid(why: impl fmt::Display) -> Error {
+    Error::backend(format!("invalid PostgreSQL URL: {why}"))
+}
+
+/// Decodes `%XX` escapes.
+fn percent_decode(text: &str) -> Result<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| invalid("a `%` is not followed by two hexadecimal digits"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| invalid("a percent-encoded part is not UTF-8"))
+}
+
+fn parse_port(text: &str) -> Result<u16> {
+    text.parse::<u16>()
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| invalid(format_args!("`{text}` is not a port")))
+}
+
+impl Config {
+    /// The port used when the URL names none.
+    pub(crate) const DEFAULT_PORT: u16 = 5432;
+
+    /// Parses `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
+    /// (or `postgresql://`). Parameters: `host` (a directory starting with `/` means a
+    /// Unix socket), `port`, `user`, `password`, `dbname`, `application_name`,
+    /// `connect_timeout` (seconds) and `sslmode` (`disable`, `allow` or `prefer`: TLS is
+    /// not supported). Any other parameter is an error, so that a typo is not ignored.
+    pub(crate) fn parse(url: &str) -> Result<Self> {
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(|| invalid("it must start with postgres:// or postgresql://"))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((userinfo, hostport)) => (Some(userinfo), hostport),
+            None => (None, authority),
+        };
+
+        let mut user = None;
+        let mut password = None;
+        if let Some(userinfo) = userinfo {
+            let (name, pass) = match userinfo.split_once(':') {
+                Some((name, pass)) => (name, Some(pass)),
+                None => (userinfo, None),
+            };
+            if !name.is_empty() {
+                user = Some(percent_decode(name)?);
+            }
+            password = pass.map(percent_decode).transpose()?;
+        }
+
+        let (mut host, mut port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+            let (ip, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| invalid("an IPv6 address lacks its `]`"))?;
+            let port = match after {
+                "" => None,
+                after => {
+                    Some(parse_port(after.strip_prefix(':').ok_or_else(|| {
+                        invalid("unexpected text after the IPv6 address")
+                    })?)?)
+                }
+            };
+            (Some(ip.to_owned()), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((host, port)) => (Some(percent_decode(host)?), Some(parse_port(port)?)),
+                None => (Some(percent_decode(hostport)?), None),
+            }
+        };
+        if host.as_deref() == Some("") {
+            host = None;
+        }
+        let mut dbname = match path {
+            "" => None,
+            path => Some(percent_decode(path)?),
+        };
+        let mut application_name = None;
+        let mut connect_timeout = None;
+
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(format_args!("parameter `{pair}` has no value")))?;
+            let value = percent_decode(value)?;
+            match key {
+                "host" => host = Some(value),
+                "port" => port = Some(parse_port(&value)?),
+                "user" => user = Some(value),
+                "password" => password = Some(value),
+                "dbname" => dbname = Some(value),
+                "application_name" => application_name = Some(value),
+                "connect_timeout" => {
+                    let seconds: u64 = value.parse().map_err(|_| {
+                        invalid(format_args!(
+                            "connect_timeout `{value}` is not whole seconds"
+                        ))
+                    })?;
+                    // libpq: zero (or nothing) means wait indefinitely; the store's own
+                    // timeout still bounds the wait.
+                    connect_timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
+                }
+                "sslmode" => match value.as_str() {
+                    "disable" | "allow" | "prefer" => {}
+                    other => {
+                        return Err(invalid(format_args!(
+                            "sslmode={other} asks for TLS, which PostgresStore does not \
+                             support: connect over a Unix socket or a trusted network, or \
+                             through a TLS tunnel"
+                        )))
+                    }
+                },
+                other => return Err(invalid(format_args!("unknown parameter `{other}`"))),
+            }
+        }
+
+        let user = match user {
+            Some(user) => user,
+            None => std::env::var("USER")
+                .or_else(|_| std::env::var("USERNAME"))
+                .map_err(|_| invalid("it names no user, and $USER is not set"))?,
+        };
+        let port = port.unwrap_or(Self::DEFAULT_PORT);
+        let host = match host {
+            #[cfg(unix)]
+            Some(dir) if dir.starts_with('/') => Host::Unix(PathBuf::from(dir), port),
+            Some(name) => Host::Tcp(name, port),
+            None => Host::Tcp("localhost".to_owned(), port),
+        };
+        Ok(Self {
+            host,
+            dbname: dbname.unwrap_or_else(|| user.clone()),
+            user,
+            password,
+            application_name: application_name.unwrap_or_else(|| "portable-sessions".into()),
+            connect_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_usual_forms() {
+        let config = Config::parse("postgres://app:s%3Acret@db.example:6543/sessions").unwrap();
+        assert_eq!(config.host, Host::Tcp("db.example".into(), 6543));
+        assert_eq!(config.user, "app");
+        assert_eq!(config.password.as_deref(), Some("s:cret"));
+        assert_eq!(config.dbname, "sessions");
+
+        let config = Config::parse("postgresql://me@[::1]/").unwrap();
+        assert_eq!(config.host, Host::Tcp("::1".into(), 5432));
+        assert_eq!(config.dbname, "me");
+        assert_eq!(config.host.to_string(), "[::1]:5432");
+
+        let config = Config::parse(
+            "postgres://me@/db?host=%2Fvar%2Frun%2Fpostgresql&port=5433&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(config.host, Host::Unix("/var/run/postgresql".into(), 5433));
+        assert_eq!(config.connect_timeout, Some(Duration::from_secs(3)));
+        assert!(
+            !format!("{:?}", Config::parse("postgres://u:hunter2@h/d").unwrap())
+                .contains("hunter2")
+        );
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_honour() {
+        for url in [
+            "mysql://u@h/d",
+            "postgres://u@h:99999/d",
+            "postgres://u@h:0/d",
+            "postgres://u@h/d?sslmode=require",
+            "postgres://u@h/d?sslmod=disable",
+            "postgres://u@h/d?port",
+            "postgres://u@h/d%zz",
+            "postgres://u@[::1/d",
+            "postgres://u@h/d?connect_timeout=soon",
+        ] {
+            let err = Config::parse(url).unwrap_err();
+            assert!(matches!(err, Error::Backend(_)), "{url}");
+            assert!(err.report().contains("invalid PostgreSQL URL"), "{url}");
+        }
+    }
+}

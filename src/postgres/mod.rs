@@ -1,0 +1,603 @@
+//! [`PostgresStore`]: sessions in a PostgreSQL table.
+
+mod config;
+mod pool;
+mod wire;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use time::OffsetDateTime;
+
+use self::{
+    config::Config,
+    pool::{Pool, Setup},
+    wire::{columns, oid, Param, WireError},
+};
+use crate::{
+    clock::Clock,
+    session::{random_id, Id, Record},
+    session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
+    stored,
+};
+
+/// How many expired rows one `DELETE` statement removes: each batch is its own short
+/// transaction.
+const DELETE_BATCH: i32 = 1000;
+
+/// Serializes concurrent schema creation (two processes starting at once) through
+/// `pg_advisory_xact_lock`: "portsess" in ASCII.
+const SCHEMA_LOCK: i64 = 0x706f_7274_7365_7373;
+
+const LOAD: &str = "portable_sessions_load";
+const CREATE: &str = "portable_sessions_create";
+const SAVE: &str = "portable_sessions_save";
+const UPDATE: &str = "portable_sessions_update";
+const DELETE: &str = "portable_sessions_delete";
+const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
+
+/// A session store in a PostgreSQL table: sessions shared by every server process
+/// that reaches the database, and kept across restarts.
+///
+/// - **Schema.** One table, `public.portable_sessions` unless
+///   [`with_table`](PostgresStore::with_table) names another (schema-qualified):
+///
+///   ```sql
+///   CREATE TABLE portable_sessions (
+///       key bytea PRIMARY KEY,            -- SHA-256 of the session id
+///       expires_at timestamptz NOT NULL,  -- indexed
+///       version bigint NOT NULL,          -- for conditional writes
+///       record bytea NOT NULL             -- the encoded record, without its id
+///   );
+///   CREATE INDEX portable_sessions_expires_at ON portable_sessions (expires_at);
+///   ```
+///
+///   The first connection creates the schema, table and index if the table is
+///   missing (idempotently, serialized by an advisory lock so that processes
+///   starting together do not collide), or [`create_table`](PostgresStore::create_table)
+///   does so at startup. Where the table exists, nothing is created, so an
+///   application whose role may not create tables runs on a table an administrator
+///   made with the statement above.
+/// - **Stolen dumps give no sessions.** Records are keyed by the SHA-256 digest of
+///   their id and stored with the id zeroed, so the table, its WAL and its backups
+///   hold no id that could be replayed as a cookie.
+/// - **One statement per operation**, prepared once per connection and sent with its
+///   parameters in one round trip. [`update`](SessionStore::update) compares the
+///   version and the expiry date and writes in that one statement (row locks make
+///   concurrent updates of one session take turns, and each sees the other's
+///   version), and tells a conflict from a missing session in the same reply.
+/// - **Expiry.** [`load`](SessionStore::load) never returns an expired row, even
+///   before [`delete_expired`](ExpiredDeletion::delete_expired) removes it; that pass
+///   deletes in batches of 1,000 rows, each its own short statement that skips rows
+///   other transactions hold (`FOR UPDATE SKIP LOCKED`), so it never makes a
+///   session's writer wait, and returns how many it deleted.
+/// - **Connections.** Clones of a store share a pool of at most 16 connections
+///   (set with [`with_max_connections`](PostgresStore::with_max_connections)),
+///   opened on demand and kept open. An operation waits at most the
+///   [timeout](PostgresStore::with_timeout) (2 s unless set) for a free connection,
+///   to connect, and for each reply; the server is told the same limit as its
+///   `statement_timeout`, so a statement stuck behind a lock is cancelled there too.
+/// - **Outages.** Operations fail with [`Error::Backend`] within the timeout while
+///   the server is unreachable. A connection that failed, timed out, or whose
+///   operation's future was dropped halfway is closed, never reused, and the next
+///   operation connects again: a store keeps working once the server is back,
+///   without being rebuilt. An operation that finds its idle connection closed by a
+///   server restart or by `pg_terminate_backend` runs once more on a new connection.
+/// - **Corrupt rows** make [`load`](SessionStore::load) of that id fail with
+///   [`Error::Decode`]; other sessions are unaffected.
+///
+/// # Modes and runtimes
+///
+/// The store speaks PostgreSQL's protocol itself, on the caller's thread or task: no
+/// driver task and no runtime. In sync mode it uses plain blocking sockets. In async
+/// mode it uses async-io's reactor, which runs on its own, so the store works under
+/// smol, under tokio and on any other executor.
+///
+/// # Connecting
+///
+/// The URL is `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
+/// (or `postgresql://`), percent-encoded. Parameters: `host` (a directory, such as
+/// `/var/run/postgresql`, for the server's Unix socket), `port`, `user`, `password`,
+/// `dbname`, `application_name`, `connect_timeout` and `sslmode`. Passwords are sent
+/// as the server asks: SCRAM-SHA-256, MD5 or clear text.
+///
+/// TLS is not supported: `sslmode=require` (and stricter) is refused. Connect over a
+/// Unix socket, a private network, or a TLS tunnel.
+///
+/// # Examples
+///
+/// This needs a PostgreSQL server on `127.0.0.1:5432` that lets user `postgres` in:
+///
+/// ```
+/// use portable_sessions::{session::Record, PostgresStore, SessionStore};
+/// use time::{Duration, OffsetDateTime};
+///
+/// # #[maybe_async::maybe_async]
+/// # async fn run() -> portable_sessions::session_store::Result<()> {
+/// let store = PostgresStore::new("postgres://postgres@127.0.0.1:5432/test")?
+///     .with_table("doc_example", "sessions")?;
+/// store.create_table().await?;
+///
+/// let mut record = Record::new(OffsetDateTime::now_utc() + Duration::minutes(30));
+/// record.insert("user_id", &42u64)?;
+/// store.create(&mut record).await?;
+///
+/// let loaded = store.load(&record.id).await?.expect("stored");
+/// assert_eq!(loaded.get::<u64>("user_id")?, Some(42));
+/// store.delete(&record.id).await?;
+/// # Ok(())
+/// # }
+/// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+/// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Arc<Pool>,
+    settings: Settings,
+    clock: Clock,
+}
+
+/// What the pool is built from.
+#[derive(Clone, Debug)]
+struct Settings {
+    config: Config,
+    schema: String,
+    table: String,
+    timeout: Duration,
+    max_connections: usize,
+}
+
+impl PostgresStore {
+    /// The schema used unless [`with_table`](PostgresStore::with_table) names another.
+    pub const DEFAULT_SCHEMA: &'static str = "public";
+    /// The table used unless [`with_table`](PostgresStore::with_table) names another.
+    pub const DEFAULT_TABLE: &'static str = "portable_sessions";
+    /// The timeout used unless [`with_timeout`](PostgresStore::with_timeout) sets
+    /// another.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// The pool size used unless
+    /// [`with_max_connections`](PostgresStore::with_max_connections) sets another.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+    /// Makes a store for the database at `url`, such as
+    /// `postgres://app:secret@127.0.0.1:5432/app`.
+    ///
+    /// Nothing is connected yet: the first operation connects (and creates the table
+    /// if it is missing), so a program can start while the database is still coming
+    /// up. Call [`create_table`](PostgresStore::create_table) at startup to fail
+    /// early instead.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Backend`] if `url` is not a PostgreSQL URL this store can
+    /// follow (see [Connecting](PostgresStore#connecting)).
+    pub fn new(url: &str) -> Result<Self> {
+        let settings = Settings {
+            config: Config::parse(url)?,
+            schema: Self::DEFAULT_SCHEMA.into(),
+            table: Self::DEFAULT_TABLE.into(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+        };
+        Ok(Self {
+            pool: Arc::new(build_pool(&settings)),
+            settings,
+            clock: Clock::default(),
+        })
+    }
+
+    /// Returns the store keeping its sessions in table `table` of schema `schema`
+    /// (created if missing), so that several applications (or tests) can share one
+    /// database.
+    ///
+    /// Names are used as given, quoted: `Sessions` and `sessions` are two tables.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Backend`] if a name is empty, longer than PostgreSQL's 63
+    /// bytes, or holds a NUL character.
+    pub fn with_table(mut self, schema: &str, table: &str) -> Result<Self> {
+        for name in [schema, table] {
+            if name.is_empty() || name.len() > 63 || name.contains('\0') {
+                return Err(Error::backend(format!(
+                    "{name:?} cannot name a PostgreSQL schema or table: names are 1 to 63 \
+                     bytes without NUL"
+                )));
+            }
+        }
+        self.settings.schema = schema.into();
+        self.settings.table = table.into();
+        Ok(self.rebuilt())
+    }
+
+    /// Returns the store waiting at most `timeout` for a free connection, to
+    /// connect, and for each reply; the server cancels a statement running longer.
+    ///
+    /// The store value returned gets connections of its own; clones made before keep
+    /// the old timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.timeout = timeout;
+        self.rebuilt()
+    }
+
+    /// Returns the store keeping at most `max` connections open (at least 1).
+    ///
+    /// The store value returned gets connections of its own; clones made before keep
+    /// the old pool.
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.settings.max_connections = max.max(1);
+        self.rebuilt()
+    }
+
+    /// Returns the store reading the current time from `clock` instead of the system
+    /// clock: for tests that move time forward instead of sleeping.
+    ///
+    /// The time decides which records [`load`](SessionStore::load) treats as expired
+    /// and which [`delete_expired`](ExpiredDeletion::delete_expired) removes.
+    pub fn with_clock(
+        mut self,
+        clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static,
+    ) -> Self {
+        self.clock = Clock::custom(clock);
+        self
+    }
+
+    /// Returns the schema and table names.
+    pub fn table(&self) -> (&str, &str) {
+        (&self.settings.schema, &self.settings.table)
+    }
+
+    /// Returns the timeout.
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout
+    }
+
+    fn rebuilt(mut self) -> Self {
+        self.pool = Arc::new(build_pool(&self.settings));
+        self
+    }
+}
+
+#[maybe_async::maybe_async]
+impl PostgresStore {
+    /// Connects, and creates the schema, table and index if the table is missing.
+    ///
+    /// Operations do this on their first connection anyway; call it at startup so
+    /// that a wrong URL, password or privilege shows at once.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Backend`] if the server cannot be reached, refuses the login,
+    /// or refuses to create what is missing.
+    pub async fn create_table(&self) -> Result<()> {
+        self.pool.create_schema().await
+    }
+}
+
+/// Quotes an identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn build_pool(settings: &Settings) -> Pool {
+    let table = format!("{}.{}", ident(&settings.schema), ident(&settings.table));
+    let index = ident(&format!("{}_expires_at", settings.table));
+    let exists = format!(
+        "SELECT to_regclass({}) IS NOT NULL, \
+         EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {})",
+        literal(&table),
+        literal(&settings.schema)
+    );
+    // One simple query: one implicit transaction, so the advisory lock holds to its
+    // end. The schema is created only if missing, which needs no CREATE privilege
+    // on the database when it exists.
+    let lock = format!("SELECT pg_advisory_xact_lock({SCHEMA_LOCK});");
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+             key bytea PRIMARY KEY,
+             expires_at timestamptz NOT NULL,
+             version bigint NOT NULL,
+             record bytea NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);"
+    );
+    let create_schema = format!("CREATE SCHEMA IF NOT EXISTS {};", ident(&settings.schema));
+    use oid::{BYTEA, INT4, INT8, TIMESTAMPTZ};
+    let statements: Vec<(&'static str, String, &'static [postgres_protocol::Oid])> = vec![
+        (
+            LOAD,
+            format!("SELECT version, record FROM {table} WHERE key = $1 AND expires_at > $2"),
+            &[BYTEA, TIMESTAMPTZ],
+        ),
+        (
+            CREATE,
+            format!(
+                "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key) DO NOTHING"
+            ),
+            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
+        ),
+        (
+            SAVE,
+            format!(
+                "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, \
+                 version = EXCLUDED.version, record = EXCLUDED.record"
+            ),
+            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
+        ),
+        (
+            // The compare and the write are one statement; the second column, read
+            // from the statement's snapshot, tells a newer version from no session.
+            UPDATE,
+            format!(
+                "WITH written AS (
+                     UPDATE {table} SET expires_at = $2, version = $5, record = $4
+                     WHERE key = $1 AND version = $3 AND expires_at > $6
+                     RETURNING 1
+                 )
+                 SELECT EXISTS (SELECT 1 FROM written),
+                        EXISTS (SELECT 1 FROM {table} WHERE key = $1 AND expires_at > $6)"
+            ),
+            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, INT8, TIMESTAMPTZ],
+        ),
+        (
+            DELETE,
+            format!("DELETE FROM {table} WHERE key = $1"),
+            &[BYTEA],
+        ),
+        (
+            DELETE_EXPIRED,
+            format!(
+                "DELETE FROM {table} WHERE key IN (
+                     SELECT key FROM {table} WHERE expires_at <= $1
+                     LIMIT $2 FOR UPDATE SKIP LOCKED
+                 )"
+            ),
+            &[TIMESTAMPTZ, INT4],
+        ),
+    ];
+    Pool::new(
+        settings.config.clone(),
+        settings.timeout,
+        settings.max_connections,
+        Setup {
+            exists,
+            lock,
+            create,
+            create_schema,
+            statements,
+        },
+    )
+}
+
+/// Microseconds from PostgreSQL's epoch (2000-01-01 UTC) to `at`, rounded down.
+fn timestamptz(at: OffsetDateTime) -> i64 {
+    const POSTGRES_EPOCH_MICROS: i128 = 946_684_800_000_000;
+    let micros = at.unix_timestamp_nanos().div_euclid(1000) - POSTGRES_EPOCH_MICROS;
+    // Within `time`'s years ±9999 this always fits; saturate rather than wrap anyway.
+    i64::try_from(micros).unwrap_or(if micros < 0 {
+        i64::MIN + 1
+    } else {
+        i64::MAX - 1
+    })
+}
+
+/// `i64` with the same bits: versions are `u64`, columns `bigint`.
+fn column_version(version: u64) -> i64 {
+    i64::from_ne_bytes(version.to_ne_bytes())
+}
+
+fn record_version(column: i64) -> u64 {
+    u64::from_ne_bytes(column.to_ne_bytes())
+}
+
+fn protocol(what: &str) -> Error {
+    Error::backend(WireError::Protocol(what.into()))
+}
+
+/// Reads a boolean column of a binary row.
+fn bool_column(column: Option<&[u8]>) -> Result<bool> {
+    match column {
+        Some([byte]) => Ok(*byte != 0),
+        _ => Err(protocol("a boolean column is not one byte")),
+    }
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for PostgresStore {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        // The stored bytes do not contain the id, so a new id needs no new encoding.
+        let bytes = stored::encode(record)?;
+        let expires_at = timestamptz(record.expiry_date);
+        let version = column_version(record.version);
+        loop {
+            let key = stored::digest(&record.id);
+            let reply = self
+                .pool
+                .call(|conn| {
+                    conn.push_execute(
+                        CREATE,
+                        &[
+                            Param::Bytea(&key),
+                            Param::Timestamptz(expires_at),
+                            Param::Int8(version),
+                            Param::Bytea(&bytes),
+                        ],
+                    )
+                })
+                .await?;
+            if reply.affected == 1 {
+                return Ok(());
+            }
+            record.id = random_id()?;
+        }
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        let bytes = stored::encode(record)?;
+        let key = stored::digest(&record.id);
+        self.pool
+            .call(|conn| {
+                conn.push_execute(
+                    SAVE,
+                    &[
+                        Param::Bytea(&key),
+                        Param::Timestamptz(timestamptz(record.expiry_date)),
+                        Param::Int8(column_version(record.version)),
+                        Param::Bytea(&bytes),
+                    ],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        let key = stored::digest(id);
+        let now = self.clock.now();
+        let reply = self
+            .pool
+            .call(|conn| {
+                conn.push_execute(
+                    LOAD,
+                    &[Param::Bytea(&key), Param::Timestamptz(timestamptz(now))],
+                )
+            })
+            .await?;
+        let Some(row) = reply.rows.first() else {
+            return Ok(None);
+        };
+        let columns = columns(row).map_err(Error::backend)?;
+        let (Some(Some(version)), Some(Some(bytes))) = (columns.first(), columns.get(1)) else {
+            return Err(protocol("a session row lacks its version or record"));
+        };
+        let version: [u8; 8] = (*version)
+            .try_into()
+            .map_err(|_| protocol("a bigint column is not eight bytes"))?;
+        let mut record = stored::decode(id, bytes)?;
+        record.version = record_version(i64::from_be_bytes(version));
+        // The column is rounded to the microsecond; the record's own date is exact.
+        Ok(Some(record).filter(|r| !r.is_expired_at(now)))
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        let key = stored::digest(id);
+        self.pool
+            .call(|conn| conn.push_execute(DELETE, &[Param::Bytea(&key)]))
+            .await?;
+        Ok(())
+    }
+
+    /// One conditional `UPDATE` statement: atomic.
+    async fn update(&self, record: &Record) -> Result<Update> {
+        let bytes = stored::encode(record)?;
+        let key = stored::digest(&record.id);
+        let next = record.version.wrapping_add(1);
+        let now = timestamptz(self.clock.now());
+        let reply = self
+            .pool
+            .call(|conn| {
+                conn.push_execute(
+                    UPDATE,
+                    &[
+                        Param::Bytea(&key),
+                        Param::Timestamptz(timestamptz(record.expiry_date)),
+                        Param::Int8(column_version(record.version)),
+                        Param::Bytea(&bytes),
+                        Param::Int8(column_version(next)),
+                        Param::Timestamptz(now),
+                    ],
+                )
+            })
+            .await?;
+        let row = reply
+            .rows
+            .first()
+            .ok_or_else(|| protocol("the conditional write returned no row"))?;
+        let columns = columns(row).map_err(Error::backend)?;
+        let written = bool_column(columns.first().copied().flatten())?;
+        let live = bool_column(columns.get(1).copied().flatten())?;
+        Ok(match (written, live) {
+            (true, _) => Update::Written(next),
+            (false, true) => Update::Conflict,
+            (false, false) => Update::Gone,
+        })
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
+    }
+}
+
+#[maybe_async::maybe_async]
+impl ExpiredDeletion for PostgresStore {
+    async fn delete_expired(&self) -> Result<usize> {
+        let now = timestamptz(self.clock.now());
+        let mut deleted = 0;
+        loop {
+            let reply = self
+                .pool
+                .call(|conn| {
+                    conn.push_execute(
+                        DELETE_EXPIRED,
+                        &[Param::Timestamptz(now), Param::Int4(DELETE_BATCH)],
+                    )
+                })
+                .await?;
+            deleted += reply.affected as usize;
+            if reply.affected < DELETE_BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("host", &self.settings.config.host)
+            .field("dbname", &self.settings.config.dbname)
+            .field("schema", &self.settings.schema)
+            .field("table", &self.settings.table)
+            .field("timeout", &self.settings.timeout)
+            .field("max_connections", &self.pool.max())
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_count_from_2000() {
+        let y2k = OffsetDateTime::from_unix_timestamp(946_684_800).unwrap();
+        assert_eq!(timestamptz(y2k), 0);
+        assert_eq!(timestamptz(y2k + time::Duration::nanoseconds(1999)), 1);
+        assert_eq!(timestamptz(y2k - time::Duration::nanoseconds(1)), -1);
+    }
+
+    #[test]
+    fn names_are_quoted() {
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn bad_table_names_are_refused() {
+        let store = PostgresStore::new("postgres://u@127.0.0.1/d").unwrap();
+        assert!(store.clone().with_table("", "t").is_err());
+        assert!(store.clone().with_table("s", &"x".repeat(64)).is_err());
+        assert!(store.clone().with_table("s", "a\0b").is_err());
+        assert_eq!(
+            store.with_table("My Schema", "t").unwrap().table(),
+            ("My Schema", "t")
+        );
+    }
+}

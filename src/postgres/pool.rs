@@ -1,0 +1,294 @@
+//! A bounded pool of PostgreSQL connections, opened on demand, each prepared with the
+//! store's statements.
+
+use std::{
+    fmt,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use postgres_protocol::Oid;
+
+use super::{
+    config::Config,
+    wire::{Conn, Reply, WireError},
+};
+use crate::session_store::{Error, Result};
+
+/// What each new connection is prepared with, and the schema it needs.
+pub(crate) struct Setup {
+    /// A simple query answering whether the table exists, then whether its schema
+    /// does.
+    pub(crate) exists: String,
+    /// Takes the lock that serializes schema creation.
+    pub(crate) lock: String,
+    /// Creates the schema.
+    pub(crate) create_schema: String,
+    /// Creates the table and its index if they are missing.
+    pub(crate) create: String,
+    /// The prepared statements: name, SQL, parameter types.
+    pub(crate) statements: Vec<(&'static str, String, &'static [Oid])>,
+}
+
+pub(crate) struct Pool {
+    config: Config,
+    timeout: Duration,
+    max: usize,
+    setup: Setup,
+    /// Set once this store has seen its table: new connections then only prepare.
+    ready: AtomicBool,
+    idle: Mutex<Vec<Conn>>,
+    slots: Slots,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("config", &self.config)
+            .field("max", &self.max)
+            .field("idle", &self.idle.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection lent to one operation. Dropped, it goes back to the pool if its
+/// last request completed; otherwise (an error, a timeout, a dropped future) it is
+/// closed, since it may be out of step with the server.
+struct Lent<'a> {
+    conn: Option<Conn>,
+    pool: &'a Pool,
+    reused: bool,
+    _slot: Slot<'a>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if conn.is_idle() {
+                self.pool.idle.lock().push(conn);
+            }
+        }
+    }
+}
+
+impl Lent<'_> {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a lent connection is present until dropped")
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(config: Config, timeout: Duration, max: usize, setup: Setup) -> Self {
+        Self {
+            config,
+            timeout,
+            max,
+            setup,
+            ready: AtomicBool::new(false),
+            idle: Mutex::default(),
+            slots: Slots::new(max),
+        }
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    fn error(&self, err: WireError) -> Error {
+        Error::backend(err)
+    }
+}
+
+#[maybe_async::maybe_async]
+impl Pool {
+    /// Runs one request, built by `build` on the connection, and returns its reply.
+    ///
+    /// A connection taken from the idle list may have been closed by the server
+    /// meanwhile (it restarted, or an administrator ended it): if the request fails
+    /// that way before any reply, the idle list is emptied (its connections date from
+    /// the same server) and the request runs once more on a new connection.
+    pub(crate) async fn call(
+        &self,
+        build: impl Fn(&mut Conn) -> Result<(), WireError> + Send + Sync,
+    ) -> Result<Reply> {
+        let mut retried = false;
+        loop {
+            let mut lent = self.get(retried).await?;
+            let reused = lent.reused;
+            let conn = lent.conn();
+            conn.clear_request();
+            build(conn).map_err(|err| self.error(err))?;
+            let result = conn.exchange().await;
+            match result {
+                Ok(reply) => return Ok(reply),
+                Err(err) if reused && !retried && err.closed_before_reply() => {
+                    self.idle.lock().clear();
+                    retried = true;
+                }
+                Err(err) => {
+                    if err.code() == Some("42P01") {
+                        // The table was dropped: the next connection creates it again.
+                        self.ready.store(false, Ordering::Release);
+                    }
+                    return Err(self.error(err));
+                }
+            }
+        }
+    }
+
+    /// Creates the schema, table and index if they are missing.
+    pub(crate) async fn create_schema(&self) -> Result<()> {
+        let mut lent = self.get(false).await?;
+        self.ensure_table(lent.conn()).await
+    }
+
+    /// Takes an idle connection (unless `fresh`) or opens one, waiting for a free slot
+    /// at most the timeout.
+    async fn get(&self, fresh: bool) -> Result<Lent<'_>> {
+        let slot = self.slots.take(self.timeout).await.ok_or_else(|| {
+            Error::backend(format!(
+                "all {} PostgreSQL connections stayed busy for {:?}",
+                self.max, self.timeout
+            ))
+        })?;
+        if !fresh {
+            let idle = self.idle.lock().pop();
+            if let Some(conn) = idle {
+                return Ok(Lent {
+                    conn: Some(conn),
+                    pool: self,
+                    reused: true,
+                    _slot: slot,
+                });
+            }
+        }
+        let conn = Conn::connect(&self.config, self.timeout, self.timeout)
+            .await
+            .map_err(|err| self.error(err))?;
+        let mut lent = Lent {
+            conn: Some(conn),
+            pool: self,
+            reused: false,
+            _slot: slot,
+        };
+        if !self.ready.load(Ordering::Acquire) {
+            self.ensure_table(lent.conn()).await?;
+        }
+        let conn = lent.conn();
+        let statements: Vec<(&str, &str, &[Oid])> = self
+            .setup
+            .statements
+            .iter()
+            .map(|(name, sql, types)| (*name, sql.as_str(), *types))
+            .collect();
+        conn.push_prepare(&statements)
+            .map_err(|err| self.error(err))?;
+        let prepared = conn.exchange().await;
+        if let Err(err) = prepared {
+            if err.code() == Some("42P01") {
+                self.ready.store(false, Ordering::Release);
+            }
+            return Err(self.error(err));
+        }
+        Ok(lent)
+    }
+
+    async fn ensure_table(&self, conn: &mut Conn) -> Result<()> {
+        // Look first: creating needs privileges that an application whose table was
+        // made by an administrator may lack.
+        conn.push_query(&self.setup.exists)
+            .map_err(|err| self.error(err))?;
+        let reply = conn.exchange().await.map_err(|err| self.error(err))?;
+        let row = reply
+            .rows
+            .first()
+            .ok_or_else(|| self.error(WireError::Protocol("no reply row".into())))?;
+        let columns = super::wire::columns(row).map_err(|err| self.error(err))?;
+        let is_true = |i: usize| columns.get(i).copied().flatten() == Some(b"t".as_slice());
+        let (table_exists, schema_exists) = (is_true(0), is_true(1));
+        if !table_exists {
+            // One simple query: one transaction, holding the lock to its end.
+            let mut sql = self.setup.lock.clone();
+            if !schema_exists {
+                sql.push_str(&self.setup.create_schema);
+            }
+            sql.push_str(&self.setup.create);
+            conn.push_query(&sql).map_err(|err| self.error(err))?;
+            conn.exchange().await.map_err(|err| self.error(err))?;
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// The bound on open connections: a slot is held by each lent connection.
+#[cfg(feature = "sync")]
+struct Slots {
+    free: Mutex<usize>,
+    returned: parking_lot::Condvar,
+}
+
+/// A taken slot, given back when dropped.
+#[cfg(feature = "sync")]
+struct Slot<'a>(&'a Slots);
+
+#[cfg(feature = "sync")]
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock() += 1;
+        self.0.returned.notify_one();
+    }
+}
+
+#[cfg(feature = "sync")]
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self {
+            free: Mutex::new(max),
+            returned: parking_lot::Condvar::new(),
+        }
+    }
+
+    /// Takes a slot, waiting at most `timeout` for one.
+    fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut free = self.free.lock();
+        while *free == 0 {
+            if self.returned.wait_until(&mut free, deadline).timed_out() && *free == 0 {
+                return None;
+            }
+        }
+        *free -= 1;
+        Some(Slot(self))
+    }
+}
+
+/// The bound on open connections: a slot is held by each lent connection.
+#[cfg(not(feature = "sync"))]
+struct Slots(async_lock::Semaphore);
+
+/// A taken slot, given back when dropped.
+#[cfg(not(feature = "sync"))]
+type Slot<'a> = async_lock::SemaphoreGuard<'a>;
+
+#[cfg(not(feature = "sync"))]
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self(async_lock::Semaphore::new(max))
+    }
+
+    /// Takes a slot, waiting at most `timeout` for one.
+    async fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
+        if let Some(slot) = self.0.try_acquire() {
+            return Some(slot);
+        }
+        futures_lite::future::or(async { Some(self.0.acquire().await) }, async {
+            async_io::Timer::after(timeout).await;
+            None
+        })
+        .await
+    }
+}

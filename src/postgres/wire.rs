@@ -1,0 +1,706 @@
+//! One connection to a PostgreSQL server: protocol version 3, through
+//! postgres-protocol's message codecs, on a plain socket (blocking mode) or on
+//! async-io's reactor (async mode). No driver task, no runtime: the caller's own
+//! thread or task writes each request and reads its reply.
+
+use std::{fmt, io, time::Duration};
+
+use bytes::BytesMut;
+use postgres_protocol::{
+    authentication::{self, sasl},
+    message::{
+        backend::{DataRowBody, ErrorResponseBody, Message},
+        frontend,
+    },
+    IsNull, Oid,
+};
+
+use super::config::{Config, Host};
+
+/// How much one read asks the socket for.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What went wrong on a connection.
+#[derive(Debug)]
+pub(crate) enum WireError {
+    /// The socket failed, timed out or closed; `what` says during which step.
+    Io {
+        what: &'static str,
+        host: String,
+        source: io::Error,
+    },
+    /// The server answered with an error.
+    Server(ServerError),
+    /// The server sent something this client does not expect.
+    Protocol(String),
+}
+
+impl WireError {
+    /// `true` if this is the server telling us it is going away, or the connection
+    /// closing, before any reply to the request came: the server did not run it (or,
+    /// if it did, the operation is one that can safely run twice), and a new
+    /// connection may succeed.
+    pub(crate) fn closed_before_reply(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ),
+            Self::Server(err) => err.is_fatal(),
+            Self::Protocol(_) => false,
+        }
+    }
+
+    /// The SQLSTATE code, for a server error.
+    pub(crate) fn code(&self) -> Option<&str> {
+        match self {
+            Self::Server(err) => Some(&err.code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io { what, host, .. } => write!(f, "PostgreSQL at {host}: {what} failed"),
+            Self::Server(err) => err.fmt(f),
+            Self::Protocol(what) => write!(f, "PostgreSQL protocol error: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// An error the server reported: its severity, SQLSTATE code and message.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerError {
+    severity: String,
+    code: String,
+    message: String,
+    detail: Option<String>,
+}
+
+impl ServerError {
+    fn from_body(body: &ErrorResponseBody) -> Self {
+        use fallible_iterator::FallibleIterator;
+        let mut err = Self {
+            severity: String::new(),
+            code: String::new(),
+            message: String::new(),
+            detail: None,
+        };
+        let mut fields = body.fields();
+        while let Ok(Some(field)) = fields.next() {
+            let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            match field.type_() {
+                b'V' => err.severity = value,
+                b'S' if err.severity.is_empty() => err.severity = value,
+                b'C' => err.code = value,
+                b'M' => err.message = value,
+                b'D' => err.detail = Some(value),
+                _ => {}
+            }
+        }
+        err
+    }
+
+    /// `FATAL` and `PANIC` end the connection.
+    fn is_fatal(&self) -> bool {
+        matches!(self.severity.as_str(), "FATAL" | "PANIC")
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PostgreSQL {} {}: {}",
+            self.severity, self.code, self.message
+        )?;
+        if let Some(detail) = &self.detail {
+            write!(f, " ({detail})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// A statement parameter, sent in binary format.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Param<'a> {
+    Bytea(&'a [u8]),
+    Int4(i32),
+    Int8(i64),
+    /// A `timestamptz`: microseconds since 2000-01-01 UTC.
+    Timestamptz(i64),
+}
+
+/// The type OIDs of the parameters above.
+pub(crate) mod oid {
+    use super::Oid;
+    pub(crate) const BYTEA: Oid = 17;
+    pub(crate) const INT8: Oid = 20;
+    pub(crate) const INT4: Oid = 23;
+    pub(crate) const TIMESTAMPTZ: Oid = 1184;
+}
+
+/// What a request returned: its rows (binary format for prepared statements, text
+/// for simple queries) and the row count of its last command.
+#[derive(Debug, Default)]
+pub(crate) struct Reply {
+    pub(crate) rows: Vec<DataRowBody>,
+    pub(crate) affected: u64,
+}
+
+/// The columns of a row: `None` for SQL `NULL`.
+pub(crate) fn columns(row: &DataRowBody) -> Result<Vec<Option<&[u8]>>, WireError> {
+    let mut buf = row.buffer();
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let (len, rest) = buf
+            .split_first_chunk::<4>()
+            .ok_or_else(|| WireError::Protocol("truncated data row".into()))?;
+        let len = i32::from_be_bytes(*len);
+        if len < 0 {
+            out.push(None);
+            buf = rest;
+            continue;
+        }
+        let len = len as usize;
+        if rest.len() < len {
+            return Err(WireError::Protocol("truncated data row".into()));
+        }
+        out.push(Some(&rest[..len]));
+        buf = &rest[len..];
+    }
+    Ok(out)
+}
+
+#[cfg(feature = "sync")]
+enum Stream {
+    Tcp(std::net::TcpStream),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixStream),
+}
+
+#[cfg(not(feature = "sync"))]
+enum Stream {
+    Tcp(async_io::Async<std::net::TcpStream>),
+    #[cfg(unix)]
+    Unix(async_io::Async<std::os::unix::net::UnixStream>),
+}
+
+/// One open, authenticated connection.
+pub(crate) struct Conn {
+    stream: Stream,
+    host: String,
+    read: BytesMut,
+    scratch: Box<[u8]>,
+    write: BytesMut,
+    /// How long each read or write may wait.
+    timeout: Duration,
+    /// `true` from the moment a request starts being written until its reply has been
+    /// read to the end: a connection left in this state (an error, a timeout, a
+    /// dropped future) no longer knows where the server is, and is closed.
+    busy: bool,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("host", &self.host)
+            .field("busy", &self.busy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    fn io_error(&self, what: &'static str, source: io::Error) -> WireError {
+        WireError::Io {
+            what,
+            host: self.host.clone(),
+            source,
+        }
+    }
+
+    /// `true` if the connection is between requests and can be reused.
+    pub(crate) fn is_idle(&self) -> bool {
+        !self.busy
+    }
+
+    /// Queues a bind and execute of the prepared statement `statement`, and a sync.
+    pub(crate) fn push_execute(
+        &mut self,
+        statement: &str,
+        params: &[Param<'_>],
+    ) -> Result<(), WireError> {
+        frontend::bind(
+            "",
+            statement,
+            [1],
+            params.iter().copied(),
+            |param, buf| {
+                match param {
+                    Param::Bytea(bytes) => buf.extend_from_slice(bytes),
+                    Param::Int4(v) => buf.extend_from_slice(&v.to_be_bytes()),
+                    Param::Int8(v) => buf.extend_from_slice(&v.to_be_bytes()),
+                    Param::Timestamptz(v) => buf.extend_from_slice(&v.to_be_bytes()),
+                }
+                Ok(IsNull::No)
+            },
+            [1],
+            &mut self.write,
+        )
+        .map_err(|_| WireError::Protocol("a parameter is too large".into()))?;
+        frontend::execute("", 0, &mut self.write)
+            .map_err(|err| self.io_error("encoding a request", err))?;
+        frontend::sync(&mut self.write);
+        Ok(())
+    }
+
+    /// Queues a simple (text) query.
+    pub(crate) fn push_query(&mut self, sql: &str) -> Result<(), WireError> {
+        frontend::query(sql, &mut self.write).map_err(|err| self.io_error("encoding a query", err))
+    }
+
+    /// Queues the preparation of `statements` (name, SQL, parameter types) and a sync.
+    pub(crate) fn push_prepare(
+        &mut self,
+        statements: &[(&str, &str, &[Oid])],
+    ) -> Result<(), WireError> {
+        for (name, sql, types) in statements {
+            frontend::parse(name, sql, types.iter().copied(), &mut self.write)
+                .map_err(|err| self.io_error("encoding a statement", err))?;
+        }
+        frontend::sync(&mut self.write);
+        Ok(())
+    }
+
+    /// Drops what was queued but not sent.
+    pub(crate) fn clear_request(&mut self) {
+        self.write.clear();
+    }
+}
+
+#[maybe_async::maybe_async]
+impl Conn {
+    /// Connects and authenticates.
+    pub(crate) async fn connect(
+        config: &Config,
+        timeout: Duration,
+        statement_timeout: Duration,
+    ) -> Result<Self, WireError> {
+        let host = config.host.to_string();
+        let connect_timeout = config.connect_timeout.map_or(timeout, |t| t.min(timeout));
+        let stream = open_stream(&config.host, connect_timeout)
+            .await
+            .map_err(|source| WireError::Io {
+                what: "connecting",
+                host: host.clone(),
+                source,
+            })?;
+        let mut conn = Self {
+            stream,
+            host,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            write: BytesMut::with_capacity(1024),
+            timeout,
+            busy: true,
+        };
+        let statement_timeout = statement_timeout.as_millis().max(1).to_string();
+        let params = [
+            ("user", config.user.as_str()),
+            ("database", config.dbname.as_str()),
+            ("application_name", config.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+            // The server gives up on a statement when the client would: a statement
+            // stuck behind a lock does not outlive the caller's error.
+            ("statement_timeout", statement_timeout.as_str()),
+        ];
+        frontend::startup_message(params, &mut conn.write)
+            .map_err(|err| conn.io_error("encoding the startup message", err))?;
+        conn.send().await?;
+        conn.authenticate(config).await?;
+        // Then parameter statuses and the backend key, up to the first ReadyForQuery.
+        loop {
+            match conn.next_message().await? {
+                Message::ReadyForQuery(_) => break,
+                Message::ErrorResponse(body) => {
+                    return Err(WireError::Server(ServerError::from_body(&body)))
+                }
+                _ => {}
+            }
+        }
+        conn.busy = false;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, config: &Config) -> Result<(), WireError> {
+        let password = || {
+            config.password.as_deref().ok_or_else(|| {
+                WireError::Protocol(format!(
+                    "the server asks for user {}'s password, and the URL has none",
+                    config.user
+                ))
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            match self.next_message().await? {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    let mut text = password()?.as_bytes().to_vec();
+                    text.push(0);
+                    frontend::password_message(&text, &mut self.write)
+                        .map_err(|err| self.io_error("authenticating", err))?;
+                    self.send().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = authentication::md5_hash(
+                        config.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    let mut text = hash.into_bytes();
+                    text.push(0);
+                    frontend::password_message(&text, &mut self.write)
+                        .map_err(|err| self.io_error("authenticating", err))?;
+                    self.send().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    use fallible_iterator::FallibleIterator;
+                    let mut mechanisms = body.mechanisms();
+                    let mut offered = false;
+                    while let Ok(Some(mechanism)) = mechanisms.next() {
+                        offered |= mechanism == sasl::SCRAM_SHA_256;
+                    }
+                    if !offered {
+                        return Err(WireError::Protocol(
+                            "the server offers no SASL mechanism but SCRAM-SHA-256-PLUS, \
+                             which needs TLS"
+                                .into(),
+                        ));
+                    }
+                    let state = sasl::ScramSha256::new(
+                        password()?.as_bytes(),
+                        sasl::ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        state.message(),
+                        &mut self.write,
+                    )
+                    .map_err(|err| self.io_error("authenticating", err))?;
+                    scram = Some(state);
+                    self.send().await?;
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let state = scram.as_mut().ok_or_else(|| {
+                        WireError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    state
+                        .update(body.data())
+                        .map_err(|err| WireError::Protocol(format!("SCRAM: {err}")))?;
+                    frontend::sasl_response(state.message(), &mut self.write)
+                        .map_err(|err| self.io_error("authenticating", err))?;
+                    self.send().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let state = scram.as_mut().ok_or_else(|| {
+                        WireError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    state.finish(body.data()).map_err(|err| {
+                        WireError::Protocol(format!("SCRAM: the server's proof is wrong: {err}"))
+                    })?;
+                }
+                Message::ErrorResponse(body) => {
+                    return Err(WireError::Server(ServerError::from_body(&body)))
+                }
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(WireError::Protocol(
+                        "the server asks for an authentication method this client lacks \
+                         (Kerberos, GSSAPI or SSPI)"
+                            .into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends what was queued and reads the reply up to `ReadyForQuery`.
+    ///
+    /// A server error ends the reply normally: the connection stays usable, and the
+    /// error is returned. Any other failure leaves the connection busy, to be closed.
+    pub(crate) async fn exchange(&mut self) -> Result<Reply, WireError> {
+        self.busy = true;
+        self.send().await?;
+        let mut reply = Reply::default();
+        let mut error = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(row) => reply.rows.push(row),
+                Message::CommandComplete(body) => {
+                    reply.affected = body
+                        .tag()
+                        .ok()
+                        .and_then(|tag| tag.rsplit(' ').next())
+                        .and_then(|count| count.parse().ok())
+                        .unwrap_or(0);
+                }
+                Message::ErrorResponse(body) => {
+                    let err = ServerError::from_body(&body);
+                    if err.is_fatal() {
+                        return Err(WireError::Server(err));
+                    }
+                    error.get_or_insert(err);
+                }
+                Message::ReadyForQuery(_) => {
+                    self.busy = false;
+                    return match error {
+                        Some(err) => Err(WireError::Server(err)),
+                        None => Ok(reply),
+                    };
+                }
+                Message::BindComplete
+                | Message::ParseComplete
+                | Message::CloseComplete
+                | Message::NoData
+                | Message::EmptyQueryResponse
+                | Message::RowDescription(_)
+                | Message::ParameterDescription(_)
+                | Message::ParameterStatus(_)
+                | Message::NoticeResponse(_)
+                | Message::NotificationResponse(_)
+                | Message::PortalSuspended => {}
+                _ => return Err(WireError::Protocol("unexpected message in a reply".into())),
+            }
+        }
+    }
+
+    async fn send(&mut self) -> Result<(), WireError> {
+        let result = write_all(&mut self.stream, &self.write, self.timeout).await;
+        self.write.clear();
+        result.map_err(|err| self.io_error("sending", err))
+    }
+
+    async fn next_message(&mut self) -> Result<Message, WireError> {
+        loop {
+            match Message::parse(&mut self.read) {
+                Ok(Some(message)) => return Ok(message),
+                Ok(None) => {}
+                Err(err) => return Err(WireError::Protocol(err.to_string())),
+            }
+            let read = read_some(&mut self.stream, &mut self.scratch, self.timeout).await;
+            match read {
+                Ok(0) => {
+                    return Err(self.io_error(
+                        "reading",
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the server closed the connection",
+                        ),
+                    ))
+                }
+                Ok(n) => self.read.extend_from_slice(&self.scratch[..n]),
+                Err(err) => return Err(self.io_error("reading", err)),
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Say goodbye, so that the server logs no lost connection; never wait for it.
+        if !self.busy {
+            let mut bye = BytesMut::new();
+            frontend::terminate(&mut bye);
+            let _ = write_now(&self.stream, &bye);
+        }
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the server did not answer in time")
+}
+
+/// Resolves a host name: IP addresses at once, names through the system resolver.
+fn resolve(host: &str, port: u16) -> io::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![(ip, port).into()]);
+    }
+    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{host} has no address"),
+        ));
+    }
+    Ok(addrs)
+}
+
+#[cfg(feature = "sync")]
+fn open_stream(host: &Host, timeout: Duration) -> io::Result<Stream> {
+    match host {
+        Host::Tcp(name, port) => {
+            let mut last = None;
+            for addr in resolve(name, *port)? {
+                match std::net::TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        stream.set_read_timeout(Some(timeout))?;
+                        stream.set_write_timeout(Some(timeout))?;
+                        return Ok(Stream::Tcp(stream));
+                    }
+                    Err(err) => last = Some(err),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
+        }
+        #[cfg(unix)]
+        Host::Unix(dir, port) => {
+            let stream =
+                std::os::unix::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            Ok(Stream::Unix(stream))
+        }
+    }
+}
+
+#[cfg(feature = "sync")]
+fn write_all(stream: &mut Stream, bytes: &[u8], _timeout: Duration) -> io::Result<()> {
+    use std::io::Write;
+    let result = match stream {
+        Stream::Tcp(s) => s.write_all(bytes),
+        #[cfg(unix)]
+        Stream::Unix(s) => s.write_all(bytes),
+    };
+    result.map_err(would_block_is_timeout)
+}
+
+#[cfg(feature = "sync")]
+fn read_some(stream: &mut Stream, buf: &mut [u8], _timeout: Duration) -> io::Result<usize> {
+    use std::io::Read;
+    let result = match stream {
+        Stream::Tcp(s) => s.read(buf),
+        #[cfg(unix)]
+        Stream::Unix(s) => s.read(buf),
+    };
+    result.map_err(would_block_is_timeout)
+}
+
+/// A socket timeout shows as `WouldBlock` on Unix.
+#[cfg(feature = "sync")]
+fn would_block_is_timeout(err: io::Error) -> io::Error {
+    if err.kind() == io::ErrorKind::WouldBlock {
+        timed_out()
+    } else {
+        err
+    }
+}
+
+#[cfg(feature = "sync")]
+fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
+    use std::io::Write;
+    match stream {
+        Stream::Tcp(s) => (&*s).write(bytes),
+        #[cfg(unix)]
+        Stream::Unix(s) => (&*s).write(bytes),
+    }
+}
+
+/// Runs `io`, or fails with a timeout after `timeout`.
+#[cfg(not(feature = "sync"))]
+async fn within<T>(
+    timeout: Duration,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    futures_lite::future::or(io, async {
+        async_io::Timer::after(timeout).await;
+        Err(timed_out())
+    })
+    .await
+}
+
+#[cfg(not(feature = "sync"))]
+async fn open_stream(host: &Host, timeout: Duration) -> io::Result<Stream> {
+    match host {
+        Host::Tcp(name, port) => {
+            let (name, port) = (name.clone(), *port);
+            // Name lookups block: off the executor.
+            let addrs = within(timeout, blocking::unblock(move || resolve(&name, port))).await?;
+            let mut last = None;
+            for addr in addrs {
+                match within(
+                    timeout,
+                    async_io::Async::<std::net::TcpStream>::connect(addr),
+                )
+                .await
+                {
+                    Ok(stream) => {
+                        stream.get_ref().set_nodelay(true)?;
+                        return Ok(Stream::Tcp(stream));
+                    }
+                    Err(err) => last = Some(err),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
+        }
+        #[cfg(unix)]
+        Host::Unix(dir, port) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let stream = within(
+                timeout,
+                async_io::Async::<std::os::unix::net::UnixStream>::connect(path),
+            )
+            .await?;
+            Ok(Stream::Unix(stream))
+        }
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+async fn write_all(stream: &mut Stream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    use futures_lite::AsyncWriteExt;
+    match stream {
+        Stream::Tcp(s) => within(timeout, s.write_all(bytes)).await,
+        #[cfg(unix)]
+        Stream::Unix(s) => within(timeout, s.write_all(bytes)).await,
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+async fn read_some(stream: &mut Stream, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+    use futures_lite::AsyncReadExt;
+    match stream {
+        Stream::Tcp(s) => within(timeout, s.read(buf)).await,
+        #[cfg(unix)]
+        Stream::Unix(s) => within(timeout, s.read(buf)).await,
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
+    use std::io::Write;
+    // The socket is non-blocking: this never waits.
+    match stream {
+        Stream::Tcp(s) => s.get_ref().write(bytes),
+        #[cfg(unix)]
+        Stream::Unix(s) => s.get_ref().write(bytes),
+    }
+}

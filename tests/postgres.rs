@@ -1,0 +1,800 @@
+//! `PostgresStore` against real PostgreSQL servers: the conformance suite (alone and
+//! behind a cache) on the shared server at 127.0.0.1:5432 in a schema per test; rows
+//! as PostgreSQL holds them; corrupt rows; batched deletion; and outages of servers
+//! the tests start, stop, freeze and restart themselves.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration as StdDuration, Instant},
+};
+
+use portable_sessions::{
+    session::{Id, Record},
+    session_store::{Error, Result},
+    testing::{self, Expiry},
+    CachingSessionStore, ExpiredDeletion, MemoryStore, PostgresStore, SessionStore,
+};
+use rustix::process::{kill_process, Pid, Signal};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+use common::{block, live_record, psql, PgSchema};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn key_hex(id: &Id) -> String {
+    hex(&Sha256::digest(id.to_bytes()))
+}
+
+fn is_backend<T: std::fmt::Debug>(result: &Result<T>) -> bool {
+    matches!(result, Err(Error::Backend(_)))
+}
+
+#[maybe_async::maybe_async]
+async fn postgres_store_conforms() {
+    let schema = PgSchema::new("conform");
+    let store = schema.store();
+    testing::check_store(&store).await;
+    testing::check_expired_deletion(&store, Expiry::Deletes).await;
+    let left = psql(&format!("SELECT count(*) FROM {}", schema.table()));
+    assert_eq!(left, "0", "the suite cleans up");
+}
+
+#[maybe_async::maybe_async]
+async fn caching_postgres_store_conforms() {
+    let schema = PgSchema::new("cached");
+    let store = CachingSessionStore::new(MemoryStore::new(), schema.store());
+    testing::check_store(&store).await;
+    testing::check_expired_deletion(&store, Expiry::Deletes).await;
+    assert!(store.cache().is_empty(), "the suite cleans up the cache");
+}
+
+#[maybe_async::maybe_async]
+async fn the_table_holds_digests_not_ids() {
+    let schema = PgSchema::new("digests");
+    let store = schema.store();
+    let mut record = live_record(7);
+    store.create(&mut record).await.unwrap();
+    let rows = psql(&format!(
+        "SELECT encode(key, 'hex'), encode(record, 'hex'), version, \
+         extract(epoch FROM expires_at)::bigint FROM {}",
+        schema.table()
+    ));
+    let fields: Vec<&str> = rows.split('|').collect();
+    assert_eq!(fields[0], key_hex(&record.id), "keyed by the id's SHA-256");
+    assert!(
+        !fields[1].contains(&hex(&record.id.to_bytes())),
+        "the record holds no id"
+    );
+    assert_eq!(fields[2], "0");
+    assert_eq!(
+        fields[3].parse::<i64>().unwrap(),
+        record.expiry_date.unix_timestamp(),
+        "the expiry column is the record's date"
+    );
+    // The column types an administrator would create the table with.
+    let types = psql(&format!(
+        "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' \
+         ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0",
+        schema.table()
+    ));
+    assert_eq!(
+        types,
+        "key bytea, expires_at timestamp with time zone, version bigint, record bytea"
+    );
+}
+
+#[maybe_async::maybe_async]
+async fn a_corrupt_row_fails_only_its_own_load() {
+    let schema = PgSchema::new("corrupt");
+    let store = schema.store();
+    let table = schema.table();
+    common::check_corruption_is_contained(&store, |id, bytes| {
+        psql(&format!(
+            "UPDATE {table} SET record = '\\x{}' WHERE key = '\\x{}'",
+            hex(bytes),
+            key_hex(id)
+        ));
+    })
+    .await;
+}
+
+#[maybe_async::maybe_async]
+async fn expired_rows_never_load_and_are_deleted_in_batches() {
+    let schema = PgSchema::new("expiry");
+    let now = Arc::new(parking_lot::Mutex::new(OffsetDateTime::now_utc()));
+    let clock = now.clone();
+    let store = schema.store().with_clock(move || *clock.lock());
+    // More than two batches of 1,000 expire; a few live on.
+    let mut live = Vec::new();
+    for i in 0..2_503u64 {
+        let mut record = live_record(i);
+        record.expiry_date = *now.lock() + Duration::minutes(if i % 500 == 0 { 90 } else { 30 });
+        store.create(&mut record).await.unwrap();
+        if i % 500 == 0 {
+            live.push(record);
+        }
+    }
+    *now.lock() += Duration::hours(1);
+    let mut expired = live_record(1);
+    expired.expiry_date = *now.lock() - Duration::seconds(1);
+    store.save(&expired).await.unwrap();
+    let loaded = store.load(&expired.id).await.unwrap();
+    assert_eq!(
+        loaded, None,
+        "expired rows never load, even before deletion"
+    );
+
+    let deleted = store.delete_expired().await.unwrap();
+    assert_eq!(deleted, 2_503 - live.len() + 1);
+    for record in &live {
+        let loaded = store.load(&record.id).await.unwrap();
+        assert_eq!(loaded.as_ref(), Some(record));
+    }
+    let deleted = store.delete_expired().await.unwrap();
+    assert_eq!(deleted, 0);
+    let left = psql(&format!("SELECT count(*) FROM {}", schema.table()));
+    assert_eq!(left, live.len().to_string());
+}
+
+#[maybe_async::maybe_async]
+async fn creating_the_table_is_idempotent() {
+    let schema = PgSchema::new("idempotent");
+    let first = schema.store();
+    first.create_table().await.unwrap();
+    let mut record = live_record(1);
+    first.create(&mut record).await.unwrap();
+    // Another store (another process) on the same table finds it and leaves it be.
+    let second = schema.store();
+    second.create_table().await.unwrap();
+    let loaded = second.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+    // A table dropped under a running store is created again by a new connection.
+    psql(&format!("DROP TABLE {}", schema.table()));
+    let gone = first.load(&live_record(2).id).await;
+    assert!(is_backend(&gone), "{gone:?}");
+    first.create_table().await.unwrap();
+    let third = schema.store();
+    let mut record = live_record(3);
+    third.create(&mut record).await.unwrap();
+    let loaded = third.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+#[maybe_async::maybe_async]
+async fn bad_urls_and_logins_are_backend_errors() {
+    for url in ["http://127.0.0.1/x", "postgres://u@h/d?sslmode=verify-full"] {
+        let store = PostgresStore::new(url);
+        assert!(is_backend(&store), "{url}: {store:?}");
+    }
+    let store = PostgresStore::new("postgres://postgres@127.0.0.1:5432/no_such_database")
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let loaded = store.load(&Id::default()).await;
+    let err = loaded.unwrap_err();
+    assert!(err.report().contains("3D000"), "{}", err.report());
+    // Nothing listens on port 1.
+    let store = PostgresStore::new("postgres://postgres@127.0.0.1:1/test")
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let started = Instant::now();
+    let loaded = store.load(&Id::default()).await;
+    assert!(is_backend(&loaded), "{loaded:?}");
+    assert!(started.elapsed() < FAIL_WITHIN);
+}
+
+#[maybe_async::maybe_async]
+async fn a_terminated_connection_costs_no_error() {
+    let schema = PgSchema::new("terminated");
+    let url = format!("{}?application_name={}", common::SHARED_POSTGRES, schema.0);
+    let store = PostgresStore::new(&url)
+        .unwrap()
+        .with_table(&schema.0, "sessions")
+        .unwrap();
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+    for _ in 0..2 {
+        let ended = psql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{}'",
+            schema.0
+        ));
+        assert_eq!(ended, "1", "the store's one idle connection");
+        // The idle connection is dead; the operation runs again on a new one.
+        let loaded = store.load(&record.id).await.unwrap();
+        assert_eq!(loaded.as_ref(), Some(&record));
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn a_statement_stuck_behind_a_lock_is_cancelled() {
+    let schema = PgSchema::new("stuck");
+    let store = schema.store().with_timeout(TIMEOUT);
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+    // Another client holds the row for two seconds.
+    let mut holder = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-X",
+            "-q",
+            "-c",
+        ])
+        .arg(format!(
+            "BEGIN; SELECT 1 FROM {} FOR UPDATE; SELECT pg_sleep(2); COMMIT;",
+            schema.table()
+        ))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it holds the lock.
+    while psql(&format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         WHERE c.relname = 'sessions' AND l.mode = 'RowShareLock' \
+         AND c.relnamespace = '\"{}\"'::regnamespace",
+        schema.0
+    )) == "0"
+    {
+        std::thread::sleep(StdDuration::from_millis(20));
+    }
+    let started = Instant::now();
+    let saved = store.save(&record).await;
+    let took = started.elapsed();
+    assert!(is_backend(&saved), "{saved:?}");
+    assert!(took < FAIL_WITHIN, "took {took:?}");
+    holder.wait().unwrap();
+    // The statement was cancelled on the server too: nothing is stuck, and the store
+    // goes on.
+    store.save(&record).await.unwrap();
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+const TIMEOUT: StdDuration = StdDuration::from_millis(300);
+
+/// How long one failing operation may take: a connection attempt and a reply, each
+/// bounded by the timeout, with room for a loaded machine.
+const FAIL_WITHIN: StdDuration = StdDuration::from_millis(2 * 300 + 1500);
+
+/// A PostgreSQL server of the test's own: a new cluster in a temporary directory,
+/// listening only on a Unix socket there (no other test can take its address, before
+/// it starts or while it is down for a restart), wanting a SCRAM password.
+struct PgServer {
+    dir: common::TempDir,
+    child: Option<Child>,
+}
+
+const PASSWORD: &str = "sesame";
+
+/// PostgreSQL's programs: `pg_config --bindir`, or Debian's directory.
+fn bin(program: &str) -> PathBuf {
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    let debian = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|dirs| {
+            dirs.filter_map(|dir| dir.ok().map(|dir| dir.path().join("bin")))
+                .filter(|dir| dir.join("initdb").exists())
+                .max()
+        });
+    from_pg_config
+        .filter(|dir| dir.join("initdb").exists())
+        .or(debian)
+        .unwrap_or_else(|| {
+            panic!("PostgreSQL's initdb is not installed: run `bash scripts/test.sh`, which installs it")
+        })
+        .join(program)
+}
+
+/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run
+/// as root), as ourselves otherwise.
+fn as_server_user(program: &str) -> Command {
+    if rustix::process::getuid().is_root() {
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(bin(program));
+        command
+    } else {
+        Command::new(bin(program))
+    }
+}
+
+impl PgServer {
+    fn start() -> Self {
+        let dir = common::TempDir::new("pg-server");
+        if rustix::process::getuid().is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir.0)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        std::fs::write(dir.0.join("pw"), PASSWORD).unwrap();
+        let output = as_server_user("initdb")
+            .arg("-D")
+            .arg(dir.0.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--auth=scram-sha-256",
+            ])
+            .arg(format!("--pwfile={}", dir.0.join("pw").display()))
+            .output()
+            .expect("initdb runs");
+        assert!(
+            output.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut server = Self { dir, child: None };
+        server.run();
+        server
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.0.join(".s.PGSQL.5432")
+    }
+
+    /// Starts the server on the existing cluster and waits until it answers.
+    fn run(&mut self) {
+        let child = as_server_user("postgres")
+            .arg("-D")
+            .arg(self.dir.0.join("data"))
+            .arg("-k")
+            .arg(&self.dir.0)
+            .args([
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=60",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("postgres runs");
+        self.child = Some(child);
+        let deadline = Instant::now() + StdDuration::from_secs(20);
+        loop {
+            let ready = Command::new(bin("pg_isready"))
+                .arg("-h")
+                .arg(&self.dir.0)
+                .arg("-q")
+                .status()
+                .is_ok_and(|status| status.success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start within 20 s"
+            );
+            std::thread::sleep(StdDuration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres:{PASSWORD}@/postgres?host={}",
+            self.dir.0.display()
+        )
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_child(self.child.as_ref().expect("running"))
+    }
+
+    /// Stops the server with `signal` (SIGINT: fast shutdown, which tells clients;
+    /// SIGQUIT: immediate shutdown, as in a crash) and waits until it is gone.
+    fn stop(&mut self, signal: Signal) {
+        let mut child = self.child.take().expect("running");
+        kill_process(Pid::from_child(&child), signal).unwrap();
+        child.wait().unwrap();
+        // Its socket goes with it.
+        assert!(!self.socket().exists() || signal == Signal::QUIT);
+    }
+
+    /// The server's processes: the postmaster and its children.
+    fn processes(&self) -> Vec<Pid> {
+        let output = Command::new("pgrep")
+            .arg("-P")
+            .arg(self.pid().as_raw_nonzero().to_string())
+            .output()
+            .unwrap();
+        let mut pids: Vec<Pid> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .filter_map(Pid::from_raw)
+            .collect();
+        pids.push(self.pid());
+        pids
+    }
+
+    /// Freezes every process of the server (SIGSTOP): connections are accepted by the
+    /// kernel, but nothing answers.
+    fn freeze(&self) {
+        for pid in self.processes() {
+            let _ = kill_process(pid, Signal::STOP);
+        }
+    }
+
+    fn thaw(&self) {
+        for pid in self.processes() {
+            let _ = kill_process(pid, Signal::CONT);
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.thaw();
+            let mut child = self.child.take().unwrap();
+            let _ = kill_process(Pid::from_child(&child), Signal::QUIT);
+            let _ = child.wait();
+        }
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn every_operation<S: SessionStore>(store: &S) -> Vec<(&'static str, Result<()>)> {
+    let mut record = live_record(3);
+    let created = store.create(&mut record).await;
+    let saved = store.save(&record).await;
+    let updated = store.update(&record).await.map(drop);
+    let loaded = store.load(&record.id).await.map(drop);
+    let deleted = store.delete(&record.id).await;
+    vec![
+        ("create", created),
+        ("save", saved),
+        ("update", updated),
+        ("load", loaded),
+        ("delete", deleted),
+    ]
+}
+
+#[maybe_async::maybe_async]
+async fn a_crashed_server_gives_backend_errors_then_the_store_recovers() {
+    let mut server = PgServer::start();
+    let store = PostgresStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut before = live_record(1);
+    store.create(&mut before).await.unwrap();
+
+    server.stop(Signal::QUIT);
+    for (op, result) in every_operation(&store).await {
+        assert!(is_backend(&result), "{op} with the server down: {result:?}");
+    }
+    for _ in 0..3 {
+        let started = Instant::now();
+        let loaded = store.load(&before.id).await;
+        assert!(is_backend(&loaded), "{loaded:?}");
+        assert!(
+            started.elapsed() < FAIL_WITHIN,
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Back, after crash recovery: the acknowledged session is there, and the same
+    // store value works again from its first operation on.
+    server.run();
+    let kept = store.load(&before.id).await.unwrap();
+    assert_eq!(kept, Some(before));
+    let mut after = live_record(2);
+    store.create(&mut after).await.unwrap();
+    let loaded = store.load(&after.id).await.unwrap();
+    assert_eq!(loaded, Some(after));
+}
+
+#[maybe_async::maybe_async]
+async fn a_restart_between_operations_costs_no_error() {
+    let mut server = PgServer::start();
+    let store = PostgresStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+    for signal in [Signal::INT, Signal::QUIT] {
+        // The store's idle connection dies with the server; the next operation finds
+        // it closed and runs again on a new one.
+        server.stop(signal);
+        server.run();
+        record.insert("signal", &format!("{signal:?}")).unwrap();
+        store.save(&record).await.unwrap();
+        let loaded = store.load(&record.id).await.unwrap();
+        assert_eq!(loaded.as_ref(), Some(&record));
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn a_frozen_server_times_out_then_the_store_recovers() {
+    let server = PgServer::start();
+    let store = PostgresStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+
+    server.freeze();
+    for (op, result) in every_operation(&store).await {
+        assert!(
+            is_backend(&result),
+            "{op} with the server frozen: {result:?}"
+        );
+    }
+    let started = Instant::now();
+    let loaded = store.load(&record.id).await;
+    assert!(is_backend(&loaded), "{loaded:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= TIMEOUT / 2,
+        "failed in {took:?}: it did not wait for a reply"
+    );
+    assert!(took < FAIL_WITHIN, "took {took:?}");
+
+    server.thaw();
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+#[maybe_async::maybe_async]
+async fn a_wrong_password_is_a_backend_error() {
+    let server = PgServer::start();
+    let url = server.url().replace(PASSWORD, "wrong");
+    let store = PostgresStore::new(&url).unwrap().with_timeout(TIMEOUT);
+    let err = store.load(&Id::default()).await.unwrap_err();
+    assert!(err.report().contains("28P01"), "{}", err.report());
+    let url = server.url().replace(&format!(":{PASSWORD}"), "");
+    let store = PostgresStore::new(&url).unwrap().with_timeout(TIMEOUT);
+    let err = store.load(&Id::default()).await.unwrap_err();
+    assert!(err.report().contains("password"), "{}", err.report());
+}
+
+tests_in_both_modes!(
+    postgres_store_conforms,
+    caching_postgres_store_conforms,
+    the_table_holds_digests_not_ids,
+    a_corrupt_row_fails_only_its_own_load,
+    expired_rows_never_load_and_are_deleted_in_batches,
+    creating_the_table_is_idempotent,
+    bad_urls_and_logins_are_backend_errors,
+    a_terminated_connection_costs_no_error,
+    a_statement_stuck_behind_a_lock_is_cancelled,
+    a_crashed_server_gives_backend_errors_then_the_store_recovers,
+    a_restart_between_operations_costs_no_error,
+    a_frozen_server_times_out_then_the_store_recovers,
+    a_wrong_password_is_a_backend_error,
+);
+
+#[test]
+fn processes_starting_together_create_the_table_once() {
+    let schema = PgSchema::new("together");
+    let stores: Vec<_> = (0..8).map(|_| schema.store()).collect();
+    let barrier = Arc::new(std::sync::Barrier::new(stores.len()));
+    let threads: Vec<_> = stores
+        .into_iter()
+        .map(|store| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut record = live_record(1);
+                block(store.create(&mut record)).map(|()| record)
+            })
+        })
+        .collect();
+    for thread in threads {
+        let record = thread
+            .join()
+            .unwrap()
+            .expect("every first operation succeeds");
+        let loaded = block(schema.store().load(&record.id)).unwrap();
+        assert_eq!(loaded, Some(record));
+    }
+}
+
+#[test]
+fn many_callers_on_a_frozen_server_each_fail_within_the_timeout() {
+    let server = PgServer::start();
+    // Fewer connections than callers: waiting for one is bounded too.
+    let store = PostgresStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT)
+        .with_max_connections(4);
+    let mut record = live_record(1);
+    block(store.create(&mut record)).unwrap();
+    server.freeze();
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            let id = record.id;
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let loaded = block(store.load(&id));
+                (loaded, started.elapsed())
+            })
+        })
+        .collect();
+    for caller in callers {
+        let (loaded, took) = caller.join().unwrap();
+        assert!(is_backend(&loaded), "{loaded:?}");
+        // A caller may wait for a connection, then for its reply.
+        assert!(took < FAIL_WITHIN + TIMEOUT, "a caller took {took:?}");
+    }
+    server.thaw();
+    let loaded = block(store.load(&record.id)).unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+/// A future dropped halfway (a client gone, a timeout of the caller's own) leaves
+/// neither a half-read connection in the pool nor a slot taken.
+#[cfg(not(feature = "sync"))]
+#[test]
+fn a_dropped_operation_leaks_nothing() {
+    let server = PgServer::start();
+    let store = PostgresStore::new(&server.url())
+        .unwrap()
+        .with_max_connections(1);
+    let mut record = live_record(1);
+    block(store.create(&mut record)).unwrap();
+    server.freeze();
+    for _ in 0..3 {
+        let gave_up = block(futures_lite::future::or(
+            async { Some(store.load(&record.id).await) },
+            async {
+                async_io::Timer::after(StdDuration::from_millis(100)).await;
+                None
+            },
+        ));
+        assert!(
+            gave_up.is_none(),
+            "the load cannot finish on a frozen server"
+        );
+    }
+    server.thaw();
+    // The one connection was mid-reply when dropped: it was closed, and its slot given
+    // back, so this gets a new one and reads the right reply.
+    for _ in 0..3 {
+        let loaded = block(store.load(&record.id)).unwrap();
+        assert_eq!(loaded.as_ref(), Some(&record));
+    }
+}
+
+/// The built-in timer of the mode.
+#[cfg(feature = "sync")]
+type LoopTimer = portable_sessions::ThreadTimer;
+#[cfg(not(feature = "sync"))]
+type LoopTimer = portable_sessions::AsyncIoTimer;
+
+#[test]
+fn a_deletion_loop_runs_through_an_outage() {
+    let mut server = PgServer::start();
+    let passes = Arc::new(AtomicUsize::new(0));
+    let store = PostgresStore::new(&server.url())
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    let mut expired = live_record(1);
+    expired.expiry_date = OffsetDateTime::now_utc() - Duration::seconds(1);
+    block(store.create(&mut expired)).unwrap();
+
+    let timer = LoopTimer::new();
+    let stop = timer.stop_handle();
+    let schedule = portable_sessions::DeletionSchedule::new(StdDuration::from_millis(20))
+        .with_backoff(StdDuration::from_millis(20), StdDuration::from_millis(100));
+    let task = {
+        let store = CountingPasses(store.clone(), passes.clone());
+        std::thread::spawn(move || block(store.continuously_delete_expired(schedule, &timer)))
+    };
+    wait_for("a first pass", || passes.load(Ordering::SeqCst) > 0);
+
+    server.stop(Signal::QUIT);
+    std::thread::sleep(StdDuration::from_millis(500));
+    let passed_in_outage = passes.load(Ordering::SeqCst);
+    server.run();
+    wait_for("a pass after the restart", || {
+        passes.load(Ordering::SeqCst) > passed_in_outage
+    });
+    let mut record = live_record(2);
+    block(store.create(&mut record)).unwrap();
+
+    stop.stop();
+    let summary = task.join().expect("the loop does not panic");
+    assert!(summary.failures >= 2, "{summary:?}");
+    assert_eq!(summary.deleted, 1, "{summary:?}");
+    let loaded = block(store.load(&record.id)).unwrap();
+    assert_eq!(loaded, Some(record));
+}
+
+/// A `PostgresStore` that counts its successful deletion passes.
+#[derive(Debug, Clone)]
+struct CountingPasses(PostgresStore, Arc<AtomicUsize>);
+
+#[maybe_async::maybe_async]
+impl SessionStore for CountingPasses {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.0.create(record).await
+    }
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.0.save(record).await
+    }
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.0.load(id).await
+    }
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.0.delete(id).await
+    }
+    async fn update(&self, record: &Record) -> Result<portable_sessions::session_store::Update> {
+        self.0.update(record).await
+    }
+    fn atomic_update(&self) -> bool {
+        true
+    }
+}
+
+#[maybe_async::maybe_async]
+impl ExpiredDeletion for CountingPasses {
+    async fn delete_expired(&self) -> Result<usize> {
+        let deleted = self.0.delete_expired().await?;
+        self.1.fetch_add(1, Ordering::SeqCst);
+        Ok(deleted)
+    }
+}
+
+/// Polls `done` until it holds, failing after 10 s.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + StdDuration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "no {what} within 10 s");
+        std::thread::sleep(StdDuration::from_millis(10));
+    }
+}
+
+#[test]
+fn debug_output_hides_the_password() {
+    let store = PostgresStore::new("postgres://app:hunter2@db.example:6543/app").unwrap();
+    let debug = format!("{store:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("db.example"), "{debug}");
+}
+
+#[test]
+fn the_store_is_send_sync_clone_and_fits_in_a_dyn_store() {
+    fn shareable<T: Send + Sync + Clone + std::fmt::Debug + 'static>() {}
+    shareable::<PostgresStore>();
+    fn as_dyn(store: PostgresStore) -> std::sync::Arc<dyn ExpiredDeletion> {
+        std::sync::Arc::new(store)
+    }
+    let _ = as_dyn;
+}

@@ -10,6 +10,8 @@
 //! - [`CachingSessionStore`]: a cache in front of a store that holds the truth.
 //! - [`SqliteStore`] (feature `sqlite`): sessions in an SQLite file, surviving restarts.
 //! - [`RedisStore`] (feature `redis`): sessions shared by many processes through Redis.
+//! - [`PostgresStore`] (feature `postgres`): sessions in a PostgreSQL table, shared by
+//!   many processes and surviving restarts.
 //! - [`ExpiredDeletion`]: stores that can remove their expired records in one pass,
 //!   or continuously on a [`Timer`] and a [`DeletionSchedule`].
 //! - [`session_store::Error`]: what a store operation can fail with.
@@ -26,9 +28,10 @@
 //!
 //! - One process, sessions may be lost on restart: [`MemoryStore`].
 //! - Sessions that survive restarts, on one machine: [`SqliteStore`].
-//! - Several processes or machines sharing sessions: [`RedisStore`]. Both keep
-//!   records under the SHA-256 of their id, never the id itself, so a stolen
-//!   database file or dump holds no cookie to replay.
+//! - Several processes or machines sharing sessions: [`RedisStore`], or
+//!   [`PostgresStore`] where the application's data already lives in PostgreSQL.
+//!   The persistent stores keep records under the SHA-256 of their id, never the id
+//!   itself, so a stolen database file or dump holds no cookie to replay.
 //! - A slower store that must be the truth (a database): put a [`MemoryStore`] in
 //!   front of it with [`CachingSessionStore`].
 //! - A backend of your own: implement [`SessionStore`], as below.
@@ -246,6 +249,7 @@
 //! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
 //! | `sqlite` | no | [`SqliteStore`], with SQLite compiled in; async mode runs its calls on the [`blocking`](https://docs.rs/blocking) thread pool |
 //! | `redis` | no | [`RedisStore`]; async mode uses the redis crate's smol support, no tokio runtime (tokio's `sync` types only) |
+//! | `postgres` | no | [`PostgresStore`]; speaks PostgreSQL's protocol on blocking sockets (sync mode) or async-io's reactor (async mode): no tokio at all |
 //! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
 //! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
 //! | `tower-sessions` | no | `TowerSessionsStore` (our stores for tower-sessions 0.14 and 0.15) and `FromTowerSessions` (its stores as ours), async mode |

@@ -67,7 +67,7 @@ async fn the_table_holds_digests_not_ids() {
     store.create(&mut record).await.unwrap();
     let rows = psql(&format!(
         "SELECT encode(key, 'hex'), encode(record, 'hex'), version, \
-         extract(epoch FROM expires_at)::bigint FROM {}",
+         (extract(epoch FROM expires_at) * 1000000)::bigint FROM {}",
         schema.table()
     ));
     let fields: Vec<&str> = rows.split('|').collect();
@@ -78,8 +78,8 @@ async fn the_table_holds_digests_not_ids() {
     );
     assert_eq!(fields[2], "0");
     assert_eq!(
-        fields[3].parse::<i64>().unwrap(),
-        record.expiry_date.unix_timestamp(),
+        i128::from(fields[3].parse::<i64>().unwrap()),
+        record.expiry_date.unix_timestamp_nanos().div_euclid(1000),
         "the expiry column is the record's date"
     );
     // The column types an administrator would create the table with.

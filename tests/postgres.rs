@@ -158,17 +158,71 @@ async fn creating_the_table_is_idempotent() {
     let second = schema.store();
     second.create_table().await.unwrap();
     let loaded = second.load(&record.id).await.unwrap();
-    assert_eq!(loaded, Some(record));
-    // A table dropped under a running store is created again by a new connection.
+    assert_eq!(loaded.as_ref(), Some(&record));
+    // A table dropped under a running store (or a database restored without it) is
+    // created again by the next operation, on a new connection, without an error.
     psql(&format!("DROP TABLE {}", schema.table()));
-    let gone = first.load(&live_record(2).id).await;
-    assert!(is_backend(&gone), "{gone:?}");
-    first.create_table().await.unwrap();
-    let third = schema.store();
+    let gone = first.load(&record.id).await.unwrap();
+    assert_eq!(gone, None);
     let mut record = live_record(3);
-    third.create(&mut record).await.unwrap();
-    let loaded = third.load(&record.id).await.unwrap();
+    first.create(&mut record).await.unwrap();
+    let loaded = second.load(&record.id).await.unwrap();
     assert_eq!(loaded, Some(record));
+}
+
+/// A role of its own on the shared server, dropped when this is.
+struct PgRole(String);
+
+impl Drop for PgRole {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| psql(&format!("DROP ROLE IF EXISTS {}", self.0)));
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn a_role_that_may_not_create_uses_a_table_made_for_it() {
+    let role = PgRole(format!("ps_limited_{}", std::process::id()));
+    // Declared after the role: dropped first, with the grants on it.
+    let schema = PgSchema::new("limited");
+    psql(&format!(
+        "DROP ROLE IF EXISTS {0}; CREATE ROLE {0} LOGIN",
+        role.0
+    ));
+    let url = format!("postgres://{}@127.0.0.1:5432/test", role.0);
+    let store = PostgresStore::new(&url)
+        .unwrap()
+        .with_table(&schema.0, "sessions")
+        .unwrap()
+        .with_timeout(TIMEOUT);
+    // It may not create the schema: a clear error, and nothing half-made.
+    let err = store.create_table().await.unwrap_err();
+    assert!(err.report().contains("42501"), "{}", err.report());
+    let mut record = live_record(1);
+    let created = store.create(&mut record).await;
+    assert!(is_backend(&created), "{created:?}");
+
+    // An administrator makes the table (the statements of the store's documentation)
+    // and grants the role what it needs; the same store value then works.
+    psql(&format!(
+        "CREATE SCHEMA \"{schema}\";
+         CREATE TABLE {table} (
+             key bytea PRIMARY KEY,
+             expires_at timestamptz NOT NULL,
+             version bigint NOT NULL,
+             record bytea NOT NULL
+         );
+         CREATE INDEX ON {table} (expires_at);
+         GRANT USAGE ON SCHEMA \"{schema}\" TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role};",
+        schema = schema.0,
+        table = schema.table(),
+        role = role.0
+    ));
+    store.create_table().await.unwrap();
+    store.create(&mut record).await.unwrap();
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded.as_ref(), Some(&record));
+    testing::check_update(&store).await;
 }
 
 #[maybe_async::maybe_async]
@@ -590,6 +644,7 @@ tests_in_both_modes!(
     a_corrupt_row_fails_only_its_own_load,
     expired_rows_never_load_and_are_deleted_in_batches,
     creating_the_table_is_idempotent,
+    a_role_that_may_not_create_uses_a_table_made_for_it,
     bad_urls_and_logins_are_backend_errors,
     a_terminated_connection_costs_no_error,
     a_statement_stuck_behind_a_lock_is_cancelled,

@@ -353,10 +353,10 @@ fn build_pool(settings: &Settings) -> Pool {
         (
             DELETE_EXPIRED,
             format!(
-                "DELETE FROM {table} WHERE key IN (
-                     SELECT key FROM {table} WHERE expires_at <= $1
-                     LIMIT $2 FOR UPDATE SKIP LOCKED
-                 )"
+                "DELETE FROM {table} WHERE ctid = ANY (ARRAY (
+                     SELECT ctid FROM {table} WHERE expires_at <= $1
+                     ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED
+                 ))"
             ),
             &[TIMESTAMPTZ, INT4],
         ),

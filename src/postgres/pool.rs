@@ -16,6 +16,9 @@ use super::{
 };
 use crate::session_store::{Error, Result};
 
+/// SQLSTATE `undefined_table`.
+const UNDEFINED_TABLE: &str = "42P01";
+
 /// What each new connection is prepared with, and the schema it needs.
 pub(crate) struct Setup {
     /// A simple query answering whether the table exists, then whether its schema
@@ -59,13 +62,15 @@ struct Lent<'a> {
     conn: Option<Conn>,
     pool: &'a Pool,
     reused: bool,
+    /// Set when the connection must not be reused even if it is in step.
+    discard: bool,
     _slot: Slot<'a>,
 }
 
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if conn.is_idle() {
+            if conn.is_idle() && conn.prepared && !self.discard {
                 self.pool.idle.lock().push(conn);
             }
         }
@@ -109,7 +114,9 @@ impl Pool {
     /// A connection taken from the idle list may have been closed by the server
     /// meanwhile (it restarted, or an administrator ended it): if the request fails
     /// that way before any reply, the idle list is emptied (its connections date from
-    /// the same server) and the request runs once more on a new connection.
+    /// the same server) and the request runs once more on a new connection. So it
+    /// does, after emptying the idle list, when the table has gone (dropped, or the
+    /// database restored without it): the new connection creates it again.
     pub(crate) async fn call(
         &self,
         build: impl Fn(&mut Conn) -> Result<(), WireError> + Send + Sync,
@@ -124,17 +131,17 @@ impl Pool {
             let result = conn.exchange().await;
             match result {
                 Ok(reply) => return Ok(reply),
+                Err(err) if err.code() == Some(UNDEFINED_TABLE) && !retried => {
+                    self.ready.store(false, Ordering::Release);
+                    lent.discard = true;
+                    self.idle.lock().clear();
+                    retried = true;
+                }
                 Err(err) if reused && !retried && err.closed_before_reply() => {
                     self.idle.lock().clear();
                     retried = true;
                 }
-                Err(err) => {
-                    if err.code() == Some("42P01") {
-                        // The table was dropped: the next connection creates it again.
-                        self.ready.store(false, Ordering::Release);
-                    }
-                    return Err(self.error(err));
-                }
+                Err(err) => return Err(self.error(err)),
             }
         }
     }
@@ -161,6 +168,7 @@ impl Pool {
                     conn: Some(conn),
                     pool: self,
                     reused: true,
+                    discard: false,
                     _slot: slot,
                 });
             }
@@ -172,6 +180,7 @@ impl Pool {
             conn: Some(conn),
             pool: self,
             reused: false,
+            discard: false,
             _slot: slot,
         };
         if !self.ready.load(Ordering::Acquire) {
@@ -188,11 +197,12 @@ impl Pool {
             .map_err(|err| self.error(err))?;
         let prepared = conn.exchange().await;
         if let Err(err) = prepared {
-            if err.code() == Some("42P01") {
+            if err.code() == Some(UNDEFINED_TABLE) {
                 self.ready.store(false, Ordering::Release);
             }
             return Err(self.error(err));
         }
+        conn.prepared = true;
         Ok(lent)
     }
 

@@ -215,6 +215,9 @@ pub(crate) struct Conn {
     /// read to the end: a connection left in this state (an error, a timeout, a
     /// dropped future) no longer knows where the server is, and is closed.
     busy: bool,
+    /// `true` once the store's statements are prepared on this connection: only then
+    /// may it go back to the pool.
+    pub(crate) prepared: bool,
 }
 
 impl fmt::Debug for Conn {
@@ -319,16 +322,13 @@ impl Conn {
             write: BytesMut::with_capacity(1024),
             timeout,
             busy: true,
+            prepared: false,
         };
-        let statement_timeout = statement_timeout.as_millis().max(1).to_string();
         let params = [
             ("user", config.user.as_str()),
             ("database", config.dbname.as_str()),
             ("application_name", config.application_name.as_str()),
             ("client_encoding", "UTF8"),
-            // The server gives up on a statement when the client would: a statement
-            // stuck behind a lock does not outlive the caller's error.
-            ("statement_timeout", statement_timeout.as_str()),
         ];
         frontend::startup_message(params, &mut conn.write)
             .map_err(|err| conn.io_error("encoding the startup message", err))?;
@@ -345,6 +345,15 @@ impl Conn {
             }
         }
         conn.busy = false;
+        // The server gives up on a statement when the client would: a statement stuck
+        // behind a lock does not outlive the caller's error. A `SET` rather than a
+        // startup parameter, which connection poolers such as PgBouncer refuse.
+        let sql = format!(
+            "SET statement_timeout = {}",
+            statement_timeout.as_millis().max(1)
+        );
+        conn.push_query(&sql)?;
+        conn.exchange().await?;
         Ok(conn)
     }
 

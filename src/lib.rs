@@ -264,79 +264,68 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(all(feature = "actix-web", not(feature = "sync")))]
-mod actix;
-#[cfg(all(feature = "axum", not(feature = "sync")))]
-mod axum_layer;
-mod caching;
-mod clock;
-mod deletion;
-mod expiry;
-mod handle;
-mod manager;
-mod memory;
-#[cfg(feature = "postgres")]
-mod postgres;
-#[cfg(feature = "redis")]
-mod redis_store;
+// The session model: ids, records and their codec, the per-request handle, expiry.
 pub mod session;
+// The contract every store implements, and its conformance suite.
 pub mod session_store;
-#[cfg(feature = "sqlite")]
-mod sqlite;
-#[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
-mod stored;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
-mod timer;
-#[cfg(all(feature = "tower-sessions", not(feature = "sync")))]
-mod tower_sessions;
-#[cfg(all(feature = "sync", any(feature = "axum", feature = "actix-web")))]
-mod wrong_mode;
+// The stores: memory, the cache layer, SQLite, Redis, PostgreSQL.
+mod stores;
+// A session's life around a request (the cookie round trip), expired-session
+// deletion and the timers that drive it, and the clock.
+mod lifecycle;
+// The web framework integrations: axum, actix-web, tower-sessions.
+mod integrations;
 
 pub use async_trait;
 pub use maybe_async;
 
 pub use crate::{
-    caching::{CacheFailure, CacheOp, CachingSessionStore},
-    deletion::{DeletionFailure, DeletionSchedule, DeletionSummary, MIN_BACKOFF},
-    manager::{SameSite, SessionManager},
-    memory::MemoryStore,
+    lifecycle::{
+        deletion::{DeletionFailure, DeletionSchedule, DeletionSummary, MIN_BACKOFF},
+        manager::{SameSite, SessionManager},
+        timer::{StopHandle, Tick, Timer},
+    },
     session_store::{ExpiredDeletion, SessionStore},
-    timer::{StopHandle, Tick, Timer},
+    stores::{
+        caching::{CacheFailure, CacheOp, CachingSessionStore},
+        memory::MemoryStore,
+    },
 };
 
 #[cfg(all(feature = "actix-web", not(feature = "sync")))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "actix-web", not(feature = "sync")))))]
-pub use crate::actix::{SessionMiddleware, SessionMiddlewareService};
+pub use crate::integrations::actix::{SessionMiddleware, SessionMiddlewareService};
 #[cfg(all(feature = "axum", not(feature = "sync")))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "axum", not(feature = "sync")))))]
-pub use crate::axum_layer::{MissingSessionLayer, SessionLayer, SessionService};
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use crate::postgres::PostgresStore;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use crate::redis_store::RedisStore;
-#[cfg(feature = "sqlite")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub use crate::sqlite::SqliteStore;
-#[cfg(feature = "async-io")]
-pub use crate::timer::AsyncIoTimer;
-#[cfg(feature = "sync")]
-pub use crate::timer::ThreadTimer;
-#[cfg(feature = "tokio")]
-pub use crate::timer::TokioTimer;
+pub use crate::integrations::axum_layer::{MissingSessionLayer, SessionLayer, SessionService};
 #[cfg(all(feature = "tower-sessions", not(feature = "sync")))]
 #[cfg_attr(
     docsrs,
     doc(cfg(all(feature = "tower-sessions", not(feature = "sync"))))
 )]
-pub use crate::tower_sessions::{FromTowerSessions, TowerSessionsStore};
+pub use crate::integrations::tower_sessions::{FromTowerSessions, TowerSessionsStore};
 #[cfg(all(feature = "sync", feature = "axum"))]
-pub use crate::wrong_mode::SessionLayer;
+pub use crate::integrations::wrong_mode::SessionLayer;
 #[cfg(all(feature = "sync", feature = "actix-web"))]
-pub use crate::wrong_mode::SessionMiddleware;
+pub use crate::integrations::wrong_mode::SessionMiddleware;
+#[cfg(feature = "async-io")]
+pub use crate::lifecycle::timer::AsyncIoTimer;
+#[cfg(feature = "sync")]
+pub use crate::lifecycle::timer::ThreadTimer;
+#[cfg(feature = "tokio")]
+pub use crate::lifecycle::timer::TokioTimer;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use crate::stores::postgres::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::stores::redis::RedisStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use crate::stores::sqlite::SqliteStore;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

@@ -3,9 +3,9 @@
 use std::fmt::Debug;
 
 use crate::{
-    deletion::{DeletionSchedule, DeletionSummary},
+    lifecycle::deletion::{DeletionSchedule, DeletionSummary},
+    lifecycle::timer::Timer,
     session::{Id, Record},
-    timer::Timer,
 };
 
 /// A boxed error as kept inside [`Error`]: any error type, or a message.
@@ -321,7 +321,7 @@ pub trait ExpiredDeletion: SessionStore {
         schedule: DeletionSchedule,
         timer: &dyn Timer,
     ) -> DeletionSummary {
-        crate::deletion::run(self, schedule, timer).await
+        crate::lifecycle::deletion::run(self, schedule, timer).await
     }
 }
 

@@ -115,13 +115,13 @@ async fn expired_rows_never_load_and_are_deleted_in_batches() {
     let now = Arc::new(parking_lot::Mutex::new(OffsetDateTime::now_utc()));
     let clock = now.clone();
     let store = schema.store().with_clock(move || *clock.lock());
-    // More than two batches of 1,000 expire; a few live on.
+    // More than two batches of 5,000 expire; a few live on.
     let mut live = Vec::new();
-    for i in 0..2_503u64 {
+    for i in 0..10_003u64 {
         let mut record = live_record(i);
-        record.expiry_date = *now.lock() + Duration::minutes(if i % 500 == 0 { 90 } else { 30 });
+        record.expiry_date = *now.lock() + Duration::minutes(if i % 2_000 == 0 { 90 } else { 30 });
         store.create(&mut record).await.unwrap();
-        if i % 500 == 0 {
+        if i % 2_000 == 0 {
             live.push(record);
         }
     }
@@ -136,7 +136,7 @@ async fn expired_rows_never_load_and_are_deleted_in_batches() {
     );
 
     let deleted = store.delete_expired().await.unwrap();
-    assert_eq!(deleted, 2_503 - live.len() + 1);
+    assert_eq!(deleted, 10_003 - live.len() + 1);
     for record in &live {
         let loaded = store.load(&record.id).await.unwrap();
         assert_eq!(loaded.as_ref(), Some(record));
@@ -744,6 +744,41 @@ fn a_dropped_operation_leaks_nothing() {
     for _ in 0..3 {
         let loaded = block(store.load(&record.id)).unwrap();
         assert_eq!(loaded.as_ref(), Some(&record));
+    }
+}
+
+/// Inside a tokio application (either runtime flavour) the store needs nothing from
+/// tokio: async-io's reactor serves its sockets.
+#[cfg(not(feature = "sync"))]
+#[test]
+fn runs_inside_tokio_runtimes() {
+    let schema = PgSchema::new("tokio");
+    let store = schema.store();
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let current = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for runtime in [multi, current] {
+        let store = store.clone();
+        runtime.block_on(async move {
+            let tasks: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let mut record = live_record(i);
+                        store.create(&mut record).await.unwrap();
+                        let loaded = store.load(&record.id).await.unwrap();
+                        assert_eq!(loaded, Some(record));
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
     }
 }
 

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use crate::{
     session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
-    stored,
+    stores::stored,
 };
 
 /// The conditional write, run by Redis as one step: writes the new value (or deletes

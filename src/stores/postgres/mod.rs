@@ -14,15 +14,17 @@ use self::{
     wire::{columns, oid, Param, WireError},
 };
 use crate::{
-    clock::Clock,
+    lifecycle::clock::Clock,
     session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
-    stored,
+    stores::stored,
 };
 
-/// How many expired rows one `DELETE` statement removes: each batch is its own short
-/// transaction.
-const DELETE_BATCH: i32 = 1000;
+/// How many expired rows one `DELETE` statement removes. Each batch is its own
+/// transaction of a few milliseconds, so a pass over millions of expired rows never
+/// becomes one long transaction (which the statement timeout would cancel, and which
+/// would hold its row locks and WAL to the end); larger batches cost less per row.
+const DELETE_BATCH: i32 = 5000;
 
 /// Serializes concurrent schema creation (two processes starting at once) through
 /// `pg_advisory_xact_lock`: "portsess" in ASCII.
@@ -67,9 +69,10 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 ///   version), and tells a conflict from a missing session in the same reply.
 /// - **Expiry.** [`load`](SessionStore::load) never returns an expired row, even
 ///   before [`delete_expired`](ExpiredDeletion::delete_expired) removes it; that pass
-///   deletes in batches of 1,000 rows, each its own short statement that skips rows
-///   other transactions hold (`FOR UPDATE SKIP LOCKED`), so it never makes a
-///   session's writer wait, and returns how many it deleted.
+///   walks the expiry index in batches of 5,000 rows, each its own statement and
+///   transaction of a few milliseconds (only expired rows are locked, so no live
+///   session's writer ever waits for it), and returns how many it deleted. A session
+///   saved with a new expiry date while its batch runs is kept.
 /// - **Connections.** Clones of a store share a pool of at most 16 connections
 ///   (set with [`with_max_connections`](PostgresStore::with_max_connections)),
 ///   opened on demand and kept open. An operation waits at most the
@@ -102,6 +105,11 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 ///
 /// TLS is not supported: `sslmode=require` (and stricter) is refused. Connect over a
 /// Unix socket, a private network, or a TLS tunnel.
+///
+/// The statements are prepared once per connection, by name, so a connection pooler
+/// in between must keep a server connection per client connection: PgBouncer in
+/// session mode, or in transaction mode from version 1.21 with
+/// `max_prepared_statements` set.
 ///
 /// # Examples
 ///
@@ -353,10 +361,13 @@ fn build_pool(settings: &Settings) -> Pool {
         (
             DELETE_EXPIRED,
             format!(
+                // The batch is found through the expiry index and deleted by
+                // tuple id; the second test of the date skips a row that a
+                // concurrent save revived meanwhile.
                 "DELETE FROM {table} WHERE ctid = ANY (ARRAY (
                      SELECT ctid FROM {table} WHERE expires_at <= $1
-                     ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED
-                 ))"
+                     ORDER BY expires_at LIMIT $2
+                 )) AND expires_at <= $1"
             ),
             &[TIMESTAMPTZ, INT4],
         ),

@@ -12,10 +12,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use time::OffsetDateTime;
 
 use crate::{
-    clock::Clock,
+    lifecycle::clock::Clock,
     session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
-    stored,
+    stores::stored,
 };
 
 /// How many expired rows one `DELETE` statement removes: each batch is its own short

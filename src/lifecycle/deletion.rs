@@ -4,8 +4,8 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use crate::{
+    lifecycle::timer::{Tick, Timer},
     session_store::{Error, ExpiredDeletion, Result},
-    timer::{Tick, Timer},
 };
 
 /// The log target of the deletion loop and of [`DeletionSchedule`].

@@ -5,7 +5,7 @@ use std::fmt;
 use time::{Duration, OffsetDateTime};
 
 use crate::{
-    clock::Clock,
+    lifecycle::clock::Clock,
     session::Record,
     session_store::{Error, Result},
 };

@@ -26,7 +26,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::{
-    expiry::is_reserved,
+    session::expiry::is_reserved,
     session::{Id, Record},
     session_store::{Error, Result},
     SessionStore,

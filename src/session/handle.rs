@@ -6,7 +6,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use crate::{
-    expiry::{
+    session::expiry::{
         created_at, has_no_user_values, is_reserved, set_created_at, SessionConfig, CREATED_KEY,
         MOVED_KEY,
     },

@@ -13,7 +13,10 @@ use time::OffsetDateTime;
 
 use crate::session_store::{Error, Result};
 
-pub use crate::{
+pub(crate) mod expiry;
+pub(crate) mod handle;
+
+pub use self::{
     expiry::{Expiry, SessionConfig},
     handle::Session,
 };

@@ -6,7 +6,7 @@ use cookie::Cookie;
 use time::Duration;
 
 use crate::{
-    handle::CookieAction,
+    session::handle::CookieAction,
     session::{Expiry, Id, Session, SessionConfig},
     session_store::{Result, SessionStore},
 };

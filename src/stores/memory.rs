@@ -12,7 +12,7 @@ use parking_lot::RwLock;
 use time::OffsetDateTime;
 
 use crate::{
-    clock::Clock,
+    lifecycle::clock::Clock,
     session::{random_id, Id, Record},
     session_store::{ExpiredDeletion, Result, SessionStore, Update},
 };

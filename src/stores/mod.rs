@@ -1,0 +1,12 @@
+//! The stores: where session records live.
+
+pub(crate) mod caching;
+pub(crate) mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
+pub(crate) mod stored;

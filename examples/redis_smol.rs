@@ -7,8 +7,9 @@
 //! cargo run --example redis_smol --features redis -- redis://host:port  # elsewhere
 //! ```
 //!
-//! No tokio runtime: the redis crate's connection is driven by smol, and the same
-//! store works under any executor.
+//! No tokio runtime: each operation writes its command and reads its reply on the
+//! calling task, through async-io's reactor, so the same store works under any
+//! executor.
 
 #[cfg(not(feature = "sync"))]
 fn main() -> portable_sessions::session_store::Result<()> {

@@ -17,7 +17,7 @@ use std::{
 
 use portable_sessions::{
     session::{Id, Record},
-    session_store::{Error, Result},
+    session_store::{Error, Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
 };
@@ -452,7 +452,34 @@ async fn a_frozen_server_times_out_then_the_store_recovers() {
     assert_eq!(loaded, Some(record));
 }
 
+#[maybe_async::maybe_async]
+async fn a_forgotten_script_is_sent_whole() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url()).unwrap();
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+    let written = store.update(&record).await.unwrap();
+    assert_eq!(written, Update::Written(1));
+    // The server forgets its scripts (as after `SCRIPT FLUSH`, or a failover to a
+    // replica that never ran it): `EVALSHA` fails, and the script goes whole.
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query::<()>(&mut raw(&server.url()))
+        .unwrap();
+    record.version = 1;
+    record.insert("after", "flush").unwrap();
+    let written = store.update(&record).await.unwrap();
+    assert_eq!(written, Update::Written(2));
+    let loaded = store.load(&record.id).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 2);
+    assert_eq!(
+        loaded.get::<String>("after").unwrap().as_deref(),
+        Some("flush")
+    );
+}
+
 tests_in_both_modes!(
+    a_forgotten_script_is_sent_whole,
     redis_store_conforms,
     caching_redis_store_conforms,
     keys_are_digests_and_values_carry_their_ttl,
@@ -500,6 +527,40 @@ fn many_callers_on_a_frozen_server_each_fail_within_the_timeout() {
     server.thaw();
     let loaded = block(store.load(&record.id)).unwrap();
     assert_eq!(loaded, Some(record));
+}
+
+/// A future dropped halfway (a client gone, a timeout of the caller's own) leaves
+/// neither a half-read connection in the pool nor a slot taken.
+#[cfg(not(feature = "sync"))]
+#[test]
+fn a_dropped_operation_leaks_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url())
+        .unwrap()
+        .with_max_connections(1);
+    let mut record = live_record(1);
+    block(store.create(&mut record)).unwrap();
+    server.freeze();
+    for _ in 0..3 {
+        let gave_up = block(futures_lite::future::or(
+            async { Some(store.load(&record.id).await) },
+            async {
+                async_io::Timer::after(StdDuration::from_millis(100)).await;
+                None
+            },
+        ));
+        assert!(
+            gave_up.is_none(),
+            "the load cannot finish on a frozen server"
+        );
+    }
+    server.thaw();
+    // The one connection was mid-reply when dropped: it was closed, and its slot given
+    // back, so this gets a new one and reads the right reply.
+    for _ in 0..3 {
+        let loaded = block(store.load(&record.id)).unwrap();
+        assert_eq!(loaded.as_ref(), Some(&record));
+    }
 }
 
 /// The built-in timer of the mode.

@@ -2,6 +2,8 @@
 
 pub(crate) mod caching;
 pub(crate) mod memory;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod net;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]

@@ -48,6 +48,7 @@ pub(crate) fn hex_key(prefix: &str, bytes: &[u8]) -> String {
 
 /// Encodes `record` for storage: without its id, so the stored bytes neither depend
 /// on the id nor reveal it.
+#[cfg(any(feature = "sqlite", feature = "postgres", test))]
 pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
     record.encode_without_id()
 }

@@ -3,7 +3,10 @@
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use crate::session_store::{Error, Result};
+use crate::{
+    session_store::{Error, Result},
+    stores::net::{self, Address},
+};
 
 /// The server's address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +42,17 @@ impl fmt::Debug for Config {
     }
 }
 
+impl Host {
+    /// The socket to connect to.
+    pub(crate) fn address(&self) -> Address {
+        match self {
+            Self::Tcp(host, port) => Address::Tcp(host.clone(), *port),
+            #[cfg(unix)]
+            Self::Unix(dir, port) => Address::Unix(dir.join(format!(".s.PGSQL.{port}"))),
+        }
+    }
+}
+
 impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -54,33 +68,12 @@ fn invalid(why: impl fmt::Display) -> Error {
     Error::backend(format!("invalid PostgreSQL URL: {why}"))
 }
 
-/// Decodes `%XX` escapes.
 fn percent_decode(text: &str) -> Result<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| invalid("a `%` is not followed by two hexadecimal digits"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| invalid("a percent-encoded part is not UTF-8"))
+    net::percent_decode(text, "PostgreSQL")
 }
 
 fn parse_port(text: &str) -> Result<u16> {
-    text.parse::<u16>()
-        .ok()
-        .filter(|&port| port != 0)
-        .ok_or_else(|| invalid(format_args!("`{text}` is not a port")))
+    net::parse_port(text).ok_or_else(|| invalid(format_args!("`{text}` is not a port")))
 }
 
 impl Config {

@@ -7,14 +7,16 @@ use std::{
     time::Duration,
 };
 
-use parking_lot::Mutex;
 use postgres_protocol::Oid;
 
 use super::{
     config::Config,
     wire::{Conn, Reply, WireError},
 };
-use crate::session_store::{Error, Result};
+use crate::{
+    session_store::{Error, Result},
+    stores::net::{self, Lent},
+};
 
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
@@ -37,52 +39,26 @@ pub(crate) struct Setup {
 pub(crate) struct Pool {
     config: Config,
     timeout: Duration,
-    max: usize,
     setup: Setup,
     /// Set once this store has seen its table: new connections then only prepare.
     ready: AtomicBool,
-    idle: Mutex<Vec<Conn>>,
-    slots: Slots,
+    conns: net::Pool<Conn>,
 }
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")
             .field("config", &self.config)
-            .field("max", &self.max)
-            .field("idle", &self.idle.lock().len())
+            .field("conns", &self.conns)
             .finish_non_exhaustive()
     }
 }
 
-/// A connection lent to one operation. Dropped, it goes back to the pool if its
-/// last request completed; otherwise (an error, a timeout, a dropped future) it is
-/// closed, since it may be out of step with the server.
-struct Lent<'a> {
-    conn: Option<Conn>,
-    pool: &'a Pool,
-    reused: bool,
-    /// Set when the connection must not be reused even if it is in step.
-    discard: bool,
-    _slot: Slot<'a>,
-}
-
-impl Drop for Lent<'_> {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if conn.is_idle() && conn.prepared && !self.discard {
-                self.pool.idle.lock().push(conn);
-            }
-        }
-    }
-}
-
-impl Lent<'_> {
-    fn conn(&mut self) -> &mut Conn {
-        self.conn
-            .as_mut()
-            .expect("a lent connection is present until dropped")
-    }
+/// The connection of a lent slot: present once taken or opened.
+fn conn_of<'l>(lent: &'l mut Lent<'_, Conn>) -> &'l mut Conn {
+    lent.conn
+        .as_mut()
+        .expect("a lent connection is present until dropped")
 }
 
 impl Pool {
@@ -90,16 +66,14 @@ impl Pool {
         Self {
             config,
             timeout,
-            max,
             setup,
             ready: AtomicBool::new(false),
-            idle: Mutex::default(),
-            slots: Slots::new(max),
+            conns: net::Pool::new(max, timeout),
         }
     }
 
     pub(crate) fn max(&self) -> usize {
-        self.max
+        self.conns.max()
     }
 
     fn error(&self, err: WireError) -> Error {
@@ -125,7 +99,7 @@ impl Pool {
         loop {
             let mut lent = self.get(retried).await?;
             let reused = lent.reused;
-            let conn = lent.conn();
+            let conn = conn_of(&mut lent);
             conn.clear_request();
             build(conn).map_err(|err| self.error(err))?;
             let result = conn.exchange().await;
@@ -134,11 +108,11 @@ impl Pool {
                 Err(err) if err.code() == Some(UNDEFINED_TABLE) && !retried => {
                     self.ready.store(false, Ordering::Release);
                     lent.discard = true;
-                    self.idle.lock().clear();
+                    self.conns.clear();
                     retried = true;
                 }
                 Err(err) if reused && !retried && err.closed_before_reply() => {
-                    self.idle.lock().clear();
+                    self.conns.clear();
                     retried = true;
                 }
                 Err(err) => return Err(self.error(err)),
@@ -149,44 +123,22 @@ impl Pool {
     /// Creates the schema, table and index if they are missing.
     pub(crate) async fn create_schema(&self) -> Result<()> {
         let mut lent = self.get(false).await?;
-        self.ensure_table(lent.conn()).await
+        self.ensure_table(conn_of(&mut lent)).await
     }
 
-    /// Takes an idle connection (unless `fresh`) or opens one, waiting for a free slot
-    /// at most the timeout.
-    async fn get(&self, fresh: bool) -> Result<Lent<'_>> {
-        let slot = self.slots.take(self.timeout).await.ok_or_else(|| {
-            Error::backend(format!(
-                "all {} PostgreSQL connections stayed busy for {:?}",
-                self.max, self.timeout
-            ))
-        })?;
-        if !fresh {
-            let idle = self.idle.lock().pop();
-            if let Some(conn) = idle {
-                return Ok(Lent {
-                    conn: Some(conn),
-                    pool: self,
-                    reused: true,
-                    discard: false,
-                    _slot: slot,
-                });
-            }
+    /// Takes an idle connection (unless `fresh`) or opens and prepares one, waiting
+    /// for a free slot at most the timeout.
+    async fn get(&self, fresh: bool) -> Result<Lent<'_, Conn>> {
+        let mut lent = self.conns.take("PostgreSQL", fresh).await?;
+        if lent.conn.is_some() {
+            return Ok(lent);
         }
-        let conn = Conn::connect(&self.config, self.timeout, self.timeout)
-            .await
-            .map_err(|err| self.error(err))?;
-        let mut lent = Lent {
-            conn: Some(conn),
-            pool: self,
-            reused: false,
-            discard: false,
-            _slot: slot,
-        };
+        let opened = Conn::connect(&self.config, self.timeout, self.timeout).await;
+        lent.conn = Some(opened.map_err(|err| self.error(err))?);
+        let conn = conn_of(&mut lent);
         if !self.ready.load(Ordering::Acquire) {
-            self.ensure_table(lent.conn()).await?;
+            self.ensure_table(conn).await?;
         }
-        let conn = lent.conn();
         let statements: Vec<(&str, &str, &[Oid])> = self
             .setup
             .statements
@@ -231,74 +183,5 @@ impl Pool {
         }
         self.ready.store(true, Ordering::Release);
         Ok(())
-    }
-}
-
-/// The bound on open connections: a slot is held by each lent connection.
-#[cfg(feature = "sync")]
-struct Slots {
-    free: Mutex<usize>,
-    returned: parking_lot::Condvar,
-}
-
-/// A taken slot, given back when dropped.
-#[cfg(feature = "sync")]
-struct Slot<'a>(&'a Slots);
-
-#[cfg(feature = "sync")]
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock() += 1;
-        self.0.returned.notify_one();
-    }
-}
-
-#[cfg(feature = "sync")]
-impl Slots {
-    fn new(max: usize) -> Self {
-        Self {
-            free: Mutex::new(max),
-            returned: parking_lot::Condvar::new(),
-        }
-    }
-
-    /// Takes a slot, waiting at most `timeout` for one.
-    fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut free = self.free.lock();
-        while *free == 0 {
-            if self.returned.wait_until(&mut free, deadline).timed_out() && *free == 0 {
-                return None;
-            }
-        }
-        *free -= 1;
-        Some(Slot(self))
-    }
-}
-
-/// The bound on open connections: a slot is held by each lent connection.
-#[cfg(not(feature = "sync"))]
-struct Slots(async_lock::Semaphore);
-
-/// A taken slot, given back when dropped.
-#[cfg(not(feature = "sync"))]
-type Slot<'a> = async_lock::SemaphoreGuard<'a>;
-
-#[cfg(not(feature = "sync"))]
-impl Slots {
-    fn new(max: usize) -> Self {
-        Self(async_lock::Semaphore::new(max))
-    }
-
-    /// Takes a slot, waiting at most `timeout` for one.
-    async fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
-        if let Some(slot) = self.0.try_acquire() {
-            return Some(slot);
-        }
-        futures_lite::future::or(async { Some(self.0.acquire().await) }, async {
-            async_io::Timer::after(timeout).await;
-            None
-        })
-        .await
     }
 }

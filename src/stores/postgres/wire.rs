@@ -3,7 +3,7 @@
 //! async-io's reactor (async mode). No driver task, no runtime: the caller's own
 //! thread or task writes each request and reads its reply.
 
-use std::{fmt, io, time::Duration};
+use std::{fmt, time::Duration};
 
 use bytes::BytesMut;
 use postgres_protocol::{
@@ -15,20 +15,14 @@ use postgres_protocol::{
     IsNull, Oid,
 };
 
-use super::config::{Config, Host};
-
-/// How much one read asks the socket for.
-const READ_CHUNK: usize = 16 * 1024;
+use super::config::Config;
+use crate::stores::net::{IoFailure, Pooled, Socket};
 
 /// What went wrong on a connection.
 #[derive(Debug)]
 pub(crate) enum WireError {
-    /// The socket failed, timed out or closed; `what` says during which step.
-    Io {
-        what: &'static str,
-        host: String,
-        source: io::Error,
-    },
+    /// The socket failed, timed out or closed.
+    Io(IoFailure),
     /// The server answered with an error.
     Server(ServerError),
     /// The server sent something this client does not expect.
@@ -42,13 +36,7 @@ impl WireError {
     /// connection may succeed.
     pub(crate) fn closed_before_reply(&self) -> bool {
         match self {
-            Self::Io { source, .. } => matches!(
-                source.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-            ),
+            Self::Io(failure) => failure.is_closed(),
             Self::Server(err) => err.is_fatal(),
             Self::Protocol(_) => false,
         }
@@ -66,7 +54,7 @@ impl WireError {
 impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Io { what, host, .. } => write!(f, "PostgreSQL at {host}: {what} failed"),
+            Self::Io(failure) => write!(f, "PostgreSQL: {failure}"),
             Self::Server(err) => err.fmt(f),
             Self::Protocol(what) => write!(f, "PostgreSQL protocol error: {what}"),
         }
@@ -76,7 +64,7 @@ impl fmt::Display for WireError {
 impl std::error::Error for WireError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Io { source, .. } => Some(source),
+            Self::Io(failure) => failure.source(),
             _ => None,
         }
     }
@@ -188,29 +176,10 @@ pub(crate) fn columns(row: &DataRowBody) -> Result<Vec<Option<&[u8]>>, WireError
     Ok(out)
 }
 
-#[cfg(feature = "sync")]
-enum Stream {
-    Tcp(std::net::TcpStream),
-    #[cfg(unix)]
-    Unix(std::os::unix::net::UnixStream),
-}
-
-#[cfg(not(feature = "sync"))]
-enum Stream {
-    Tcp(async_io::Async<std::net::TcpStream>),
-    #[cfg(unix)]
-    Unix(async_io::Async<std::os::unix::net::UnixStream>),
-}
-
 /// One open, authenticated connection.
 pub(crate) struct Conn {
-    stream: Stream,
-    host: String,
-    read: BytesMut,
-    scratch: Box<[u8]>,
+    socket: Socket,
     write: BytesMut,
-    /// How long each read or write may wait.
-    timeout: Duration,
     /// `true` from the moment a request starts being written until its reply has been
     /// read to the end: a connection left in this state (an error, a timeout, a
     /// dropped future) no longer knows where the server is, and is closed.
@@ -223,26 +192,24 @@ pub(crate) struct Conn {
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
-            .field("host", &self.host)
+            .field("socket", &self.socket)
             .field("busy", &self.busy)
             .finish_non_exhaustive()
     }
 }
 
+impl Pooled for Conn {
+    fn reusable(&self) -> bool {
+        !self.busy && self.prepared
+    }
+}
+
+/// The buffer encoders write into only fails past 2 GiB.
+fn too_large(_: std::io::Error) -> WireError {
+    WireError::Protocol("a message is too large".into())
+}
+
 impl Conn {
-    fn io_error(&self, what: &'static str, source: io::Error) -> WireError {
-        WireError::Io {
-            what,
-            host: self.host.clone(),
-            source,
-        }
-    }
-
-    /// `true` if the connection is between requests and can be reused.
-    pub(crate) fn is_idle(&self) -> bool {
-        !self.busy
-    }
-
     /// Queues a bind and execute of the prepared statement `statement`, and a sync.
     pub(crate) fn push_execute(
         &mut self,
@@ -267,15 +234,14 @@ impl Conn {
             &mut self.write,
         )
         .map_err(|_| WireError::Protocol("a parameter is too large".into()))?;
-        frontend::execute("", 0, &mut self.write)
-            .map_err(|err| self.io_error("encoding a request", err))?;
+        frontend::execute("", 0, &mut self.write).map_err(too_large)?;
         frontend::sync(&mut self.write);
         Ok(())
     }
 
     /// Queues a simple (text) query.
     pub(crate) fn push_query(&mut self, sql: &str) -> Result<(), WireError> {
-        frontend::query(sql, &mut self.write).map_err(|err| self.io_error("encoding a query", err))
+        frontend::query(sql, &mut self.write).map_err(too_large)
     }
 
     /// Queues the preparation of `statements` (name, SQL, parameter types) and a sync.
@@ -285,7 +251,7 @@ impl Conn {
     ) -> Result<(), WireError> {
         for (name, sql, types) in statements {
             frontend::parse(name, sql, types.iter().copied(), &mut self.write)
-                .map_err(|err| self.io_error("encoding a statement", err))?;
+                .map_err(too_large)?;
         }
         frontend::sync(&mut self.write);
         Ok(())
@@ -305,22 +271,16 @@ impl Conn {
         timeout: Duration,
         statement_timeout: Duration,
     ) -> Result<Self, WireError> {
-        let host = config.host.to_string();
+        // `connect_timeout` bounds the connection; the store's timeout bounds it and
+        // every later wait.
         let connect_timeout = config.connect_timeout.map_or(timeout, |t| t.min(timeout));
-        let stream = open_stream(&config.host, connect_timeout)
+        let mut socket = Socket::connect(&config.host.address(), connect_timeout)
             .await
-            .map_err(|source| WireError::Io {
-                what: "connecting",
-                host: host.clone(),
-                source,
-            })?;
+            .map_err(WireError::Io)?;
+        socket.set_timeout(timeout);
         let mut conn = Self {
-            stream,
-            host,
-            read: BytesMut::with_capacity(READ_CHUNK),
-            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            socket,
             write: BytesMut::with_capacity(1024),
-            timeout,
             busy: true,
             prepared: false,
         };
@@ -330,8 +290,7 @@ impl Conn {
             ("application_name", config.application_name.as_str()),
             ("client_encoding", "UTF8"),
         ];
-        frontend::startup_message(params, &mut conn.write)
-            .map_err(|err| conn.io_error("encoding the startup message", err))?;
+        frontend::startup_message(params, &mut conn.write).map_err(too_large)?;
         conn.send().await?;
         conn.authenticate(config).await?;
         // Then parameter statuses and the backend key, up to the first ReadyForQuery.
@@ -373,8 +332,7 @@ impl Conn {
                 Message::AuthenticationCleartextPassword => {
                     let mut text = password()?.as_bytes().to_vec();
                     text.push(0);
-                    frontend::password_message(&text, &mut self.write)
-                        .map_err(|err| self.io_error("authenticating", err))?;
+                    frontend::password_message(&text, &mut self.write).map_err(too_large)?;
                     self.send().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
@@ -385,8 +343,7 @@ impl Conn {
                     );
                     let mut text = hash.into_bytes();
                     text.push(0);
-                    frontend::password_message(&text, &mut self.write)
-                        .map_err(|err| self.io_error("authenticating", err))?;
+                    frontend::password_message(&text, &mut self.write).map_err(too_large)?;
                     self.send().await?;
                 }
                 Message::AuthenticationSasl(body) => {
@@ -412,7 +369,7 @@ impl Conn {
                         state.message(),
                         &mut self.write,
                     )
-                    .map_err(|err| self.io_error("authenticating", err))?;
+                    .map_err(too_large)?;
                     scram = Some(state);
                     self.send().await?;
                 }
@@ -423,8 +380,7 @@ impl Conn {
                     state
                         .update(body.data())
                         .map_err(|err| WireError::Protocol(format!("SCRAM: {err}")))?;
-                    frontend::sasl_response(state.message(), &mut self.write)
-                        .map_err(|err| self.io_error("authenticating", err))?;
+                    frontend::sasl_response(state.message(), &mut self.write).map_err(too_large)?;
                     self.send().await?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
@@ -501,32 +457,19 @@ impl Conn {
     }
 
     async fn send(&mut self) -> Result<(), WireError> {
-        let result = write_all(&mut self.stream, &self.write, self.timeout).await;
+        let result = self.socket.send(&self.write).await;
         self.write.clear();
-        result.map_err(|err| self.io_error("sending", err))
+        result.map_err(WireError::Io)
     }
 
     async fn next_message(&mut self) -> Result<Message, WireError> {
         loop {
-            match Message::parse(&mut self.read) {
+            match Message::parse(&mut self.socket.read) {
                 Ok(Some(message)) => return Ok(message),
                 Ok(None) => {}
                 Err(err) => return Err(WireError::Protocol(err.to_string())),
             }
-            let read = read_some(&mut self.stream, &mut self.scratch, self.timeout).await;
-            match read {
-                Ok(0) => {
-                    return Err(self.io_error(
-                        "reading",
-                        io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the server closed the connection",
-                        ),
-                    ))
-                }
-                Ok(n) => self.read.extend_from_slice(&self.scratch[..n]),
-                Err(err) => return Err(self.io_error("reading", err)),
-            }
+            self.socket.receive().await.map_err(WireError::Io)?;
         }
     }
 }
@@ -537,179 +480,7 @@ impl Drop for Conn {
         if !self.busy {
             let mut bye = BytesMut::new();
             frontend::terminate(&mut bye);
-            let _ = write_now(&self.stream, &bye);
+            self.socket.write_now(&bye);
         }
-    }
-}
-
-fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "the server did not answer in time")
-}
-
-/// Resolves a host name: IP addresses at once, names through the system resolver.
-fn resolve(host: &str, port: u16) -> io::Result<Vec<std::net::SocketAddr>> {
-    use std::net::ToSocketAddrs;
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(vec![(ip, port).into()]);
-    }
-    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
-    if addrs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{host} has no address"),
-        ));
-    }
-    Ok(addrs)
-}
-
-#[cfg(feature = "sync")]
-fn open_stream(host: &Host, timeout: Duration) -> io::Result<Stream> {
-    match host {
-        Host::Tcp(name, port) => {
-            let mut last = None;
-            for addr in resolve(name, *port)? {
-                match std::net::TcpStream::connect_timeout(&addr, timeout) {
-                    Ok(stream) => {
-                        stream.set_nodelay(true)?;
-                        stream.set_read_timeout(Some(timeout))?;
-                        stream.set_write_timeout(Some(timeout))?;
-                        return Ok(Stream::Tcp(stream));
-                    }
-                    Err(err) => last = Some(err),
-                }
-            }
-            Err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
-        }
-        #[cfg(unix)]
-        Host::Unix(dir, port) => {
-            let stream =
-                std::os::unix::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))?;
-            stream.set_read_timeout(Some(timeout))?;
-            stream.set_write_timeout(Some(timeout))?;
-            Ok(Stream::Unix(stream))
-        }
-    }
-}
-
-#[cfg(feature = "sync")]
-fn write_all(stream: &mut Stream, bytes: &[u8], _timeout: Duration) -> io::Result<()> {
-    use std::io::Write;
-    let result = match stream {
-        Stream::Tcp(s) => s.write_all(bytes),
-        #[cfg(unix)]
-        Stream::Unix(s) => s.write_all(bytes),
-    };
-    result.map_err(would_block_is_timeout)
-}
-
-#[cfg(feature = "sync")]
-fn read_some(stream: &mut Stream, buf: &mut [u8], _timeout: Duration) -> io::Result<usize> {
-    use std::io::Read;
-    let result = match stream {
-        Stream::Tcp(s) => s.read(buf),
-        #[cfg(unix)]
-        Stream::Unix(s) => s.read(buf),
-    };
-    result.map_err(would_block_is_timeout)
-}
-
-/// A socket timeout shows as `WouldBlock` on Unix.
-#[cfg(feature = "sync")]
-fn would_block_is_timeout(err: io::Error) -> io::Error {
-    if err.kind() == io::ErrorKind::WouldBlock {
-        timed_out()
-    } else {
-        err
-    }
-}
-
-#[cfg(feature = "sync")]
-fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
-    use std::io::Write;
-    match stream {
-        Stream::Tcp(s) => (&*s).write(bytes),
-        #[cfg(unix)]
-        Stream::Unix(s) => (&*s).write(bytes),
-    }
-}
-
-/// Runs `io`, or fails with a timeout after `timeout`.
-#[cfg(not(feature = "sync"))]
-async fn within<T>(
-    timeout: Duration,
-    io: impl std::future::Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    futures_lite::future::or(io, async {
-        async_io::Timer::after(timeout).await;
-        Err(timed_out())
-    })
-    .await
-}
-
-#[cfg(not(feature = "sync"))]
-async fn open_stream(host: &Host, timeout: Duration) -> io::Result<Stream> {
-    match host {
-        Host::Tcp(name, port) => {
-            let (name, port) = (name.clone(), *port);
-            // Name lookups block: off the executor.
-            let addrs = within(timeout, blocking::unblock(move || resolve(&name, port))).await?;
-            let mut last = None;
-            for addr in addrs {
-                match within(
-                    timeout,
-                    async_io::Async::<std::net::TcpStream>::connect(addr),
-                )
-                .await
-                {
-                    Ok(stream) => {
-                        stream.get_ref().set_nodelay(true)?;
-                        return Ok(Stream::Tcp(stream));
-                    }
-                    Err(err) => last = Some(err),
-                }
-            }
-            Err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
-        }
-        #[cfg(unix)]
-        Host::Unix(dir, port) => {
-            let path = dir.join(format!(".s.PGSQL.{port}"));
-            let stream = within(
-                timeout,
-                async_io::Async::<std::os::unix::net::UnixStream>::connect(path),
-            )
-            .await?;
-            Ok(Stream::Unix(stream))
-        }
-    }
-}
-
-#[cfg(not(feature = "sync"))]
-async fn write_all(stream: &mut Stream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
-    use futures_lite::AsyncWriteExt;
-    match stream {
-        Stream::Tcp(s) => within(timeout, s.write_all(bytes)).await,
-        #[cfg(unix)]
-        Stream::Unix(s) => within(timeout, s.write_all(bytes)).await,
-    }
-}
-
-#[cfg(not(feature = "sync"))]
-async fn read_some(stream: &mut Stream, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
-    use futures_lite::AsyncReadExt;
-    match stream {
-        Stream::Tcp(s) => within(timeout, s.read(buf)).await,
-        #[cfg(unix)]
-        Stream::Unix(s) => within(timeout, s.read(buf)).await,
-    }
-}
-
-#[cfg(not(feature = "sync"))]
-fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
-    use std::io::Write;
-    // The socket is non-blocking: this never waits.
-    match stream {
-        Stream::Tcp(s) => s.get_ref().write(bytes),
-        #[cfg(unix)]
-        Stream::Unix(s) => s.get_ref().write(bytes),
     }
 }

@@ -1,0 +1,575 @@
+//! What the network stores (Redis, PostgreSQL) share: a socket driven by the caller
+//! (blocking in sync mode, on async-io's reactor in async mode) with a timeout on every
+//! wait, a bounded pool of connections, and URL percent-decoding.
+//!
+//! No driver task and no runtime: the thread or task that runs an operation writes its
+//! request and reads its reply itself, so an operation costs one round trip and no
+//! hand-off between threads.
+
+use std::{fmt, io, path::PathBuf, time::Duration};
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+
+use crate::session_store::{Error, Result};
+
+/// How much one read asks the socket for.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Where a server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Address {
+    /// A host name or IP address, and a port.
+    Tcp(String, u16),
+    /// A Unix socket's path.
+    #[cfg(unix)]
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(host, port) if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Self::Tcp(host, port) => write!(f, "{host}:{port}"),
+            #[cfg(unix)]
+            Self::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Decodes a URL part's `%XX` escapes; `what` names the URL kind in errors.
+pub(crate) fn percent_decode(text: &str, what: &str) -> Result<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    Error::backend(format!(
+                        "invalid {what} URL: a `%` is not followed by two hexadecimal digits"
+                    ))
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| {
+        Error::backend(format!(
+            "invalid {what} URL: a percent-encoded part is not UTF-8"
+        ))
+    })
+}
+
+/// Parses a port: 1 to 65535.
+pub(crate) fn parse_port(text: &str) -> Option<u16> {
+    text.parse::<u16>().ok().filter(|&port| port != 0)
+}
+
+#[cfg(feature = "sync")]
+enum Stream {
+    Tcp(std::net::TcpStream),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixStream),
+}
+
+#[cfg(not(feature = "sync"))]
+enum Stream {
+    Tcp(async_io::Async<std::net::TcpStream>),
+    #[cfg(unix)]
+    Unix(async_io::Async<std::os::unix::net::UnixStream>),
+}
+
+/// An open connection to a server, with its read buffer.
+pub(crate) struct Socket {
+    stream: Stream,
+    address: String,
+    scratch: Box<[u8]>,
+    /// What was read and not yet consumed.
+    pub(crate) read: BytesMut,
+    /// How long each read or write may wait.
+    timeout: Duration,
+}
+
+impl fmt::Debug for Socket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Socket")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed socket operation: what was being done, where, and the I/O error.
+#[derive(Debug)]
+pub(crate) struct IoFailure {
+    pub(crate) what: &'static str,
+    pub(crate) address: String,
+    pub(crate) source: io::Error,
+}
+
+impl IoFailure {
+    /// `true` if the connection closed (or was reset) under the request, rather than
+    /// timing out: a server that restarted or dropped the connection.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(
+            self.source.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+        )
+    }
+}
+
+impl fmt::Display for IoFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} failed", self.what, self.address)
+    }
+}
+
+impl std::error::Error for IoFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl Socket {
+    fn failure(&self, what: &'static str, source: io::Error) -> IoFailure {
+        IoFailure {
+            what,
+            address: self.address.clone(),
+            source,
+        }
+    }
+
+    /// Sets how long each later read or write may wait.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+        #[cfg(feature = "sync")]
+        {
+            let _ = match &self.stream {
+                Stream::Tcp(s) => s
+                    .set_read_timeout(Some(timeout))
+                    .and_then(|()| s.set_write_timeout(Some(timeout))),
+                #[cfg(unix)]
+                Stream::Unix(s) => s
+                    .set_read_timeout(Some(timeout))
+                    .and_then(|()| s.set_write_timeout(Some(timeout))),
+            };
+        }
+    }
+
+    /// Writes `bytes` if the socket takes them at once, never waiting: for a goodbye
+    /// on the way out.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn write_now(&self, bytes: &[u8]) {
+        let _ = write_now(&self.stream, bytes);
+    }
+}
+
+#[maybe_async::maybe_async]
+impl Socket {
+    /// Connects to `address`, waiting at most `timeout`; each later read or write
+    /// waits at most `timeout` too.
+    pub(crate) async fn connect(
+        address: &Address,
+        timeout: Duration,
+    ) -> std::result::Result<Self, IoFailure> {
+        let stream = open_stream(address, timeout)
+            .await
+            .map_err(|source| IoFailure {
+                what: "connecting to",
+                address: address.to_string(),
+                source,
+            })?;
+        Ok(Self {
+            stream,
+            address: address.to_string(),
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            read: BytesMut::with_capacity(READ_CHUNK),
+            timeout,
+        })
+    }
+
+    /// Sends `bytes`.
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> std::result::Result<(), IoFailure> {
+        let sent = write_all(&mut self.stream, bytes, self.timeout).await;
+        sent.map_err(|err| self.failure("writing to", err))
+    }
+
+    /// Reads what the server sent next into [`read`](Socket::read); fails on a closed
+    /// connection.
+    pub(crate) async fn receive(&mut self) -> std::result::Result<(), IoFailure> {
+        let read = read_some(&mut self.stream, &mut self.scratch, self.timeout).await;
+        match read {
+            Ok(0) => Err(self.failure(
+                "reading from",
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                ),
+            )),
+            Ok(n) => {
+                self.read.extend_from_slice(&self.scratch[..n]);
+                Ok(())
+            }
+            Err(err) => Err(self.failure("reading from", err)),
+        }
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the server did not answer in time")
+}
+
+/// Resolves a host name: IP addresses at once, names through the system resolver.
+fn resolve(host: &str, port: u16) -> io::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![(ip, port).into()]);
+    }
+    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{host} has no address"),
+        ));
+    }
+    Ok(addrs)
+}
+
+#[cfg(feature = "sync")]
+fn open_stream(address: &Address, timeout: Duration) -> io::Result<Stream> {
+    match address {
+        Address::Tcp(host, port) => {
+            let mut last = None;
+            for addr in resolve(host, *port)? {
+                match std::net::TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        stream.set_read_timeout(Some(timeout))?;
+                        stream.set_write_timeout(Some(timeout))?;
+                        return Ok(Stream::Tcp(stream));
+                    }
+                    Err(err) => last = Some(err),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
+        }
+        #[cfg(unix)]
+        Address::Unix(path) => {
+            let stream = std::os::unix::net::UnixStream::connect(path)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            Ok(Stream::Unix(stream))
+        }
+    }
+}
+
+#[cfg(feature = "sync")]
+fn write_all(stream: &mut Stream, bytes: &[u8], _timeout: Duration) -> io::Result<()> {
+    use std::io::Write;
+    let result = match stream {
+        Stream::Tcp(s) => s.write_all(bytes),
+        #[cfg(unix)]
+        Stream::Unix(s) => s.write_all(bytes),
+    };
+    result.map_err(would_block_is_timeout)
+}
+
+#[cfg(feature = "sync")]
+fn read_some(stream: &mut Stream, buf: &mut [u8], _timeout: Duration) -> io::Result<usize> {
+    use std::io::Read;
+    let result = match stream {
+        Stream::Tcp(s) => s.read(buf),
+        #[cfg(unix)]
+        Stream::Unix(s) => s.read(buf),
+    };
+    result.map_err(would_block_is_timeout)
+}
+
+/// A socket timeout shows as `WouldBlock` on Unix.
+#[cfg(feature = "sync")]
+fn would_block_is_timeout(err: io::Error) -> io::Error {
+    if err.kind() == io::ErrorKind::WouldBlock {
+        timed_out()
+    } else {
+        err
+    }
+}
+
+#[cfg(feature = "sync")]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
+    use std::io::Write;
+    match stream {
+        Stream::Tcp(s) => (&*s).write(bytes),
+        #[cfg(unix)]
+        Stream::Unix(s) => (&*s).write(bytes),
+    }
+}
+
+/// Runs `io`, or fails with a timeout after `timeout`.
+#[cfg(not(feature = "sync"))]
+async fn within<T>(
+    timeout: Duration,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    futures_lite::future::or(io, async {
+        async_io::Timer::after(timeout).await;
+        Err(timed_out())
+    })
+    .await
+}
+
+#[cfg(not(feature = "sync"))]
+async fn open_stream(address: &Address, timeout: Duration) -> io::Result<Stream> {
+    match address {
+        Address::Tcp(host, port) => {
+            let (host, port) = (host.clone(), *port);
+            // Name lookups block: off the executor.
+            let addrs = within(timeout, blocking::unblock(move || resolve(&host, port))).await?;
+            let mut last = None;
+            for addr in addrs {
+                match within(
+                    timeout,
+                    async_io::Async::<std::net::TcpStream>::connect(addr),
+                )
+                .await
+                {
+                    Ok(stream) => {
+                        stream.get_ref().set_nodelay(true)?;
+                        return Ok(Stream::Tcp(stream));
+                    }
+                    Err(err) => last = Some(err),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
+        }
+        #[cfg(unix)]
+        Address::Unix(path) => {
+            let stream = within(
+                timeout,
+                async_io::Async::<std::os::unix::net::UnixStream>::connect(path),
+            )
+            .await?;
+            Ok(Stream::Unix(stream))
+        }
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+async fn write_all(stream: &mut Stream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    use futures_lite::AsyncWriteExt;
+    match stream {
+        Stream::Tcp(s) => within(timeout, s.write_all(bytes)).await,
+        #[cfg(unix)]
+        Stream::Unix(s) => within(timeout, s.write_all(bytes)).await,
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+async fn read_some(stream: &mut Stream, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+    use futures_lite::AsyncReadExt;
+    match stream {
+        Stream::Tcp(s) => within(timeout, s.read(buf)).await,
+        #[cfg(unix)]
+        Stream::Unix(s) => within(timeout, s.read(buf)).await,
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
+    use std::io::Write;
+    // The socket is non-blocking: this never waits.
+    match stream {
+        Stream::Tcp(s) => s.get_ref().write(bytes),
+        #[cfg(unix)]
+        Stream::Unix(s) => s.get_ref().write(bytes),
+    }
+}
+
+/// A connection that a [`Pool`] can take back.
+pub(crate) trait Pooled: Send {
+    /// `true` if the connection is between requests, in step with its server, and
+    /// ready for the next one.
+    fn reusable(&self) -> bool;
+}
+
+/// Open connections to one server, at most `max` at a time, kept open between uses.
+pub(crate) struct Pool<C> {
+    idle: Mutex<Vec<C>>,
+    slots: Slots,
+    max: usize,
+    timeout: Duration,
+}
+
+impl<C> fmt::Debug for Pool<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("max", &self.max)
+            .field("idle", &self.idle.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection lent to one operation, or the right to open one. Dropped, the
+/// connection goes back to the pool if it is reusable and not marked `discard`;
+/// otherwise (an error, a timeout, a dropped future) it is closed, since it may be
+/// out of step with its server.
+pub(crate) struct Lent<'a, C: Pooled> {
+    pub(crate) conn: Option<C>,
+    /// `true` if the connection was taken from the idle list, not just opened.
+    pub(crate) reused: bool,
+    /// Set when the connection must not be reused even if it is in step.
+    pub(crate) discard: bool,
+    pool: &'a Pool<C>,
+    _slot: Slot<'a>,
+}
+
+impl<C: Pooled> Drop for Lent<'_, C> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if conn.reusable() && !self.discard {
+                self.pool.idle.lock().push(conn);
+            }
+        }
+    }
+}
+
+impl<C: Pooled> Pool<C> {
+    pub(crate) fn new(max: usize, timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::default(),
+            slots: Slots::new(max),
+            max,
+            timeout,
+        }
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Closes every idle connection: after one was found closed by its server, the
+    /// others (as old) likely are too.
+    pub(crate) fn clear(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock());
+        drop(idle);
+    }
+}
+
+#[maybe_async::maybe_async]
+impl<C: Pooled> Pool<C> {
+    /// Waits (at most the timeout) for a free slot, and lends an idle connection with
+    /// it unless `fresh` is asked for; without one, the caller opens a connection into
+    /// [`Lent::conn`].
+    pub(crate) async fn take(&self, what: &str, fresh: bool) -> Result<Lent<'_, C>> {
+        let slot = self.slots.take(self.timeout).await.ok_or_else(|| {
+            Error::backend(format!(
+                "all {} {what} connections stayed busy for {:?}",
+                self.max, self.timeout
+            ))
+        })?;
+        let conn = if fresh { None } else { self.idle.lock().pop() };
+        Ok(Lent {
+            reused: conn.is_some(),
+            conn,
+            discard: false,
+            pool: self,
+            _slot: slot,
+        })
+    }
+}
+
+/// The bound on open connections: a slot is held by each lent connection.
+#[cfg(feature = "sync")]
+struct Slots {
+    free: Mutex<usize>,
+    returned: parking_lot::Condvar,
+}
+
+/// A taken slot, given back when dropped.
+#[cfg(feature = "sync")]
+struct Slot<'a>(&'a Slots);
+
+#[cfg(feature = "sync")]
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock() += 1;
+        self.0.returned.notify_one();
+    }
+}
+
+#[cfg(feature = "sync")]
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self {
+            free: Mutex::new(max),
+            returned: parking_lot::Condvar::new(),
+        }
+    }
+
+    /// Takes a slot, waiting at most `timeout` for one.
+    fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut free = self.free.lock();
+        while *free == 0 {
+            if self.returned.wait_until(&mut free, deadline).timed_out() && *free == 0 {
+                return None;
+            }
+        }
+        *free -= 1;
+        Some(Slot(self))
+    }
+}
+
+/// The bound on open connections: a slot is held by each lent connection.
+#[cfg(not(feature = "sync"))]
+struct Slots(async_lock::Semaphore);
+
+/// A taken slot, given back when dropped.
+#[cfg(not(feature = "sync"))]
+type Slot<'a> = async_lock::SemaphoreGuard<'a>;
+
+#[cfg(not(feature = "sync"))]
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self(async_lock::Semaphore::new(max))
+    }
+
+    /// Takes a slot, waiting at most `timeout` for one.
+    async fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
+        if let Some(slot) = self.0.try_acquire() {
+            return Some(slot);
+        }
+        futures_lite::future::or(async { Some(self.0.acquire().await) }, async {
+            async_io::Timer::after(timeout).await;
+            None
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_percent_escapes() {
+        assert_eq!(percent_decode("a%3Ab%2f", "test").unwrap(), "a:b/");
+        assert!(percent_decode("%zz", "test").is_err());
+        assert!(percent_decode("%ff", "test").is_err(), "not UTF-8");
+        assert_eq!(parse_port("6379"), Some(6379));
+        assert_eq!(parse_port("0"), None);
+        assert_eq!(parse_port("70000"), None);
+    }
+}

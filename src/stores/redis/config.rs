@@ -1,0 +1,200 @@
+//! Where and as whom a [`RedisStore`](super::RedisStore) connects: a parsed Redis URL.
+
+use std::fmt;
+
+use crate::{
+    session_store::{Error, Result},
+    stores::net::{self, Address},
+};
+
+/// What a URL says about a connection.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Config {
+    pub(crate) address: Address,
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) db: u32,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the password: configs end up in logs.
+        f.debug_struct("Config")
+            .field("address", &self.address)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "..."))
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+fn invalid(why: impl fmt::Display) -> Error {
+    Error::backend(format!("invalid Redis URL: {why}"))
+}
+
+fn decode(text: &str) -> Result<String> {
+    net::percent_decode(text, "Redis")
+}
+
+fn parse_db(text: &str) -> Result<u32> {
+    text.parse()
+        .map_err(|_| invalid(format_args!("`{text}` is not a database number")))
+}
+
+impl Config {
+    /// The port used when the URL names none.
+    pub(crate) const DEFAULT_PORT: u16 = 6379;
+
+    /// Parses `redis://[[user]:password@]host[:port][/db]`, or
+    /// `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` (also `unix://`). TLS
+    /// (`rediss://`) is refused, and so is any parameter not listed, so that a typo is
+    /// not ignored.
+    pub(crate) fn parse(url: &str) -> Result<Self> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("it must start with redis:// or redis+unix://"))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut config = match scheme {
+            "redis" => Self::parse_tcp(rest)?,
+            "redis+unix" | "unix" => {
+                #[cfg(unix)]
+                {
+                    if !rest.starts_with('/') {
+                        return Err(invalid("a Unix socket needs an absolute path"));
+                    }
+                    Self {
+                        address: Address::Unix(decode(rest)?.into()),
+                        user: None,
+                        password: None,
+                        db: 0,
+                    }
+                }
+                #[cfg(not(unix))]
+                return Err(invalid("Unix sockets need a Unix system"));
+            }
+            "rediss" => {
+                return Err(invalid(
+                    "rediss:// asks for TLS, which RedisStore does not support: connect \
+                     over a Unix socket or a trusted network, or through a TLS tunnel",
+                ))
+            }
+            other => return Err(invalid(format_args!("unknown scheme `{other}`"))),
+        };
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(format_args!("parameter `{pair}` has no value")))?;
+            let value = decode(value)?;
+            match key {
+                "db" => config.db = parse_db(&value)?,
+                "user" => config.user = Some(value),
+                "pass" | "password" => config.password = Some(value),
+                other => return Err(invalid(format_args!("unknown parameter `{other}`"))),
+            }
+        }
+        Ok(config)
+    }
+
+    fn parse_tcp(rest: &str) -> Result<Self> {
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((userinfo, hostport)) => (Some(userinfo), hostport),
+            None => (None, authority),
+        };
+        let (mut user, mut password) = (None, None);
+        if let Some(userinfo) = userinfo {
+            let (name, pass) = match userinfo.split_once(':') {
+                Some((name, pass)) => (name, Some(pass)),
+                None => (userinfo, None),
+            };
+            if !name.is_empty() {
+                user = Some(decode(name)?);
+            }
+            password = pass.map(decode).transpose()?;
+        }
+        let port_of = |text: &str| {
+            net::parse_port(text).ok_or_else(|| invalid(format_args!("`{text}` is not a port")))
+        };
+        let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+            let (ip, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| invalid("an IPv6 address lacks its `]`"))?;
+            let port = match after {
+                "" => Self::DEFAULT_PORT,
+                after => port_of(
+                    after
+                        .strip_prefix(':')
+                        .ok_or_else(|| invalid("unexpected text after the IPv6 address"))?,
+                )?,
+            };
+            (ip.to_owned(), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((host, port)) => (decode(host)?, port_of(port)?),
+                None => (decode(hostport)?, Self::DEFAULT_PORT),
+            }
+        };
+        if host.is_empty() {
+            return Err(invalid("it names no host"));
+        }
+        let db = match path {
+            "" => 0,
+            path => parse_db(path)?,
+        };
+        Ok(Self {
+            address: Address::Tcp(host, port),
+            user,
+            password,
+            db,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_usual_forms() {
+        let config = Config::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!(config.address, Address::Tcp("127.0.0.1".into(), 6380));
+        assert_eq!((config.user, config.password, config.db), (None, None, 2));
+
+        let config = Config::parse("redis://app:s%40cret@cache.example").unwrap();
+        assert_eq!(config.address, Address::Tcp("cache.example".into(), 6379));
+        assert_eq!(config.user.as_deref(), Some("app"));
+        assert_eq!(config.password.as_deref(), Some("s@cret"));
+
+        let config = Config::parse("redis://:only@[::1]:7000").unwrap();
+        assert_eq!(config.address, Address::Tcp("::1".into(), 7000));
+        assert_eq!(config.user, None);
+        assert_eq!(config.password.as_deref(), Some("only"));
+
+        let config = Config::parse("redis+unix:///run/redis.sock?db=3&pass=x").unwrap();
+        assert_eq!(config.address, Address::Unix("/run/redis.sock".into()));
+        assert_eq!((config.db, config.password.as_deref()), (3, Some("x")));
+        assert!(!format!("{config:?}").contains("\"x\""));
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_honour() {
+        for url in [
+            "not a url",
+            "http://127.0.0.1:6379",
+            "rediss://127.0.0.1",
+            "redis://",
+            "redis://h:0",
+            "redis://h:port",
+            "redis://h/db",
+            "redis://h?tls=1",
+            "redis+unix://relative.sock",
+        ] {
+            let err = Config::parse(url).unwrap_err();
+            assert!(
+                err.report().contains("invalid Redis URL"),
+                "{url}: {}",
+                err.report()
+            );
+        }
+    }
+}

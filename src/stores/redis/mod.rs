@@ -1,0 +1,505 @@
+//! [`RedisStore`]: sessions shared by many processes through Redis.
+
+mod config;
+mod resp;
+
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use time::OffsetDateTime;
+
+use self::{
+    config::Config,
+    resp::{Conn, Reply, RespError},
+};
+use crate::{
+    session::{random_id, Id, Record},
+    session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
+    stores::{
+        net::{self, Lent},
+        stored,
+    },
+};
+
+/// The conditional write, run by Redis as one step: writes the new value (or deletes
+/// the key, for a record saved already expired) only if the key exists and its value
+/// starts with the expected version. A value written before versions existed (it
+/// starts with the record format byte 2, never the first byte of a version) counts as
+/// version 0.
+///
+/// KEYS[1] is the key; ARGV[1] the expected version (8 bytes, big-endian), ARGV[2]
+/// the new value, ARGV[3] its TTL in milliseconds ("0": delete). It returns 0 when no
+/// key is there, 1 for another version, 2 once written.
+const UPDATE_SCRIPT: &str = r"
+local current = redis.call('GETRANGE', KEYS[1], 0, 7)
+if current == '' then return 0 end
+if string.byte(current, 1) == 2 then current = string.rep('\0', 8) end
+if current ~= ARGV[1] then return 1 end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 2
+";
+
+/// The length of the version in front of every stored value.
+const VERSION_LEN: usize = 8;
+
+/// The stored value: the version (8 bytes, big-endian, so that the update script can
+/// compare it as a string), then the record without its id.
+fn encode_value(record: &Record, version: u64) -> Result<Vec<u8>> {
+    record.encode_without_id_after(&version.to_be_bytes())
+}
+
+fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
+    if value.first() == Some(&Record::FORMAT_VERSION_WITHOUT_ID) {
+        // Written before versions existed: the record alone, at version 0.
+        return stored::decode(id, value);
+    }
+    let (version, bytes) = value
+        .split_first_chunk::<VERSION_LEN>()
+        .ok_or_else(|| Error::decode("stored value is shorter than its version"))?;
+    let mut record = stored::decode(id, bytes)?;
+    record.version = u64::from_be_bytes(*version);
+    Ok(record)
+}
+
+/// A session store in Redis: one key per session, expiring through Redis' own TTL, so
+/// any number of server processes share sessions and nothing needs deleting.
+///
+/// - **Keys.** A session lives under `PREFIX` followed by the hexadecimal SHA-256
+///   digest of its id (the prefix is `session:` unless set with
+///   [`with_key_prefix`](RedisStore::with_key_prefix)). The value is the encoded
+///   record with its id zeroed, so a dump of the database holds no id that could be
+///   replayed as a cookie. Ids are 128 random bits, so an unkeyed digest cannot be
+///   reversed by guessing, and processes sharing the store need no shared secret.
+/// - **Expiry.** Every write sets the value and its TTL in one `SET ... PX`, rounded
+///   up to the millisecond; a record saved already expired deletes its key, and one
+///   created already expired is not written (but still gets a new id when its id is
+///   taken, as `create` must).
+///   [`load`](SessionStore::load) also checks the record's own date, so a session is
+///   never served after it expires, whatever the clocks.
+///   [`delete_expired`](ExpiredDeletion::delete_expired) does nothing and returns 0:
+///   Redis removes expired keys itself.
+/// - **Create** writes with `SET ... NX` and draws a new id while the key exists.
+/// - **Conditional writes.** The value starts with the record's version (8 bytes,
+///   big-endian); [`update`](SessionStore::update) runs a Lua script that compares it
+///   and writes in one step on the server, in one round trip (`EVALSHA`: each new
+///   connection loads the script; it is sent whole, with `EVAL`, if the server has
+///   forgotten it since).
+/// - **One round trip per operation**, on a connection of the operation's own: the
+///   calling thread (sync mode) or task (async mode) writes the command and reads the
+///   reply itself, with no driver task and no hand-off between threads.
+/// - **Connections.** Clones of a store share a pool of at most 16 connections (set
+///   with [`with_max_connections`](RedisStore::with_max_connections)), opened on
+///   demand and kept open.
+/// - **Timeouts and outages.** Waiting for a free connection, connecting and each
+///   reply take at most the [timeout](RedisStore::with_timeout) (2 s unless set): an
+///   unreachable or hung server makes operations fail with [`Error::Backend`], never
+///   hang. A connection that failed, timed out, or whose operation's future was
+///   dropped halfway is closed, and the next operation connects again, so a store
+///   keeps working once the server is back, without being rebuilt; an operation that
+///   finds its idle connection closed by a server restart runs once more on a new
+///   one.
+/// - **Corrupt values** make [`load`](SessionStore::load) of that id fail with
+///   [`Error::Decode`]; other sessions are unaffected.
+///
+/// In sync mode the store uses plain blocking sockets; in async mode async-io's
+/// reactor, which runs on its own, so the store works under smol, under tokio and on
+/// any other executor, with no runtime of its own.
+///
+/// The URL is `redis://[[user]:password@]host[:port][/db]`, or
+/// `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` for a Unix socket, with
+/// percent-encoded parts. TLS (`rediss://`) is not supported: connect over a Unix
+/// socket, a private network, or a TLS tunnel.
+///
+/// # Examples
+///
+/// Two store values standing in for two server processes share sessions (this needs a
+/// Redis server on `127.0.0.1:6379`):
+///
+/// ```
+/// use std::time::Duration as StdDuration;
+/// use portable_sessions::{session::Record, RedisStore, SessionStore};
+/// use time::{Duration, OffsetDateTime};
+///
+/// # #[maybe_async::maybe_async]
+/// # async fn run() -> portable_sessions::session_store::Result<()> {
+/// let web1 = RedisStore::new("redis://127.0.0.1:6379")?
+///     .with_key_prefix("doc-example:")
+///     .with_timeout(StdDuration::from_millis(500));
+/// let web2 = RedisStore::new("redis://127.0.0.1:6379")?.with_key_prefix("doc-example:");
+///
+/// let mut record = Record::new(OffsetDateTime::now_utc() + Duration::minutes(30));
+/// record.insert("user_id", &42u64)?;
+/// web1.create(&mut record).await?;
+///
+/// let seen = web2.load(&record.id).await?.expect("shared through Redis");
+/// assert_eq!(seen.get::<u64>("user_id")?, Some(42));
+/// web2.delete(&record.id).await?;
+/// let gone = web1.load(&record.id).await?;
+/// assert_eq!(gone, None);
+/// # Ok(())
+/// # }
+/// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+/// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    config: Arc<Config>,
+    prefix: Arc<str>,
+    timeout: Duration,
+    shared: Arc<Shared>,
+}
+
+/// What clones of a store share: its connections, and the update script's SHA-1
+/// digest once a server told it.
+struct Shared {
+    conns: net::Pool<Conn>,
+    script_sha: OnceLock<String>,
+}
+
+impl Shared {
+    fn new(max: usize, timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            conns: net::Pool::new(max, timeout),
+            script_sha: OnceLock::new(),
+        })
+    }
+}
+
+impl RedisStore {
+    /// The key prefix used unless [`with_key_prefix`](RedisStore::with_key_prefix)
+    /// sets another.
+    pub const DEFAULT_KEY_PREFIX: &'static str = "session:";
+
+    /// The timeout used unless [`with_timeout`](RedisStore::with_timeout) sets
+    /// another.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// The pool size used unless
+    /// [`with_max_connections`](RedisStore::with_max_connections) sets another.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+    /// Makes a store for the Redis server at `url`, such as `redis://127.0.0.1:6379`.
+    ///
+    /// Nothing is connected yet: the first operation connects, so a program can
+    /// start while Redis is still coming up.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Backend`] if `url` is not a Redis URL this store can follow.
+    pub fn new(url: &str) -> Result<Self> {
+        Ok(Self {
+            config: Arc::new(Config::parse(url)?),
+            prefix: Self::DEFAULT_KEY_PREFIX.into(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            shared: Shared::new(Self::DEFAULT_MAX_CONNECTIONS, Self::DEFAULT_TIMEOUT),
+        })
+    }
+
+    /// Returns the store putting its keys under `prefix`, so that several
+    /// applications (or tests) can share one Redis database.
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into().into();
+        self
+    }
+
+    /// Returns the store waiting at most `timeout` to connect and for each reply.
+    ///
+    /// The store value returned gets connections of its own; clones made before
+    /// keep the old timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self.shared = Shared::new(self.shared.conns.max(), timeout);
+        self
+    }
+
+    /// Returns the store keeping at most `max` connections open (at least 1).
+    ///
+    /// The store value returned gets connections of its own; clones made before keep
+    /// the old pool.
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.shared = Shared::new(max.max(1), self.timeout);
+        self
+    }
+
+    /// Returns the key prefix.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Returns the timeout for connecting and for each reply.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn key(&self, id: &Id) -> String {
+        stored::hex_key(&self.prefix, &stored::digest(id))
+    }
+}
+
+/// Milliseconds from `now` until `expiry`, rounded up so that Redis never drops a
+/// key before its record expires, or `None` if it has expired.
+fn ttl_millis(expiry: OffsetDateTime, now: OffsetDateTime) -> Option<u64> {
+    let nanos = (expiry - now).whole_nanoseconds();
+    if nanos <= 0 {
+        return None;
+    }
+    let millis = (nanos + 999_999) / 1_000_000;
+    Some(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+/// `EVALSHA digest` or `EVAL source`, with the key and arguments of the update
+/// script.
+fn script_call<'a>(
+    verb: &'a [u8],
+    script: &'a str,
+    key: &'a str,
+    expected: &'a [u8],
+    value: &'a [u8],
+    ttl: &'a str,
+) -> [&'a [u8]; 7] {
+    [
+        verb,
+        script.as_bytes(),
+        b"1",
+        key.as_bytes(),
+        expected,
+        value,
+        ttl.as_bytes(),
+    ]
+}
+
+/// `Ok` with a reply to a command other than `want`.
+fn unexpected(want: &str, reply: &Reply) -> Error {
+    Error::backend(RespError::Protocol(format!("{want} answered {reply:?}")))
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for RedisStore {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        let Some(ttl) = ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) else {
+            // Created already expired: it would never load, so nothing is written, but
+            // its id must still be one that no other session holds.
+            loop {
+                let key = self.key(&record.id);
+                let reply = self.call(&[b"EXISTS", key.as_bytes()]).await?;
+                match reply {
+                    Reply::Int(0) => return Ok(()),
+                    Reply::Int(_) => record.id = random_id()?,
+                    other => return Err(unexpected("EXISTS", &other)),
+                }
+            }
+        };
+        let bytes = encode_value(record, record.version)?;
+        let ttl = ttl.to_string();
+        loop {
+            let key = self.key(&record.id);
+            let reply = self
+                .call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
+                .await?;
+            match reply {
+                Reply::Status(_) => return Ok(()),
+                // The key exists: another session has this id.
+                Reply::Nil => record.id = random_id()?,
+                other => return Err(unexpected("SET NX", &other)),
+            }
+        }
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        let key = self.key(&record.id);
+        match ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) {
+            Some(ttl) => {
+                let bytes = encode_value(record, record.version)?;
+                let ttl = ttl.to_string();
+                self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
+                    .await?;
+            }
+            None => {
+                self.call(&[b"DEL", key.as_bytes()]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        let key = self.key(id);
+        let reply = self.call(&[b"GET", key.as_bytes()]).await?;
+        let bytes = match reply {
+            Reply::Nil => return Ok(None),
+            Reply::Bulk(bytes) => bytes,
+            other => return Err(unexpected("GET", &other)),
+        };
+        let record = decode_value(id, &bytes)?;
+        Ok(Some(record).filter(|r| !r.is_expired_at(OffsetDateTime::now_utc())))
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        let key = self.key(id);
+        self.call(&[b"DEL", key.as_bytes()]).await?;
+        Ok(())
+    }
+
+    /// One server-side script, one round trip: atomic.
+    async fn update(&self, record: &Record) -> Result<Update> {
+        let next = record.version.wrapping_add(1);
+        let ttl = ttl_millis(record.expiry_date, OffsetDateTime::now_utc());
+        let value = match ttl {
+            Some(_) => encode_value(record, next)?,
+            None => Vec::new(),
+        };
+        let (key, expected) = (self.key(&record.id), record.version.to_be_bytes());
+        let ttl = ttl.unwrap_or(0).to_string();
+        let whole = script_call(b"EVAL", UPDATE_SCRIPT, &key, &expected, &value, &ttl);
+        let reply = match self.shared.script_sha.get() {
+            Some(sha) => {
+                let by_digest = script_call(b"EVALSHA", sha, &key, &expected, &value, &ttl);
+                match self.call_raw(&by_digest).await {
+                    // The server has forgotten the script: send it whole.
+                    Err(err) if err.is_no_script() => self.call(&whole).await?,
+                    other => other?,
+                }
+            }
+            None => self.call(&whole).await?,
+        };
+        match reply {
+            Reply::Int(0) => Ok(Update::Gone),
+            Reply::Int(1) => Ok(Update::Conflict),
+            Reply::Int(2) => Ok(Update::Written(next)),
+            other => Err(unexpected("the update script", &other)),
+        }
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
+    }
+}
+
+/// Does nothing and returns `Ok(0)`: Redis deletes each key when its TTL runs out.
+#[maybe_async::maybe_async]
+impl ExpiredDeletion for RedisStore {
+    async fn delete_expired(&self) -> Result<usize> {
+        Ok(0)
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The address only: the URL may hold a password.
+        f.debug_struct("RedisStore")
+            .field("server", &format_args!("{}", self.config.address))
+            .field("db", &self.config.db)
+            .field("key_prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("max_connections", &self.shared.conns.max())
+            .finish()
+    }
+}
+
+#[maybe_async::maybe_async]
+impl RedisStore {
+    /// Runs one command and returns its reply; an error reply is an error.
+    async fn call(&self, args: &[&[u8]]) -> Result<Reply> {
+        let reply = self.call_raw(args).await?;
+        Ok(reply)
+    }
+
+    /// Runs one command on a pooled connection.
+    ///
+    /// A connection taken from the idle list may have been closed by the server
+    /// meanwhile (it restarted, or dropped idle clients): if the command fails that
+    /// way before any reply, the idle list is emptied (its connections date from the
+    /// same server) and the command runs once more on a new connection.
+    ///
+    /// Such a server never read the command, so sending it again runs it once. Were it
+    /// to run twice anyway: `GET`, `DEL`, `EXISTS` and a plain `SET` are idempotent; a
+    /// `SET NX` whose first copy did land finds its key taken, so `create` draws
+    /// another id (the first copy expires with its TTL); an update whose first copy
+    /// landed finds the version moved on and answers `Conflict`, after which the
+    /// caller reloads and sees its write.
+    async fn call_raw(&self, args: &[&[u8]]) -> std::result::Result<Reply, CallError> {
+        let mut retried = false;
+        loop {
+            let mut lent = self.lend(retried).await?;
+            let reused = lent.reused;
+            let conn = conn_of(&mut lent);
+            conn.clear_request();
+            conn.push(args);
+            let result = conn.call().await;
+            match result {
+                Err(err) if reused && !retried && err.closed_before_reply() => {
+                    self.shared.conns.clear();
+                    retried = true;
+                }
+                other => return other.map_err(CallError::Resp),
+            }
+        }
+    }
+
+    /// Takes an idle connection (unless `fresh`) or opens one, waiting for a free
+    /// slot at most the timeout. A new connection loads the update script.
+    async fn lend(&self, fresh: bool) -> std::result::Result<Lent<'_, Conn>, CallError> {
+        let mut lent = self
+            .shared
+            .conns
+            .take("Redis", fresh)
+            .await
+            .map_err(CallError::Store)?;
+        if lent.conn.is_some() {
+            return Ok(lent);
+        }
+        let opened = Conn::connect(&self.config, self.timeout).await;
+        lent.conn = Some(opened.map_err(CallError::Resp)?);
+        let conn = conn_of(&mut lent);
+        conn.push(&[b"SCRIPT", b"LOAD", UPDATE_SCRIPT.as_bytes()]);
+        let loaded = conn.call().await.map_err(CallError::Resp)?;
+        match loaded {
+            Reply::Bulk(sha) => {
+                let sha = String::from_utf8(sha)
+                    .map_err(|_| CallError::Resp(RespError::Protocol("SCRIPT LOAD".into())))?;
+                let _ = self.shared.script_sha.set(sha);
+            }
+            other => {
+                return Err(CallError::Resp(RespError::Protocol(format!(
+                    "SCRIPT LOAD answered {other:?}"
+                ))))
+            }
+        }
+        Ok(lent)
+    }
+}
+
+/// Why a command failed: the pool (no free connection in time), or the connection.
+#[derive(Debug)]
+enum CallError {
+    Store(Error),
+    Resp(RespError),
+}
+
+impl CallError {
+    fn is_no_script(&self) -> bool {
+        matches!(self, Self::Resp(err) if err.is_no_script())
+    }
+}
+
+impl From<CallError> for Error {
+    fn from(err: CallError) -> Self {
+        match err {
+            CallError::Store(err) => err,
+            CallError::Resp(err) => Error::backend(err),
+        }
+    }
+}
+
+/// The connection of a lent slot: present once taken or opened.
+fn conn_of<'l>(lent: &'l mut Lent<'_, Conn>) -> &'l mut Conn {
+    lent.conn
+        .as_mut()
+        .expect("a lent connection is present until dropped")
+}

@@ -1,0 +1,326 @@
+//! One connection to a Redis server, speaking RESP2 on a socket driven by the caller.
+
+use std::fmt;
+
+use bytes::Buf;
+
+use super::config::Config;
+use crate::stores::net::{IoFailure, Pooled, Socket};
+
+/// The largest bulk string a reply may carry: Redis' own limit.
+const MAX_BULK: usize = 512 * 1024 * 1024;
+/// The most elements a reply array may have, and the deepest nesting: far beyond
+/// what the commands sent here answer.
+const MAX_ARRAY: usize = 1024;
+const MAX_DEPTH: usize = 4;
+
+/// A reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Nil,
+    Int(i64),
+    Bulk(Vec<u8>),
+    Status(String),
+    Array(Vec<Reply>),
+}
+
+/// What went wrong on a connection.
+#[derive(Debug)]
+pub(crate) enum RespError {
+    /// The socket failed, timed out or closed.
+    Io(IoFailure),
+    /// The server answered with an error reply.
+    Server(String),
+    /// The server sent something that is not RESP, or not what the command answers.
+    Protocol(String),
+}
+
+impl RespError {
+    /// `true` if the connection closed (or was reset) before the reply: the server
+    /// restarted or dropped the connection, and a new connection may succeed.
+    pub(crate) fn closed_before_reply(&self) -> bool {
+        matches!(self, Self::Io(failure) if failure.is_closed())
+    }
+
+    /// `true` if the server does not know the script `EVALSHA` named.
+    pub(crate) fn is_no_script(&self) -> bool {
+        matches!(self, Self::Server(message) if message.starts_with("NOSCRIPT"))
+    }
+}
+
+impl fmt::Display for RespError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(failure) => write!(f, "Redis: {failure}"),
+            Self::Server(message) => write!(f, "Redis answered: {message}"),
+            Self::Protocol(what) => write!(f, "Redis protocol error: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for RespError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(failure) => Some(failure),
+            _ => None,
+        }
+    }
+}
+
+/// A reply, or the message of an error reply.
+type Answer = Result<Reply, String>;
+
+/// Parses one reply from the start of `buf`: the reply and how many bytes it took,
+/// `None` if `buf` holds only part of it. An error reply is an `Err` answer, with its
+/// length, so that the caller can consume it and keep the connection; malformed input
+/// is an `Err`.
+fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let Some((&kind, line)) = buf[..end].split_first() else {
+        return Err("an empty line".into());
+    };
+    let line_end = end + 2;
+    let text = || std::str::from_utf8(line).map_err(|_| "a line is not UTF-8".to_owned());
+    let number = || -> Result<i64, String> {
+        text()?
+            .parse()
+            .map_err(|_| format!("`{}` is not a number", String::from_utf8_lossy(line)))
+    };
+    match kind {
+        b'+' => Ok(Some((Ok(Reply::Status(text()?.to_owned())), line_end))),
+        b'-' => Ok(Some((Err(text()?.to_owned()), line_end))),
+        b':' => Ok(Some((Ok(Reply::Int(number()?)), line_end))),
+        b'$' => {
+            let len = number()?;
+            if len < 0 {
+                return Ok(Some((Ok(Reply::Nil), line_end)));
+            }
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|&len| len <= MAX_BULK)
+                .ok_or("a bulk string is too long")?;
+            let Some(body) = buf.get(line_end..line_end + len + 2) else {
+                return Ok(None);
+            };
+            if &body[len..] != b"\r\n" {
+                return Err("a bulk string does not end its line".into());
+            }
+            Ok(Some((
+                Ok(Reply::Bulk(body[..len].to_vec())),
+                line_end + len + 2,
+            )))
+        }
+        b'*' => {
+            let count = number()?;
+            if count < 0 {
+                return Ok(Some((Ok(Reply::Nil), line_end)));
+            }
+            let count = usize::try_from(count)
+                .ok()
+                .filter(|&count| count <= MAX_ARRAY && depth < MAX_DEPTH)
+                .ok_or("an array is too long or too deep")?;
+            let mut at = line_end;
+            let mut items = Vec::with_capacity(count);
+            // An error inside an array is an error reply as a whole, once the whole
+            // array is consumed.
+            let mut error = None;
+            for _ in 0..count {
+                let Some((item, used)) = parse(&buf[at..], depth + 1)? else {
+                    return Ok(None);
+                };
+                match item {
+                    Ok(item) => items.push(item),
+                    Err(message) => {
+                        error.get_or_insert(message);
+                    }
+                }
+                at += used;
+            }
+            let answer = match error {
+                Some(message) => Err(message),
+                None => Ok(Reply::Array(items)),
+            };
+            Ok(Some((answer, at)))
+        }
+        other => Err(format!("unknown reply type {:?}", char::from(other))),
+    }
+}
+
+/// Appends a command in RESP's array form.
+fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.push(b'*');
+    out.extend_from_slice(args.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for arg in args {
+        out.push(b'$');
+        out.extend_from_slice(arg.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// One open, authenticated connection.
+pub(crate) struct Conn {
+    socket: Socket,
+    write: Vec<u8>,
+    /// Commands queued and not yet answered.
+    queued: usize,
+    /// `true` from the moment a request starts being written until its replies have
+    /// been read: a connection left in this state (an error, a timeout, a dropped
+    /// future) no longer knows which reply is whose, and is closed.
+    busy: bool,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("socket", &self.socket)
+            .field("busy", &self.busy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pooled for Conn {
+    fn reusable(&self) -> bool {
+        !self.busy
+    }
+}
+
+impl Conn {
+    /// Queues a command.
+    pub(crate) fn push(&mut self, args: &[&[u8]]) {
+        encode(&mut self.write, args);
+        self.queued += 1;
+    }
+
+    /// Drops what was queued but not sent.
+    pub(crate) fn clear_request(&mut self) {
+        self.write.clear();
+        self.queued = 0;
+    }
+}
+
+#[maybe_async::maybe_async]
+impl Conn {
+    /// Connects, authenticates and selects the database, in one round trip.
+    pub(crate) async fn connect(
+        config: &Config,
+        timeout: std::time::Duration,
+    ) -> Result<Self, RespError> {
+        let socket = Socket::connect(&config.address, timeout)
+            .await
+            .map_err(RespError::Io)?;
+        let mut conn = Self {
+            socket,
+            write: Vec::with_capacity(256),
+            queued: 0,
+            busy: false,
+        };
+        if let Some(password) = &config.password {
+            match &config.user {
+                Some(user) => conn.push(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
+                None => conn.push(&[b"AUTH", password.as_bytes()]),
+            }
+        }
+        if config.db != 0 {
+            conn.push(&[b"SELECT", config.db.to_string().as_bytes()]);
+        }
+        if conn.queued > 0 {
+            for reply in conn.exchange().await? {
+                reply.map_err(RespError::Server)?;
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Sends the queued command and returns its reply; an error reply is
+    /// `Err(Server)`, after which the connection stays usable.
+    pub(crate) async fn call(&mut self) -> Result<Reply, RespError> {
+        let mut replies = self.exchange().await?;
+        match replies.pop() {
+            Some(reply) if replies.is_empty() => reply.map_err(RespError::Server),
+            _ => Err(RespError::Protocol("one command, not one reply".into())),
+        }
+    }
+
+    /// Sends the queued commands and reads one reply for each.
+    async fn exchange(&mut self) -> Result<Vec<Answer>, RespError> {
+        self.busy = true;
+        let sent = self.socket.send(&self.write).await;
+        let expected = self.queued;
+        self.clear_request();
+        sent.map_err(RespError::Io)?;
+        let mut replies = Vec::with_capacity(expected);
+        while replies.len() < expected {
+            match parse(&self.socket.read, 0).map_err(RespError::Protocol)? {
+                Some((reply, used)) => {
+                    self.socket.read.advance(used);
+                    replies.push(reply);
+                }
+                None => self.socket.receive().await.map_err(RespError::Io)?,
+            }
+        }
+        self.busy = false;
+        Ok(replies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(bytes: &[u8]) -> Result<Reply, String> {
+        let (reply, used) = parse(bytes, 0).unwrap().expect("complete");
+        assert_eq!(used, bytes.len());
+        reply
+    }
+
+    #[test]
+    fn parses_every_reply_kind() {
+        assert_eq!(whole(b"+OK\r\n"), Ok(Reply::Status("OK".into())));
+        assert_eq!(whole(b"-NOSCRIPT gone\r\n"), Err("NOSCRIPT gone".into()));
+        assert_eq!(whole(b":-12\r\n"), Ok(Reply::Int(-12)));
+        assert_eq!(whole(b"$-1\r\n"), Ok(Reply::Nil));
+        assert_eq!(
+            whole(b"$5\r\na\r\nbc\r\n"),
+            Ok(Reply::Bulk(b"a\r\nbc".to_vec()))
+        );
+        assert_eq!(
+            whole(b"*2\r\n$1\r\nx\r\n:1\r\n"),
+            Ok(Reply::Array(vec![
+                Reply::Bulk(b"x".to_vec()),
+                Reply::Int(1)
+            ]))
+        );
+    }
+
+    #[test]
+    fn waits_for_the_rest_and_rejects_garbage() {
+        for part in [&b""[..], b"+OK", b"$5\r\nab", b"*2\r\n:1\r\n"] {
+            assert_eq!(parse(part, 0), Ok(None), "{part:?}");
+        }
+        for bad in [
+            &b"?x\r\n"[..],
+            b":x\r\n",
+            b"$3\r\nabcd\r\n",
+            b"$999999999999\r\n",
+            b"\r\n",
+        ] {
+            assert!(parse(bad, 0).is_err(), "{bad:?}");
+        }
+        let deep = b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n";
+        assert!(parse(deep, 0).is_err());
+        // An error inside an array: the whole array is consumed, and is the error.
+        assert_eq!(whole(b"*2\r\n-ERR x\r\n:1\r\n"), Err("ERR x".into()));
+    }
+
+    #[test]
+    fn encodes_commands_as_arrays_of_bulk_strings() {
+        let mut out = Vec::new();
+        encode(&mut out, &[b"SET", b"k", b"v\r\n"]);
+        assert_eq!(out, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n");
+    }
+}

@@ -276,6 +276,13 @@ fn peer_record(i: usize, expiry: OffsetDateTime) -> PeerRecord {
     }
 }
 
+/// `record` with a new expiry date.
+fn moved(record: &OurRecord, expiry: OffsetDateTime) -> OurRecord {
+    let mut record = record.clone();
+    record.expiry_date = expiry;
+    record
+}
+
 /// A permutation of `0..n` from the OS's randomness.
 fn shuffled(n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
@@ -399,14 +406,27 @@ fn compare(
         .into_iter()
         .take(SEQUENTIAL_OPS)
         .collect();
+    // A save writes what a request changed: here the expiry date, moved by a
+    // minute, as a session that is kept alive has it (an unchanged record would let
+    // SQLite skip the write altogether, which no real save does).
+    let later = expiry + time::Duration::minutes(1);
     let ours_save = {
-        let records: Vec<OurRecord> = picks.iter().map(|&i| our_records[i].clone()).collect();
+        let records: Vec<OurRecord> = picks
+            .iter()
+            .map(|&i| moved(&our_records[i], later))
+            .collect();
         let started = Instant::now();
         block(async_or_not::save_all(&*ours, &records));
         per_op(started.elapsed(), records.len())
     };
     let peer_save = {
-        let records: Vec<PeerRecord> = picks.iter().map(|&i| peer_records[i].clone()).collect();
+        let records: Vec<PeerRecord> = picks
+            .iter()
+            .map(|&i| PeerRecord {
+                expiry_date: later,
+                ..peer_records[i].clone()
+            })
+            .collect();
         let started = Instant::now();
         runtime.block_on(async {
             for record in &records {
@@ -421,7 +441,8 @@ fn compare(
         peer: peer_save,
     });
 
-    // 16 callers at once: loads, then saves.
+    // 16 callers at once: loads, then saves (each moving the expiry date again).
+    let later = later + time::Duration::minutes(1);
     for op in ["load", "save"] {
         eprintln!("{store}: {op}, {CALLERS} callers");
         let picks = Arc::new(
@@ -432,16 +453,27 @@ fn compare(
         );
         let ours_time = {
             let ids: Arc<Vec<OurId>> = Arc::new(picks.iter().map(|&i| our_ids[i]).collect());
-            let records: Arc<Vec<OurRecord>> =
-                Arc::new(picks.iter().map(|&i| our_records[i].clone()).collect());
+            let records: Arc<Vec<OurRecord>> = Arc::new(
+                picks
+                    .iter()
+                    .map(|&i| moved(&our_records[i], later))
+                    .collect(),
+            );
             let started = Instant::now();
             concurrent::ours(&ours, op, ids, records);
             per_op(started.elapsed(), picks.len())
         };
         let peer_time = {
             let ids: Arc<Vec<PeerId>> = Arc::new(picks.iter().map(|&i| peer_ids[i]).collect());
-            let records: Arc<Vec<PeerRecord>> =
-                Arc::new(picks.iter().map(|&i| peer_records[i].clone()).collect());
+            let records: Arc<Vec<PeerRecord>> = Arc::new(
+                picks
+                    .iter()
+                    .map(|&i| PeerRecord {
+                        expiry_date: later,
+                        ..peer_records[i].clone()
+                    })
+                    .collect(),
+            );
             let started = Instant::now();
             runtime.block_on(async {
                 let tasks: Vec<_> = (0..CALLERS)

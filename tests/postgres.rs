@@ -26,7 +26,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use common::{block, live_record, psql, PgSchema};
+use common::{block, live_record, psql, wait_for, LoopTimer, PgSchema};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -713,8 +713,6 @@ fn many_callers_on_a_frozen_server_each_fail_within_the_timeout() {
     assert_eq!(loaded, Some(record));
 }
 
-/// A future dropped halfway (a client gone, a timeout of the caller's own) leaves
-/// neither a half-read connection in the pool nor a slot taken.
 #[cfg(not(feature = "sync"))]
 #[test]
 fn a_dropped_operation_leaks_nothing() {
@@ -722,29 +720,7 @@ fn a_dropped_operation_leaks_nothing() {
     let store = PostgresStore::new(&server.url())
         .unwrap()
         .with_max_connections(1);
-    let mut record = live_record(1);
-    block(store.create(&mut record)).unwrap();
-    server.freeze();
-    for _ in 0..3 {
-        let gave_up = block(futures_lite::future::or(
-            async { Some(store.load(&record.id).await) },
-            async {
-                async_io::Timer::after(StdDuration::from_millis(100)).await;
-                None
-            },
-        ));
-        assert!(
-            gave_up.is_none(),
-            "the load cannot finish on a frozen server"
-        );
-    }
-    server.thaw();
-    // The one connection was mid-reply when dropped: it was closed, and its slot given
-    // back, so this gets a new one and reads the right reply.
-    for _ in 0..3 {
-        let loaded = block(store.load(&record.id)).unwrap();
-        assert_eq!(loaded.as_ref(), Some(&record));
-    }
+    common::check_dropped_operations_leak_nothing(&store, || server.freeze(), || server.thaw());
 }
 
 /// Inside a tokio application (either runtime flavour) the store needs nothing from
@@ -781,12 +757,6 @@ fn runs_inside_tokio_runtimes() {
         });
     }
 }
-
-/// The built-in timer of the mode.
-#[cfg(feature = "sync")]
-type LoopTimer = portable_sessions::ThreadTimer;
-#[cfg(not(feature = "sync"))]
-type LoopTimer = portable_sessions::AsyncIoTimer;
 
 #[test]
 fn a_deletion_loop_runs_through_an_outage() {
@@ -859,15 +829,6 @@ impl ExpiredDeletion for CountingPasses {
         let deleted = self.0.delete_expired().await?;
         self.1.fetch_add(1, Ordering::SeqCst);
         Ok(deleted)
-    }
-}
-
-/// Polls `done` until it holds, failing after 10 s.
-fn wait_for(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + StdDuration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "no {what} within 10 s");
-        std::thread::sleep(StdDuration::from_millis(10));
     }
 }
 

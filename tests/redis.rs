@@ -25,7 +25,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use common::{block, live_record};
+use common::{block, live_record, wait_for, LoopTimer};
 
 const SHARED: &str = common::SHARED_REDIS;
 
@@ -529,8 +529,6 @@ fn many_callers_on_a_frozen_server_each_fail_within_the_timeout() {
     assert_eq!(loaded, Some(record));
 }
 
-/// A future dropped halfway (a client gone, a timeout of the caller's own) leaves
-/// neither a half-read connection in the pool nor a slot taken.
 #[cfg(not(feature = "sync"))]
 #[test]
 fn a_dropped_operation_leaks_nothing() {
@@ -538,36 +536,8 @@ fn a_dropped_operation_leaks_nothing() {
     let store = RedisStore::new(&server.url())
         .unwrap()
         .with_max_connections(1);
-    let mut record = live_record(1);
-    block(store.create(&mut record)).unwrap();
-    server.freeze();
-    for _ in 0..3 {
-        let gave_up = block(futures_lite::future::or(
-            async { Some(store.load(&record.id).await) },
-            async {
-                async_io::Timer::after(StdDuration::from_millis(100)).await;
-                None
-            },
-        ));
-        assert!(
-            gave_up.is_none(),
-            "the load cannot finish on a frozen server"
-        );
-    }
-    server.thaw();
-    // The one connection was mid-reply when dropped: it was closed, and its slot given
-    // back, so this gets a new one and reads the right reply.
-    for _ in 0..3 {
-        let loaded = block(store.load(&record.id)).unwrap();
-        assert_eq!(loaded.as_ref(), Some(&record));
-    }
+    common::check_dropped_operations_leak_nothing(&store, || server.freeze(), || server.thaw());
 }
-
-/// The built-in timer of the mode.
-#[cfg(feature = "sync")]
-type LoopTimer = portable_sessions::ThreadTimer;
-#[cfg(not(feature = "sync"))]
-type LoopTimer = portable_sessions::AsyncIoTimer;
 
 /// A `RedisStore` whose deletion pass also reads a key, so that each pass reaches
 /// Redis and an outage reaches the loop (`RedisStore`'s own pass never touches Redis).
@@ -664,15 +634,6 @@ fn deletion_loops_run_through_an_outage() {
     assert_eq!((plain.failures, plain.deleted), (0, 0));
     // The probing loop saw the outage, and kept going through it.
     assert!(probing.failures >= 2, "{probing:?}");
-}
-
-/// Polls `done` until it holds, failing after 10 s.
-fn wait_for(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + StdDuration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "no {what} within 10 s");
-        std::thread::sleep(StdDuration::from_millis(10));
-    }
 }
 
 #[test]

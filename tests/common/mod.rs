@@ -318,3 +318,75 @@ impl Drop for PgSchema {
             .output();
     }
 }
+
+/// Checks that a future dropped halfway (a client gone, a timeout of the caller's
+/// own) leaves neither a half-read connection in the pool nor a slot taken: `store`
+/// has one connection at most, `freeze` stops its server answering and `thaw` lets
+/// it go on.
+#[cfg(all(not(feature = "sync"), feature = "async-io"))]
+pub fn check_dropped_operations_leak_nothing<S: SessionStore>(
+    store: &S,
+    freeze: impl FnOnce(),
+    thaw: impl FnOnce(),
+) {
+    let mut record = live_record(1);
+    block(store.create(&mut record)).unwrap();
+    freeze();
+    for _ in 0..3 {
+        let gave_up = block(futures_lite::future::or(
+            async { Some(store.load(&record.id).await) },
+            async {
+                async_io::Timer::after(std::time::Duration::from_millis(100)).await;
+                None
+            },
+        ));
+        assert!(
+            gave_up.is_none(),
+            "the load cannot finish on a frozen server"
+        );
+    }
+    thaw();
+    // The one connection was mid-reply when dropped: it was closed, and its slot given
+    // back, so this gets a new one and reads the right reply.
+    for _ in 0..3 {
+        let loaded = block(store.load(&record.id)).unwrap();
+        assert_eq!(loaded.as_ref(), Some(&record));
+    }
+}
+
+/// The built-in timer of the mode.
+#[cfg(feature = "sync")]
+pub type LoopTimer = portable_sessions::ThreadTimer;
+/// The built-in timer of the mode.
+#[cfg(all(not(feature = "sync"), feature = "async-io"))]
+pub type LoopTimer = portable_sessions::AsyncIoTimer;
+
+/// Polls `done` until it holds, failing after 10 s.
+pub fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// `psql` on the shared PostgreSQL server, quiet and without the user's settings; the
+/// caller adds `-c SQL` and how it runs.
+pub fn psql_command() -> std::process::Command {
+    let mut command = std::process::Command::new("psql");
+    command.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "5432",
+        "-U",
+        "postgres",
+        "-d",
+        "test",
+        "-X",
+    ]);
+    command
+}

@@ -833,6 +833,20 @@ impl ExpiredDeletion for CountingPasses {
 }
 
 #[test]
+fn timeouts_are_kept_between_a_millisecond_and_a_day() {
+    let day = StdDuration::from_secs(24 * 3600);
+    let store = PostgresStore::new(common::SHARED_POSTGRES)
+        .unwrap()
+        .with_timeout(StdDuration::MAX);
+    assert_eq!(store.timeout(), day);
+    // Every wait is bounded by a day: nothing overflows, and operations work.
+    let loaded = block(store.load(&Id::default())).unwrap();
+    assert_eq!(loaded, None);
+    let store = store.with_timeout(StdDuration::ZERO);
+    assert_eq!(store.timeout(), StdDuration::from_millis(1));
+}
+
+#[test]
 fn debug_output_hides_the_password() {
     let store = PostgresStore::new("postgres://app:hunter2@db.example:6543/app").unwrap();
     let debug = format!("{store:?}");

@@ -637,6 +637,20 @@ fn deletion_loops_run_through_an_outage() {
 }
 
 #[test]
+fn timeouts_are_kept_between_a_millisecond_and_a_day() {
+    let day = StdDuration::from_secs(24 * 3600);
+    let store = RedisStore::new(SHARED)
+        .unwrap()
+        .with_timeout(StdDuration::MAX);
+    assert_eq!(store.timeout(), day);
+    // Every wait is bounded by a day: nothing overflows, and operations work.
+    let loaded = block(store.load(&Id::default())).unwrap();
+    assert_eq!(loaded, None);
+    let store = store.with_timeout(StdDuration::ZERO);
+    assert_eq!(store.timeout(), StdDuration::from_millis(1));
+}
+
+#[test]
 fn debug_output_hides_the_password() {
     let store = RedisStore::new("redis://user:hunter2@127.0.0.1:6380/1").unwrap();
     let debug = format!("{store:?}");

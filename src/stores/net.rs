@@ -287,12 +287,19 @@ fn write_all(stream: &mut Stream, bytes: &[u8], _timeout: Duration) -> io::Resul
 #[cfg(feature = "sync")]
 fn read_some(stream: &mut Stream, buf: &mut [u8], _timeout: Duration) -> io::Result<usize> {
     use std::io::Read;
-    let result = match stream {
-        Stream::Tcp(s) => s.read(buf),
-        #[cfg(unix)]
-        Stream::Unix(s) => s.read(buf),
-    };
-    result.map_err(would_block_is_timeout)
+    loop {
+        let result = match stream {
+            Stream::Tcp(s) => s.read(buf),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.read(buf),
+        };
+        // With a receive timeout set, the kernel does not restart a read that a
+        // signal interrupted: read again.
+        match result {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map_err(would_block_is_timeout),
+        }
+    }
 }
 
 /// A socket timeout shows as `WouldBlock` on Unix.
@@ -404,9 +411,15 @@ pub(crate) trait Pooled: Send {
     fn reusable(&self) -> bool;
 }
 
+/// How long a connection may sit idle and still be used: older ones are closed
+/// instead, since a firewall or NAT between may have forgotten them silently (which
+/// would cost the next operation a whole timeout).
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
 /// Open connections to one server, at most `max` at a time, kept open between uses.
 pub(crate) struct Pool<C> {
-    idle: Mutex<Vec<C>>,
+    /// Idle connections, each with the time it was given back.
+    idle: Mutex<Vec<(C, std::time::Instant)>>,
     slots: Slots,
     max: usize,
     timeout: Duration,
@@ -439,10 +452,23 @@ impl<C: Pooled> Drop for Lent<'_, C> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             if conn.reusable() && !self.discard {
-                self.pool.idle.lock().push(conn);
+                self.pool
+                    .idle
+                    .lock()
+                    .push((conn, std::time::Instant::now()));
             }
         }
     }
+}
+
+/// The shortest and longest timeouts the network stores take: a zero timeout cannot
+/// be set on a socket, and PostgreSQL's `statement_timeout` stops at 24 days.
+pub(crate) const TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_secs(24 * 3600));
+
+/// `timeout` within [`TIMEOUT_RANGE`].
+pub(crate) fn clamp_timeout(timeout: Duration) -> Duration {
+    timeout.clamp(TIMEOUT_RANGE.0, TIMEOUT_RANGE.1)
 }
 
 impl<C: Pooled> Pool<C> {
@@ -457,6 +483,21 @@ impl<C: Pooled> Pool<C> {
 
     pub(crate) fn max(&self) -> usize {
         self.max
+    }
+
+    /// Takes the most recently used idle connection, closing those idle too long.
+    fn fresh_enough(&self) -> Option<C> {
+        let mut idle = self.idle.lock();
+        // The oldest come first: they were given back first.
+        let stale = idle
+            .iter()
+            .take_while(|(_, since)| since.elapsed() > MAX_IDLE)
+            .count();
+        let closed: Vec<_> = idle.drain(..stale).collect();
+        let conn = idle.pop().map(|(conn, _)| conn);
+        drop(idle);
+        drop(closed);
+        conn
     }
 
     /// Closes every idle connection: after one was found closed by its server, the
@@ -479,7 +520,7 @@ impl<C: Pooled> Pool<C> {
                 self.max, self.timeout
             ))
         })?;
-        let conn = if fresh { None } else { self.idle.lock().pop() };
+        let conn = if fresh { None } else { self.fresh_enough() };
         Ok(Lent {
             reused: conn.is_some(),
             conn,
@@ -520,11 +561,16 @@ impl Slots {
 
     /// Takes a slot, waiting at most `timeout` for one.
     fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now().checked_add(timeout);
         let mut free = self.free.lock();
         while *free == 0 {
-            if self.returned.wait_until(&mut free, deadline).timed_out() && *free == 0 {
-                return None;
+            match deadline {
+                Some(deadline) => {
+                    if self.returned.wait_until(&mut free, deadline).timed_out() && *free == 0 {
+                        return None;
+                    }
+                }
+                None => self.returned.wait(&mut free),
             }
         }
         *free -= 1;

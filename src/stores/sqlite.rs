@@ -73,11 +73,11 @@ CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (ex
 ///
 /// SQLite calls block. In async mode (the default) each write (an fsync'd commit)
 /// runs on the [`blocking`](https://docs.rs/blocking) crate's thread pool, so no
-/// executor thread waits for the disk, whatever the executor. A load runs on the
-/// calling task when a pooled connection is idle: in WAL mode a read never waits for
-/// a writer and costs microseconds (for a database the operating system keeps in its
-/// page cache), less than the hand-off to the pool; without an idle connection it
-/// goes to the pool too. In sync mode everything runs on the calling thread.
+/// executor thread waits for the disk, whatever the executor. In WAL mode a load runs
+/// on the calling task when a pooled connection is idle: a WAL read never waits for a
+/// writer and costs microseconds (for a database the operating system keeps in its
+/// page cache), less than the hand-off to the pool; without an idle connection, or
+/// where WAL is unavailable, it goes to the pool too. In sync mode everything runs on the calling thread.
 /// [`open`](SqliteStore::open) blocks in both modes: call it at startup.
 ///
 /// # Examples
@@ -133,7 +133,8 @@ impl SqliteStore {
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(Error::backend)?;
-        if !mode.eq_ignore_ascii_case("wal") {
+        let wal = mode.eq_ignore_ascii_case("wal");
+        if !wal {
             // Some file systems cannot hold a WAL; SQLite then keeps its rollback
             // journal, which is slower for concurrent readers but just as safe.
             log::warn!(
@@ -148,6 +149,7 @@ impl SqliteStore {
             .clamp(2, 8);
         let pool = Pool {
             path,
+            wal,
             max,
             writer: Mutex::new(()),
             state: Mutex::new(PoolState {
@@ -497,6 +499,9 @@ impl Db<'_> {
 /// writers anyway, and readers in WAL mode are quick).
 struct Pool {
     path: PathBuf,
+    /// `true` if the database is in WAL mode, where readers never wait for writers.
+    #[cfg_attr(feature = "sync", allow(dead_code))]
+    wal: bool,
     max: usize,
     /// Taken by each write statement of this process, and handed on fairly: a long
     /// `delete_expired` lets the writers that queued during a batch in before its
@@ -519,9 +524,13 @@ impl Pool {
         self.run_on(conn, op)
     }
 
-    /// Runs `op` on an idle connection if there is one, without waiting or opening.
+    /// Runs `op` on an idle connection if there is one, without waiting or opening,
+    /// and only in WAL mode: in a rollback journal a reader may wait for a writer.
     #[cfg(not(feature = "sync"))]
     fn with_idle_conn<T>(&self, op: impl FnOnce(&Db<'_>) -> Result<T>) -> Option<Result<T>> {
+        if !self.wal {
+            return None;
+        }
         let conn = self.state.lock().idle.pop()?;
         Some(self.run_on(conn, op))
     }

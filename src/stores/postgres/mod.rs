@@ -17,7 +17,7 @@ use crate::{
     lifecycle::clock::Clock,
     session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
-    stores::stored,
+    stores::{net, stored},
 };
 
 /// How many expired rows one `DELETE` statement removes. Each batch is its own
@@ -29,6 +29,14 @@ const DELETE_BATCH: i32 = 5000;
 /// Serializes concurrent schema creation (two processes starting at once) through
 /// `pg_advisory_xact_lock`: "portsess" in ASCII.
 const SCHEMA_LOCK: i64 = 0x706f_7274_7365_7373;
+
+/// What the expiry index's name adds to the table's.
+const INDEX_SUFFIX: &str = "_expires_at";
+
+/// How many ids `create` draws before it gives up: a collision of random 128-bit ids
+/// never happens twice in a row, so more means the insert is being dropped (a rule or
+/// trigger), which no number of tries fixes.
+const MAX_CREATE_ATTEMPTS: usize = 8;
 
 const LOAD: &str = "portable_sessions_load";
 const CREATE: &str = "portable_sessions_create";
@@ -201,14 +209,15 @@ impl PostgresStore {
     ///
     /// # Errors
     ///
-    /// Returns [`Error::Backend`] if a name is empty, longer than PostgreSQL's 63
-    /// bytes, or holds a NUL character.
+    /// Returns [`Error::Backend`] if a name is empty, holds a NUL character, or is
+    /// longer than PostgreSQL's 63 bytes (52 for the table, whose index is named
+    /// after it with `_expires_at`).
     pub fn with_table(mut self, schema: &str, table: &str) -> Result<Self> {
-        for name in [schema, table] {
-            if name.is_empty() || name.len() > 63 || name.contains('\0') {
+        for (name, max) in [(schema, 63), (table, 63 - INDEX_SUFFIX.len())] {
+            if name.is_empty() || name.len() > max || name.contains('\0') {
                 return Err(Error::backend(format!(
-                    "{name:?} cannot name a PostgreSQL schema or table: names are 1 to 63 \
-                     bytes without NUL"
+                    "{name:?} cannot name this PostgreSQL schema or table: names are 1 to \
+                     {max} bytes without NUL"
                 )));
             }
         }
@@ -219,11 +228,12 @@ impl PostgresStore {
 
     /// Returns the store waiting at most `timeout` for a free connection, to
     /// connect, and for each reply; the server cancels a statement running longer.
+    /// The timeout is kept between 1 ms and one day.
     ///
     /// The store value returned gets connections of its own; clones made before keep
     /// the old timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.timeout = timeout;
+        self.settings.timeout = net::clamp_timeout(timeout);
         self.rebuilt()
     }
 
@@ -286,14 +296,15 @@ fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Quotes a string literal.
+/// Quotes a string literal, as an escape string so that it means the same whatever
+/// the server's `standard_conforming_strings`.
 fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn build_pool(settings: &Settings) -> Pool {
     let table = format!("{}.{}", ident(&settings.schema), ident(&settings.table));
-    let index = ident(&format!("{}_expires_at", settings.table));
+    let index = ident(&format!("{}{INDEX_SUFFIX}", settings.table));
     let exists = format!(
         "SELECT to_regclass({}) IS NOT NULL, \
          EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {})",
@@ -426,7 +437,7 @@ impl SessionStore for PostgresStore {
         let bytes = stored::encode(record)?;
         let expires_at = timestamptz(record.expiry_date);
         let version = column_version(record.version);
-        loop {
+        for _ in 0..MAX_CREATE_ATTEMPTS {
             let key = stored::digest(&record.id);
             let reply = self
                 .pool
@@ -447,6 +458,10 @@ impl SessionStore for PostgresStore {
             }
             record.id = random_id()?;
         }
+        Err(Error::backend(format!(
+            "no row was inserted for {MAX_CREATE_ATTEMPTS} new ids in a row: a rule or \
+             trigger on the table may be dropping inserts"
+        )))
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
@@ -597,14 +612,20 @@ mod tests {
     #[test]
     fn names_are_quoted() {
         assert_eq!(ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(literal("it's"), "E'it''s'");
+        assert_eq!(literal("a\\'b"), "E'a\\\\''b'");
     }
 
     #[test]
     fn bad_table_names_are_refused() {
         let store = PostgresStore::new("postgres://u@127.0.0.1/d").unwrap();
         assert!(store.clone().with_table("", "t").is_err());
-        assert!(store.clone().with_table("s", &"x".repeat(64)).is_err());
+        assert!(store.clone().with_table("s", &"x".repeat(53)).is_err());
+        assert!(store.clone().with_table(&"x".repeat(64), "t").is_err());
+        assert!(store
+            .clone()
+            .with_table(&"x".repeat(63), &"x".repeat(52))
+            .is_ok());
         assert!(store.clone().with_table("s", "a\0b").is_err());
         assert_eq!(
             store.with_table("My Schema", "t").unwrap().table(),

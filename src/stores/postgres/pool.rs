@@ -91,6 +91,14 @@ impl Pool {
     /// the same server) and the request runs once more on a new connection. So it
     /// does, after emptying the idle list, when the table has gone (dropped, or the
     /// database restored without it): the new connection creates it again.
+    ///
+    /// A server that went away before reading the request did not run it, and one
+    /// that ran it and died before answering leaves an outcome the contract
+    /// tolerates when it runs twice: loads, saves and deletes are idempotent; a
+    /// create whose first copy committed finds its key taken and draws another id
+    /// (the first row expires unused); an update whose first copy committed finds
+    /// the version moved on and answers `Conflict`, after which the caller reloads
+    /// and sees its own write.
     pub(crate) async fn call(
         &self,
         build: impl Fn(&mut Conn) -> Result<(), WireError> + Send + Sync,

@@ -88,9 +88,9 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// - **Create** writes with `SET ... NX` and draws a new id while the key exists.
 /// - **Conditional writes.** The value starts with the record's version (8 bytes,
 ///   big-endian); [`update`](SessionStore::update) runs a Lua script that compares it
-///   and writes in one step on the server, in one round trip (`EVALSHA`: each new
-///   connection loads the script; it is sent whole, with `EVAL`, if the server has
-///   forgotten it since).
+///   and writes in one step on the server, in one round trip (`EVALSHA`; the script
+///   is sent whole, with `EVAL`, to a server that has not seen it or has forgotten
+///   it).
 /// - **One round trip per operation**, on a connection of the operation's own: the
 ///   calling thread (sync mode) or task (async mode) writes the command and reads the
 ///   reply itself, with no driver task and no hand-off between threads.
@@ -209,11 +209,13 @@ impl RedisStore {
         self
     }
 
-    /// Returns the store waiting at most `timeout` to connect and for each reply.
+    /// Returns the store waiting at most `timeout` for a free connection, to connect
+    /// and for each reply (kept between 1 ms and one day).
     ///
     /// The store value returned gets connections of its own; clones made before
     /// keep the old timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        let timeout = net::clamp_timeout(timeout);
         self.timeout = timeout;
         self.shared = Shared::new(self.shared.conns.max(), timeout);
         self
@@ -275,6 +277,17 @@ fn script_call<'a>(
     ]
 }
 
+/// How many ids `create` draws before it gives up: a collision of random 128-bit ids
+/// never happens twice in a row, so more means something answers for every key.
+const MAX_CREATE_ATTEMPTS: usize = 8;
+
+fn too_many_collisions() -> Error {
+    Error::backend(format!(
+        "every one of {MAX_CREATE_ATTEMPTS} new ids was taken: is the key prefix shared \
+         with something that is not a session store?"
+    ))
+}
+
 /// `Ok` with a reply to a command other than `want`.
 fn unexpected(want: &str, reply: &Reply) -> Error {
     Error::backend(RespError::Protocol(format!("{want} answered {reply:?}")))
@@ -286,7 +299,7 @@ impl SessionStore for RedisStore {
         let Some(ttl) = ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) else {
             // Created already expired: it would never load, so nothing is written, but
             // its id must still be one that no other session holds.
-            loop {
+            for _ in 0..MAX_CREATE_ATTEMPTS {
                 let key = self.key(&record.id);
                 let reply = self.call(&[b"EXISTS", key.as_bytes()]).await?;
                 match reply {
@@ -295,10 +308,11 @@ impl SessionStore for RedisStore {
                     other => return Err(unexpected("EXISTS", &other)),
                 }
             }
+            return Err(too_many_collisions());
         };
         let bytes = encode_value(record, record.version)?;
         let ttl = ttl.to_string();
-        loop {
+        for _ in 0..MAX_CREATE_ATTEMPTS {
             let key = self.key(&record.id);
             let reply = self
                 .call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
@@ -310,6 +324,7 @@ impl SessionStore for RedisStore {
                 other => return Err(unexpected("SET NX", &other)),
             }
         }
+        Err(too_many_collisions())
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
@@ -443,7 +458,8 @@ impl RedisStore {
     }
 
     /// Takes an idle connection (unless `fresh`) or opens one, waiting for a free
-    /// slot at most the timeout. A new connection loads the update script.
+    /// slot at most the timeout. Until the store knows the update script's digest, a
+    /// new connection loads the script to learn it.
     async fn lend(&self, fresh: bool) -> std::result::Result<Lent<'_, Conn>, CallError> {
         let mut lent = self
             .shared
@@ -457,18 +473,26 @@ impl RedisStore {
         let opened = Conn::connect(&self.config, self.timeout).await;
         lent.conn = Some(opened.map_err(CallError::Resp)?);
         let conn = conn_of(&mut lent);
-        conn.push(&[b"SCRIPT", b"LOAD", UPDATE_SCRIPT.as_bytes()]);
-        let loaded = conn.call().await.map_err(CallError::Resp)?;
-        match loaded {
-            Reply::Bulk(sha) => {
-                let sha = String::from_utf8(sha)
-                    .map_err(|_| CallError::Resp(RespError::Protocol("SCRIPT LOAD".into())))?;
-                let _ = self.shared.script_sha.set(sha);
-            }
-            other => {
-                return Err(CallError::Resp(RespError::Protocol(format!(
-                    "SCRIPT LOAD answered {other:?}"
-                ))))
+        if self.shared.script_sha.get().is_none() {
+            // Learn the update script's digest once; `update` sends the script whole
+            // until then, and whenever the server has not seen it.
+            conn.push(&[b"SCRIPT", b"LOAD", UPDATE_SCRIPT.as_bytes()]);
+            let loaded = conn.call().await;
+            match loaded {
+                Ok(Reply::Bulk(sha)) => {
+                    if let Ok(sha) = String::from_utf8(sha) {
+                        let _ = self.shared.script_sha.set(sha);
+                    }
+                }
+                // A server (or proxy) that refuses `SCRIPT` still runs `EVAL`: the
+                // connection is in step, and the operation goes on.
+                Ok(other) => log::warn!("Redis answered SCRIPT LOAD with {other:?}"),
+                Err(RespError::Server(message)) => {
+                    log::warn!(
+                        "Redis refused SCRIPT LOAD ({message}): updates send the script whole"
+                    );
+                }
+                Err(err) => return Err(CallError::Resp(err)),
             }
         }
         Ok(lent)

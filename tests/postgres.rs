@@ -18,7 +18,7 @@ use std::{
 
 use portable_sessions::{
     session::{Id, Record},
-    session_store::{Error, Result},
+    session_store::Result,
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, PostgresStore, SessionStore,
 };
@@ -26,7 +26,10 @@ use rustix::process::{kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use common::{block, live_record, psql, wait_for, LoopTimer, PgSchema};
+use common::{
+    block, every_operation, is_backend, live_record, psql, wait_for, LoopTimer, PgSchema,
+    FAIL_WITHIN, TIMEOUT,
+};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -34,10 +37,6 @@ fn hex(bytes: &[u8]) -> String {
 
 fn key_hex(id: &Id) -> String {
     hex(&Sha256::digest(id.to_bytes()))
-}
-
-fn is_backend<T: std::fmt::Debug>(result: &Result<T>) -> bool {
-    matches!(result, Err(Error::Backend(_)))
 }
 
 #[maybe_async::maybe_async]
@@ -277,18 +276,8 @@ async fn a_statement_stuck_behind_a_lock_is_cancelled() {
     let mut record = live_record(1);
     store.create(&mut record).await.unwrap();
     // Another client holds the row for two seconds.
-    let mut holder = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "test",
-            "-X",
-            "-q",
-            "-c",
-        ])
+    let mut holder = common::psql_command()
+        .args(["-q", "-c"])
         .arg(format!(
             "BEGIN; SELECT 1 FROM {} FOR UPDATE; SELECT pg_sleep(2); COMMIT;",
             schema.table()
@@ -318,12 +307,6 @@ async fn a_statement_stuck_behind_a_lock_is_cancelled() {
     let loaded = store.load(&record.id).await.unwrap();
     assert_eq!(loaded, Some(record));
 }
-
-const TIMEOUT: StdDuration = StdDuration::from_millis(300);
-
-/// How long one failing operation may take: a connection attempt and a reply, each
-/// bounded by the timeout, with room for a loaded machine.
-const FAIL_WITHIN: StdDuration = StdDuration::from_millis(2 * 300 + 1500);
 
 /// A PostgreSQL server of the test's own: a new cluster in a temporary directory,
 /// listening only on a Unix socket there (no other test can take its address, before
@@ -522,23 +505,6 @@ impl Drop for PgServer {
 }
 
 #[maybe_async::maybe_async]
-async fn every_operation<S: SessionStore>(store: &S) -> Vec<(&'static str, Result<()>)> {
-    let mut record = live_record(3);
-    let created = store.create(&mut record).await;
-    let saved = store.save(&record).await;
-    let updated = store.update(&record).await.map(drop);
-    let loaded = store.load(&record.id).await.map(drop);
-    let deleted = store.delete(&record.id).await;
-    vec![
-        ("create", created),
-        ("save", saved),
-        ("update", updated),
-        ("load", loaded),
-        ("delete", deleted),
-    ]
-}
-
-#[maybe_async::maybe_async]
 async fn a_crashed_server_gives_backend_errors_then_the_store_recovers() {
     let mut server = PgServer::start();
     let store = PostgresStore::new(&server.url())
@@ -599,29 +565,12 @@ async fn a_frozen_server_times_out_then_the_store_recovers() {
     let store = PostgresStore::new(&server.url())
         .unwrap()
         .with_timeout(TIMEOUT);
-    let mut record = live_record(1);
-    store.create(&mut record).await.unwrap();
-
-    server.freeze();
-    for (op, result) in every_operation(&store).await {
-        assert!(
-            is_backend(&result),
-            "{op} with the server frozen: {result:?}"
-        );
-    }
-    let started = Instant::now();
-    let loaded = store.load(&record.id).await;
-    assert!(is_backend(&loaded), "{loaded:?}");
-    let took = started.elapsed();
-    assert!(
-        took >= TIMEOUT / 2,
-        "failed in {took:?}: it did not wait for a reply"
-    );
-    assert!(took < FAIL_WITHIN, "took {took:?}");
-
-    server.thaw();
-    let loaded = store.load(&record.id).await.unwrap();
-    assert_eq!(loaded, Some(record));
+    common::check_frozen_server_times_out_then_recovers(
+        &store,
+        || server.freeze(),
+        || server.thaw(),
+    )
+    .await;
 }
 
 #[maybe_async::maybe_async]

@@ -17,7 +17,7 @@ use std::{
 
 use portable_sessions::{
     session::{Id, Record},
-    session_store::{Error, Result, Update},
+    session_store::{Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
 };
@@ -25,7 +25,9 @@ use rustix::process::{kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use common::{block, live_record, wait_for, LoopTimer};
+use common::{
+    block, every_operation, is_backend, live_record, wait_for, LoopTimer, FAIL_WITHIN, TIMEOUT,
+};
 
 const SHARED: &str = common::SHARED_REDIS;
 
@@ -161,10 +163,6 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn is_backend<T: std::fmt::Debug>(result: &Result<T>) -> bool {
-    matches!(result, Err(Error::Backend(_)))
 }
 
 #[maybe_async::maybe_async]
@@ -347,27 +345,6 @@ async fn a_bad_url_is_a_backend_error() {
     assert!(is_backend(&store), "{store:?}");
 }
 
-const TIMEOUT: StdDuration = StdDuration::from_millis(300);
-
-/// How long one failing operation may take: a connection attempt and a reply, each
-/// bounded by the timeout, with room for a loaded machine.
-const FAIL_WITHIN: StdDuration = StdDuration::from_millis(2 * 300 + 1500);
-
-#[maybe_async::maybe_async]
-async fn every_operation<S: SessionStore>(store: &S) -> Vec<(&'static str, Result<()>)> {
-    let mut record = live_record(3);
-    let created = store.create(&mut record).await;
-    let saved = store.save(&record).await;
-    let loaded = store.load(&record.id).await.map(drop);
-    let deleted = store.delete(&record.id).await;
-    vec![
-        ("create", created),
-        ("save", saved),
-        ("load", loaded),
-        ("delete", deleted),
-    ]
-}
-
 #[maybe_async::maybe_async]
 async fn a_killed_server_gives_backend_errors_then_the_store_recovers() {
     let mut server = RedisServer::start();
@@ -426,30 +403,12 @@ async fn a_frozen_server_times_out_then_the_store_recovers() {
     let store = RedisStore::new(&server.url())
         .unwrap()
         .with_timeout(TIMEOUT);
-    let mut record = live_record(1);
-    store.create(&mut record).await.unwrap();
-
-    // Frozen, the server still accepts connections but never answers.
-    server.freeze();
-    for (op, result) in every_operation(&store).await {
-        assert!(
-            is_backend(&result),
-            "{op} with the server frozen: {result:?}"
-        );
-    }
-    let started = Instant::now();
-    let loaded = store.load(&record.id).await;
-    assert!(is_backend(&loaded), "{loaded:?}");
-    let took = started.elapsed();
-    assert!(
-        took >= TIMEOUT / 2,
-        "failed in {took:?}: it did not wait for a reply"
-    );
-    assert!(took < FAIL_WITHIN, "took {took:?}");
-
-    server.thaw();
-    let loaded = store.load(&record.id).await.unwrap();
-    assert_eq!(loaded, Some(record));
+    common::check_frozen_server_times_out_then_recovers(
+        &store,
+        || server.freeze(),
+        || server.thaw(),
+    )
+    .await;
 }
 
 #[maybe_async::maybe_async]

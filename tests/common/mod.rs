@@ -390,3 +390,68 @@ pub fn psql_command() -> std::process::Command {
     ]);
     command
 }
+
+/// `true` for an `Err(Error::Backend(_))`.
+pub fn is_backend<T: std::fmt::Debug>(result: &Result<T>) -> bool {
+    matches!(result, Err(Error::Backend(_)))
+}
+
+/// The timeout the network stores' fault tests set.
+pub const TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// How long one failing operation may take: a connection attempt and a reply, each
+/// bounded by the timeout, with room for a loaded machine.
+pub const FAIL_WITHIN: std::time::Duration = std::time::Duration::from_millis(2 * 300 + 1500);
+
+/// Runs each operation of `store` once, on a new record, and returns what each gave.
+#[maybe_async::maybe_async]
+pub async fn every_operation<S: SessionStore>(store: &S) -> Vec<(&'static str, Result<()>)> {
+    let mut record = live_record(3);
+    let created = store.create(&mut record).await;
+    let saved = store.save(&record).await;
+    let updated = store.update(&record).await.map(drop);
+    let loaded = store.load(&record.id).await.map(drop);
+    let deleted = store.delete(&record.id).await;
+    vec![
+        ("create", created),
+        ("save", saved),
+        ("update", updated),
+        ("load", loaded),
+        ("delete", deleted),
+    ]
+}
+
+/// Checks that a server that stops answering (`freeze`) makes every operation of
+/// `store` (set to [`TIMEOUT`]) fail with `Error::Backend` after waiting for a reply,
+/// within [`FAIL_WITHIN`], and that the same store works again once it answers
+/// (`thaw`).
+#[maybe_async::maybe_async]
+pub async fn check_frozen_server_times_out_then_recovers<S: SessionStore>(
+    store: &S,
+    freeze: impl FnOnce(),
+    thaw: impl FnOnce(),
+) {
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+
+    freeze();
+    for (op, result) in every_operation(store).await {
+        assert!(
+            is_backend(&result),
+            "{op} with the server frozen: {result:?}"
+        );
+    }
+    let started = std::time::Instant::now();
+    let loaded = store.load(&record.id).await;
+    assert!(is_backend(&loaded), "{loaded:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= TIMEOUT / 2,
+        "failed in {took:?}: it did not wait for a reply"
+    );
+    assert!(took < FAIL_WITHIN, "took {took:?}");
+
+    thaw();
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+}

@@ -8,20 +8,12 @@ use crate::{
     stores::net::{self, Address},
 };
 
-/// The server's address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Host {
-    /// A host name or IP address, with the port.
-    Tcp(String, u16),
-    /// The directory of the server's Unix socket; the socket is `.s.PGSQL.PORT` in it.
-    #[cfg(unix)]
-    Unix(PathBuf, u16),
-}
-
 /// What a URL says about a connection.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Config {
-    pub(crate) host: Host,
+    /// The server's socket: a host and port, or the file `.s.PGSQL.PORT` in the
+    /// directory that `host` names.
+    pub(crate) address: Address,
     pub(crate) user: String,
     pub(crate) password: Option<String>,
     pub(crate) dbname: String,
@@ -34,33 +26,11 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the password: configs end up in logs.
         f.debug_struct("Config")
-            .field("host", &self.host)
+            .field("address", &self.address)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "..."))
             .field("dbname", &self.dbname)
             .finish_non_exhaustive()
-    }
-}
-
-impl Host {
-    /// The socket to connect to.
-    pub(crate) fn address(&self) -> Address {
-        match self {
-            Self::Tcp(host, port) => Address::Tcp(host.clone(), *port),
-            #[cfg(unix)]
-            Self::Unix(dir, port) => Address::Unix(dir.join(format!(".s.PGSQL.{port}"))),
-        }
-    }
-}
-
-impl fmt::Display for Host {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tcp(host, port) if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Self::Tcp(host, port) => write!(f, "{host}:{port}"),
-            #[cfg(unix)]
-            Self::Unix(dir, port) => write!(f, "{}/.s.PGSQL.{port}", dir.display()),
-        }
     }
 }
 
@@ -182,14 +152,16 @@ impl Config {
                 .map_err(|_| invalid("it names no user, and $USER is not set"))?,
         };
         let port = port.unwrap_or(Self::DEFAULT_PORT);
-        let host = match host {
+        let address = match host {
             #[cfg(unix)]
-            Some(dir) if dir.starts_with('/') => Host::Unix(PathBuf::from(dir), port),
-            Some(name) => Host::Tcp(name, port),
-            None => Host::Tcp("localhost".to_owned(), port),
+            Some(dir) if dir.starts_with('/') => {
+                Address::Unix(PathBuf::from(dir).join(format!(".s.PGSQL.{port}")))
+            }
+            Some(name) => Address::Tcp(name, port),
+            None => Address::Tcp("localhost".to_owned(), port),
         };
         Ok(Self {
-            host,
+            address,
             dbname: dbname.unwrap_or_else(|| user.clone()),
             user,
             password,
@@ -206,21 +178,24 @@ mod tests {
     #[test]
     fn parses_the_usual_forms() {
         let config = Config::parse("postgres://app:s%3Acret@db.example:6543/sessions").unwrap();
-        assert_eq!(config.host, Host::Tcp("db.example".into(), 6543));
+        assert_eq!(config.address, Address::Tcp("db.example".into(), 6543));
         assert_eq!(config.user, "app");
         assert_eq!(config.password.as_deref(), Some("s:cret"));
         assert_eq!(config.dbname, "sessions");
 
         let config = Config::parse("postgresql://me@[::1]/").unwrap();
-        assert_eq!(config.host, Host::Tcp("::1".into(), 5432));
+        assert_eq!(config.address, Address::Tcp("::1".into(), 5432));
         assert_eq!(config.dbname, "me");
-        assert_eq!(config.host.to_string(), "[::1]:5432");
+        assert_eq!(config.address.to_string(), "[::1]:5432");
 
         let config = Config::parse(
             "postgres://me@/db?host=%2Fvar%2Frun%2Fpostgresql&port=5433&connect_timeout=3",
         )
         .unwrap();
-        assert_eq!(config.host, Host::Unix("/var/run/postgresql".into(), 5433));
+        assert_eq!(
+            config.address,
+            Address::Unix("/var/run/postgresql/.s.PGSQL.5433".into())
+        );
         assert_eq!(config.connect_timeout, Some(Duration::from_secs(3)));
         assert!(
             !format!("{:?}", Config::parse("postgres://u:hunter2@h/d").unwrap())

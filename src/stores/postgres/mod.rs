@@ -586,7 +586,7 @@ impl ExpiredDeletion for PostgresStore {
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("host", &self.settings.config.host)
+            .field("server", &format_args!("{}", self.settings.config.address))
             .field("dbname", &self.settings.config.dbname)
             .field("schema", &self.settings.schema)
             .field("table", &self.settings.table)

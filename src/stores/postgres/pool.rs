@@ -75,10 +75,6 @@ impl Pool {
     pub(crate) fn max(&self) -> usize {
         self.conns.max()
     }
-
-    fn error(&self, err: WireError) -> Error {
-        Error::backend(err)
-    }
 }
 
 #[maybe_async::maybe_async]
@@ -109,7 +105,7 @@ impl Pool {
             let reused = lent.reused;
             let conn = conn_of(&mut lent);
             conn.clear_request();
-            build(conn).map_err(|err| self.error(err))?;
+            build(conn).map_err(Error::backend)?;
             let result = conn.exchange().await;
             match result {
                 Ok(reply) => return Ok(reply),
@@ -123,7 +119,7 @@ impl Pool {
                     self.conns.clear();
                     retried = true;
                 }
-                Err(err) => return Err(self.error(err)),
+                Err(err) => return Err(Error::backend(err)),
             }
         }
     }
@@ -142,7 +138,7 @@ impl Pool {
             return Ok(lent);
         }
         let opened = Conn::connect(&self.config, self.timeout, self.timeout).await;
-        lent.conn = Some(opened.map_err(|err| self.error(err))?);
+        lent.conn = Some(opened.map_err(Error::backend)?);
         let conn = conn_of(&mut lent);
         if !self.ready.load(Ordering::Acquire) {
             self.ensure_table(conn).await?;
@@ -153,14 +149,13 @@ impl Pool {
             .iter()
             .map(|(name, sql, types)| (*name, sql.as_str(), *types))
             .collect();
-        conn.push_prepare(&statements)
-            .map_err(|err| self.error(err))?;
+        conn.push_prepare(&statements).map_err(Error::backend)?;
         let prepared = conn.exchange().await;
         if let Err(err) = prepared {
             if err.code() == Some(UNDEFINED_TABLE) {
                 self.ready.store(false, Ordering::Release);
             }
-            return Err(self.error(err));
+            return Err(Error::backend(err));
         }
         conn.prepared = true;
         Ok(lent)
@@ -170,13 +165,13 @@ impl Pool {
         // Look first: creating needs privileges that an application whose table was
         // made by an administrator may lack.
         conn.push_query(&self.setup.exists)
-            .map_err(|err| self.error(err))?;
-        let reply = conn.exchange().await.map_err(|err| self.error(err))?;
+            .map_err(Error::backend)?;
+        let reply = conn.exchange().await.map_err(Error::backend)?;
         let row = reply
             .rows
             .first()
-            .ok_or_else(|| self.error(WireError::Protocol("no reply row".into())))?;
-        let columns = super::wire::columns(row).map_err(|err| self.error(err))?;
+            .ok_or_else(|| Error::backend(WireError::Protocol("no reply row".into())))?;
+        let columns = super::wire::columns(row).map_err(Error::backend)?;
         let is_true = |i: usize| columns.get(i).copied().flatten() == Some(b"t".as_slice());
         let (table_exists, schema_exists) = (is_true(0), is_true(1));
         if !table_exists {
@@ -186,8 +181,8 @@ impl Pool {
                 sql.push_str(&self.setup.create_schema);
             }
             sql.push_str(&self.setup.create);
-            conn.push_query(&sql).map_err(|err| self.error(err))?;
-            conn.exchange().await.map_err(|err| self.error(err))?;
+            conn.push_query(&sql).map_err(Error::backend)?;
+            conn.exchange().await.map_err(Error::backend)?;
         }
         self.ready.store(true, Ordering::Release);
         Ok(())

@@ -274,7 +274,7 @@ impl Conn {
         // `connect_timeout` bounds the connection; the store's timeout bounds it and
         // every later wait.
         let connect_timeout = config.connect_timeout.map_or(timeout, |t| t.min(timeout));
-        let mut socket = Socket::connect(&config.host.address(), connect_timeout)
+        let mut socket = Socket::connect(&config.address, connect_timeout)
             .await
             .map_err(WireError::Io)?;
         socket.set_timeout(timeout);

@@ -1,14 +1,59 @@
-//! The record codec (what persistent stores write) against serde_json of
-//! tower-sessions' record, on the same five-key workload as `benches/stores.rs`.
+//! The session model against tower-sessions', on the same five-key workload as
+//! `benches/stores.rs`:
+//!
+//! - `id`: a fresh random id, beside two floors: one `getrandom` call per 16 bytes
+//!   (what every id cost before ids were read in blocks) and the kernel CSPRNG's own
+//!   rate, 16 bytes' share of 64 KiB reads. (The peer's ids come from `rand`'s
+//!   user-space generator, not from the operating system.)
+//! - `build_record`: a record of five values with a fresh id, as a request makes one.
+//! - `encode` and `decode`: the record codec (what persistent stores write) against
+//!   serde_json of tower-sessions' record.
 //!
 //! The codec is the same in both modes; the benchmark names carry the mode anyway, so
 //! that runs of both modes sit side by side in criterion's report. The encoded sizes
 //! are printed before the timings.
 
+use std::{
+    hint::black_box,
+    time::{Duration, Instant},
+};
+
 use criterion::{criterion_group, criterion_main, Criterion};
 
 mod common;
-use common::{criterion_config, our_record, peer_record, OurRecord, PeerRecord, MODE};
+use common::{
+    criterion_config, our_record, peer_record, OurId, OurRecord, PeerId, PeerRecord, MODE,
+};
+
+/// Times the kernel producing `16 * iters` random bytes in reads of `block` bytes.
+fn kernel_rate(iters: u64, block: usize) -> Duration {
+    let mut buffer = vec![0u8; block];
+    let calls = (iters * 16).div_ceil(block as u64);
+    let start = Instant::now();
+    for _ in 0..calls {
+        getrandom::fill(&mut buffer).expect("random bytes");
+        black_box(&buffer);
+    }
+    start.elapsed()
+}
+
+fn ids(c: &mut Criterion) {
+    let mut group = c.benchmark_group("id");
+    group.bench_function(format!("ours-{MODE}"), |b| b.iter(OurId::default));
+    group.bench_function("tower", |b| b.iter(PeerId::default));
+    group.bench_function("floor/getrandom-16", |b| {
+        b.iter_custom(|iters| kernel_rate(iters, 16))
+    });
+    group.bench_function("floor/kernel-64KiB", |b| {
+        b.iter_custom(|iters| kernel_rate(iters, 64 << 10))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("build_record");
+    group.bench_function(format!("ours-{MODE}"), |b| b.iter(our_record));
+    group.bench_function("tower", |b| b.iter(peer_record));
+    group.finish();
+}
 
 fn codec(c: &mut Criterion) {
     let ours = our_record();
@@ -49,6 +94,6 @@ fn codec(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = criterion_config();
-    targets = codec
+    targets = ids, codec
 }
 criterion_main!(benches);

@@ -336,19 +336,18 @@ impl Record {
     ///
     /// Returns [`Error::Encode`] if `value` cannot be serialized; the record is then
     /// unchanged.
-    pub fn insert<T: Serialize + ?Sized>(
-        &mut self,
-        key: impl Into<String>,
-        value: &T,
-    ) -> Result<()> {
-        let bytes = postcard::to_allocvec(value).map_err(Error::encode)?;
-        self.insert_raw(key, bytes);
+    pub fn insert<T: Serialize + ?Sized>(&mut self, key: impl AsRef<str>, value: &T) -> Result<()> {
+        self.data
+            .put(key.as_ref(), false, |bytes| {
+                postcard::serialize_with_flavor(value, Append(bytes))
+            })
+            .map_err(Error::encode)?;
         Ok(())
     }
 
     /// Stores already-encoded bytes under `key` and returns the bytes it replaced.
-    pub fn insert_raw(&mut self, key: impl Into<String>, bytes: Vec<u8>) -> Option<Vec<u8>> {
-        self.data.set(&key.into(), Some(&bytes))
+    pub fn insert_raw(&mut self, key: impl AsRef<str>, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        self.data.set(key.as_ref(), &bytes)
     }
 
     /// Decodes the value stored under `key` as a `T`.
@@ -370,7 +369,7 @@ impl Record {
 
     /// Removes the value stored under `key` and returns its encoded bytes.
     pub fn remove(&mut self, key: &str) -> Option<Vec<u8>> {
-        self.data.set(key, None)
+        self.data.remove(key)
     }
 
     /// Returns `true` if a value is stored under `key`.
@@ -393,7 +392,7 @@ impl Record {
 
     /// Returns `true` if the record holds no values.
     pub fn is_empty(&self) -> bool {
-        self.data.0.is_empty()
+        self.data.bytes().is_empty()
     }
 
     /// Removes every value; the id and expiry date stay.
@@ -479,10 +478,10 @@ impl Record {
         .map_err(Error::encode)?;
         head_len += expiry.len();
         // No values is no bytes in memory, and a zero count on the wire.
-        let values: &[u8] = if self.data.0.is_empty() {
+        let values: &[u8] = if self.data.bytes().is_empty() {
             &[0]
         } else {
-            &self.data.0
+            self.data.bytes()
         };
         let len = head_len + values.len();
         if len > Self::MAX_ENCODED_LEN {
@@ -600,10 +599,46 @@ impl fmt::Debug for Record {
 /// unique, and in increasing byte order (the order of `str`). Postcard writes a
 /// `BTreeMap<String, Vec<u8>>` the same way.
 ///
-/// One allocation holds every value, shared between clones; a change writes a new one.
-/// No values is no bytes at all, so that equal values are equal bytes.
+/// One allocation holds every value, shared between clones (a load from memory is a
+/// reference count). A change edits it in place when no clone shares it, and copies
+/// it first when one does. No values is no bytes at all, and no allocation, so that
+/// equal values are equal bytes and an empty record is free to make.
 #[derive(Clone, Default, PartialEq, Eq)]
-struct Data(Arc<[u8]>);
+struct Data(Option<Arc<Vec<u8>>>);
+
+/// Where one value sits in [`Data`]'s bytes.
+struct Entry {
+    /// The first byte of its key's length.
+    start: usize,
+    /// The first byte of the value itself.
+    value: usize,
+    /// One past its last byte.
+    end: usize,
+}
+
+/// A postcard output that appends to a vector it borrows, so that a value is
+/// encoded straight into a record's bytes, and a failed encoding can be cut off.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
 
 impl Data {
     /// Checks that `bytes` are exactly one encoded set of values, and keeps a copy.
@@ -640,17 +675,26 @@ impl Data {
         Ok(if count == 0 {
             Self::default()
         } else {
-            Self(Arc::from(bytes))
+            Self(Some(Arc::new(bytes.to_vec())))
         })
     }
 
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// The bytes, to change: copied first if a clone shares them.
+    fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        Arc::make_mut(self.0.get_or_insert_with(Arc::default))
+    }
+
     fn len(&self) -> usize {
-        take_varint(&mut &self.0[..]).unwrap_or(0)
+        take_varint(&mut self.bytes()).unwrap_or(0)
     }
 
     /// Iterates over `(key, value)`, in key order.
     fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let mut rest = &self.0[..];
+        let mut rest = self.bytes();
         let count = take_varint(&mut rest).unwrap_or(0);
         // Checked when made, so the fields never run out before the count does.
         (0..count).map_while(move |_| Some((take_field(&mut rest)?, take_field(&mut rest)?)))
@@ -663,45 +707,161 @@ impl Data {
             .map(|(_, value)| value)
     }
 
-    /// Sets `key` to `value`, or removes it for `None`, and returns the bytes it
-    /// replaced. Leaves shared values shared when nothing changes.
-    fn set(&mut self, key: &str, value: Option<&[u8]>) -> Option<Vec<u8>> {
-        let old = self.get(key).map(<[u8]>::to_vec);
-        if old.is_none() && value.is_none() {
-            return None;
-        }
-        let count = self.len() - usize::from(old.is_some()) + usize::from(value.is_some());
-        if count == 0 {
-            *self = Self::default();
-            return old;
-        }
-        let mut bytes =
-            Vec::with_capacity(self.0.len() + 2 * 10 + key.len() + value.map_or(0, <[u8]>::len));
-        put_varint(&mut bytes, count);
-        let mut new = value.map(|value| (key.as_bytes(), value));
-        for (k, v) in self.entries() {
-            if let Some((new_key, new_value)) = new.filter(|(new_key, _)| *new_key <= k) {
-                put_field(&mut bytes, new_key);
-                put_field(&mut bytes, new_value);
-                new = None;
-            }
-            if k != key.as_bytes() {
-                put_field(&mut bytes, k);
-                put_field(&mut bytes, v);
+    /// Finds where `key` goes: its entry, if there is one, and otherwise the offset
+    /// of the first entry after it (the end of the bytes if none).
+    fn find(&self, key: &str) -> std::result::Result<Entry, usize> {
+        let bytes = self.bytes();
+        let mut rest = bytes;
+        let count = take_varint(&mut rest).unwrap_or(0);
+        for _ in 0..count {
+            let start = bytes.len() - rest.len();
+            // Checked when made, so the fields never run out before the count does.
+            let (Some(k), Some(value)) = (take_field(&mut rest), take_field(&mut rest)) else {
+                break;
+            };
+            match k.cmp(key.as_bytes()) {
+                Ordering::Less => {}
+                Ordering::Equal => {
+                    let end = bytes.len() - rest.len();
+                    return Ok(Entry {
+                        start,
+                        value: end - value.len(),
+                        end,
+                    });
+                }
+                Ordering::Greater => return Err(start),
             }
         }
-        if let Some((new_key, new_value)) = new {
-            put_field(&mut bytes, new_key);
-            put_field(&mut bytes, new_value);
-        }
-        self.0 = Arc::from(bytes);
-        old
+        Err(bytes.len())
     }
+
+    /// Sets `key` to the value that `write` appends to the vector it is given, and
+    /// returns the entry it replaced. On an error from `write`, nothing changes.
+    /// The old value's bytes come back only when `keep_old` asks for them.
+    fn put<E>(
+        &mut self,
+        key: &str,
+        keep_old: bool,
+        write: impl FnOnce(&mut Vec<u8>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Option<Vec<u8>>, E> {
+        let found = self.find(key);
+        let bytes = self.bytes_mut();
+        if bytes.is_empty() {
+            // Room for a few small values: records are built a value at a time.
+            bytes.reserve(192);
+            bytes.push(0);
+        }
+        // The new entry is written at the end, its value's length guessed to take one
+        // byte (under 128 bytes) and widened if not; one rotation moves it in place.
+        let entry_at = bytes.len();
+        put_field(bytes, key.as_bytes());
+        let len_at = bytes.len();
+        bytes.push(0);
+        if let Err(err) = write(bytes) {
+            bytes.truncate(entry_at);
+            if bytes.len() == 1 {
+                *self = Self::default();
+            }
+            return Err(err);
+        }
+        let value_len = bytes.len() - len_at - 1;
+        if value_len < 0x80 {
+            bytes[len_at] = value_len as u8;
+        } else {
+            let mut len = Vec::with_capacity(10);
+            put_varint(&mut len, value_len);
+            bytes.splice(len_at..=len_at, len);
+        }
+        let entry_len = bytes.len() - entry_at;
+        let at = match &found {
+            Ok(old) => old.start,
+            // No values had no count either: the first entry goes after the one
+            // written above.
+            Err(at) => (*at).max(1),
+        };
+        bytes[at..].rotate_right(entry_len);
+        let old = match found {
+            Ok(old) => {
+                // The old entry now follows the new one.
+                let shift = entry_len;
+                let value = keep_old.then(|| bytes[old.value + shift..old.end + shift].to_vec());
+                bytes.drain(old.start + shift..old.end + shift);
+                value
+            }
+            Err(_) => {
+                let count = take_varint(&mut &bytes[..]).unwrap_or(0);
+                set_count(bytes, count + 1);
+                None
+            }
+        };
+        Ok(old)
+    }
+
+    /// Sets `key` to `value` and returns the bytes it replaced.
+    fn set(&mut self, key: &str, value: &[u8]) -> Option<Vec<u8>> {
+        if self.get(key) == Some(value) {
+            // Nothing changes: values shared with clones stay shared.
+            return Some(value.to_vec());
+        }
+        let put = self.put(key, true, |bytes| {
+            bytes.extend_from_slice(value);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match put {
+            Ok(old) => old,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Removes `key` and returns its bytes. Leaves shared values shared when there
+    /// is no such key.
+    fn remove(&mut self, key: &str) -> Option<Vec<u8>> {
+        let entry = self.find(key).ok()?;
+        let count = self.len() - 1;
+        if count == 0 {
+            let value = self.bytes()[entry.value..entry.end].to_vec();
+            *self = Self::default();
+            return Some(value);
+        }
+        let bytes = self.bytes_mut();
+        let value = bytes[entry.value..entry.end].to_vec();
+        bytes.drain(entry.start..entry.end);
+        set_count(bytes, count);
+        Some(value)
+    }
+}
+
+/// Rewrites the varint count at the front of `bytes`.
+fn set_count(bytes: &mut Vec<u8>, count: usize) {
+    let mut rest = &bytes[..];
+    take_varint(&mut rest);
+    let old_len = bytes.len() - rest.len();
+    if count < 0x80 && old_len == 1 {
+        bytes[0] = count as u8;
+        return;
+    }
+    let mut new = Vec::with_capacity(10);
+    put_varint(&mut new, count);
+    bytes.splice(..old_len, new);
 }
 
 /// Reads a varint (LEB128, as postcard writes lengths) from the front of `bytes`.
 /// Returns `None` for a truncated, overlong or overflowing one.
+#[inline(always)]
 fn take_varint(bytes: &mut &[u8]) -> Option<usize> {
+    // Lengths and counts under 128, nearly all of them, are one byte.
+    match bytes.split_first() {
+        Some((&byte, rest)) if byte < 0x80 => {
+            *bytes = rest;
+            Some(usize::from(byte))
+        }
+        _ => take_long_varint(bytes),
+    }
+}
+
+/// [`take_varint`] of a varint longer than one byte.
+#[inline(never)]
+fn take_long_varint(bytes: &mut &[u8]) -> Option<usize> {
     let mut value: u64 = 0;
     for (at, &byte) in bytes.iter().enumerate().take(10) {
         let low = u64::from(byte & 0x7f);
@@ -724,6 +884,7 @@ fn take_varint(bytes: &mut &[u8]) -> Option<usize> {
 }
 
 /// Reads a varint length and that many bytes from the front of `bytes`.
+#[inline(always)]
 fn take_field<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
     let len = take_varint(bytes)?;
     let (field, rest) = bytes.split_at_checked(len)?;
@@ -806,7 +967,10 @@ pub(crate) mod tests {
         let mut a = Record::new(OffsetDateTime::UNIX_EPOCH);
         a.insert("k", "v").unwrap();
         let mut b = a.clone();
-        assert!(Arc::ptr_eq(&a.data.0, &b.data.0));
+        assert!(Arc::ptr_eq(
+            a.data.0.as_ref().unwrap(),
+            b.data.0.as_ref().unwrap()
+        ));
         b.insert("k", "w").unwrap();
         assert_eq!(a.get::<String>("k").unwrap().as_deref(), Some("v"));
         assert_eq!(b.get::<String>("k").unwrap().as_deref(), Some("w"));
@@ -875,5 +1039,111 @@ pub(crate) mod tests {
             Record::decode(&fine).unwrap().get_raw("k"),
             Some(&[7u8][..])
         );
+    }
+
+    /// One change to a record, for the model test below.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Insert(String, String),
+        InsertRaw(String, Vec<u8>),
+        Remove(String),
+        Clear,
+        /// Keeps a clone, which later changes must leave alone.
+        Clone,
+    }
+
+    fn any_change() -> impl proptest::strategy::Strategy<Value = Change> {
+        use proptest::prelude::*;
+        // Few distinct short keys (so that they collide), and some long ones whose
+        // lengths take two varint bytes.
+        let key = prop_oneof![4 => "[a-e]{1,2}", 1 => "[a-c]{130,140}"];
+        prop_oneof![
+            4 => (key.clone(), "[a-z]{0,20}").prop_map(|(k, v)| Change::Insert(k, v)),
+            2 => (key.clone(), proptest::collection::vec(any::<u8>(), 0..200))
+                .prop_map(|(k, v)| Change::InsertRaw(k, v)),
+            2 => key.prop_map(Change::Remove),
+            1 => Just(Change::Clear),
+            1 => Just(Change::Clone),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Records edited in place hold exactly what a sorted map would, encode as
+        /// one built from scratch would, and never change a clone.
+        #[test]
+        fn edits_in_place_match_a_sorted_map(changes in proptest::collection::vec(any_change(), 0..60)) {
+            use std::collections::BTreeMap;
+            let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+            let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            let mut clones: Vec<(Record, BTreeMap<String, Vec<u8>>)> = Vec::new();
+            for change in changes {
+                match change {
+                    Change::Insert(key, value) => {
+                        record.insert(&key, &value).unwrap();
+                        model.insert(key, postcard::to_allocvec(&value).unwrap());
+                    }
+                    Change::InsertRaw(key, value) => {
+                        let old = record.insert_raw(&key, value.clone());
+                        proptest::prop_assert_eq!(old, model.insert(key, value));
+                    }
+                    Change::Remove(key) => {
+                        proptest::prop_assert_eq!(record.remove(&key), model.remove(&key));
+                    }
+                    Change::Clear => {
+                        record.clear();
+                        model.clear();
+                    }
+                    Change::Clone => clones.push((record.clone(), model.clone())),
+                }
+                proptest::prop_assert_eq!(record.len(), model.len());
+                proptest::prop_assert!(record.keys().eq(model.keys().map(String::as_str)));
+                for (key, value) in &model {
+                    proptest::prop_assert_eq!(record.get_raw(key), Some(&value[..]));
+                }
+                // The same values, inserted into a fresh record in key order.
+                let mut fresh = Record::with_id(record.id, record.expiry_date);
+                for (key, value) in &model {
+                    fresh.insert_raw(key, value.clone());
+                }
+                proptest::prop_assert_eq!(&record, &fresh);
+                proptest::prop_assert_eq!(record.encode().unwrap(), fresh.encode().unwrap());
+                proptest::prop_assert_eq!(Record::decode(&record.encode().unwrap()).unwrap(), fresh);
+            }
+            for (clone, model) in clones {
+                proptest::prop_assert!(clone.keys().eq(model.keys().map(String::as_str)));
+                for (key, value) in &model {
+                    proptest::prop_assert_eq!(clone.get_raw(key), Some(&value[..]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_that_fails_to_encode_changes_nothing() {
+        struct Fails;
+        impl Serialize for Fails {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                serializer: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                use serde::ser::{Error as _, SerializeSeq};
+                // Writes part of a sequence before failing.
+                let mut seq = serializer.serialize_seq(Some(3))?;
+                seq.serialize_element(&1u32)?;
+                Err(S::Error::custom("no"))
+            }
+        }
+        let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+        assert!(record.insert("k", &Fails).is_err());
+        assert_eq!(record, Record::with_id(record.id, record.expiry_date));
+        assert!(record.is_empty());
+        record.insert("a", &1u8).unwrap();
+        let before = record.clone();
+        assert!(matches!(record.insert("b", &Fails), Err(Error::Encode(_))));
+        assert!(matches!(record.insert("a", &Fails), Err(Error::Encode(_))));
+        assert_eq!(record, before);
+        assert_eq!(record.encode().unwrap(), before.encode().unwrap());
     }
 }

@@ -319,6 +319,33 @@ impl Record {
         Self::with_id(Id::default(), expiry_date)
     }
 
+    /// Puts together a record that a store kept in parts: its values are shared with
+    /// the store, not copied.
+    pub(crate) fn from_parts(
+        id: Id,
+        expiry_date: OffsetDateTime,
+        version: u64,
+        values: Option<Arc<[u8]>>,
+    ) -> Self {
+        Self {
+            id,
+            expiry_date,
+            version,
+            data: values.map_or_else(Data::default, Data::Shared),
+        }
+    }
+
+    /// The values' bytes, shared (copied once into a shared allocation if this
+    /// record owns them); `None` for no values. What [`from_parts`](Self::from_parts)
+    /// takes back.
+    pub(crate) fn shared_values(&self) -> Option<Arc<[u8]>> {
+        match &self.data {
+            Data::Shared(bytes) => Some(Arc::clone(bytes)),
+            Data::Owned(bytes) if bytes.is_empty() => None,
+            Data::Owned(bytes) => Some(Arc::from(&bytes[..])),
+        }
+    }
+
     /// Makes a record with this id and expiry date, and no values.
     pub(crate) fn with_id(id: Id, expiry_date: OffsetDateTime) -> Self {
         Self {
@@ -599,12 +626,39 @@ impl fmt::Debug for Record {
 /// unique, and in increasing byte order (the order of `str`). Postcard writes a
 /// `BTreeMap<String, Vec<u8>>` the same way.
 ///
-/// One allocation holds every value, shared between clones (a load from memory is a
-/// reference count). A change edits it in place when no clone shares it, and copies
-/// it first when one does. No values is no bytes at all, and no allocation, so that
-/// equal values are equal bytes and an empty record is free to make.
-#[derive(Clone, Default, PartialEq, Eq)]
-struct Data(Option<Arc<Vec<u8>>>);
+/// The bytes are either shared or owned. A clone shares them: one allocation of
+/// exactly their size, which later clones only count (a load from a memory store is a
+/// reference count). A change owns them: it edits a vector in place, after copying the
+/// shared bytes out if it starts from them, so building a record a value at a time
+/// copies nothing. No values is no bytes at all and no allocation, so that equal
+/// values are equal bytes and an empty record is free to make.
+#[derive(Eq)]
+enum Data {
+    Shared(Arc<[u8]>),
+    Owned(Vec<u8>),
+}
+
+impl Default for Data {
+    fn default() -> Self {
+        Self::Owned(Vec::new())
+    }
+}
+
+impl Clone for Data {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Shared(bytes) => Self::Shared(Arc::clone(bytes)),
+            Self::Owned(bytes) if bytes.is_empty() => Self::default(),
+            Self::Owned(bytes) => Self::Shared(Arc::from(&bytes[..])),
+        }
+    }
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
 
 /// Where one value sits in [`Data`]'s bytes.
 struct Entry {
@@ -675,17 +729,29 @@ impl Data {
         Ok(if count == 0 {
             Self::default()
         } else {
-            Self(Some(Arc::new(bytes.to_vec())))
+            Self::Shared(Arc::from(bytes))
         })
     }
 
     fn bytes(&self) -> &[u8] {
-        self.0.as_deref().map_or(&[], Vec::as_slice)
+        match self {
+            Self::Shared(bytes) => bytes,
+            Self::Owned(bytes) => bytes,
+        }
     }
 
-    /// The bytes, to change: copied first if a clone shares them.
+    /// The bytes, to change: copied out first if they are shared.
     fn bytes_mut(&mut self) -> &mut Vec<u8> {
-        Arc::make_mut(self.0.get_or_insert_with(Arc::default))
+        if let Self::Shared(shared) = self {
+            // Room for another small value or two.
+            let mut owned = Vec::with_capacity(shared.len() + 64);
+            owned.extend_from_slice(shared);
+            *self = Self::Owned(owned);
+        }
+        match self {
+            Self::Owned(bytes) => bytes,
+            Self::Shared(_) => unreachable!("made owned above"),
+        }
     }
 
     fn len(&self) -> usize {
@@ -966,11 +1032,13 @@ pub(crate) mod tests {
     fn clones_share_values_until_changed() {
         let mut a = Record::new(OffsetDateTime::UNIX_EPOCH);
         a.insert("k", "v").unwrap();
-        let mut b = a.clone();
-        assert!(Arc::ptr_eq(
-            a.data.0.as_ref().unwrap(),
-            b.data.0.as_ref().unwrap()
-        ));
+        let b = a.clone();
+        let c = b.clone();
+        let (Data::Shared(b_bytes), Data::Shared(c_bytes)) = (&b.data, &c.data) else {
+            panic!("clones share their values");
+        };
+        assert!(Arc::ptr_eq(b_bytes, c_bytes));
+        let mut b = b;
         b.insert("k", "w").unwrap();
         assert_eq!(a.get::<String>("k").unwrap().as_deref(), Some("v"));
         assert_eq!(b.get::<String>("k").unwrap().as_deref(), Some("w"));

@@ -101,12 +101,12 @@ struct Shard {
     /// is skipped when it comes due, and all are dropped at once when they outnumber
     /// the records. That keeps writes at a push (cheap: new expiries are mostly the
     /// latest) instead of a search tree's insert and remove.
-    expiries: BinaryHeap<Reverse<(i128, Id)>>,
+    expiries: BinaryHeap<Reverse<(i64, Id)>>,
 }
 
 impl Shard {
     /// Adds `id`'s new expiry to the index.
-    fn index(&mut self, expiry: i128, id: Id) {
+    fn index(&mut self, expiry: i64, id: Id) {
         self.expiries.push(Reverse((expiry, id)));
         self.compact_if_stale();
     }
@@ -127,7 +127,7 @@ impl Shard {
     fn is_due(&self, now: i128) -> bool {
         self.expiries
             .peek()
-            .is_some_and(|Reverse((at, _))| *at <= now)
+            .is_some_and(|Reverse((at, _))| i128::from(*at) <= now)
     }
 
     /// Deletes the records that have expired at `now`; returns how many.
@@ -150,11 +150,31 @@ impl Shard {
     }
 }
 
+/// A stored record, without its id (the table's key). 48 bytes, so that with its key
+/// a table entry fills one cache line: a load of a random id from a big store misses
+/// the cache on the entry and on the values' reference count, and on nothing else.
 struct Slot {
-    /// `record.expiry_date` in Unix nanoseconds: compared on every load, and much
-    /// cheaper to compare than a date with an offset.
-    expiry: i128,
-    record: Record,
+    /// `expiry_date` in Unix nanoseconds (see [`nanos`]): compared on every load, and
+    /// much cheaper to compare than a date with an offset.
+    expiry: i64,
+    version: u64,
+    expiry_date: OffsetDateTime,
+    values: Option<Arc<[u8]>>,
+}
+
+impl Slot {
+    fn of(record: &Record) -> Self {
+        Self {
+            expiry: nanos(record.expiry_date),
+            version: record.version,
+            expiry_date: record.expiry_date,
+            values: record.shared_values(),
+        }
+    }
+
+    fn record(&self, id: Id) -> Record {
+        Record::from_parts(id, self.expiry_date, self.version, self.values.clone())
+    }
 }
 
 impl Default for Inner {
@@ -233,16 +253,15 @@ impl MemoryStore {
     // for no longer than a few map operations, never across an await.
 
     fn create_now(&self, record: &mut Record) -> Result<()> {
-        let expiry = nanos(record.expiry_date);
+        let slot = Slot::of(record);
+        let expiry = slot.expiry;
+        let mut slot = Some(slot);
         loop {
             let mut guard = self.shard(&record.id).write();
             let shard = &mut *guard;
             match shard.records.entry(record.id) {
                 Entry::Vacant(vacant) => {
-                    vacant.insert(Slot {
-                        expiry,
-                        record: record.clone(),
-                    });
+                    vacant.insert(slot.take().unwrap_or_else(|| Slot::of(record)));
                     shard.index(expiry, record.id);
                     return Ok(());
                 }
@@ -255,11 +274,8 @@ impl MemoryStore {
     }
 
     fn save_now(&self, record: &Record) {
-        let expiry = nanos(record.expiry_date);
-        let slot = Slot {
-            expiry,
-            record: record.clone(),
-        };
+        let slot = Slot::of(record);
+        let expiry = slot.expiry;
         let mut guard = self.shard(&record.id).write();
         let shard = &mut *guard;
         match shard.records.insert(record.id, slot) {
@@ -269,31 +285,25 @@ impl MemoryStore {
     }
 
     fn update_now(&self, record: &Record) -> Update {
-        let expiry = nanos(record.expiry_date);
         // Made before the lock, as `save_now` does: the copy's reference count and
         // the table lookup then miss the cache at the same time, not one after the
         // other. A write that is refused drops it again.
-        let mut next = record.clone();
+        let mut next = Slot::of(record);
         next.version = record.version.wrapping_add(1);
+        let expiry = next.expiry;
         let mut guard = self.shard(&record.id).write();
         let shard = &mut *guard;
         let Some(slot) = shard.records.get_mut(&record.id) else {
             return Update::Gone;
         };
-        if self.inner.clock.has_passed(slot.expiry) {
+        if self.inner.clock.has_passed(i128::from(slot.expiry)) {
             return Update::Gone;
         }
-        if slot.record.version != record.version {
+        if slot.version != record.version {
             return Update::Conflict;
         }
         let version = next.version;
-        let old = std::mem::replace(
-            slot,
-            Slot {
-                expiry,
-                record: next,
-            },
-        );
+        let old = std::mem::replace(slot, next);
         if old.expiry != expiry {
             shard.index(expiry, record.id);
         }
@@ -304,10 +314,10 @@ impl MemoryStore {
         let (expiry, record) = {
             let shard = self.shard(id).read();
             let slot = shard.records.get(id)?;
-            (slot.expiry, slot.record.clone())
+            (slot.expiry, slot.record(*id))
         };
         // The clock is read only for a hit, and outside the lock.
-        (!self.inner.clock.has_passed(expiry)).then_some(record)
+        (!self.inner.clock.has_passed(i128::from(expiry))).then_some(record)
     }
 
     fn delete_now(&self, id: &Id) {
@@ -330,8 +340,11 @@ impl MemoryStore {
     }
 }
 
-fn nanos(at: OffsetDateTime) -> i128 {
-    at.unix_timestamp_nanos()
+/// `at` in Unix nanoseconds, held to what an `i64` counts (1677 to 2262): a date
+/// beyond is as good as never, one before as good as always.
+fn nanos(at: OffsetDateTime) -> i64 {
+    let nanos = at.unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(if nanos < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[maybe_async::maybe_async]
@@ -572,5 +585,36 @@ mod tests {
             "{} entries",
             indexed(&store)
         );
+    }
+
+    /// Expiry dates outside what `i64` nanoseconds count (1677 to 2262) are held to
+    /// its ends: the far future never expires, the far past always has, and both
+    /// come back exactly as saved.
+    #[test]
+    fn dates_beyond_i64_nanoseconds_keep_their_meaning() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        let store = MemoryStore::with_clock(move || now);
+        let far = time::Date::from_calendar_date(9999, time::Month::December, 31).unwrap();
+        let far = far
+            .midnight()
+            .assume_offset(time::UtcOffset::from_hms(5, 30, 0).unwrap());
+        let past = time::Date::from_calendar_date(1000, time::Month::January, 1).unwrap();
+        let past = past.midnight().assume_utc();
+        let mut future = Record::new(far);
+        future.insert("k", &1u8).unwrap();
+        store.save_now(&future);
+        let mut gone = Record::new(past);
+        gone.insert("k", &2u8).unwrap();
+        store.save_now(&gone);
+        assert_eq!(store.load_now(&future.id), Some(future.clone()));
+        assert_eq!(
+            store.load_now(&future.id).unwrap().expiry_date.offset(),
+            far.offset()
+        );
+        assert_eq!(store.load_now(&gone.id), None);
+        assert_eq!(store.delete_expired_now(), 1);
+        assert_eq!(store.len(), 1);
+        assert!(matches!(store.update_now(&future), Update::Written(1)));
+        assert!(matches!(store.update_now(&gone), Update::Gone));
     }
 }

@@ -1,5 +1,7 @@
 //! The stores: where session records live.
 
+#[cfg(all(any(feature = "redis", feature = "postgres"), not(feature = "sync")))]
+pub(crate) mod alarm;
 pub(crate) mod caching;
 pub(crate) mod memory;
 #[cfg(any(feature = "redis", feature = "postgres"))]

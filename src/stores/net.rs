@@ -95,6 +95,9 @@ pub(crate) struct Socket {
     pub(crate) read: BytesMut,
     /// How long each read or write may wait.
     timeout: Duration,
+    /// Bounds each read or write by `timeout` (async mode).
+    #[cfg(not(feature = "sync"))]
+    alarm: super::alarm::Alarm,
 }
 
 impl fmt::Debug for Socket {
@@ -195,19 +198,33 @@ impl Socket {
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             read: BytesMut::with_capacity(READ_CHUNK),
             timeout,
+            #[cfg(not(feature = "sync"))]
+            alarm: super::alarm::Alarm::default(),
         })
     }
 
     /// Sends `bytes`.
     pub(crate) async fn send(&mut self, bytes: &[u8]) -> std::result::Result<(), IoFailure> {
-        let sent = write_all(&mut self.stream, bytes, self.timeout).await;
+        #[cfg(feature = "sync")]
+        let sent = write_all(&mut self.stream, bytes).await;
+        #[cfg(not(feature = "sync"))]
+        let sent = {
+            let write = write_all(&mut self.stream, bytes);
+            self.alarm.within(self.timeout, write, timed_out).await
+        };
         sent.map_err(|err| self.failure("writing to", err))
     }
 
     /// Reads what the server sent next into [`read`](Socket::read); fails on a closed
     /// connection.
     pub(crate) async fn receive(&mut self) -> std::result::Result<(), IoFailure> {
-        let read = read_some(&mut self.stream, &mut self.scratch, self.timeout).await;
+        #[cfg(feature = "sync")]
+        let read = read_some(&mut self.stream, &mut self.scratch);
+        #[cfg(not(feature = "sync"))]
+        let read = {
+            let read = read_some(&mut self.stream, &mut self.scratch);
+            self.alarm.within(self.timeout, read, timed_out).await
+        };
         match read {
             Ok(0) => Err(self.failure(
                 "reading from",
@@ -274,7 +291,7 @@ fn open_stream(address: &Address, timeout: Duration) -> io::Result<Stream> {
 }
 
 #[cfg(feature = "sync")]
-fn write_all(stream: &mut Stream, bytes: &[u8], _timeout: Duration) -> io::Result<()> {
+fn write_all(stream: &mut Stream, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let result = match stream {
         Stream::Tcp(s) => s.write_all(bytes),
@@ -285,7 +302,7 @@ fn write_all(stream: &mut Stream, bytes: &[u8], _timeout: Duration) -> io::Resul
 }
 
 #[cfg(feature = "sync")]
-fn read_some(stream: &mut Stream, buf: &mut [u8], _timeout: Duration) -> io::Result<usize> {
+fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
     use std::io::Read;
     loop {
         let result = match stream {
@@ -373,22 +390,22 @@ async fn open_stream(address: &Address, timeout: Duration) -> io::Result<Stream>
 }
 
 #[cfg(not(feature = "sync"))]
-async fn write_all(stream: &mut Stream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+async fn write_all(stream: &mut Stream, bytes: &[u8]) -> io::Result<()> {
     use futures_lite::AsyncWriteExt;
     match stream {
-        Stream::Tcp(s) => within(timeout, s.write_all(bytes)).await,
+        Stream::Tcp(s) => s.write_all(bytes).await,
         #[cfg(unix)]
-        Stream::Unix(s) => within(timeout, s.write_all(bytes)).await,
+        Stream::Unix(s) => s.write_all(bytes).await,
     }
 }
 
 #[cfg(not(feature = "sync"))]
-async fn read_some(stream: &mut Stream, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+async fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
     use futures_lite::AsyncReadExt;
     match stream {
-        Stream::Tcp(s) => within(timeout, s.read(buf)).await,
+        Stream::Tcp(s) => s.read(buf).await,
         #[cfg(unix)]
-        Stream::Unix(s) => within(timeout, s.read(buf)).await,
+        Stream::Unix(s) => s.read(buf).await,
     }
 }
 

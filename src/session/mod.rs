@@ -257,10 +257,12 @@ impl<'de> Deserialize<'de> for Id {
 /// it was written with either fails with [`Error::Decode`] or, where the bytes happen to
 /// be valid for both types, yields that other reading: use one type per key.
 ///
-/// Cloning is cheap: the values are shared behind an [`Arc`] and copied only when a
-/// clone is changed. All of them live in one allocation, laid out as the record codec
-/// writes them, so that [`decode`](Record::decode) is a check and one copy and
-/// [`encode`](Record::encode) little more than a copy.
+/// All the values live in one allocation, laid out as the record codec writes them, so
+/// that [`decode`](Record::decode) is a check and one copy and
+/// [`encode`](Record::encode) little more than a copy. A record read from a store, or
+/// cloned, shares that allocation: cloning it is a reference count, and a change
+/// copies the values once into a buffer of the record's own, which later changes
+/// edit in place. Cloning a record changed since it was read copies its values.
 ///
 /// # Examples
 ///
@@ -823,13 +825,15 @@ impl Data {
         put_field(bytes, key.as_bytes());
         let len_at = bytes.len();
         bytes.push(0);
-        if let Err(err) = write(bytes) {
-            bytes.truncate(entry_at);
-            if bytes.len() == 1 {
-                *self = Self::default();
-            }
-            return Err(err);
-        }
+        // A value's `Serialize` is the caller's code: if it fails, or panics and the
+        // panic is caught, what it wrote is cut off and the record is as it was.
+        let mut unwritten = Unwritten {
+            bytes,
+            keep: if entry_at == 1 { 0 } else { entry_at },
+        };
+        write(unwritten.bytes)?;
+        unwritten.keep = usize::MAX;
+        let bytes = &mut *unwritten.bytes;
         let value_len = bytes.len() - len_at - 1;
         if value_len < 0x80 {
             bytes[len_at] = value_len as u8;
@@ -894,6 +898,21 @@ impl Data {
         bytes.drain(entry.start..entry.end);
         set_count(bytes, count);
         Some(value)
+    }
+}
+
+/// A new entry being written at the end of a record's bytes: dropped, it cuts the
+/// bytes back to `keep`, unless `keep` was set to `usize::MAX` once written.
+struct Unwritten<'a> {
+    bytes: &'a mut Vec<u8>,
+    keep: usize,
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if self.keep != usize::MAX {
+            self.bytes.truncate(self.keep);
+        }
     }
 }
 
@@ -1185,6 +1204,57 @@ pub(crate) mod tests {
                     proptest::prop_assert_eq!(clone.get_raw(key), Some(&value[..]));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn counts_past_127_values_and_back() {
+        let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+        let keys: Vec<String> = (0..200).map(|i| format!("k{:03}", (i * 7) % 200)).collect();
+        for (i, key) in keys.iter().enumerate() {
+            record.insert(key, &i).unwrap();
+            assert_eq!(record.len(), i + 1);
+            let bytes = record.encode().unwrap();
+            assert_eq!(Record::decode(&bytes).unwrap(), record);
+        }
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(record.get::<usize>(key).unwrap(), Some(i));
+        }
+        for (i, key) in keys.iter().enumerate() {
+            assert!(record.remove(key).is_some());
+            assert_eq!(record.len(), 199 - i);
+            assert_eq!(Record::decode(&record.encode().unwrap()).unwrap(), record);
+        }
+        assert_eq!(record, Record::with_id(record.id, record.expiry_date));
+    }
+
+    #[test]
+    fn a_value_that_panics_while_encoding_changes_nothing() {
+        struct Panics;
+        impl Serialize for Panics {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                serializer: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq;
+                let mut seq = serializer.serialize_seq(Some(3))?;
+                seq.serialize_element(&1u32)?;
+                panic!("a Serialize that panics");
+            }
+        }
+        for start in [&[][..], &["a", "z"][..]] {
+            let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+            for key in start {
+                record.insert(key, &1u8).unwrap();
+            }
+            let before = record.clone();
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = record.insert("m", &Panics);
+            }));
+            assert!(caught.is_err());
+            assert_eq!(record, before);
+            assert_eq!(record.encode().unwrap(), before.encode().unwrap());
+            assert_eq!(Record::decode(&record.encode().unwrap()).unwrap(), before);
         }
     }
 

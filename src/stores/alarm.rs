@@ -7,9 +7,11 @@
 //! waits for every reply, so a fresh timer per wait paid that on every operation.
 //!
 //! An [`Alarm`] keeps one timer per connection, always polled through the same waker
-//! (a [`Relay`] that passes the wake-up on to the task waiting now), set to the
-//! current wait's deadline only when it fires early: deadlines only move forward, so
-//! a busy connection registers about once per timeout, not once per wait.
+//! (a [`Relay`] that passes the wake-up on to the task waiting now). The timer is set
+//! to a wait's deadline when it is unset or set later than that, and once it fires,
+//! to the deadline of the wait then under way if that is still to come; deadlines
+//! mostly move forward, so a busy connection registers about once per timeout, not
+//! once per wait.
 
 use std::{
     future::Future,
@@ -31,8 +33,10 @@ impl Wake for Relay {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if let Some(waker) = self.0.lock().as_ref() {
-            waker.wake_by_ref();
+        // Woken outside the lock: an executor may poll the task from `wake`.
+        let waker = self.0.lock().clone();
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 }
@@ -104,15 +108,21 @@ impl Alarm {
         io: impl Future<Output = io::Result<T>>,
         timed_out: fn() -> io::Error,
     ) -> io::Result<T> {
-        let deadline = Instant::now() + timeout;
+        let Some(deadline) = Instant::now().checked_add(timeout) else {
+            // Beyond what the clock counts: no deadline at all.
+            return io.await;
+        };
         let mut io = std::pin::pin!(io);
-        std::future::poll_fn(|cx| {
+        let done = std::future::poll_fn(|cx| {
             if let Poll::Ready(done) = io.as_mut().poll(cx) {
                 return Poll::Ready(done);
             }
             self.poll(cx, deadline).map(|()| Err(timed_out()))
         })
-        .await
+        .await;
+        // A timer still set for this wait wakes no task when it fires later.
+        *self.relay.0.lock() = None;
+        done
     }
 }
 

@@ -239,8 +239,23 @@ impl MemoryStore {
     }
 
     /// The current time in Unix nanoseconds.
+    /// The clock in Unix nanoseconds, held strictly inside what [`nanos`] gives, so
+    /// that a record saturated at either end keeps its meaning whatever the clock.
     fn now(&self) -> i128 {
-        self.inner.clock.now_nanos()
+        self.inner
+            .clock
+            .now_nanos()
+            .clamp(i128::from(i64::MIN) + 1, i128::from(i64::MAX) - 1)
+    }
+
+    /// `true` if a slot's `expiry` has come: never for the far future (saturated at
+    /// `i64::MAX`), always for the far past, whatever the clock says.
+    fn has_passed(&self, expiry: i64) -> bool {
+        match expiry {
+            i64::MAX => false,
+            i64::MIN => true,
+            expiry => self.inner.clock.has_passed(i128::from(expiry)),
+        }
     }
 
     fn shard(&self, id: &Id) -> &RwLock<Shard> {
@@ -285,9 +300,10 @@ impl MemoryStore {
     }
 
     fn update_now(&self, record: &Record) -> Update {
-        // Made before the lock, as `save_now` does: the copy's reference count and
-        // the table lookup then miss the cache at the same time, not one after the
-        // other. A write that is refused drops it again.
+        // Made before the lock, as `save_now` does: the work on the values (a reference
+        // count, or a copy of values changed since they were read) and the table
+        // lookup then miss the cache at the same time, not one after the other. A
+        // write that is refused drops it again.
         let mut next = Slot::of(record);
         next.version = record.version.wrapping_add(1);
         let expiry = next.expiry;
@@ -296,7 +312,7 @@ impl MemoryStore {
         let Some(slot) = shard.records.get_mut(&record.id) else {
             return Update::Gone;
         };
-        if self.inner.clock.has_passed(i128::from(slot.expiry)) {
+        if self.has_passed(slot.expiry) {
             return Update::Gone;
         }
         if slot.version != record.version {
@@ -317,7 +333,7 @@ impl MemoryStore {
             (slot.expiry, slot.record(*id))
         };
         // The clock is read only for a hit, and outside the lock.
-        (!self.inner.clock.has_passed(i128::from(expiry))).then_some(record)
+        (!self.has_passed(expiry)).then_some(record)
     }
 
     fn delete_now(&self, id: &Id) {
@@ -616,5 +632,23 @@ mod tests {
         assert_eq!(store.len(), 1);
         assert!(matches!(store.update_now(&future), Update::Written(1)));
         assert!(matches!(store.update_now(&gone), Update::Gone));
+
+        // A clock beyond those ends too: years 3000 and 1600 are before 9999 and after
+        // 1000.
+        for year in [3000, 1600] {
+            let now = time::Date::from_calendar_date(year, time::Month::June, 1).unwrap();
+            let now = now.midnight().assume_utc();
+            let store = MemoryStore::with_clock(move || now);
+            store.save_now(&future);
+            store.save_now(&gone);
+            assert_eq!(store.load_now(&future.id).is_some(), now < far, "{year}");
+            assert_eq!(store.load_now(&gone.id).is_some(), now < past, "{year}");
+            assert_eq!(store.delete_expired_now(), 1, "{year}");
+            assert!(store.load_now(&future.id).is_some(), "{year}");
+            assert!(
+                matches!(store.update_now(&future), Update::Written(_)),
+                "{year}"
+            );
+        }
     }
 }

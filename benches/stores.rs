@@ -10,7 +10,9 @@
 //! - `load_threads`: loads on 1 and 2 threads (blocking mode) or tasks (async mode) on a
 //!   store of 100,000 sessions, reported as throughput, beside the physical floor
 //!   (`floor/hashmap-arc`: a bare `HashMap` lookup and an `Arc` clone of the record's
-//!   bytes, same ids, same order). Each of our tasks runs on its
+//!   bytes, same ids, same order), and chained (`-chained`: each lookup waits for the
+//!   last, as a server's loads do, so the processor cannot overlap their cache
+//!   misses), the floor and ours. Each of our tasks runs on its
 //!   own thread under `block_on`; the peer's run on a tokio runtime with two workers,
 //!   which serves its contended mutex far better than `block_on` does.
 //! - `delete_expired`: ours only (tower-sessions' `MemoryStore` never deletes expired
@@ -26,9 +28,9 @@ use tower_sessions_moka_store::MokaStore;
 
 mod common;
 use common::{
-    criterion_config, expire_and_delete, fill_copies, our_parallel_loads, our_record, ours, peer,
-    peer_parallel_loads, peer_record, run, run_peer, tokio_runtime, Floor, Op, BIG_STORE_SIZE,
-    MODE, STORE_SIZE,
+    chained_loads, criterion_config, expire_and_delete, fill_copies, our_parallel_loads,
+    our_record, ours, peer, peer_parallel_loads, peer_record, run, run_peer, tokio_runtime, Floor,
+    Op, BIG_STORE_SIZE, MODE, STORE_SIZE,
 };
 
 type OurCaching = CachingSessionStore<MemoryStore, MemoryStore>;
@@ -115,6 +117,14 @@ fn load_threads(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function(BenchmarkId::new("floor/hashmap-arc", 1), |b| {
         b.iter_custom(|iters| floor.loads(iters))
+    });
+    // Each load waiting for the previous one, as a server's loads do: the floor and
+    // ours.
+    group.bench_function(BenchmarkId::new("floor/hashmap-arc-chained", 1), |b| {
+        b.iter_custom(|iters| floor.chained_loads(iters))
+    });
+    group.bench_function(BenchmarkId::new(ours_name("memory-chained"), 1), |b| {
+        b.iter_custom(|iters| run(chained_loads(&memory.store, &memory.ids, iters)))
     });
     for threads in [1, 2] {
         group.throughput(Throughput::Elements(threads as u64));

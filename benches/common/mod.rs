@@ -500,4 +500,41 @@ impl Floor {
         }
         start.elapsed()
     }
+
+    /// Times `iters` lookups with an `Arc` clone, each id's place taken from the
+    /// previous lookup's result (a step of one, which the compiler cannot know): the
+    /// processor cannot start a lookup before the last one is done, as in a server,
+    /// where a request's load never overlaps the previous request's.
+    pub fn chained_loads(&self, iters: u64) -> Duration {
+        let start = Instant::now();
+        let mut at = 0;
+        for _ in 0..iters {
+            let found = self.map.get(&self.ids[at]).cloned();
+            let step = 1 + found.as_ref().map_or(0, |bytes| bytes.len() / 1_000_000);
+            black_box(found);
+            at = (at + step) % self.ids.len();
+        }
+        start.elapsed()
+    }
+}
+
+/// Times `iters` loads from `store`, each id's place taken from the previous load's
+/// result, as [`Floor::chained_loads`] does.
+#[maybe_async::maybe_async]
+pub async fn chained_loads<S: portable_sessions::SessionStore>(
+    store: &S,
+    ids: &[OurId],
+    iters: u64,
+) -> Duration {
+    let start = Instant::now();
+    let mut at = 0;
+    for _ in 0..iters {
+        let found = store.load(&ids[at]).await.expect("load");
+        let step = 1 + found
+            .as_ref()
+            .map_or(0, |record| record.version as usize / 1_000_000);
+        black_box(found);
+        at = (at + step) % ids.len();
+    }
+    start.elapsed()
 }

@@ -1228,20 +1228,28 @@ pub(crate) mod tests {
         assert_eq!(record, Record::with_id(record.id, record.expiry_date));
     }
 
-    #[test]
-    fn a_value_that_panics_while_encoding_changes_nothing() {
-        struct Panics;
-        impl Serialize for Panics {
-            fn serialize<S: serde::Serializer>(
-                &self,
-                serializer: S,
-            ) -> std::result::Result<S::Ok, S::Error> {
-                use serde::ser::SerializeSeq;
-                let mut seq = serializer.serialize_seq(Some(3))?;
-                seq.serialize_element(&1u32)?;
+    /// A value whose encoding writes part of a sequence, then fails (or panics).
+    struct HalfWritten {
+        panics: bool,
+    }
+
+    impl Serialize for HalfWritten {
+        fn serialize<S: serde::Serializer>(
+            &self,
+            serializer: S,
+        ) -> std::result::Result<S::Ok, S::Error> {
+            use serde::ser::{Error as _, SerializeSeq};
+            let mut seq = serializer.serialize_seq(Some(3))?;
+            seq.serialize_element(&1u32)?;
+            if self.panics {
                 panic!("a Serialize that panics");
             }
+            Err(S::Error::custom("no"))
         }
+    }
+
+    #[test]
+    fn a_value_that_panics_while_encoding_changes_nothing() {
         for start in [&[][..], &["a", "z"][..]] {
             let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
             for key in start {
@@ -1249,7 +1257,7 @@ pub(crate) mod tests {
             }
             let before = record.clone();
             let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let _ = record.insert("m", &Panics);
+                let _ = record.insert("m", &HalfWritten { panics: true });
             }));
             assert!(caught.is_err());
             assert_eq!(record, before);
@@ -1260,27 +1268,15 @@ pub(crate) mod tests {
 
     #[test]
     fn a_value_that_fails_to_encode_changes_nothing() {
-        struct Fails;
-        impl Serialize for Fails {
-            fn serialize<S: serde::Serializer>(
-                &self,
-                serializer: S,
-            ) -> std::result::Result<S::Ok, S::Error> {
-                use serde::ser::{Error as _, SerializeSeq};
-                // Writes part of a sequence before failing.
-                let mut seq = serializer.serialize_seq(Some(3))?;
-                seq.serialize_element(&1u32)?;
-                Err(S::Error::custom("no"))
-            }
-        }
+        const FAILS: HalfWritten = HalfWritten { panics: false };
         let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
-        assert!(record.insert("k", &Fails).is_err());
+        assert!(record.insert("k", &FAILS).is_err());
         assert_eq!(record, Record::with_id(record.id, record.expiry_date));
         assert!(record.is_empty());
         record.insert("a", &1u8).unwrap();
         let before = record.clone();
-        assert!(matches!(record.insert("b", &Fails), Err(Error::Encode(_))));
-        assert!(matches!(record.insert("a", &Fails), Err(Error::Encode(_))));
+        assert!(matches!(record.insert("b", &FAILS), Err(Error::Encode(_))));
+        assert!(matches!(record.insert("a", &FAILS), Err(Error::Encode(_))));
         assert_eq!(record, before);
         assert_eq!(record.encode().unwrap(), before.encode().unwrap());
     }

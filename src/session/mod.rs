@@ -341,10 +341,10 @@ impl Record {
     /// record owns them); `None` for no values. What [`from_parts`](Self::from_parts)
     /// takes back.
     pub(crate) fn shared_values(&self) -> Option<Arc<[u8]>> {
-        match &self.data {
-            Data::Shared(bytes) => Some(Arc::clone(bytes)),
-            Data::Owned(bytes) if bytes.is_empty() => None,
-            Data::Owned(bytes) => Some(Arc::from(&bytes[..])),
+        // A clone shares whatever values there are.
+        match self.data.clone() {
+            Data::Shared(bytes) => Some(bytes),
+            Data::Owned(_) => None,
         }
     }
 
@@ -769,10 +769,8 @@ impl Data {
     }
 
     fn get(&self, key: &str) -> Option<&[u8]> {
-        self.entries()
-            .take_while(|(k, _)| *k <= key.as_bytes())
-            .find(|(k, _)| *k == key.as_bytes())
-            .map(|(_, value)| value)
+        let entry = self.find(key).ok()?;
+        Some(&self.bytes()[entry.value..entry.end])
     }
 
     /// Finds where `key` goes: its entry, if there is one, and otherwise the offset
@@ -829,19 +827,13 @@ impl Data {
         // panic is caught, what it wrote is cut off and the record is as it was.
         let mut unwritten = Unwritten {
             bytes,
-            keep: if entry_at == 1 { 0 } else { entry_at },
+            keep: Some(if entry_at == 1 { 0 } else { entry_at }),
         };
         write(unwritten.bytes)?;
-        unwritten.keep = usize::MAX;
+        unwritten.keep = None;
         let bytes = &mut *unwritten.bytes;
         let value_len = bytes.len() - len_at - 1;
-        if value_len < 0x80 {
-            bytes[len_at] = value_len as u8;
-        } else {
-            let mut len = Vec::with_capacity(10);
-            put_varint(&mut len, value_len);
-            bytes.splice(len_at..=len_at, len);
-        }
+        replace_varint(bytes, len_at, 1, value_len);
         let entry_len = bytes.len() - entry_at;
         let at = match &found {
             Ok(old) => old.start,
@@ -902,16 +894,16 @@ impl Data {
 }
 
 /// A new entry being written at the end of a record's bytes: dropped, it cuts the
-/// bytes back to `keep`, unless `keep` was set to `usize::MAX` once written.
+/// bytes back to `keep`, unless `keep` was taken away once the entry was written.
 struct Unwritten<'a> {
     bytes: &'a mut Vec<u8>,
-    keep: usize,
+    keep: Option<usize>,
 }
 
 impl Drop for Unwritten<'_> {
     fn drop(&mut self) {
-        if self.keep != usize::MAX {
-            self.bytes.truncate(self.keep);
+        if let Some(keep) = self.keep {
+            self.bytes.truncate(keep);
         }
     }
 }
@@ -921,13 +913,18 @@ fn set_count(bytes: &mut Vec<u8>, count: usize) {
     let mut rest = &bytes[..];
     take_varint(&mut rest);
     let old_len = bytes.len() - rest.len();
-    if count < 0x80 && old_len == 1 {
-        bytes[0] = count as u8;
+    replace_varint(bytes, 0, old_len, count);
+}
+
+/// Replaces the `old_len`-byte varint at `at` in `bytes` with `value`'s.
+fn replace_varint(bytes: &mut Vec<u8>, at: usize, old_len: usize, value: usize) {
+    if value < 0x80 && old_len == 1 {
+        bytes[at] = value as u8;
         return;
     }
     let mut new = Vec::with_capacity(10);
-    put_varint(&mut new, count);
-    bytes.splice(..old_len, new);
+    put_varint(&mut new, value);
+    bytes.splice(at..at + old_len, new);
 }
 
 /// Reads a varint (LEB128, as postcard writes lengths) from the front of `bytes`.

@@ -270,13 +270,12 @@ impl MemoryStore {
     fn create_now(&self, record: &mut Record) -> Result<()> {
         let slot = Slot::of(record);
         let expiry = slot.expiry;
-        let mut slot = Some(slot);
         loop {
             let mut guard = self.shard(&record.id).write();
             let shard = &mut *guard;
             match shard.records.entry(record.id) {
                 Entry::Vacant(vacant) => {
-                    vacant.insert(slot.take().unwrap_or_else(|| Slot::of(record)));
+                    vacant.insert(slot);
                     shard.index(expiry, record.id);
                     return Ok(());
                 }

@@ -239,18 +239,8 @@ pub const SHARED_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// Runs `sql` on the shared PostgreSQL server through `psql` and returns its
 /// unaligned output, one row per line.
 pub fn psql(sql: &str) -> String {
-    let output = std::process::Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "5432",
-            "-U",
-            "postgres",
-            "-d",
-            "test",
-        ])
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+    let output = psql_command()
+        .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
         .unwrap_or_else(|err| {
             panic!("cannot run psql ({err}): run `bash scripts/test.sh`, which installs it")

@@ -626,3 +626,136 @@ fn the_store_is_send_sync_clone_and_fits_in_a_dyn_store() {
     }
     let _ = as_dyn;
 }
+
+/// What each of the concurrent callers below does: reads, writes and refused updates
+/// of shared records, each checked against what it must answer.
+#[maybe_async::maybe_async]
+async fn pipelined_caller(store: &RedisStore, records: &[Record], caller: usize) {
+    for step in 0..300 {
+        let record = &records[(caller * 31 + step * 7) % records.len()];
+        match step % 10 {
+            // Writes between reads: replies of every kind interleave in the pipeline.
+            3 => store.save(record).await.unwrap(),
+            7 => {
+                let mut stale = record.clone();
+                stale.version += 1;
+                let update = store.update(&stale).await.unwrap();
+                assert_eq!(update, Update::Conflict, "caller {caller}, step {step}");
+            }
+            _ => {
+                let loaded = store.load(&record.id).await.unwrap();
+                assert_eq!(
+                    loaded.as_ref(),
+                    Some(record),
+                    "caller {caller}, step {step}"
+                );
+            }
+        }
+    }
+}
+
+/// Runs [`pipelined_caller`] 16 times at once: on 16 threads in blocking mode; in
+/// async mode as 4 tasks on each of 4 threads, so that callers of one connection wake
+/// each other both within a thread and across threads.
+fn sixteen_callers(store: &RedisStore, records: &[Record]) {
+    std::thread::scope(|scope| {
+        #[cfg(feature = "sync")]
+        for caller in 0..16 {
+            scope.spawn(move || pipelined_caller(store, records, caller));
+        }
+        #[cfg(not(feature = "sync"))]
+        for thread in 0..4 {
+            scope.spawn(move || {
+                let executor = smol::LocalExecutor::new();
+                let tasks: Vec<_> = (0..4)
+                    .map(|task| executor.spawn(pipelined_caller(store, records, thread * 4 + task)))
+                    .collect();
+                block(executor.run(async {
+                    for task in tasks {
+                        task.await;
+                    }
+                }));
+            });
+        }
+    });
+}
+
+/// `connected_clients` and `total_connections_received` of a server.
+fn connections(url: &str) -> (u64, u64) {
+    let mut conn = raw(url);
+    let info: String = redis::cmd("INFO").arg("clients").query(&mut conn).unwrap();
+    let stats: String = redis::cmd("INFO").arg("stats").query(&mut conn).unwrap();
+    let field = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} in INFO"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (
+        field(&info, "connected_clients"),
+        field(&stats, "total_connections_received"),
+    )
+}
+
+#[test]
+fn concurrent_callers_share_one_connection_and_each_gets_its_own_reply() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url()).unwrap();
+    let records: Vec<Record> = (0..64)
+        .map(|n| {
+            let mut record = live_record(n);
+            record.insert("n", &n).unwrap();
+            block(store.create(&mut record)).unwrap();
+            record
+        })
+        .collect();
+    sixteen_callers(&store, &records);
+    // One connection carried them all (the default allows 16), beside INFO's own.
+    let (connected, received) = connections(&server.url());
+    assert_eq!(connected, 2, "the store's connection and INFO's");
+    assert_eq!(received, 3, "the start-up probe's, the store's and INFO's");
+}
+
+/// Futures dropped while their commands are in flight: the reader's (the first polled)
+/// and another. The reading passes on, their replies are thrown away when they come,
+/// and every later caller gets its own reply, on the same connection.
+#[cfg(not(feature = "sync"))]
+#[test]
+fn callers_dropped_mid_pipeline_leave_it_in_step() {
+    use futures_lite::future::poll_once;
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url()).unwrap();
+    let records: Vec<Record> = (0..4)
+        .map(|n| {
+            let mut record = live_record(n);
+            block(store.create(&mut record)).unwrap();
+            record
+        })
+        .collect();
+    server.freeze();
+    let mut loads: Vec<_> = records
+        .iter()
+        .map(|record| Box::pin(store.load(&record.id)))
+        .collect();
+    for load in &mut loads {
+        assert!(
+            block(poll_once(load.as_mut())).is_none(),
+            "the server is frozen"
+        );
+    }
+    let mut loads = loads.into_iter();
+    drop(loads.next());
+    drop(loads.next());
+    server.thaw();
+    for (load, record) in loads.zip(&records[2..]) {
+        assert_eq!(block(load).unwrap().as_ref(), Some(record));
+    }
+    for record in records.iter().rev() {
+        let loaded = block(store.load(&record.id)).unwrap();
+        assert_eq!(loaded.as_ref(), Some(record));
+    }
+    let (connected, _) = connections(&server.url());
+    assert_eq!(connected, 2, "the store's connection and INFO's");
+}

@@ -531,7 +531,12 @@ fn compare(
         peer: peer_delete,
     });
 
-    // A deletion pass: 10% of the remaining sessions expired.
+    // A deletion pass: 10% of the remaining sessions expired. Redis expires keys
+    // itself and both stores' passes do nothing: one call to a no-op timed once is
+    // noise, not a figure, so there is no row for it.
+    if store == "redis" {
+        return Table(rows);
+    }
     eprintln!("{store}: expiring");
     let past = OffsetDateTime::now_utc() - time::Duration::hours(1);
     let deleted: std::collections::HashSet<usize> = picks.into_iter().collect();

@@ -73,14 +73,31 @@ impl std::fmt::Debug for Alarm {
 }
 
 impl Alarm {
-    /// Ready once `deadline` has passed; until then wakes `cx`'s task when it does.
-    fn poll(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
-        {
-            let mut waiting = self.relay.0.lock();
-            if !waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waiting = Some(cx.waker().clone());
-            }
+    /// Makes [`waker`](Alarm::waker) wake `cx`'s task, until another task's is set
+    /// or [`forget_task`](Alarm::forget_task).
+    pub(crate) fn relay_to(&self, cx: &Context<'_>) {
+        let mut waiting = self.relay.0.lock();
+        if !waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waiting = Some(cx.waker().clone());
         }
+    }
+
+    /// A waker that is the same at every call, and wakes the task last set with
+    /// [`relay_to`](Alarm::relay_to): to register with other sources (a socket's
+    /// readiness), which then never register again for a new task.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn waker(&self) -> &Waker {
+        &self.waker
+    }
+
+    /// Stops waking the task last set: a wake-up later goes nowhere.
+    pub(crate) fn forget_task(&self) {
+        *self.relay.0.lock() = None;
+    }
+
+    /// Ready once `deadline` has passed; until then wakes `cx`'s task when it does.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        self.relay_to(cx);
         loop {
             if self.set_for.is_none_or(|at| at > deadline) {
                 // Unset, or set later than this wait may last (a shorter timeout).
@@ -121,7 +138,7 @@ impl Alarm {
         })
         .await;
         // A timer still set for this wait wakes no task when it fires later.
-        *self.relay.0.lock() = None;
+        self.forget_task();
         done
     }
 }

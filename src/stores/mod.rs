@@ -7,6 +7,8 @@ pub(crate) mod memory;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) mod net;
 #[cfg(feature = "postgres")]
+pub(crate) mod pool;
+#[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;

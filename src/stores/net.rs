@@ -9,7 +9,6 @@
 use std::{fmt, io, path::PathBuf, time::Duration};
 
 use bytes::BytesMut;
-use parking_lot::Mutex;
 
 use crate::session_store::{Error, Result};
 
@@ -143,7 +142,7 @@ impl std::error::Error for IoFailure {
 }
 
 impl Socket {
-    fn failure(&self, what: &'static str, source: io::Error) -> IoFailure {
+    pub(crate) fn failure(&self, what: &'static str, source: io::Error) -> IoFailure {
         IoFailure {
             what,
             address: self.address.clone(),
@@ -174,6 +173,108 @@ impl Socket {
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn write_now(&self, bytes: &[u8]) {
         let _ = write_now(&self.stream, bytes);
+    }
+
+    /// Shuts the connection down both ways: a read blocked on it returns at once.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn shutdown(&self) {
+        let how = std::net::Shutdown::Both;
+        let _ = match &self.stream {
+            #[cfg(feature = "sync")]
+            Stream::Tcp(s) => s.shutdown(how),
+            #[cfg(not(feature = "sync"))]
+            Stream::Tcp(s) => s.get_ref().shutdown(how),
+            #[cfg(all(unix, feature = "sync"))]
+            Stream::Unix(s) => s.shutdown(how),
+            #[cfg(all(unix, not(feature = "sync")))]
+            Stream::Unix(s) => s.get_ref().shutdown(how),
+        };
+    }
+
+    /// Takes what was read and not yet consumed, leaving the buffer empty.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn take_read(&mut self) -> BytesMut {
+        std::mem::take(&mut self.read)
+    }
+}
+
+/// Reads and writes through a shared reference, so that one thread can read while
+/// another writes (sync mode): blocking, each bounded by a timeout.
+#[cfg(feature = "sync")]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl Socket {
+    /// Reads what the server sent next into `buf`, after setting the socket's read
+    /// timeout to `timeout` if given; fails on a closed connection.
+    pub(crate) fn read_shared(
+        &self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> std::result::Result<usize, IoFailure> {
+        let set = match timeout.map(clamp_timeout) {
+            None => Ok(()),
+            Some(timeout) => match &self.stream {
+                Stream::Tcp(s) => s.set_read_timeout(Some(timeout)),
+                #[cfg(unix)]
+                Stream::Unix(s) => s.set_read_timeout(Some(timeout)),
+            },
+        };
+        match set.and_then(|()| read_some(&self.stream, buf)) {
+            Ok(0) => Err(self.failure("reading from", closed())),
+            Ok(n) => Ok(n),
+            Err(err) => Err(self.failure("reading from", err)),
+        }
+    }
+
+    /// Writes all of `bytes`, each wait bounded by the socket's timeout.
+    pub(crate) fn write_shared(&self, bytes: &[u8]) -> std::result::Result<(), IoFailure> {
+        write_all(&self.stream, bytes).map_err(|err| self.failure("writing to", err))
+    }
+}
+
+/// Reads and writes that never wait, and the readiness to wait for (async mode), all
+/// through a shared reference.
+#[cfg(not(feature = "sync"))]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl Socket {
+    /// Reads what is there into `buf`: `WouldBlock` if nothing is, `Ok(0)` once closed.
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::Read;
+        match &self.stream {
+            Stream::Tcp(s) => s.get_ref().read(buf),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.get_ref().read(buf),
+        }
+    }
+
+    /// Writes what the socket takes at once of `bytes`.
+    pub(crate) fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        write_now(&self.stream, bytes)
+    }
+
+    /// Ready once the socket may have something to read; until then wakes `cx`'s task
+    /// when it does.
+    pub(crate) fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match &self.stream {
+            Stream::Tcp(s) => s.poll_readable(cx),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.poll_readable(cx),
+        }
+    }
+
+    /// Ready once the socket may take more bytes; until then wakes `cx`'s task when
+    /// it does.
+    pub(crate) fn poll_writable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match &self.stream {
+            Stream::Tcp(s) => s.poll_writable(cx),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.poll_writable(cx),
+        }
     }
 }
 
@@ -206,7 +307,7 @@ impl Socket {
     /// Sends `bytes`.
     pub(crate) async fn send(&mut self, bytes: &[u8]) -> std::result::Result<(), IoFailure> {
         #[cfg(feature = "sync")]
-        let sent = write_all(&mut self.stream, bytes).await;
+        let sent = write_all(&self.stream, bytes);
         #[cfg(not(feature = "sync"))]
         let sent = {
             let write = write_all(&mut self.stream, bytes);
@@ -219,20 +320,14 @@ impl Socket {
     /// connection.
     pub(crate) async fn receive(&mut self) -> std::result::Result<(), IoFailure> {
         #[cfg(feature = "sync")]
-        let read = read_some(&mut self.stream, &mut self.scratch);
+        let read = read_some(&self.stream, &mut self.scratch);
         #[cfg(not(feature = "sync"))]
         let read = {
             let read = read_some(&mut self.stream, &mut self.scratch);
             self.alarm.within(self.timeout, read, timed_out).await
         };
         match read {
-            Ok(0) => Err(self.failure(
-                "reading from",
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection",
-                ),
-            )),
+            Ok(0) => Err(self.failure("reading from", closed())),
             Ok(n) => {
                 self.read.extend_from_slice(&self.scratch[..n]);
                 Ok(())
@@ -242,7 +337,14 @@ impl Socket {
     }
 }
 
-fn timed_out() -> io::Error {
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the server closed the connection",
+    )
+}
+
+pub(crate) fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "the server did not answer in time")
 }
 
@@ -291,24 +393,24 @@ fn open_stream(address: &Address, timeout: Duration) -> io::Result<Stream> {
 }
 
 #[cfg(feature = "sync")]
-fn write_all(stream: &mut Stream, bytes: &[u8]) -> io::Result<()> {
+fn write_all(stream: &Stream, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let result = match stream {
-        Stream::Tcp(s) => s.write_all(bytes),
+        Stream::Tcp(s) => (&*s).write_all(bytes),
         #[cfg(unix)]
-        Stream::Unix(s) => s.write_all(bytes),
+        Stream::Unix(s) => (&*s).write_all(bytes),
     };
     result.map_err(would_block_is_timeout)
 }
 
 #[cfg(feature = "sync")]
-fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_some(stream: &Stream, buf: &mut [u8]) -> io::Result<usize> {
     use std::io::Read;
     loop {
         let result = match stream {
-            Stream::Tcp(s) => s.read(buf),
+            Stream::Tcp(s) => (&*s).read(buf),
             #[cfg(unix)]
-            Stream::Unix(s) => s.read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
         };
         // With a receive timeout set, the kernel does not restart a read that a
         // signal interrupted: read again.
@@ -421,62 +523,10 @@ fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// A connection that a [`Pool`] can take back.
-pub(crate) trait Pooled: Send {
-    /// `true` if the connection is between requests, in step with its server, and
-    /// ready for the next one.
-    fn reusable(&self) -> bool;
-}
-
 /// How long a connection may sit idle and still be used: older ones are closed
 /// instead, since a firewall or NAT between may have forgotten them silently (which
 /// would cost the next operation a whole timeout).
-const MAX_IDLE: Duration = Duration::from_secs(60);
-
-/// Open connections to one server, at most `max` at a time, kept open between uses.
-pub(crate) struct Pool<C> {
-    /// Idle connections, each with the time it was given back.
-    idle: Mutex<Vec<(C, std::time::Instant)>>,
-    slots: Slots,
-    max: usize,
-    timeout: Duration,
-}
-
-impl<C> fmt::Debug for Pool<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pool")
-            .field("max", &self.max)
-            .field("idle", &self.idle.lock().len())
-            .finish_non_exhaustive()
-    }
-}
-
-/// A connection lent to one operation, or the right to open one. Dropped, the
-/// connection goes back to the pool if it is reusable and not marked `discard`;
-/// otherwise (an error, a timeout, a dropped future) it is closed, since it may be
-/// out of step with its server.
-pub(crate) struct Lent<'a, C: Pooled> {
-    pub(crate) conn: Option<C>,
-    /// `true` if the connection was taken from the idle list, not just opened.
-    pub(crate) reused: bool,
-    /// Set when the connection must not be reused even if it is in step.
-    pub(crate) discard: bool,
-    pool: &'a Pool<C>,
-    _slot: Slot<'a>,
-}
-
-impl<C: Pooled> Drop for Lent<'_, C> {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if conn.reusable() && !self.discard {
-                self.pool
-                    .idle
-                    .lock()
-                    .push((conn, std::time::Instant::now()));
-            }
-        }
-    }
-}
+pub(crate) const MAX_IDLE: Duration = Duration::from_secs(60);
 
 /// The shortest and longest timeouts the network stores take: a zero timeout cannot
 /// be set on a socket, and PostgreSQL's `statement_timeout` stops at 24 days.
@@ -486,140 +536,6 @@ pub(crate) const TIMEOUT_RANGE: (Duration, Duration) =
 /// `timeout` within [`TIMEOUT_RANGE`].
 pub(crate) fn clamp_timeout(timeout: Duration) -> Duration {
     timeout.clamp(TIMEOUT_RANGE.0, TIMEOUT_RANGE.1)
-}
-
-impl<C: Pooled> Pool<C> {
-    pub(crate) fn new(max: usize, timeout: Duration) -> Self {
-        Self {
-            idle: Mutex::default(),
-            slots: Slots::new(max),
-            max,
-            timeout,
-        }
-    }
-
-    pub(crate) fn max(&self) -> usize {
-        self.max
-    }
-
-    /// Takes the most recently used idle connection, closing those idle too long.
-    fn fresh_enough(&self) -> Option<C> {
-        let mut idle = self.idle.lock();
-        // The oldest come first: they were given back first.
-        let stale = idle
-            .iter()
-            .take_while(|(_, since)| since.elapsed() > MAX_IDLE)
-            .count();
-        let closed: Vec<_> = idle.drain(..stale).collect();
-        let conn = idle.pop().map(|(conn, _)| conn);
-        drop(idle);
-        drop(closed);
-        conn
-    }
-
-    /// Closes every idle connection: after one was found closed by its server, the
-    /// others (as old) likely are too.
-    pub(crate) fn clear(&self) {
-        let idle = std::mem::take(&mut *self.idle.lock());
-        drop(idle);
-    }
-}
-
-#[maybe_async::maybe_async]
-impl<C: Pooled> Pool<C> {
-    /// Waits (at most the timeout) for a free slot, and lends an idle connection with
-    /// it unless `fresh` is asked for; without one, the caller opens a connection into
-    /// [`Lent::conn`].
-    pub(crate) async fn take(&self, what: &str, fresh: bool) -> Result<Lent<'_, C>> {
-        let slot = self.slots.take(self.timeout).await.ok_or_else(|| {
-            Error::backend(format!(
-                "all {} {what} connections stayed busy for {:?}",
-                self.max, self.timeout
-            ))
-        })?;
-        let conn = if fresh { None } else { self.fresh_enough() };
-        Ok(Lent {
-            reused: conn.is_some(),
-            conn,
-            discard: false,
-            pool: self,
-            _slot: slot,
-        })
-    }
-}
-
-/// The bound on open connections: a slot is held by each lent connection.
-#[cfg(feature = "sync")]
-struct Slots {
-    free: Mutex<usize>,
-    returned: parking_lot::Condvar,
-}
-
-/// A taken slot, given back when dropped.
-#[cfg(feature = "sync")]
-struct Slot<'a>(&'a Slots);
-
-#[cfg(feature = "sync")]
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock() += 1;
-        self.0.returned.notify_one();
-    }
-}
-
-#[cfg(feature = "sync")]
-impl Slots {
-    fn new(max: usize) -> Self {
-        Self {
-            free: Mutex::new(max),
-            returned: parking_lot::Condvar::new(),
-        }
-    }
-
-    /// Takes a slot, waiting at most `timeout` for one.
-    fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
-        let deadline = std::time::Instant::now().checked_add(timeout);
-        let mut free = self.free.lock();
-        while *free == 0 {
-            match deadline {
-                Some(deadline) => {
-                    if self.returned.wait_until(&mut free, deadline).timed_out() && *free == 0 {
-                        return None;
-                    }
-                }
-                None => self.returned.wait(&mut free),
-            }
-        }
-        *free -= 1;
-        Some(Slot(self))
-    }
-}
-
-/// The bound on open connections: a slot is held by each lent connection.
-#[cfg(not(feature = "sync"))]
-struct Slots(async_lock::Semaphore);
-
-/// A taken slot, given back when dropped.
-#[cfg(not(feature = "sync"))]
-type Slot<'a> = async_lock::SemaphoreGuard<'a>;
-
-#[cfg(not(feature = "sync"))]
-impl Slots {
-    fn new(max: usize) -> Self {
-        Self(async_lock::Semaphore::new(max))
-    }
-
-    /// Takes a slot, waiting at most `timeout` for one.
-    async fn take(&self, timeout: Duration) -> Option<Slot<'_>> {
-        if let Some(slot) = self.0.try_acquire() {
-            return Some(slot);
-        }
-        futures_lite::future::or(async { Some(self.0.acquire().await) }, async {
-            async_io::Timer::after(timeout).await;
-            None
-        })
-        .await
-    }
 }
 
 #[cfg(test)]

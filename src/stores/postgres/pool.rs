@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     session_store::{Error, Result},
-    stores::net::{self, Lent},
+    stores::pool::{self, Lent},
 };
 
 /// SQLSTATE `undefined_table`.
@@ -42,7 +42,7 @@ pub(crate) struct Pool {
     setup: Setup,
     /// Set once this store has seen its table: new connections then only prepare.
     ready: AtomicBool,
-    conns: net::Pool<Conn>,
+    conns: pool::Pool<Conn>,
 }
 
 impl fmt::Debug for Pool {
@@ -68,7 +68,7 @@ impl Pool {
             timeout,
             setup,
             ready: AtomicBool::new(false),
-            conns: net::Pool::new(max, timeout),
+            conns: pool::Pool::new(max, timeout),
         }
     }
 

@@ -16,7 +16,10 @@ use postgres_protocol::{
 };
 
 use super::config::Config;
-use crate::stores::net::{IoFailure, Pooled, Socket};
+use crate::stores::{
+    net::{IoFailure, Socket},
+    pool::Pooled,
+};
 
 /// What went wrong on a connection.
 #[derive(Debug)]

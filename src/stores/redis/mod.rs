@@ -1,11 +1,15 @@
 //! [`RedisStore`]: sessions shared by many processes through Redis.
 
 mod config;
+mod mux;
 mod resp;
 
 use std::{
     fmt,
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
     time::Duration,
 };
 
@@ -13,15 +17,13 @@ use time::OffsetDateTime;
 
 use self::{
     config::Config,
+    mux::{Mux, Standing},
     resp::{Conn, Reply, RespError},
 };
 use crate::{
     session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
-    stores::{
-        net::{self, Lent},
-        stored,
-    },
+    stores::{net, stored},
 };
 
 /// The conditional write, run by Redis as one step: writes the new value (or deletes
@@ -91,20 +93,25 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 ///   and writes in one step on the server, in one round trip (`EVALSHA`; the script
 ///   is sent whole, with `EVAL`, to a server that has not seen it or has forgotten
 ///   it).
-/// - **One round trip per operation**, on a connection of the operation's own: the
-///   calling thread (sync mode) or task (async mode) writes the command and reads the
-///   reply itself, with no driver task and no hand-off between threads.
-/// - **Connections.** Clones of a store share a pool of at most 16 connections (set
-///   with [`with_max_connections`](RedisStore::with_max_connections)), opened on
-///   demand and kept open.
-/// - **Timeouts and outages.** Waiting for a free connection, connecting and each
-///   reply take at most the [timeout](RedisStore::with_timeout) (2 s unless set): an
-///   unreachable or hung server makes operations fail with [`Error::Backend`], never
-///   hang. A connection that failed, timed out, or whose operation's future was
-///   dropped halfway is closed, and the next operation connects again, so a store
-///   keeps working once the server is back, without being rebuilt; an operation that
-///   finds its idle connection closed by a server restart runs once more on a new
-///   one.
+/// - **One round trip per operation, pipelined.** Operations in flight at once share
+///   a connection: each command is written at once, behind those already sent, and
+///   one of the waiting callers reads the replies for all and hands each to its
+///   caller. The calling thread (sync mode) or task (async mode) does this itself,
+///   with no driver task; under concurrency the server and the store then read and
+///   write many commands per system call.
+/// - **Connections.** Clones of a store share its connections: one while fewer than
+///   64 commands are in flight on it, more (at most 16, or what
+///   [`with_max_connections`](RedisStore::with_max_connections) sets) beyond that.
+///   They are opened on demand and kept open.
+/// - **Timeouts and outages.** Connecting and each reply take at most the
+///   [timeout](RedisStore::with_timeout) (2 s unless set): an unreachable or hung
+///   server makes operations fail with [`Error::Backend`], never hang. A connection
+///   that failed, or whose oldest reply is overdue, fails every operation waiting on
+///   it and is closed, and the next operation connects again, so a store keeps
+///   working once the server is back, without being rebuilt; an operation that finds
+///   its connection closed by a server restart runs once more on a new one. An
+///   operation whose future is dropped halfway still runs if its command was sent;
+///   its reply is read and thrown away, and the connection stays in step.
 /// - **Corrupt values** make [`load`](SessionStore::load) of that id fail with
 ///   [`Error::Decode`]; other sessions are unaffected.
 ///
@@ -159,16 +166,73 @@ pub struct RedisStore {
 /// What clones of a store share: its connections, and the update script's SHA-1
 /// digest once a server told it.
 struct Shared {
-    conns: net::Pool<Conn>,
+    /// Open connections, each shared by the operations in flight on it.
+    conns: parking_lot::Mutex<Vec<Arc<Mux>>>,
+    max: usize,
+    /// Held while a connection is opened, so that callers arriving meanwhile wait for
+    /// it rather than each opening their own.
+    opening: OpeningLock,
+    /// How many attempts to connect failed, and the last one's error: callers that
+    /// waited for an attempt that failed fail with it, instead of each waiting out a
+    /// timeout of its own in turn.
+    failed: AtomicU64,
+    last_failure: parking_lot::Mutex<Option<RespError>>,
     script_sha: OnceLock<String>,
 }
 
+#[cfg(feature = "sync")]
+type OpeningLock = parking_lot::Mutex<()>;
+#[cfg(not(feature = "sync"))]
+type OpeningLock = async_lock::Mutex<()>;
+
+/// How many commands may be in flight on one connection before another is opened
+/// (up to the store's maximum): enough to pipeline the commands of many concurrent
+/// callers on one connection, which is what makes them cheap.
+const PIPELINE_DEPTH: usize = 64;
+
 impl Shared {
-    fn new(max: usize, timeout: Duration) -> Arc<Self> {
+    fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
-            conns: net::Pool::new(max, timeout),
+            conns: parking_lot::Mutex::default(),
+            max,
+            opening: OpeningLock::default(),
+            failed: AtomicU64::new(0),
+            last_failure: parking_lot::Mutex::default(),
             script_sha: OnceLock::new(),
         })
+    }
+
+    /// A connection to send a command on, if one fits: the first with room in its
+    /// pipeline, or, when no more may be opened, the least busy. Broken connections
+    /// and those idle too long are closed on the way.
+    fn pick(&self) -> Option<Arc<Mux>> {
+        let mut conns = self.conns.lock();
+        let mut least: Option<(usize, usize)> = None;
+        let mut at = 0;
+        while at < conns.len() {
+            match conns[at].standing() {
+                Standing::Retired => {
+                    conns.swap_remove(at);
+                    continue;
+                }
+                Standing::InFlight(n) if n < PIPELINE_DEPTH => return Some(Arc::clone(&conns[at])),
+                Standing::InFlight(n) => {
+                    if least.is_none_or(|(_, fewest)| n < fewest) {
+                        least = Some((at, n));
+                    }
+                }
+            }
+            at += 1;
+        }
+        if conns.len() < self.max {
+            return None;
+        }
+        least.map(|(at, _)| Arc::clone(&conns[at]))
+    }
+
+    /// Stops handing out `mux`: it failed as a connection the server closed does.
+    fn retire(&self, mux: &Arc<Mux>) {
+        self.conns.lock().retain(|conn| !Arc::ptr_eq(conn, mux));
     }
 }
 
@@ -181,7 +245,7 @@ impl RedisStore {
     /// another.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-    /// The pool size used unless
+    /// The most connections a store opens unless
     /// [`with_max_connections`](RedisStore::with_max_connections) sets another.
     pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
@@ -198,7 +262,7 @@ impl RedisStore {
             config: Arc::new(Config::parse(url)?),
             prefix: Self::DEFAULT_KEY_PREFIX.into(),
             timeout: Self::DEFAULT_TIMEOUT,
-            shared: Shared::new(Self::DEFAULT_MAX_CONNECTIONS, Self::DEFAULT_TIMEOUT),
+            shared: Shared::new(Self::DEFAULT_MAX_CONNECTIONS),
         })
     }
 
@@ -209,24 +273,26 @@ impl RedisStore {
         self
     }
 
-    /// Returns the store waiting at most `timeout` for a free connection, to connect
-    /// and for each reply (kept between 1 ms and one day).
+    /// Returns the store waiting at most `timeout` to connect and for each reply
+    /// (kept between 1 ms and one day).
     ///
     /// The store value returned gets connections of its own; clones made before
     /// keep the old timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         let timeout = net::clamp_timeout(timeout);
         self.timeout = timeout;
-        self.shared = Shared::new(self.shared.conns.max(), timeout);
+        self.shared = Shared::new(self.shared.max);
         self
     }
 
-    /// Returns the store keeping at most `max` connections open (at least 1).
+    /// Returns the store keeping at most `max` connections open (at least 1). A
+    /// connection carries up to 64 commands in flight before another is opened; past
+    /// `max` connections, commands queue on the least busy one.
     ///
     /// The store value returned gets connections of its own; clones made before keep
-    /// the old pool.
+    /// the old ones.
     pub fn with_max_connections(mut self, max: usize) -> Self {
-        self.shared = Shared::new(max.max(1), self.timeout);
+        self.shared = Shared::new(max.max(1));
         self
     }
 
@@ -412,7 +478,7 @@ impl fmt::Debug for RedisStore {
             .field("db", &self.config.db)
             .field("key_prefix", &self.prefix)
             .field("timeout", &self.timeout)
-            .field("max_connections", &self.shared.conns.max())
+            .field("max_connections", &self.shared.max)
             .finish()
     }
 }
@@ -425,54 +491,70 @@ impl RedisStore {
         Ok(reply)
     }
 
-    /// Runs one command on a pooled connection.
+    /// Runs one command, pipelined on a shared connection.
     ///
-    /// A connection taken from the idle list may have been closed by the server
-    /// meanwhile (it restarted, or dropped idle clients): if the command fails that
-    /// way before any reply, the idle list is emptied (its connections date from the
-    /// same server) and the command runs once more on a new connection.
+    /// A connection that was open before the command may have been closed by the
+    /// server meanwhile (it restarted, or dropped idle clients): if the command fails
+    /// that way before its reply, that connection is dropped and the command runs once
+    /// more on a new one.
     ///
-    /// Such a server never read the command, so sending it again runs it once. Were it
-    /// to run twice anyway: `GET`, `DEL`, `EXISTS` and a plain `SET` are idempotent; a
-    /// `SET NX` whose first copy did land finds its key taken, so `create` draws
-    /// another id (the first copy expires with its TTL); an update whose first copy
-    /// landed finds the version moved on and answers `Conflict`, after which the
-    /// caller reloads and sees its write.
-    async fn call_raw(&self, args: &[&[u8]]) -> std::result::Result<Reply, CallError> {
+    /// Such a server most likely never read the command, so sending it again runs it
+    /// once. Were it to run twice anyway: `GET`, `DEL`, `EXISTS` and a plain `SET` are
+    /// idempotent; a `SET NX` whose first copy did land finds its key taken, so
+    /// `create` draws another id (the first copy expires with its TTL); an update
+    /// whose first copy landed finds the version moved on and answers `Conflict`,
+    /// after which the caller reloads and sees its write.
+    async fn call_raw(&self, args: &[&[u8]]) -> std::result::Result<Reply, RespError> {
         let mut retried = false;
         loop {
-            let mut lent = self.lend(retried).await?;
-            let reused = lent.reused;
-            let conn = conn_of(&mut lent);
-            conn.clear_request();
-            conn.push(args);
-            let result = conn.call().await;
+            let (mux, opened) = self.connection().await?;
+            let result = mux.call(args).await;
             match result {
-                Err(err) if reused && !retried && err.closed_before_reply() => {
-                    self.shared.conns.clear();
+                Err(err) if !opened && !retried && err.closed_before_reply() => {
+                    self.shared.retire(&mux);
                     retried = true;
                 }
-                other => return other.map_err(CallError::Resp),
+                other => return other,
             }
         }
     }
 
-    /// Takes an idle connection (unless `fresh`) or opens one, waiting for a free
-    /// slot at most the timeout. Until the store knows the update script's digest, a
-    /// new connection loads the script to learn it.
-    async fn lend(&self, fresh: bool) -> std::result::Result<Lent<'_, Conn>, CallError> {
-        let mut lent = self
-            .shared
-            .conns
-            .take("Redis", fresh)
-            .await
-            .map_err(CallError::Store)?;
-        if lent.conn.is_some() {
-            return Ok(lent);
+    /// A connection to send a command on: a shared one, or a new one (then `true`)
+    /// when none fits. Callers that come while one is opened wait for it; if it fails,
+    /// they fail with the same error.
+    async fn connection(&self) -> std::result::Result<(Arc<Mux>, bool), RespError> {
+        let shared = &self.shared;
+        if let Some(mux) = shared.pick() {
+            return Ok((mux, false));
         }
-        let opened = Conn::connect(&self.config, self.timeout).await;
-        lent.conn = Some(opened.map_err(CallError::Resp)?);
-        let conn = conn_of(&mut lent);
+        let failed_before = shared.failed.load(Ordering::Acquire);
+        let _opening = shared.opening.lock().await;
+        if let Some(mux) = shared.pick() {
+            return Ok((mux, false));
+        }
+        if shared.failed.load(Ordering::Acquire) != failed_before {
+            if let Some(error) = shared.last_failure.lock().as_ref() {
+                return Err(error.duplicate());
+            }
+        }
+        match self.open().await {
+            Ok(mux) => {
+                let mux = Arc::new(mux);
+                shared.conns.lock().push(Arc::clone(&mux));
+                Ok((mux, true))
+            }
+            Err(error) => {
+                *shared.last_failure.lock() = Some(error.duplicate());
+                shared.failed.fetch_add(1, Ordering::AcqRel);
+                Err(error)
+            }
+        }
+    }
+
+    /// Opens a connection. Until the store knows the update script's digest, it loads
+    /// the script to learn it.
+    async fn open(&self) -> std::result::Result<Mux, RespError> {
+        let mut conn = Conn::connect(&self.config, self.timeout).await?;
         if self.shared.script_sha.get().is_none() {
             // Learn the update script's digest once; `update` sends the script whole
             // until then, and whenever the server has not seen it.
@@ -492,38 +574,15 @@ impl RedisStore {
                         "Redis refused SCRIPT LOAD ({message}): updates send the script whole"
                     );
                 }
-                Err(err) => return Err(CallError::Resp(err)),
+                Err(err) => return Err(err),
             }
         }
-        Ok(lent)
+        Ok(Mux::new(conn.into_socket(), self.timeout))
     }
 }
 
-/// Why a command failed: the pool (no free connection in time), or the connection.
-#[derive(Debug)]
-enum CallError {
-    Store(Error),
-    Resp(RespError),
-}
-
-impl CallError {
-    fn is_no_script(&self) -> bool {
-        matches!(self, Self::Resp(err) if err.is_no_script())
+impl From<RespError> for Error {
+    fn from(err: RespError) -> Self {
+        Error::backend(err)
     }
-}
-
-impl From<CallError> for Error {
-    fn from(err: CallError) -> Self {
-        match err {
-            CallError::Store(err) => err,
-            CallError::Resp(err) => Error::backend(err),
-        }
-    }
-}
-
-/// The connection of a lent slot: present once taken or opened.
-fn conn_of<'l>(lent: &'l mut Lent<'_, Conn>) -> &'l mut Conn {
-    lent.conn
-        .as_mut()
-        .expect("a lent connection is present until dropped")
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use bytes::Buf;
 
 use super::config::Config;
-use crate::stores::net::{IoFailure, Pooled, Socket};
+use crate::stores::net::{IoFailure, Socket};
 
 /// The largest bulk string a reply may carry: Redis' own limit.
 const MAX_BULK: usize = 512 * 1024 * 1024;
@@ -42,6 +42,19 @@ impl RespError {
         matches!(self, Self::Io(failure) if failure.is_closed())
     }
 
+    /// The same error again, for each of the callers a broken connection fails.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::Io(failure) => Self::Io(IoFailure {
+                what: failure.what,
+                address: failure.address.clone(),
+                source: std::io::Error::new(failure.source.kind(), failure.source.to_string()),
+            }),
+            Self::Server(message) => Self::Server(message.clone()),
+            Self::Protocol(what) => Self::Protocol(what.clone()),
+        }
+    }
+
     /// `true` if the server does not know the script `EVALSHA` named.
     pub(crate) fn is_no_script(&self) -> bool {
         matches!(self, Self::Server(message) if message.starts_with("NOSCRIPT"))
@@ -68,13 +81,13 @@ impl std::error::Error for RespError {
 }
 
 /// A reply, or the message of an error reply.
-type Answer = Result<Reply, String>;
+pub(super) type Answer = Result<Reply, String>;
 
 /// Parses one reply from the start of `buf`: the reply and how many bytes it took,
 /// `None` if `buf` holds only part of it. An error reply is an `Err` answer, with its
 /// length, so that the caller can consume it and keep the connection; malformed input
 /// is an `Err`.
-fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
+pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
         return Ok(None);
     };
@@ -149,43 +162,46 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
 }
 
 /// Appends a command in RESP's array form.
-fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+pub(super) fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
     out.push(b'*');
-    out.extend_from_slice(args.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    push_length(out, args.len());
     for arg in args {
         out.push(b'$');
-        out.extend_from_slice(arg.len().to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_length(out, arg.len());
         out.extend_from_slice(arg);
         out.extend_from_slice(b"\r\n");
     }
 }
 
-/// One open, authenticated connection.
+/// Appends `n` in decimal, then CRLF.
+fn push_length(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One open, authenticated connection, used alone while it is set up.
 pub(crate) struct Conn {
     socket: Socket,
     write: Vec<u8>,
     /// Commands queued and not yet answered.
     queued: usize,
-    /// `true` from the moment a request starts being written until its replies have
-    /// been read: a connection left in this state (an error, a timeout, a dropped
-    /// future) no longer knows which reply is whose, and is closed.
-    busy: bool,
 }
 
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
             .field("socket", &self.socket)
-            .field("busy", &self.busy)
             .finish_non_exhaustive()
-    }
-}
-
-impl Pooled for Conn {
-    fn reusable(&self) -> bool {
-        !self.busy
     }
 }
 
@@ -197,9 +213,14 @@ impl Conn {
     }
 
     /// Drops what was queued but not sent.
-    pub(crate) fn clear_request(&mut self) {
+    fn clear_request(&mut self) {
         self.write.clear();
         self.queued = 0;
+    }
+
+    /// The socket, once connected and between requests, for a [`Mux`](super::mux::Mux).
+    pub(crate) fn into_socket(self) -> Socket {
+        self.socket
     }
 }
 
@@ -217,7 +238,6 @@ impl Conn {
             socket,
             write: Vec::with_capacity(256),
             queued: 0,
-            busy: false,
         };
         if let Some(password) = &config.password {
             match &config.user {
@@ -248,7 +268,6 @@ impl Conn {
 
     /// Sends the queued commands and reads one reply for each.
     async fn exchange(&mut self) -> Result<Vec<Answer>, RespError> {
-        self.busy = true;
         let sent = self.socket.send(&self.write).await;
         let expected = self.queued;
         self.clear_request();
@@ -263,7 +282,6 @@ impl Conn {
                 None => self.socket.receive().await.map_err(RespError::Io)?,
             }
         }
-        self.busy = false;
         Ok(replies)
     }
 }
@@ -322,5 +340,16 @@ mod tests {
         let mut out = Vec::new();
         encode(&mut out, &[b"SET", b"k", b"v\r\n"]);
         assert_eq!(out, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n");
+        out.clear();
+        encode(&mut out, &[&[b'x'; 1234], b"", &[b'y'; 10]]);
+        let expected = [
+            &b"*3\r\n$1234\r\n"[..],
+            &[b'x'; 1234],
+            b"\r\n$0\r\n\r\n$10\r\n",
+            &[b'y'; 10],
+            b"\r\n",
+        ]
+        .concat();
+        assert_eq!(out, expected);
     }
 }

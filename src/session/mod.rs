@@ -785,7 +785,13 @@ impl Data {
             let (Some(k), Some(value)) = (take_field(&mut rest), take_field(&mut rest)) else {
                 break;
             };
-            match k.cmp(key.as_bytes()) {
+            // Keys mostly differ in their first byte: compare that before calling
+            // for the whole comparison.
+            let order = match (k.first(), key.as_bytes().first()) {
+                (Some(a), Some(b)) if a != b => a.cmp(b),
+                _ => k.cmp(key.as_bytes()),
+            };
+            match order {
                 Ordering::Less => {}
                 Ordering::Equal => {
                     let end = bytes.len() - rest.len();
@@ -841,7 +847,9 @@ impl Data {
             // written above.
             Err(at) => (*at).max(1),
         };
-        bytes[at..].rotate_right(entry_len);
+        if at < entry_at {
+            bytes[at..].rotate_right(entry_len);
+        }
         let old = match found {
             Ok(old) => {
                 // The old entry now follows the new one.
@@ -917,6 +925,7 @@ fn set_count(bytes: &mut Vec<u8>, count: usize) {
 }
 
 /// Replaces the `old_len`-byte varint at `at` in `bytes` with `value`'s.
+#[inline]
 fn replace_varint(bytes: &mut Vec<u8>, at: usize, old_len: usize, value: usize) {
     if value < 0x80 && old_len == 1 {
         bytes[at] = value as u8;

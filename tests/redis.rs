@@ -680,6 +680,18 @@ fn sixteen_callers(store: &RedisStore, records: &[Record]) {
     });
 }
 
+/// `n` records, each with a value of its own, created in `store`.
+fn created(store: &RedisStore, n: u64) -> Vec<Record> {
+    (0..n)
+        .map(|n| {
+            let mut record = live_record(n);
+            record.insert("n", &n).unwrap();
+            block(store.create(&mut record)).unwrap();
+            record
+        })
+        .collect()
+}
+
 /// `connected_clients` and `total_connections_received` of a server.
 fn connections(url: &str) -> (u64, u64) {
     let mut conn = raw(url);
@@ -703,14 +715,7 @@ fn connections(url: &str) -> (u64, u64) {
 fn concurrent_callers_share_one_connection_and_each_gets_its_own_reply() {
     let server = RedisServer::start();
     let store = RedisStore::new(&server.url()).unwrap();
-    let records: Vec<Record> = (0..64)
-        .map(|n| {
-            let mut record = live_record(n);
-            record.insert("n", &n).unwrap();
-            block(store.create(&mut record)).unwrap();
-            record
-        })
-        .collect();
+    let records = created(&store, 64);
     sixteen_callers(&store, &records);
     // Then one caller: every reply is still its own command's.
     for record in &records {
@@ -735,13 +740,7 @@ fn callers_dropped_mid_pipeline_leave_it_in_step() {
     use futures_lite::future::poll_once;
     let server = RedisServer::start();
     let store = RedisStore::new(&server.url()).unwrap();
-    let records: Vec<Record> = (0..4)
-        .map(|n| {
-            let mut record = live_record(n);
-            block(store.create(&mut record)).unwrap();
-            record
-        })
-        .collect();
+    let records = created(&store, 4);
     server.freeze();
     let mut loads: Vec<_> = records
         .iter()

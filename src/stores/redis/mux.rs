@@ -702,17 +702,41 @@ impl Drop for Pending<'_> {
 }
 
 /// A connection to a scripted server (the test writes each reply when it chooses), so
-/// that the order in which callers are answered, woken and dropped is the test's.
-#[cfg(all(test, unix, not(feature = "sync")))]
+/// that the order in which callers are answered, woken and dropped is the test's. The
+/// callers run on threads of their own, each its own executor in async mode.
+#[cfg(all(test, unix))]
 mod tests {
-    use std::io::Write;
-
-    use futures_lite::future::{block_on, poll_once};
+    use std::{
+        io::{Read, Write},
+        os::unix::net::UnixStream,
+    };
 
     use super::*;
     use crate::stores::net::Address;
 
-    fn scripted() -> (Mux, std::os::unix::net::UnixStream, std::path::PathBuf) {
+    /// A command's reply, in either mode.
+    #[cfg(feature = "sync")]
+    fn call(mux: &Mux, args: &[&[u8]]) -> Result<Reply, RespError> {
+        mux.call(args)
+    }
+    #[cfg(not(feature = "sync"))]
+    fn call(mux: &Mux, args: &[&[u8]]) -> Result<Reply, RespError> {
+        futures_lite::future::block_on(mux.call(args))
+    }
+
+    struct Scripted {
+        mux: Mux,
+        server: UnixStream,
+        path: std::path::PathBuf,
+    }
+
+    impl Drop for Scripted {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn scripted(timeout: Duration) -> Scripted {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!(
@@ -721,26 +745,136 @@ mod tests {
         ));
         let _ = std::fs::remove_file(&path);
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let timeout = Duration::from_secs(5);
-        let socket = block_on(Socket::connect(&Address::Unix(path.clone()), timeout)).unwrap();
+        let address = Address::Unix(path.clone());
+        let connect = Socket::connect(&address, timeout);
+        #[cfg(not(feature = "sync"))]
+        let connect = futures_lite::future::block_on(connect);
+        let socket = connect.unwrap();
         let (server, _) = listener.accept().unwrap();
-        (Mux::new(socket, timeout), server, path)
+        Scripted {
+            mux: Mux::new(socket, timeout),
+            server,
+            path,
+        }
     }
 
-    fn bulk(text: &str) -> Result<Reply, RespError> {
-        Ok(Reply::Bulk(text.as_bytes().to_vec()))
+    /// `GET n` as RESP, which is what the server reads for each call below.
+    fn get(n: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(&mut out, &[b"GET", n.as_bytes()]);
+        out
     }
 
-    fn same(got: Option<Result<Reply, RespError>>, want: Result<Reply, RespError>) -> bool {
-        matches!((got, want), (Some(Ok(got)), Ok(want)) if got == want)
+    /// Reads until the server has received exactly `expected`.
+    fn receive(server: &mut UnixStream, expected: &[u8]) {
+        let mut got = vec![0; expected.len()];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, expected);
+    }
+
+    fn bulk(text: &str) -> Reply {
+        Reply::Bulk(text.as_bytes().to_vec())
+    }
+
+    /// Three callers at once; the replies come one byte at a time: each caller still
+    /// gets its own, whoever reads.
+    #[test]
+    fn replies_in_pieces_reach_their_own_callers() {
+        let mut scripted = scripted(Duration::from_secs(5));
+        let (mux, server) = (&scripted.mux, &mut scripted.server);
+        std::thread::scope(|scope| {
+            let callers: Vec<_> = ["1", "2", "3"]
+                .into_iter()
+                .map(|n| {
+                    let mux = &*mux;
+                    let caller = scope.spawn(move || call(mux, &[b"GET", n.as_bytes()]));
+                    // One at a time, so that the server knows the order.
+                    receive(server, &get(n));
+                    (n, caller)
+                })
+                .collect();
+            for byte in b"$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n" {
+                server.write_all(&[*byte]).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            for (n, caller) in callers {
+                assert_eq!(caller.join().unwrap().unwrap(), bulk(n));
+            }
+        });
+        assert!(matches!(mux.standing(), Standing::InFlight(0)));
+    }
+
+    /// A reply that is not RESP breaks the connection: every caller waiting fails, and
+    /// so does every later one, at once.
+    #[test]
+    fn a_malformed_reply_fails_every_caller_and_the_connection() {
+        let mut scripted = scripted(Duration::from_secs(5));
+        let (mux, server) = (&scripted.mux, &mut scripted.server);
+        std::thread::scope(|scope| {
+            let callers: Vec<_> = ["1", "2"]
+                .into_iter()
+                .map(|n| {
+                    let mux = &*mux;
+                    let caller = scope.spawn(move || call(mux, &[b"GET", n.as_bytes()]));
+                    receive(server, &get(n));
+                    caller
+                })
+                .collect();
+            server.write_all(b"?what\r\n").unwrap();
+            for caller in callers {
+                let failed = caller.join().unwrap();
+                assert!(matches!(failed, Err(RespError::Protocol(_))), "{failed:?}");
+            }
+        });
+        assert!(matches!(mux.standing(), Standing::Retired));
+        assert!(matches!(
+            call(mux, &[b"GET", b"3"]),
+            Err(RespError::Protocol(_))
+        ));
+    }
+
+    /// A server that reads the commands and never answers: every caller fails with a
+    /// timeout, within about the timeout, and the connection is not used again.
+    #[test]
+    fn an_overdue_reply_fails_every_caller_and_the_connection() {
+        let timeout = Duration::from_millis(200);
+        let mut scripted = scripted(timeout);
+        let (mux, server) = (&scripted.mux, &mut scripted.server);
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            let callers: Vec<_> = ["1", "2", "3"]
+                .into_iter()
+                .map(|n| {
+                    let mux = &*mux;
+                    let caller = scope.spawn(move || call(mux, &[b"GET", n.as_bytes()]));
+                    receive(server, &get(n));
+                    caller
+                })
+                .collect();
+            for caller in callers {
+                let failed = caller.join().unwrap();
+                assert!(
+                    matches!(&failed, Err(RespError::Io(failure)) if failure.source.kind() == std::io::ErrorKind::TimedOut),
+                    "{failed:?}"
+                );
+            }
+        });
+        let took = started.elapsed();
+        assert!(took >= timeout, "failed early: {took:?}");
+        assert!(took < timeout * 3, "failed late: {took:?}");
+        assert!(matches!(mux.standing(), Standing::Retired));
     }
 
     /// The reader is answered and hands the reading to the oldest caller waiting; that
     /// caller is dropped before it takes the reading up. The next caller, a task that
     /// is polled only when woken, must be woken to read, not left waiting forever.
+    #[cfg(not(feature = "sync"))]
     #[test]
     fn a_caller_handed_the_reading_and_dropped_passes_it_on() {
-        let (mux, mut server, path) = scripted();
+        use futures_lite::future::{block_on, poll_once};
+
+        let mut scripted = scripted(Duration::from_secs(5));
+        let (mux, server) = (&scripted.mux, &mut scripted.server);
         let mut first = Box::pin(mux.call(&[b"GET", b"1"]));
         let mut second = Box::pin(mux.call(&[b"GET", b"2"]));
         assert!(
@@ -753,7 +887,7 @@ mod tests {
         assert!(executor.try_tick(), "the third caller waits, to be woken");
 
         server.write_all(b"$1\r\n1\r\n").unwrap();
-        assert!(same(Some(block_on(first)), bulk("1")));
+        assert_eq!(block_on(first).unwrap(), bulk("1"));
         drop(second);
         server.write_all(b"$1\r\n2\r\n$1\r\n3\r\n").unwrap();
         let answered = block_on(executor.run(futures_lite::future::or(
@@ -763,30 +897,7 @@ mod tests {
                 None
             },
         )));
-        assert!(
-            same(answered, bulk("3")),
-            "the third caller was never woken"
-        );
-        let _ = std::fs::remove_file(path);
-    }
-
-    /// A reply that is not RESP breaks the connection: every caller waiting fails, and
-    /// so does every later one, at once.
-    #[test]
-    fn a_malformed_reply_fails_every_caller_and_the_connection() {
-        let (mux, mut server, path) = scripted();
-        let mut first = Box::pin(mux.call(&[b"GET", b"1"]));
-        let mut second = Box::pin(mux.call(&[b"GET", b"2"]));
-        assert!(block_on(poll_once(first.as_mut())).is_none());
-        assert!(block_on(poll_once(second.as_mut())).is_none());
-        server.write_all(b"?what\r\n").unwrap();
-        assert!(matches!(block_on(first), Err(RespError::Protocol(_))));
-        assert!(matches!(block_on(second), Err(RespError::Protocol(_))));
-        assert!(matches!(mux.standing(), Standing::Retired));
-        assert!(matches!(
-            block_on(mux.call(&[b"GET", b"3"])),
-            Err(RespError::Protocol(_))
-        ));
-        let _ = std::fs::remove_file(path);
+        let answered = answered.expect("the third caller was never woken");
+        assert_eq!(answered.unwrap(), bulk("3"));
     }
 }

@@ -65,10 +65,11 @@ enum Call {
 struct State {
     /// Commands queued and not yet written.
     out: Vec<u8>,
-    /// A caller is writing (sync mode): commands queued meanwhile go out with its next
-    /// write.
+    /// The ticket of the caller writing (sync mode), if one is: commands queued
+    /// meanwhile go out with its next write, and the reading is not handed to it
+    /// (it takes the reading up itself once written, if no one else has).
     #[cfg(feature = "sync")]
-    writing: bool,
+    writer: Option<u64>,
     /// Read and not yet parsed.
     input: BytesMut,
     /// The reader's buffer (taken out while it reads, in sync mode).
@@ -191,10 +192,19 @@ impl State {
         self.reader = None;
         #[cfg(not(feature = "sync"))]
         self.alarm.forget_task();
-        let next = self.calls.iter_mut().find_map(|(call, _)| match call {
-            Call::Waiting(waiter) => Some(waiter),
-            _ => None,
-        });
+        // In sync mode not to the writer: it reads once written, if no one else does.
+        #[cfg(feature = "sync")]
+        let skip = self.writer.map(|writer| writer.wrapping_sub(self.first));
+        #[cfg(not(feature = "sync"))]
+        let skip: Option<u64> = None;
+        let next = self
+            .calls
+            .iter_mut()
+            .enumerate()
+            .find_map(|(at, (call, _))| match call {
+                Call::Waiting(waiter) if skip != Some(at as u64) => Some(waiter),
+                _ => None,
+            });
         #[cfg(feature = "sync")]
         wake.extend(next.and_then(|waiter| waiter.clone()));
         #[cfg(not(feature = "sync"))]
@@ -250,7 +260,7 @@ impl Mux {
             state: Mutex::new(State {
                 out: Vec::with_capacity(1024),
                 #[cfg(feature = "sync")]
-                writing: false,
+                writer: None,
                 input,
                 scratch: vec![0; READ_CHUNK],
                 #[cfg(feature = "sync")]
@@ -324,18 +334,18 @@ impl Mux {
             return Err(error.duplicate());
         }
         let ticket = self.enqueue(&mut state, args, Some(std::thread::current()));
-        let state = self.flush(state);
+        let state = self.flush(state, ticket);
         let answer = self.wait(state, ticket)?;
         answer.map_err(RespError::Server)
     }
 
     /// Writes what is queued, unless a caller is writing already (it writes ours
     /// after its own).
-    fn flush<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        if state.writing {
+    fn flush<'a>(&'a self, mut state: MutexGuard<'a, State>, ticket: u64) -> MutexGuard<'a, State> {
+        if state.writer.is_some() {
             return state;
         }
-        state.writing = true;
+        state.writer = Some(ticket);
         let mut spare = Vec::new();
         while !state.out.is_empty() {
             let bytes = std::mem::replace(&mut state.out, spare);
@@ -351,7 +361,7 @@ impl Mux {
                 break;
             }
         }
-        state.writing = false;
+        state.writer = None;
         if state.out.capacity() == 0 {
             state.out = spare;
         }

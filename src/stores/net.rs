@@ -337,7 +337,8 @@ impl Socket {
     }
 }
 
-fn closed() -> io::Error {
+/// The error of a connection the server closed.
+pub(crate) fn closed() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         "the server closed the connection",

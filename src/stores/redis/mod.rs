@@ -503,9 +503,9 @@ impl RedisStore {
     ///
     /// The command may have run or not: a server that restarted under a busy
     /// connection ran some of the commands pipelined on it. Sent again, it runs once
-    /// more at most, and were it to run twice: `GET`, `DEL`, `EXISTS` and a plain `SET` are
-    /// idempotent; a `SET NX` whose first copy did land finds its key taken, so
-    /// `create` draws another id (the first copy expires with its TTL); an update
+    /// more at most, and were it to run twice: `GET`, `DEL`, `EXISTS` and a plain
+    /// `SET` are idempotent; a `SET NX` whose first copy did land finds its key taken,
+    /// so `create` draws another id (the first copy expires with its TTL); an update
     /// whose first copy landed finds the version moved on and answers `Conflict`,
     /// after which the caller reloads and sees its write.
     async fn call_raw(&self, args: &[&[u8]]) -> std::result::Result<Reply, RespError> {

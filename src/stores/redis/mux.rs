@@ -588,7 +588,7 @@ impl Mux {
             let State { scratch, input, .. } = &mut *state;
             match self.socket.try_read(scratch) {
                 Ok(0) => {
-                    let failure = self.socket.failure("reading from", closed());
+                    let failure = self.socket.failure("reading from", net::closed());
                     self.break_with(state, RespError::Io(failure), wake);
                 }
                 Ok(n) => {
@@ -625,14 +625,6 @@ impl Mux {
         }
         false
     }
-}
-
-#[cfg(not(feature = "sync"))]
-fn closed() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::UnexpectedEof,
-        "the server closed the connection",
-    )
 }
 
 /// One caller's command in flight (async mode). Dropped before its reply, it gives

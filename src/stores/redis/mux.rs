@@ -774,6 +774,26 @@ mod tests {
         assert_eq!(got, expected);
     }
 
+    type Caller<'scope> = std::thread::ScopedJoinHandle<'scope, Result<Reply, RespError>>;
+
+    /// Starts a caller of `GET n` for each of `names` on a thread of its own, one at a
+    /// time, each once the server has read the one before: the server knows the order.
+    fn start_callers<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        mux: &'scope Mux,
+        server: &mut UnixStream,
+        names: &[&'static str],
+    ) -> Vec<(&'static str, Caller<'scope>)> {
+        names
+            .iter()
+            .map(|&n| {
+                let caller = scope.spawn(move || call(mux, &[b"GET", n.as_bytes()]));
+                receive(server, &get(n));
+                (n, caller)
+            })
+            .collect()
+    }
+
     fn bulk(text: &str) -> Reply {
         Reply::Bulk(text.as_bytes().to_vec())
     }
@@ -785,16 +805,7 @@ mod tests {
         let mut scripted = scripted(Duration::from_secs(5));
         let (mux, server) = (&scripted.mux, &mut scripted.server);
         std::thread::scope(|scope| {
-            let callers: Vec<_> = ["1", "2", "3"]
-                .into_iter()
-                .map(|n| {
-                    let mux = &*mux;
-                    let caller = scope.spawn(move || call(mux, &[b"GET", n.as_bytes()]));
-                    // One at a time, so that the server knows the order.
-                    receive(server, &get(n));
-                    (n, caller)
-                })
-                .collect();
+            let callers = start_callers(scope, mux, server, &["1", "2", "3"]);
             for byte in b"$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n" {
                 server.write_all(&[*byte]).unwrap();
                 std::thread::sleep(Duration::from_micros(200));
@@ -813,17 +824,9 @@ mod tests {
         let mut scripted = scripted(Duration::from_secs(5));
         let (mux, server) = (&scripted.mux, &mut scripted.server);
         std::thread::scope(|scope| {
-            let callers: Vec<_> = ["1", "2"]
-                .into_iter()
-                .map(|n| {
-                    let mux = &*mux;
-                    let caller = scope.spawn(move || call(mux, &[b"GET", n.as_bytes()]));
-                    receive(server, &get(n));
-                    caller
-                })
-                .collect();
+            let callers = start_callers(scope, mux, server, &["1", "2"]);
             server.write_all(b"?what\r\n").unwrap();
-            for caller in callers {
+            for (_, caller) in callers {
                 let failed = caller.join().unwrap();
                 assert!(matches!(failed, Err(RespError::Protocol(_))), "{failed:?}");
             }
@@ -844,16 +847,8 @@ mod tests {
         let (mux, server) = (&scripted.mux, &mut scripted.server);
         let started = Instant::now();
         std::thread::scope(|scope| {
-            let callers: Vec<_> = ["1", "2", "3"]
-                .into_iter()
-                .map(|n| {
-                    let mux = &*mux;
-                    let caller = scope.spawn(move || call(mux, &[b"GET", n.as_bytes()]));
-                    receive(server, &get(n));
-                    caller
-                })
-                .collect();
-            for caller in callers {
+            let callers = start_callers(scope, mux, server, &["1", "2", "3"]);
+            for (_, caller) in callers {
                 let failed = caller.join().unwrap();
                 assert!(
                     matches!(&failed, Err(RespError::Io(failure)) if failure.source.kind() == std::io::ErrorKind::TimedOut),

@@ -114,7 +114,10 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 ///   its connection closed by a server restart runs once more on a new one. An
 ///   operation whose future is dropped halfway may still run (its command was
 ///   queued, and goes out with the others); its reply is read and thrown away, and
-///   the connection stays in step.
+///   the connection stays in step. In async mode the callers drive their connection:
+///   an operation's future that has been polled must then be polled to the end or
+///   dropped, since one left pending and never polled again may be the one reading
+///   for the others, which then wait for it, as they would for a lock it held.
 /// - **Corrupt values** make [`load`](SessionStore::load) of that id fail with
 ///   [`Error::Decode`]; other sessions are unaffected.
 ///

@@ -292,14 +292,15 @@ impl Mux {
         }
     }
 
-    /// Queues a command, with its caller, and returns its ticket.
-    fn enqueue(&self, state: &mut State, args: &[&[u8]], waiter: Option<Waiter>) -> u64 {
+    /// Queues a command, with its caller, and returns its ticket and when its reply
+    /// is due.
+    fn enqueue(&self, state: &mut State, args: &[&[u8]], waiter: Option<Waiter>) -> (u64, Instant) {
         encode(&mut state.out, args);
         let ticket = state.next_ticket();
         let due = due_after(self.timeout);
         state.calls.push_back((Call::Waiting(waiter), due));
         state.idle_since = None;
-        ticket
+        (ticket, due)
     }
 
     /// Breaks the connection: every caller waiting fails with `error`, and the socket
@@ -333,9 +334,9 @@ impl Mux {
         if let Some(error) = &state.broken {
             return Err(error.duplicate());
         }
-        let ticket = self.enqueue(&mut state, args, Some(std::thread::current()));
+        let (ticket, due) = self.enqueue(&mut state, args, Some(std::thread::current()));
         let state = self.flush(state, ticket);
-        let answer = self.wait(state, ticket)?;
+        let answer = self.wait(state, ticket, due)?;
         answer.map_err(RespError::Server)
     }
 
@@ -368,14 +369,14 @@ impl Mux {
         state
     }
 
-    /// Waits for `ticket`'s reply: reads for all while no one else does, parks
-    /// otherwise.
+    /// Waits until `due` for `ticket`'s reply: reads for all while no one else does,
+    /// parks otherwise.
     fn wait<'a>(
         &'a self,
         mut state: MutexGuard<'a, State>,
         ticket: u64,
+        due: Instant,
     ) -> Result<Answer, RespError> {
-        let due = due_after(self.timeout);
         loop {
             if let Some(answer) = state.take(ticket) {
                 return Ok(answer);
@@ -505,7 +506,7 @@ impl Mux {
             if let Some(error) = &state.broken {
                 return Err(error.duplicate());
             }
-            let ticket = self.enqueue(&mut state, args, None);
+            let (ticket, _) = self.enqueue(&mut state, args, None);
             // Written at once as far as the socket takes it (the reader writes what is
             // left). Holding commands back to write several at once was tried: the
             // server then waits for the batch, and under load each operation took

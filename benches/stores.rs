@@ -12,7 +12,8 @@
 //!   (`floor/hashmap-arc`: a bare `HashMap` lookup and an `Arc` clone of the record's
 //!   bytes, same ids, same order), and chained (`-chained`: each lookup waits for the
 //!   last, as a server's loads do, so the processor cannot overlap their cache
-//!   misses), the floor and ours. Each of our tasks runs on its
+//!   misses), the floor and ours, and the floor again with entries of 64 bytes, the
+//!   size of a `MemoryStore` entry (`-chained-64B`). Each of our tasks runs on its
 //!   own thread under `block_on`; the peer's run on a tokio runtime with two workers,
 //!   which serves its contended mutex far better than `block_on` does.
 //! - `delete_expired`: ours only (tower-sessions' `MemoryStore` never deletes expired
@@ -122,6 +123,10 @@ fn load_threads(c: &mut Criterion) {
     // ours.
     group.bench_function(BenchmarkId::new("floor/hashmap-arc-chained", 1), |b| {
         b.iter_custom(|iters| floor.chained_loads(iters))
+    });
+    // The same, in entries of a `MemoryStore` entry's size.
+    group.bench_function(BenchmarkId::new("floor/hashmap-arc-chained-64B", 1), |b| {
+        b.iter_custom(|iters| floor.chained_wide_loads(iters))
     });
     group.bench_function(BenchmarkId::new(ours_name("memory-chained"), 1), |b| {
         b.iter_custom(|iters| run(chained_loads(&memory.store, &memory.ids, iters)))

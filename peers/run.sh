@@ -22,6 +22,24 @@ if command -v pgbench >/dev/null && (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/nul
         "$(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 1 -T 5 -f "$sql" test 2>/dev/null | grep 'latency average')"
     psql -h 127.0.0.1 -U postgres -d test -Xqc "DROP TABLE peers_floor"
 fi
+if command -v sqlite3 >/dev/null; then
+    # Where the benchmark's databases go, in the same journal mode and durability.
+    dir="$(mktemp -d)"
+    echo "PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB);" |
+        sqlite3 "$dir/floor.db" >/dev/null
+    {
+        echo "PRAGMA synchronous = FULL;"
+        for _ in $(seq 1 2000); do
+            echo "INSERT INTO t VALUES ($RANDOM, randomblob(128)) ON CONFLICT (k) DO UPDATE SET v = excluded.v;"
+        done
+    } > "$dir/upserts.sql"
+    started=$(date +%s%N)
+    sqlite3 "$dir/floor.db" < "$dir/upserts.sql"
+    ended=$(date +%s%N)
+    echo "- SQLite, one committed upsert (sqlite3, WAL, synchronous = FULL, 2,000 in a row):" \
+        "$(( (ended - started) / 2000 / 1000 )) µs"
+    rm -rf "$dir"
+fi
 if command -v redis-benchmark >/dev/null; then
     echo "- Redis, one GET round trip (redis-benchmark -t get -c 1):" \
         "$(redis-benchmark -h 127.0.0.1 -t get -c 1 -n 50000 -q 2>/dev/null | tr '\r' '\n' | grep -a 'GET:' | tail -n 1)"

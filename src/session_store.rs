@@ -73,6 +73,25 @@ impl Error {
         }
     }
 
+    /// Returns `true` if this is a [`SessionGone`]: the request's change was not kept,
+    /// because another request ended the session (a logout) or moved it (a login's
+    /// [`cycle_id`](crate::session::Session::cycle_id)).
+    pub fn is_session_gone(&self) -> bool {
+        match self {
+            Self::Backend(source) => source.is::<SessionGone>(),
+            _ => false,
+        }
+    }
+
+    /// Returns `true` if this is a [`SessionFinished`]: a change was refused because
+    /// the session's request was already finished.
+    pub fn is_session_finished(&self) -> bool {
+        match self {
+            Self::Backend(source) => source.is::<SessionFinished>(),
+            _ => false,
+        }
+    }
+
     /// Formats the error with every cause in its chain, `outer: inner: ...`, for logs.
     pub fn report(&self) -> String {
         let mut text = self.to_string();
@@ -150,6 +169,44 @@ pub struct WriteConflict {
     /// How many conditional writes were refused.
     pub attempts: u32,
 }
+
+/// The error inside [`Error::Backend`] when a request's change to its session was not
+/// kept: another request ended the session ([`flush`](crate::session::Session::flush),
+/// [`delete`](crate::session::Session::delete), a logout) or moved it to a new id
+/// ([`cycle_id`](crate::session::Session::cycle_id), a login) first, or it expired.
+///
+/// Nothing was written, and the response sends no cookie, so the logout or login
+/// stands. A handler that must know whether its change is kept before it answers
+/// writes it with [`Session::save`](crate::session::Session::save) or
+/// [`Session::update`](crate::session::Session::update), and on this error answers
+/// as for a user who is not logged in (say, a redirect to the login page) instead of
+/// showing the change as made.
+///
+/// ```
+/// use portable_sessions::session_store::{Error, SessionGone};
+///
+/// let err = Error::backend(SessionGone);
+/// assert!(err.is_session_gone());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the session ended or moved under this request, so its change was not kept")]
+pub struct SessionGone;
+
+/// The error inside [`Error::Backend`] when a change is made to a session whose
+/// request was already finished
+/// ([`SessionManager::finish`](crate::SessionManager::finish)): a clone kept by a
+/// spawned task or a streaming body can still read the session, but no longer change
+/// it, since nothing would store the change or send its cookie.
+///
+/// ```
+/// use portable_sessions::session_store::{Error, SessionFinished};
+///
+/// let err = Error::backend(SessionFinished);
+/// assert!(err.is_session_finished());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the session's request is finished: it can no longer be changed")]
+pub struct SessionFinished;
 
 /// Keeps session records: the interface that every backend implements.
 ///

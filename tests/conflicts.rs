@@ -29,9 +29,14 @@ tests_in_both_modes!(
     a_refresh_racing_a_logout_never_revives_the_session,
     update_runs_again_on_the_newer_value,
     endless_conflicts_end_in_a_clear_error,
-    a_request_arriving_with_a_moved_id_writes_nothing,
+    a_request_with_a_moved_id_is_told_its_changes_are_not_kept,
     emptying_a_session_never_deletes_a_concurrent_write,
+    emptying_a_session_held_in_its_write_keeps_a_concurrent_write,
     a_failed_update_leaves_the_session_as_it_was,
+    a_login_whose_request_fails_leaves_the_session_as_it_was,
+    a_write_racing_a_logout_is_reported_as_not_kept,
+    changes_after_finish_are_refused,
+    unchanged_cookies_are_not_sent_again,
 );
 
 /// A step whose write failed is not kept as a change: a retry (or the commit)
@@ -374,16 +379,19 @@ async fn a_write_racing_cycle_id_neither_revives_nor_overwrites() {
     let cookie = new_session(&manager, &[("cart", "apple")]).await;
     let login = manager.begin([cookie.as_str()]);
     login.get::<String>("cart").await.unwrap();
-    store.interleave(
-        || block(login.cycle_id()).unwrap(),
+    login.cycle_id().await.unwrap();
+    login.insert("user", "alice").await.unwrap();
+    // The move is written by the login's finish: held there, at its conditional
+    // write of the old id, while another request writes the old id.
+    let set = store.interleave(
+        || block(manager.finish(&login)).unwrap(),
         || {
             let visit = manager.begin([cookie.as_str()]);
             block(visit.insert("cart", "pear")).unwrap();
             block(manager.finish(&visit)).unwrap();
         },
     );
-    block(login.insert("user", "alice")).unwrap();
-    let logged_in = pair(&block(manager.finish(&login)).unwrap().expect("new id"));
+    let logged_in = pair(&set.expect("new id"));
     let cart = read(&manager, &logged_in, "cart").await;
     let user = read(&manager, &logged_in, "user").await;
     assert_eq!(cart.as_deref(), Some("pear"), "carried over to the new id");
@@ -394,23 +402,20 @@ async fn a_write_racing_cycle_id_neither_revives_nor_overwrites() {
     // A logout while the login is held: the login must not revive the session.
     let cookie = new_session(&manager, &[("cart", "apple")]).await;
     let login = manager.begin([cookie.as_str()]);
-    login.get::<String>("cart").await.unwrap();
-    store.interleave(
-        || block(login.cycle_id()).unwrap(),
+    login.insert("cart", "apple, pear").await.unwrap();
+    login.cycle_id().await.unwrap();
+    login.insert("user", "alice").await.unwrap();
+    let set = store.interleave(
+        || block(manager.finish(&login)).unwrap(),
         || {
             let logout = manager.begin([cookie.as_str()]);
             block(logout.flush()).unwrap();
             block(manager.finish(&logout)).unwrap();
         },
     );
-    // The login goes on as a new, empty session: nothing of the logged-out one.
-    let cart = block(login.get::<String>("cart")).unwrap();
-    assert_eq!(cart, None, "nothing of the ended session comes back");
-    block(login.insert("user", "alice")).unwrap();
-    let set = block(manager.finish(&login))
-        .unwrap()
-        .expect("a new session");
-    let logged_in = pair(&set);
+    // The login goes on as a new session with what it stored since `cycle_id`:
+    // nothing of the logged-out one.
+    let logged_in = pair(&set.expect("a new session"));
     assert_ne!(logged_in, cookie);
     let user = read(&manager, &logged_in, "user").await;
     let cart = read(&manager, &logged_in, "cart").await;
@@ -419,37 +424,247 @@ async fn a_write_racing_cycle_id_neither_revives_nor_overwrites() {
     assert!(!old, "the logged-out id stays logged out");
 }
 
-/// A request that empties a session ends it only if nothing else was written
-/// meanwhile: a login racing it is kept, not deleted with it.
+/// A request that empties a session (it reads and removes a flash message) never
+/// makes another request's write of the same session vanish, whichever finishes
+/// first: an emptied session is written like any other, and stays, empty.
 #[maybe_async::maybe_async]
 async fn emptying_a_session_never_deletes_a_concurrent_write() {
+    for emptier_first in [true, false] {
+        let store = Arc::new(MemoryStore::new());
+        let manager = manager_of(store.clone());
+        let cookie = new_session(&manager, &[("flash", "saved")]).await;
+        let reader = manager.begin([cookie.as_str()]);
+        let flash = reader.remove::<String>("flash").await.unwrap();
+        assert_eq!(flash.as_deref(), Some("saved"));
+        let login = manager.begin([cookie.as_str()]);
+        login.insert("user", "alice").await.unwrap();
+        let (first, second) = if emptier_first {
+            (&reader, &login)
+        } else {
+            (&login, &reader)
+        };
+        let set_first = manager.finish(first).await.unwrap();
+        let set_second = manager.finish(second).await.unwrap();
+        for set in [set_first, set_second].into_iter().flatten() {
+            assert_eq!(pair(&set), cookie, "never a removal: {set}");
+        }
+        let user = read(&manager, &cookie, "user").await;
+        let flash = read(&manager, &cookie, "flash").await;
+        assert_eq!(
+            (user.as_deref(), flash),
+            (Some("alice"), None),
+            "emptier first: {emptier_first}"
+        );
+    }
+
+    // Without a race, an emptied session stays, without values, until it expires;
+    // its cookie is left alone. A logout (`flush`) is what ends a session.
     let store = Arc::new(MemoryStore::new());
     let manager = manager_of(store.clone());
     let cookie = new_session(&manager, &[("flash", "saved")]).await;
     let reader = manager.begin([cookie.as_str()]);
-    let flash = reader.remove::<String>("flash").await.unwrap();
-    assert_eq!(flash.as_deref(), Some("saved"));
-    let login = manager.begin([cookie.as_str()]);
-    login.insert("user", "alice").await.unwrap();
-    manager.finish(&login).await.unwrap();
-
-    let set = manager.finish(&reader).await.unwrap();
-    assert_eq!(
-        set.map(|s| pair(&s)),
-        Some(cookie.clone()),
-        "kept, not removed"
-    );
-    let user = read(&manager, &cookie, "user").await;
-    let flash = read(&manager, &cookie, "flash").await;
-    assert_eq!((user.as_deref(), flash), (Some("alice"), None));
-
-    // Without a race, an emptied session ends, and its cookie is removed.
-    let reader = manager.begin([cookie.as_str()]);
     reader.clear().await.unwrap();
-    let set = manager.finish(&reader).await.unwrap().expect("a removal");
-    assert!(set.starts_with("sid=;"), "{set}");
-    let gone = live(&*store, &cookie).await;
-    assert!(!gone);
+    let set = manager.finish(&reader).await.unwrap();
+    assert!(
+        set.as_deref().is_none_or(|set| pair(set) == cookie),
+        "{set:?}"
+    );
+    let kept = store.load(&id_of(&cookie)).await.unwrap();
+    assert!(kept.is_some(), "an empty record, still live");
+    let has_values = live(&*store, &cookie).await;
+    assert!(!has_values);
+}
+
+/// The same race with the emptying request held inside its conditional write while
+/// the other request writes, and the other way round.
+#[maybe_async::maybe_async]
+async fn emptying_a_session_held_in_its_write_keeps_a_concurrent_write() {
+    for hold_emptier in [true, false] {
+        let store = Arc::new(PausingStore::default());
+        let manager = manager_of(store.clone());
+        let cookie = new_session(&manager, &[("flash", "saved")]).await;
+        let reader = manager.begin([cookie.as_str()]);
+        reader.remove::<String>("flash").await.unwrap();
+        let login = manager.begin([cookie.as_str()]);
+        login.insert("user", "alice").await.unwrap();
+        let (held, meanwhile) = if hold_emptier {
+            (&reader, &login)
+        } else {
+            (&login, &reader)
+        };
+        let held_set = store.interleave(
+            || block(manager.finish(held)).unwrap(),
+            || {
+                block(manager.finish(meanwhile)).unwrap();
+            },
+        );
+        assert!(
+            held_set.as_deref().is_none_or(|set| pair(set) == cookie),
+            "{held_set:?}"
+        );
+        let user = read(&manager, &cookie, "user").await;
+        let flash = read(&manager, &cookie, "flash").await;
+        assert_eq!(
+            (user.as_deref(), flash),
+            (Some("alice"), None),
+            "emptier held: {hold_emptier}"
+        );
+    }
+}
+
+/// A login (`cycle_id`) whose request fails, so that its finish never runs (the
+/// framework layers skip it on an error response), leaves the session exactly as
+/// it was: still under the id the browser holds, nothing moved, nothing stranded.
+#[maybe_async::maybe_async]
+async fn a_login_whose_request_fails_leaves_the_session_as_it_was() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("cart", "apple")]).await;
+    let before = store.load(&id_of(&cookie)).await.unwrap().unwrap();
+
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    login.insert("user", "alice").await.unwrap();
+    let until_finish = login.id().await.unwrap();
+    assert_eq!(
+        until_finish,
+        Some(id_of(&cookie)),
+        "the old id until written"
+    );
+    drop(login); // the handler failed: no finish
+
+    assert_eq!(store.len(), 1, "no record under a new id");
+    let after = store.load(&id_of(&cookie)).await.unwrap().unwrap();
+    assert_eq!(after, before, "the old record untouched");
+    // The browser's next request goes on as before.
+    let next = manager.begin([cookie.as_str()]);
+    next.insert("cart", "apple, pear").await.unwrap();
+    let set = manager.finish(&next).await.unwrap();
+    assert!(set.is_none_or(|set| pair(&set) == cookie));
+    let cart = read(&manager, &cookie, "cart").await;
+    assert_eq!(cart.as_deref(), Some("apple, pear"));
+
+    // A login that does finish moves the session then, and only then.
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    let set = manager.finish(&login).await.unwrap().expect("the new id");
+    assert_ne!(pair(&set), cookie);
+    let cart = read(&manager, &pair(&set), "cart").await;
+    assert_eq!(cart.as_deref(), Some("apple, pear"));
+}
+
+/// A change that a concurrent logout made impossible to keep is reported to the
+/// handler: `save` and `update` fail with `SessionGone`, and nothing is written.
+#[maybe_async::maybe_async]
+async fn a_write_racing_a_logout_is_reported_as_not_kept() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    let cart = manager.begin([cookie.as_str()]);
+    cart.insert("cart", "apple").await.unwrap();
+    let counter = manager.begin([cookie.as_str()]);
+    counter.get::<u64>("n").await.unwrap();
+
+    let logout = manager.begin([cookie.as_str()]);
+    logout.flush().await.unwrap();
+    manager.finish(&logout).await.unwrap();
+
+    let saved = cart.save().await.unwrap_err();
+    assert!(saved.is_session_gone(), "{}", saved.report());
+    let counted = counter
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap_err();
+    assert!(counted.is_session_gone(), "{}", counted.report());
+    // Later changes fail at once; the responses send no cookie.
+    let again = cart.insert("cart", "pear").await.unwrap_err();
+    assert!(again.is_session_gone());
+    let set = manager.finish(&cart).await.unwrap();
+    assert_eq!(set, None);
+    let set = manager.finish(&counter).await.unwrap();
+    assert_eq!(set, None);
+    assert!(store.is_empty(), "nothing revived");
+}
+
+/// After its request is finished a session refuses changes (a clone kept by a
+/// spawned task or a streaming body): they would be stored nowhere, or move the
+/// record while the client keeps the old id.
+#[maybe_async::maybe_async]
+async fn changes_after_finish_are_refused() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    let before = store.load(&id_of(&cookie)).await.unwrap().unwrap();
+    let session = manager.begin([cookie.as_str()]);
+    let kept_by_a_task = session.clone();
+    session.get::<String>("user").await.unwrap();
+    manager.finish(&session).await.unwrap();
+
+    let inserted = kept_by_a_task.insert("late", "value").await.unwrap_err();
+    assert!(inserted.is_session_finished(), "{}", inserted.report());
+    let cycled = kept_by_a_task.cycle_id().await.unwrap_err();
+    assert!(cycled.is_session_finished());
+    let counted = kept_by_a_task
+        .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap_err();
+    assert!(counted.is_session_finished());
+    let flushed = kept_by_a_task.flush().await.unwrap_err();
+    assert!(flushed.is_session_finished());
+    let saved = kept_by_a_task.save().await.unwrap_err();
+    assert!(saved.is_session_finished());
+    let finished_twice = manager.finish(&kept_by_a_task).await.unwrap_err();
+    assert!(finished_twice.is_session_finished());
+    // Reading still works; the store is untouched.
+    let user = kept_by_a_task.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"));
+    let after = store.load(&id_of(&cookie)).await.unwrap().unwrap();
+    assert_eq!(after, before);
+    assert_eq!(store.len(), 1);
+}
+
+/// `Set-Cookie` goes out only when it changes something. A request that wrote an
+/// existing session just before a login in another tab therefore sends no
+/// `Set-Cookie` with the old id after the login's response: the browser stays on
+/// the new id.
+#[maybe_async::maybe_async]
+async fn unchanged_cookies_are_not_sent_again() {
+    let store = Arc::new(MemoryStore::new());
+    // A browser-session cookie (no Max-Age) and a fixed expiry date: a write of an
+    // existing session changes nothing in either cookie.
+    let end_of_day = OffsetDateTime::now_utc() + Duration::hours(8);
+    for expiry in [Expiry::OnSessionEnd, Expiry::AtDateTime(end_of_day)] {
+        let manager = manager_of(store.clone()).with_expiry(expiry);
+        let cookie = new_session(&manager, &[("user", "alice")]).await;
+        let visit = manager.begin([cookie.as_str()]);
+        visit.insert("page", "/cart").await.unwrap();
+        let login = manager.begin([cookie.as_str()]);
+        login.cycle_id().await.unwrap();
+        // The visit writes first; the login then moves the session.
+        let visit_set = manager.finish(&visit).await.unwrap();
+        assert_eq!(visit_set, None, "{expiry:?}: nothing to change");
+        let login_set = manager.finish(&login).await.unwrap().expect("new id");
+        assert_ne!(pair(&login_set), cookie);
+        let page = read(&manager, &pair(&login_set), "page").await;
+        assert_eq!(page.as_deref(), Some("/cart"), "carried over");
+    }
+    // A sliding expiry with a Max-Age: the write moves it, so the cookie is renewed.
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("user", "alice")]).await;
+    let visit = manager.begin([cookie.as_str()]);
+    visit.insert("page", "/cart").await.unwrap();
+    let set = manager
+        .finish(&visit)
+        .await
+        .unwrap()
+        .expect("a renewed Max-Age");
+    assert_eq!(pair(&set), cookie);
+    assert!(set.contains("Max-Age=3600"), "{set}");
+    // An untouched or read-only request sends nothing.
+    let read_only = manager.begin([cookie.as_str()]);
+    read_only.get::<String>("user").await.unwrap();
+    let set = manager.finish(&read_only).await.unwrap();
+    assert_eq!(set, None);
 }
 
 #[maybe_async::maybe_async]
@@ -613,8 +828,12 @@ async fn endless_conflicts_end_in_a_clear_error() {
     assert_eq!(stored.get::<String>("theme").unwrap(), None);
 }
 
+/// A request that arrives with the old id after a login moved the session (sent
+/// before the login's response came back) sees no session, and each change it tries
+/// fails with `SessionGone`: the handler knows nothing was kept. Nothing is created,
+/// and no cookie is sent that would replace the new one.
 #[maybe_async::maybe_async]
-async fn a_request_arriving_with_a_moved_id_writes_nothing() {
+async fn a_request_with_a_moved_id_is_told_its_changes_are_not_kept() {
     let store = Arc::new(MemoryStore::new());
     let manager = manager_of(store.clone());
     let cookie = new_session(&manager, &[("user", "alice")]).await;
@@ -623,16 +842,20 @@ async fn a_request_arriving_with_a_moved_id_writes_nothing() {
     manager.finish(&login).await.unwrap();
     let records = store.len();
 
-    // Sent before the login's response arrived, handled after it.
     let late = manager.begin([cookie.as_str()]);
     let user = late.get::<String>("user").await.unwrap();
     assert_eq!(user, None, "the old id never shows the session");
-    late.insert("visits", &"1").await.unwrap();
+    let inserted = late.insert("cart", &"apple").await.unwrap_err();
+    assert!(inserted.is_session_gone(), "{}", inserted.report());
     let counted = late
         .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
         .await
-        .unwrap();
-    assert_eq!(counted, 1);
+        .unwrap_err();
+    assert!(counted.is_session_gone(), "{}", counted.report());
+    let saved = late.save().await.unwrap_err();
+    assert!(saved.is_session_gone());
+    let cart = late.get::<String>("cart").await.unwrap();
+    assert_eq!(cart, None, "nothing shown as kept");
     let set = manager.finish(&late).await.unwrap();
     assert_eq!(set, None, "no cookie that would replace the new one");
     assert_eq!(store.len(), records, "nothing created");

@@ -37,13 +37,13 @@ tests_in_both_modes!(
     manager_sets_the_cookie_with_its_attributes,
     manager_round_trip_writes_only_when_needed,
     manager_removes_bad_and_unknown_cookies,
-    manager_removes_the_cookie_after_flush_and_empty_sessions,
+    manager_removes_the_cookie_after_flush_not_after_emptying,
     manager_sends_the_new_id_after_cycle_id,
     refresh_on_request_is_throttled,
     session_end_cookie_has_no_max_age,
     store_errors_fail_finish,
     a_stale_duplicate_cookie_does_not_lock_the_user_out,
-    cycle_id_of_an_emptied_session_stores_nothing,
+    cycle_id_of_an_emptied_session_moves_it,
 );
 
 #[maybe_async::maybe_async]
@@ -86,7 +86,7 @@ async fn a_stale_duplicate_cookie_does_not_lock_the_user_out() {
 }
 
 #[maybe_async::maybe_async]
-async fn cycle_id_of_an_emptied_session_stores_nothing() {
+async fn cycle_id_of_an_emptied_session_moves_it() {
     let probe = Probe::new();
     let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
     let id = stored(&probe, "alice").await;
@@ -94,17 +94,21 @@ async fn cycle_id_of_an_emptied_session_stores_nothing() {
     let session = manager.begin([cookie.as_str()]);
     session.clear().await.unwrap();
     session.cycle_id().await.unwrap();
-    let none = session.id().await.unwrap();
-    assert_eq!(none, None);
-    let set = manager.finish(&session).await.unwrap().expect("a removal");
-    assert!(set.starts_with("id=;"), "{set}");
-    // No empty record was stored under a new id, and the old one was ended: it never
-    // loads, and the next deletion pass removes it.
-    let old = probe.store.load(&id).await.unwrap();
-    assert_eq!(old, None);
-    let deleted = probe.store.delete_expired().await.unwrap();
-    assert_eq!(deleted, 1);
-    assert!(probe.store.is_empty(), "nothing else was stored");
+    let set = manager.finish(&session).await.unwrap().expect("the new id");
+    let new_id = id_of(&pair(&set));
+    assert_ne!(new_id, id);
+    // An emptied session is a session like any other: moved, empty, and the old id
+    // left with the marker that keeps requests in flight from writing it.
+    let moved = probe.store.load(&new_id).await.unwrap().expect("moved");
+    assert_eq!(moved.keys().filter(|k| !k.starts_with('\0')).count(), 0);
+    let late = manager.begin([cookie.as_str()]);
+    let refused = late.insert("user", "mallory").await.unwrap_err();
+    assert!(refused.is_session_gone());
+    assert_eq!(
+        probe.store.len(),
+        2,
+        "the new record and the old id's marker"
+    );
 }
 
 fn id_of(cookie: &str) -> Id {
@@ -394,6 +398,9 @@ async fn cycle_id_moves_the_record() {
     let session = probe.session(Some(id), HOUR);
     session.insert("role", "admin").await.unwrap();
     session.cycle_id().await.unwrap();
+    let pending = session.id().await.unwrap();
+    assert_eq!(pending, Some(id), "moved only when written");
+    session.save().await.unwrap();
     let new_id = session.id().await.unwrap().expect("stored");
     assert_ne!(new_id, id);
     // The old id holds a marker without values, for two minutes at most.
@@ -435,7 +442,8 @@ async fn cycle_id_failing_to_create_leaves_the_old_id() {
     let session = probe.session(Some(id), HOUR);
     session.get::<String>("user").await.unwrap();
     probe.faulty.faults.create.store(true, Ordering::SeqCst);
-    let cycled = session.cycle_id().await;
+    session.cycle_id().await.unwrap();
+    let cycled = session.save().await;
     assert!(matches!(cycled, Err(Error::Backend(_))));
     let still = session.id().await.unwrap();
     assert_eq!(still, Some(id), "nothing changed");
@@ -448,7 +456,7 @@ async fn cycle_id_failing_to_create_leaves_the_old_id() {
 
     // Once the store recovers, the same handle can cycle.
     probe.faulty.faults.create.store(false, Ordering::SeqCst);
-    session.cycle_id().await.unwrap();
+    session.save().await.unwrap();
     let new_id = session.id().await.unwrap();
     assert_ne!(new_id, Some(id));
 }
@@ -459,7 +467,8 @@ async fn cycle_id_failing_to_retire_the_old_id_leaves_it() {
     let id = stored(&probe, "alice").await;
     let session = probe.session(Some(id), HOUR);
     probe.faulty.faults.update.store(true, Ordering::SeqCst);
-    let cycled = session.cycle_id().await;
+    session.cycle_id().await.unwrap();
+    let cycled = session.save().await;
     assert!(matches!(cycled, Err(Error::Backend(_))));
     let still = session.id().await.unwrap();
     assert_eq!(still, Some(id), "nothing changed");
@@ -618,15 +627,25 @@ async fn manager_round_trip_writes_only_when_needed() {
     assert_eq!(set, None, "read only: no write, no cookie");
     assert_eq!(Probe::count(&probe.writes), 1);
 
+    // A write at the same moment leaves the expiry date, and so the cookie, as it
+    // was: nothing to send.
     let session = manager.begin([cookie.as_bytes()]);
     session.insert("n", &2u32).await.unwrap();
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None, "the same Max-Age");
+    assert_eq!(Probe::count(&probe.writes), 2);
+
+    // A minute later the write moves the sliding expiry, and the cookie with it.
+    probe.advance(60);
+    let session = manager.begin([cookie.as_bytes()]);
+    session.insert("n", &3u32).await.unwrap();
     let set = manager
         .finish(&session)
         .await
         .unwrap()
         .expect("renewed Max-Age");
     assert_eq!(pair(&set), cookie, "same id");
-    assert_eq!(Probe::count(&probe.writes), 2);
+    assert_eq!(Probe::count(&probe.writes), 3);
 }
 
 #[maybe_async::maybe_async]
@@ -676,7 +695,7 @@ async fn manager_removes_bad_and_unknown_cookies() {
 }
 
 #[maybe_async::maybe_async]
-async fn manager_removes_the_cookie_after_flush_and_empty_sessions() {
+async fn manager_removes_the_cookie_after_flush_not_after_emptying() {
     let probe = Probe::new();
     let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
     let session = manager.begin(None::<&str>);
@@ -692,20 +711,26 @@ async fn manager_removes_the_cookie_after_flush_and_empty_sessions() {
     assert_eq!(gone, None);
     assert!(probe.store.is_empty());
 
-    // A session emptied by its handler is deleted too.
+    // A session emptied by its handler is not ended: it stays, empty, until it
+    // expires (a concurrent request may be storing values in it), and keeps its
+    // cookie.
     let session = manager.begin(None::<&str>);
     session.insert("user", "bob").await.unwrap();
     let cookie = pair(&manager.finish(&session).await.unwrap().unwrap());
     let session = manager.begin([cookie.as_str()]);
     session.clear().await.unwrap();
     let set = manager.finish(&session).await.unwrap();
-    assert_eq!(set, Some(manager.removal_cookie()));
-    // Ended by a conditional write of an expired record: it never loads, and the next
-    // deletion pass removes it.
-    let ended = probe.store.load(&id_of(&cookie)).await.unwrap();
-    assert_eq!(ended, None);
+    assert_eq!(set, None, "no removal");
+    let kept = probe
+        .store
+        .load(&id_of(&cookie))
+        .await
+        .unwrap()
+        .expect("kept");
+    assert_eq!(kept.keys().filter(|k| !k.starts_with('\0')).count(), 0);
+    probe.advance(3601);
     let deleted = probe.store.delete_expired().await.unwrap();
-    assert_eq!(deleted, 1);
+    assert_eq!(deleted, 1, "expired like any other");
     assert!(probe.store.is_empty());
 
     // Flushed in a request that had no cookie: nothing to remove.

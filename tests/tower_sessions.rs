@@ -144,7 +144,8 @@ fn tower_sessions_stores_serve_our_sessions() {
             .await
             .unwrap();
         late.insert("n", &5u64).await.unwrap();
-        late.save().await.unwrap();
+        let saved = late.save().await.unwrap_err();
+        assert!(saved.is_session_gone(), "{}", saved.report());
         let revived = store
             .load(&session.id().await.unwrap().unwrap())
             .await

@@ -111,7 +111,9 @@ fn reply(status: u16, body: impl Into<String>) -> Reply {
 /// Serves one request on its session.
 ///
 /// - `GET /`: counts the visit, atomically (concurrent visits of one session each
-///   count once); answers `visits=N user=NAME` (`-` when logged out).
+///   count once); answers `visits=N user=NAME` (`-` when logged out), or 409 when
+///   another request ended or moved the session first (a stale cookie, sent before
+///   a login's or logout's response arrived), since the visit was not kept.
 /// - `POST /login` with a name as the body: moves the session to a new id (against
 ///   session fixation) and logs that name in.
 /// - `POST /logout`: ends the session.
@@ -130,9 +132,19 @@ pub(crate) async fn route(
     let path = path.split('?').next().unwrap_or_default();
     match (method, path) {
         ("GET", "/") => {
-            let visits = session
+            let counted = session
                 .update("visits", |n: Option<u64>| n.unwrap_or(0) + 1)
-                .await?;
+                .await;
+            let visits = match counted {
+                Ok(visits) => visits,
+                // Another request logged out or logged in (moving the session)
+                // first: this visit was counted nowhere, so say so rather than
+                // show a count that was not kept. No cookie goes out.
+                Err(err) if err.is_session_gone() => {
+                    return Ok(reply(409, "the session ended or moved: reload\n"));
+                }
+                Err(err) => return Err(err),
+            };
             let user = session.get::<String>("user").await?;
             let user = user.as_deref().unwrap_or("-");
             Ok(reply(200, format!("visits={visits} user={user}\n")))

@@ -29,8 +29,9 @@ use crate::{session::Session, session_store::Error, SessionManager};
 /// cookies the handler set.
 ///
 /// **When the handler failed, nothing is written**: a response with a 5xx status
-/// skips `finish`, so the session's pending changes are dropped and no cookie is
-/// sent (a value changed with [`Session::update`], which writes at once, stays
+/// skips `finish` (it calls [`SessionManager::abandon`]), so the session's pending
+/// changes are dropped, a pending [`Session::cycle_id`] never happens, and no cookie
+/// is sent (a value changed with [`Session::update`], which writes at once, stays
 /// written). When `finish` itself fails (the store is down), the response is
 /// replaced by a bare 500 and the error is logged.
 ///
@@ -132,7 +133,9 @@ where
         Box::pin(async move {
             let mut response = inner.call(request).await?;
             if response.status().is_server_error() {
-                // The handler failed: its session changes are not kept.
+                // The handler failed: its session changes are not kept, and
+                // clones of the session left behind can change it no more.
+                manager.abandon(&session);
                 return Ok(response);
             }
             match manager.finish_header(&session).await {

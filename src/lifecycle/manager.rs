@@ -304,16 +304,25 @@ impl SessionManager {
     /// | after the handler, the session is | written | returns |
     /// |---|---|---|
     /// | untouched, or read only | no (unless a refresh is due) | `None` (a renewed cookie after a refresh) |
-    /// | modified, with values | yes: created under a fresh id if new | the cookie |
-    /// | modified, left empty | its record is deleted | a removal cookie if the client had one |
+    /// | modified, with values | yes: created under a fresh id if new | the cookie if new, or if the write moved its `Max-Age`; otherwise `None` |
+    /// | modified, left empty | yes: it stays, empty, until it expires | as above: never a removal |
     /// | flushed or deleted | already deleted | a removal cookie if the client had one |
-    /// | moved by [`cycle_id`](Session::cycle_id) | already, under the new id | the new cookie |
+    /// | moved by [`cycle_id`](Session::cycle_id) | yes: moved to its new id now | the new cookie |
+    /// | ended or moved by another request meanwhile | no: its changes are dropped (logged) | `None`: the other response set the cookie |
     /// | new from a bad or unknown cookie, unused | no | a removal cookie |
     ///
     /// # Errors
     ///
     /// Returns the store's error when loading or writing fails; the response should
-    /// then be an error too, since the handler's changes were not kept.
+    /// then be an error too, since the handler's changes were not kept. A second
+    /// `finish` of a session that was finished fails with
+    /// [`SessionFinished`](crate::session_store::SessionFinished).
+    ///
+    /// A session that another request ended or moved meanwhile is not an error here:
+    /// its changes are dropped, and the response must not touch the cookie. A handler
+    /// whose answer depends on its change being kept writes it before answering,
+    /// with [`Session::save`] or [`Session::update`], which fail with
+    /// [`SessionGone`](crate::session_store::SessionGone) instead.
     #[maybe_async::maybe_async]
     pub async fn finish(&self, session: &Session) -> Result<Option<String>> {
         let action = session.commit(self.refresh).await?;
@@ -322,6 +331,16 @@ impl SessionManager {
             CookieAction::Set { id, max_age } => Some(self.set_cookie(id, max_age)),
             CookieAction::Remove => Some(self.removal_cookie()),
         })
+    }
+
+    /// Ends a request that failed, without writing the session: its pending
+    /// changes are dropped, a pending [`cycle_id`](Session::cycle_id) never takes
+    /// effect, and from now on the session refuses changes, as after
+    /// [`finish`](Self::finish). Send no session cookie with the response: the
+    /// client's cookie is still right. The framework layers call this for a
+    /// response with a 5xx status.
+    pub fn abandon(&self, session: &Session) {
+        session.abandon();
     }
 
     /// Formats the `Set-Cookie` value that carries `id`.

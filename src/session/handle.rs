@@ -11,7 +11,9 @@ use crate::{
         MOVED_KEY,
     },
     session::{random_id, Id, Record},
-    session_store::{Error, Result, SessionStore, Update, WriteConflict},
+    session_store::{
+        Error, Result, SessionFinished, SessionGone, SessionStore, Update, WriteConflict,
+    },
 };
 
 // The state lock is held while the record loads, so that racing clones load it once:
@@ -103,6 +105,9 @@ struct Inner {
     incoming: Vec<Id>,
     /// The request carried a session cookie, well-formed or not.
     cookie_seen: bool,
+    /// The request was finished: changes are refused from then on. Set under the
+    /// state lock, so a change that takes the lock after the commit sees it.
+    finished: std::sync::atomic::AtomicBool,
     state: StateLock,
 }
 
@@ -122,6 +127,21 @@ struct Loaded {
     /// The stored session went away under this request (deleted, expired, or moved
     /// by another request's `cycle_id`): nothing is written and no cookie is sent.
     gone: bool,
+    /// The expiry date of the record as loaded: a write that moves it moves the
+    /// cookie's `Max-Age` too.
+    loaded_expiry: Option<OffsetDateTime>,
+    /// A [`Session::cycle_id`] asked for and not yet written: it takes effect with
+    /// the next write (the commit, or an explicit save), never before.
+    rotation: Option<Rotation>,
+}
+
+/// A pending move to a new id.
+struct Rotation {
+    /// The id drawn for the session.
+    id: Id,
+    /// The changes made since the move was asked for: what a login racing a logout
+    /// stores in a new session, when the old one turns out to be gone.
+    since: Changes,
 }
 
 impl Loaded {
@@ -133,6 +153,24 @@ impl Loaded {
         self.written = true;
     }
 
+    /// Records a change of `key` (`None`: removed) by this request.
+    fn change(&mut self, key: &str, value: Option<Vec<u8>>) {
+        if let Some(rotation) = &mut self.rotation {
+            rotation.since.set(key, value.clone());
+        }
+        self.changes.set(key, value);
+        self.modified = true;
+    }
+
+    /// Records that this request removed every value.
+    fn change_all(&mut self) {
+        if let Some(rotation) = &mut self.rotation {
+            rotation.since.clear();
+        }
+        self.changes.clear();
+        self.modified = true;
+    }
+
     /// Leaves the values readable under `id`, a fresh id, as a session that is not
     /// stored and has nothing to write: after its record was deleted or ended.
     fn unstored(&mut self, id: Id) {
@@ -140,6 +178,7 @@ impl Loaded {
         self.stored = false;
         self.modified = false;
         self.changes = Changes::default();
+        self.rotation = None;
     }
 
     /// Drops this request's changes: the session is no longer there to change.
@@ -148,7 +187,13 @@ impl Loaded {
         self.stored = false;
         self.modified = false;
         self.changes = Changes::default();
+        self.rotation = None;
     }
+}
+
+/// The error for a change that was not kept because the session went away.
+fn gone() -> Error {
+    Error::backend(SessionGone)
 }
 
 /// A request's changes to a session's values, by key.
@@ -243,6 +288,7 @@ impl Session {
                 config,
                 incoming,
                 cookie_seen,
+                finished: std::sync::atomic::AtomicBool::new(false),
                 state: StateLock::new(None),
             }),
         }
@@ -264,7 +310,28 @@ impl Session {
             changes: Changes::default(),
             written: false,
             gone: false,
+            loaded_expiry: None,
+            rotation: None,
         })
+    }
+
+    /// Ends the request without writing anything: changes from now on are refused.
+    pub(crate) fn abandon(&self) {
+        self.inner
+            .finished
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Refuses changes once the request is finished. Called with the state lock held.
+    fn check_open(&self) -> Result<()> {
+        if self
+            .inner
+            .finished
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(Error::backend(SessionFinished));
+        }
+        Ok(())
     }
 
     /// Turns a record the store returned for an incoming id into this request's
@@ -293,12 +360,14 @@ impl Session {
             }
         }
         Some(Loaded {
+            loaded_expiry: Some(record.expiry_date),
             record,
             stored: true,
             modified: !changes.keys.is_empty(),
             changes,
             written: false,
             gone: false,
+            rotation: None,
         })
     }
 
@@ -371,58 +440,55 @@ impl Session {
         Ok(state.insert(loaded))
     }
 
-    /// Writes the session: creates it when the store does not have it yet, otherwise
-    /// writes it conditionally on the version it was loaded at. When another write
-    /// came first, loads the newer record, applies this request's changes over it,
-    /// runs `recompute` on the result and tries again, up to
-    /// [`MAX_WRITE_ATTEMPTS`] times. When the session is gone, drops the changes.
+    /// Like [`loaded`](Self::loaded), for a change: refused once the request is
+    /// finished, and when the session is gone (a change would be kept nowhere).
+    async fn changeable<'s>(&self, state: &'s mut State) -> Result<&'s mut Loaded> {
+        self.check_open()?;
+        let loaded = self.loaded(state).await?;
+        if loaded.gone {
+            return Err(gone());
+        }
+        Ok(loaded)
+    }
+
+    /// Writes the session: creates it when the store does not have it yet, moves it
+    /// when a [`cycle_id`](Self::cycle_id) is pending, and otherwise writes it
+    /// conditionally on the version it was loaded at. When another write came first,
+    /// loads the newer record, applies this request's changes over it, runs
+    /// `recompute` on the result and tries again, up to [`MAX_WRITE_ATTEMPTS`]
+    /// times. When the session is gone, drops the changes and fails with
+    /// [`SessionGone`].
+    ///
+    /// A session left without values is written like any other: it stays, empty,
+    /// until it expires, so that a request that stored values in it meanwhile merges
+    /// over it rather than losing them. Only [`flush`](Self::flush) and
+    /// [`delete`](Self::delete) end a session for every request.
     async fn write(
         &self,
         loaded: &mut Loaded,
         recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
     ) -> Result<()> {
         if loaded.gone {
-            return Ok(());
+            return Err(gone());
         }
         let now = self.inner.config.now();
         if !loaded.stored {
-            if has_no_user_values(&loaded.record) {
-                // Nothing worth keeping, and nothing stored to end.
-                loaded.modified = false;
-                loaded.changes = Changes::default();
-                return Ok(());
-            }
-            self.set_expiry(&mut loaded.record, now)?;
-            // The store may draw another id on a collision; the record then holds it.
-            self.inner.store.create(&mut loaded.record).await?;
-            loaded.stored = true;
-            let version = loaded.record.version;
-            loaded.written(version);
-            return Ok(());
+            return self.create(loaded, now).await;
+        }
+        if loaded.rotation.is_some() {
+            return self.rotate(loaded, recompute, now).await;
         }
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            // A session left without values ends: it is written already expired, and
-            // conditionally, so that values another request stored meanwhile are
-            // merged in (and the session then kept) rather than deleted with it.
-            let ending = has_no_user_values(&loaded.record);
-            if ending {
-                loaded.record.expiry_date = OffsetDateTime::UNIX_EPOCH;
-            } else {
-                self.set_expiry(&mut loaded.record, now)?;
-            }
+            self.set_expiry(&mut loaded.record, now)?;
             let outcome = self.inner.store.update(&loaded.record).await?;
             match outcome {
-                Update::Written(_) if ending => {
-                    loaded.unstored(random_id()?);
-                    return Ok(());
-                }
                 Update::Written(version) => {
                     loaded.written(version);
                     return Ok(());
                 }
                 Update::Gone => {
                     loaded.gone();
-                    return Ok(());
+                    return Err(gone());
                 }
                 Update::Conflict => {
                     let newer = self.inner.store.load(&loaded.record.id).await?;
@@ -434,7 +500,7 @@ impl Session {
                         }
                         _ => {
                             loaded.gone();
-                            return Ok(());
+                            return Err(gone());
                         }
                     }
                 }
@@ -443,6 +509,136 @@ impl Session {
         Err(Error::backend(WriteConflict {
             attempts: MAX_WRITE_ATTEMPTS,
         }))
+    }
+
+    /// Stores a session the store does not have yet, under its id or, on a
+    /// collision, one the store draws; one without values is not worth storing.
+    async fn create(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
+        if has_no_user_values(&loaded.record) {
+            loaded.modified = false;
+            loaded.changes = Changes::default();
+            return Ok(());
+        }
+        self.set_expiry(&mut loaded.record, now)?;
+        self.inner.store.create(&mut loaded.record).await?;
+        loaded.stored = true;
+        let version = loaded.record.version;
+        loaded.written(version);
+        Ok(())
+    }
+
+    /// Carries out a pending [`cycle_id`](Self::cycle_id): creates the session under
+    /// its new id, then replaces the old record, conditionally on the version this
+    /// request last saw, by a marker that expires within [`MOVED_GRACE`]. Values
+    /// that other requests wrote to the old id before that are carried over. When
+    /// the old session turns out to be gone (a concurrent logout), the new record is
+    /// deleted, and the changes made since `cycle_id` are stored as a new session:
+    /// nothing of the ended one comes back. On an error the old session is as it was.
+    async fn rotate(
+        &self,
+        loaded: &mut Loaded,
+        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+        now: OffsetDateTime,
+    ) -> Result<()> {
+        let Some(new_id) = loaded.rotation.as_ref().map(|rotation| rotation.id) else {
+            return Ok(());
+        };
+        let mut moved = loaded.record.clone();
+        moved.id = new_id;
+        moved.version = 0;
+        self.set_expiry(&mut moved, now)?;
+        self.inner.store.create(&mut moved).await?;
+
+        let grace = (now + MOVED_GRACE).min(loaded.record.expiry_date);
+        let mut marker = Record::with_id(loaded.record.id, grace);
+        marker.insert_raw(MOVED_KEY, Vec::new());
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            marker.version = loaded.record.version;
+            let retired = self.inner.store.update(&marker).await;
+            let outcome = match retired {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    self.discard(&moved.id).await;
+                    return Err(err);
+                }
+            };
+            match outcome {
+                Update::Written(_) => {
+                    loaded.record = moved;
+                    loaded.stored = true;
+                    loaded.rotation = None;
+                    let version = loaded.record.version;
+                    loaded.written(version);
+                    return Ok(());
+                }
+                Update::Gone => {
+                    self.discard(&moved.id).await;
+                    return self.restart(loaded, now).await;
+                }
+                Update::Conflict => {
+                    // Another request wrote the old record first: carry its values
+                    // over to the new one, then retire the old one again.
+                    let newer = match self.inner.store.load(&loaded.record.id).await {
+                        Ok(newer) => newer,
+                        Err(err) => {
+                            self.discard(&moved.id).await;
+                            return Err(err);
+                        }
+                    };
+                    let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
+                        self.discard(&moved.id).await;
+                        return self.restart(loaded, now).await;
+                    };
+                    let mut merged = loaded.changes.apply(newer);
+                    if let Err(err) = recompute(&mut merged) {
+                        self.discard(&moved.id).await;
+                        return Err(err);
+                    }
+                    loaded.record = merged;
+                    let mut next = loaded.record.clone();
+                    next.id = moved.id;
+                    next.version = moved.version;
+                    next.expiry_date = moved.expiry_date;
+                    let rewritten = self.inner.store.update(&next).await;
+                    match rewritten {
+                        Ok(Update::Written(version)) => {
+                            moved = next;
+                            moved.version = version;
+                        }
+                        other => {
+                            self.discard(&moved.id).await;
+                            return Err(match other {
+                                Err(err) => err,
+                                Ok(_) => Error::backend(
+                                    "the new record of a cycle_id changed or vanished under it",
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.discard(&moved.id).await;
+        Err(Error::backend(WriteConflict {
+            attempts: MAX_WRITE_ATTEMPTS,
+        }))
+    }
+
+    /// After a move found its session ended: starts a new session under a fresh id
+    /// with only the changes made since `cycle_id`, and stores it if they left it
+    /// any values.
+    async fn restart(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
+        let since = loaded
+            .rotation
+            .take()
+            .map(|rotation| rotation.since)
+            .unwrap_or_default();
+        let mut fresh = self.fresh(now)?;
+        fresh.record = since.apply(fresh.record);
+        fresh.changes = since;
+        fresh.modified = true;
+        *loaded = fresh;
+        self.create(loaded, now).await
     }
 
     /// Rewrites an unchanged session to move its expiry date forward, once and only
@@ -499,17 +695,18 @@ impl Session {
     /// # Errors
     ///
     /// Returns [`Error::Encode`] if `value` cannot be serialized or `key` starts with
-    /// a NUL character (reserved for this crate), or the store's error if loading the
-    /// session fails. On error the session is unchanged.
+    /// a NUL character (reserved for this crate), a [`SessionGone`] if the session
+    /// ended or moved under this request (nothing will be stored), a
+    /// [`SessionFinished`] once the request is finished, or the store's error if
+    /// loading the session fails. On error the session is unchanged.
     pub async fn insert<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
         check_key(key)?;
         let bytes = postcard::to_allocvec(value).map_err(Error::encode)?;
         let mut state = self.inner.state.lock().await;
-        let loaded = self.loaded(&mut state).await?;
+        let loaded = self.changeable(&mut state).await?;
         if loaded.record.get_raw(key) != Some(bytes.as_slice()) {
             loaded.record.insert_raw(key, bytes.clone());
-            loaded.changes.set(key, Some(bytes));
-            loaded.modified = true;
+            loaded.change(key, Some(bytes));
         }
         Ok(())
     }
@@ -522,15 +719,17 @@ impl Session {
     /// conditionally; if another request wrote the session first, `f` runs again on
     /// the newer value, so `f` must have no effect beyond its result. A session not
     /// stored yet is only changed here, and stored when it is finished or saved.
-    /// When the session turns out to be gone (a concurrent logout), nothing is
-    /// written and the value computed here is returned, stored nowhere.
+    /// When the session turns out to be gone (a concurrent logout or login), nothing
+    /// is written and the call fails with [`SessionGone`].
     ///
     /// # Errors
     ///
     /// Returns [`Error::Decode`] if the current value is not a `T`, [`Error::Encode`]
     /// for a reserved key or a value that cannot be serialized, a
-    /// [`WriteConflict`] after too many concurrent writes, or the store's error. On
-    /// error the session is as it was before the call.
+    /// [`WriteConflict`] after too many concurrent writes, a [`SessionGone`] when the
+    /// session ended or moved under this request, a [`SessionFinished`] once the
+    /// request is finished, or the store's error. On error the session is as it was
+    /// before the call (or, when gone, empty and unstored).
     ///
     /// # Examples
     ///
@@ -564,7 +763,7 @@ impl Session {
     {
         check_key(key)?;
         let mut state = self.inner.state.lock().await;
-        let loaded = self.loaded(&mut state).await?;
+        let loaded = self.changeable(&mut state).await?;
         let mut result = None;
         let mut apply = |record: &mut Record| -> Result<()> {
             let next = f(record.get::<T>(key)?);
@@ -582,14 +781,17 @@ impl Session {
             // recorded change would overwrite first.
             let written = self.write(loaded, &mut apply).await;
             if let Err(err) = written {
-                // Not written: the session is as it was before the call.
-                (loaded.record, loaded.modified) = before;
+                // Not written: the session is as it was before the call (unless it
+                // is gone, and then it has nothing to write).
+                if !loaded.gone {
+                    (loaded.record, loaded.modified) = before;
+                }
                 return Err(err);
             }
         } else {
             // Not stored yet: the step waits for the session's creation.
             let bytes = loaded.record.get_raw(key).map(<[u8]>::to_vec);
-            loaded.changes.set(key, bytes);
+            loaded.change(key, bytes);
         }
         result.ok_or_else(|| Error::encode("the update function never ran"))
     }
@@ -599,18 +801,18 @@ impl Session {
     /// # Errors
     ///
     /// Returns [`Error::Decode`] if the value was not written as a `T`, in which case
-    /// it stays in place (see [`remove_raw`](Self::remove_raw)), or the store's error
-    /// if loading the session fails.
+    /// it stays in place (see [`remove_raw`](Self::remove_raw)), a [`SessionGone`] or
+    /// [`SessionFinished`] as for [`insert`](Self::insert), or the store's error if
+    /// loading the session fails.
     pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         if is_reserved(key) {
             return Ok(None);
         }
         let mut state = self.inner.state.lock().await;
-        let loaded = self.loaded(&mut state).await?;
+        let loaded = self.changeable(&mut state).await?;
         let value = loaded.record.get(key)?;
         if loaded.record.remove(key).is_some() {
-            loaded.changes.set(key, None);
-            loaded.modified = true;
+            loaded.change(key, None);
         }
         Ok(value)
     }
@@ -620,32 +822,36 @@ impl Session {
     ///
     /// # Errors
     ///
-    /// Returns the store's error if loading the session fails.
+    /// Returns a [`SessionGone`] or [`SessionFinished`] as for
+    /// [`insert`](Self::insert), or the store's error if loading the session fails.
     pub async fn remove_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
         if is_reserved(key) {
             return Ok(None);
         }
         let mut state = self.inner.state.lock().await;
-        let loaded = self.loaded(&mut state).await?;
+        let loaded = self.changeable(&mut state).await?;
         let removed = loaded.record.remove(key);
         if removed.is_some() {
-            loaded.changes.set(key, None);
-            loaded.modified = true;
+            loaded.change(key, None);
         }
         Ok(removed)
     }
 
     /// Removes every value; the session keeps its id and its lifetime.
     ///
-    /// A session left empty is not kept: when it is finished, its record is deleted
-    /// and its cookie removed.
+    /// An emptied session is not ended: it is written like any other, and stays,
+    /// without values, until it expires, so that a request of the same session
+    /// that stores values meanwhile keeps them (they are merged over the empty
+    /// record). To end a session for every request, a logout, use
+    /// [`flush`](Self::flush).
     ///
     /// # Errors
     ///
-    /// Returns the store's error if loading the session fails.
+    /// Returns a [`SessionGone`] or [`SessionFinished`] as for
+    /// [`insert`](Self::insert), or the store's error if loading the session fails.
     pub async fn clear(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
-        let loaded = self.loaded(&mut state).await?;
+        let loaded = self.changeable(&mut state).await?;
         if !has_no_user_values(&loaded.record) {
             let created = created_at(&loaded.record)?;
             loaded.record.clear();
@@ -653,8 +859,7 @@ impl Session {
                 &mut loaded.record,
                 created.unwrap_or_else(|| self.inner.config.now()),
             );
-            loaded.changes.clear();
-            loaded.modified = true;
+            loaded.change_all();
         }
         Ok(())
     }
@@ -690,18 +895,25 @@ impl Session {
         state.as_ref().is_some_and(|loaded| loaded.modified)
     }
 
-    /// Writes the session to the store now, modified or not: creates it under a fresh
-    /// id when it is new, and otherwise writes it over the version it was loaded at,
-    /// merging with what other requests wrote meanwhile (see the type's docs), with an
-    /// expiry date computed from now. A session that is gone is not written again.
+    /// Writes the session to the store now, modified or not: creates it when it is new,
+    /// moves it when a [`cycle_id`](Self::cycle_id) is pending, and otherwise writes
+    /// it over the version it was loaded at, merging with what other requests wrote
+    /// meanwhile (see the type's docs), with an expiry date computed from now.
+    ///
+    /// Call it before answering when the answer depends on the change being kept:
+    /// a change that [`finish`](crate::SessionManager::finish) finds it cannot keep
+    /// (the session ended or moved meanwhile) is dropped there without an error,
+    /// since the response is already made.
     ///
     /// # Errors
     ///
-    /// Returns the store's error, or a [`WriteConflict`] after too many concurrent
-    /// writes; the session then stays modified.
+    /// Returns a [`SessionGone`] when the session ended or moved under this request
+    /// (nothing was written), a [`SessionFinished`] once the request is finished,
+    /// the store's error, or a [`WriteConflict`] after too many concurrent writes;
+    /// the session then stays modified.
     pub async fn save(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
-        let loaded = self.loaded(&mut state).await?;
+        let loaded = self.changeable(&mut state).await?;
         self.write(loaded, &mut |_| Ok(())).await
     }
 
@@ -709,13 +921,16 @@ impl Session {
     ///
     /// The values stay readable in this handle, under a freshly drawn id and
     /// unmodified: nothing is written back unless they change again, in which case
-    /// they are stored as a new session. A deleted id is never used again.
+    /// they are stored as a new session. A deleted id is never used again. A pending
+    /// [`cycle_id`](Self::cycle_id) is dropped with the record.
     ///
     /// # Errors
     ///
-    /// Returns the store's error; the session is then unchanged.
+    /// Returns a [`SessionFinished`] once the request is finished, or the store's
+    /// error; the session is then unchanged.
     pub async fn delete(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
+        self.check_open()?;
         let loaded = self.loaded(&mut state).await?;
         let fresh = random_id()?;
         if loaded.stored {
@@ -733,9 +948,11 @@ impl Session {
     ///
     /// # Errors
     ///
-    /// Returns the store's error; the session is then unchanged.
+    /// Returns a [`SessionFinished`] once the request is finished, or the store's
+    /// error; the session is then unchanged.
     pub async fn flush(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
+        self.check_open()?;
         let stored = match &*state {
             Some(loaded) => loaded
                 .stored
@@ -756,25 +973,39 @@ impl Session {
     /// Moves the session to a freshly drawn id, against session fixation: call it
     /// when the user's privileges change, such as at login.
     ///
-    /// A stored session is created under the new id (with its current values) first;
-    /// then the old record is replaced, conditionally on the version this request
-    /// last saw, by a marker that expires within two minutes: requests still in
-    /// flight with the old id write nothing and send no cookie, so they can neither
+    /// The move takes effect with the request's response: when
+    /// [`finish`](crate::SessionManager::finish) writes the session (or earlier,
+    /// at an explicit [`save`](Self::save)). A request that fails, or whose finish
+    /// never runs, leaves the session exactly as it found it, under the id the
+    /// browser still holds. Until then [`id`](Self::id) gives the old id.
+    ///
+    /// The write creates the session under the new id (with its values and this
+    /// request's changes) first; then it replaces the old record, conditionally on
+    /// the version this request last saw, by a marker that expires within two
+    /// minutes: requests still in flight with the old id write nothing (their
+    /// changes fail with [`SessionGone`]) and send no cookie, so they can neither
     /// revive the old id nor replace the new cookie. Values those requests wrote
     /// before the move are carried over to the new id. If the session was deleted or
     /// moved meanwhile (a concurrent logout or login), the new record is deleted too,
-    /// and the handle starts over as a new, empty session under a fresh id: a login
-    /// then stores its values there, and nothing of the ended session comes back.
+    /// and only the changes made since `cycle_id` are stored, as a new session under
+    /// a fresh id: a login then keeps what it stored, and nothing of the ended
+    /// session comes back.
     ///
-    /// A session that is not stored yet just draws a new id, and one left without
-    /// values (after [`clear`](Self::clear)) is ended, not moved.
+    /// A session that is not stored yet just draws a new id. A response that never
+    /// reaches the browser after the move was written costs the user the session:
+    /// the browser keeps the old id, which finds the marker for two minutes (changes
+    /// fail with [`SessionGone`]) and nothing after that, while the moved values
+    /// wait under an id nobody holds until they expire.
     ///
     /// # Errors
     ///
-    /// Returns the store's error, or a [`WriteConflict`] after too many concurrent
-    /// writes; the session is then still under its old id, unchanged.
+    /// Returns a [`SessionFinished`] once the request is finished, or the store's
+    /// error if loading the session or drawing an id fails; the session is then
+    /// unchanged. The move's own errors come from the write that carries it out,
+    /// which then leaves the old session as it was.
     pub async fn cycle_id(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
+        self.check_open()?;
         let loaded = self.loaded(&mut state).await?;
         let now = self.inner.config.now();
         if loaded.gone {
@@ -783,103 +1014,47 @@ impl Session {
             *loaded = self.fresh(now)?;
             return Ok(());
         }
-        if loaded.stored && has_no_user_values(&loaded.record) {
-            // Emptied by `clear`: end it (conditionally, see `write`) instead of
-            // moving an empty record; unless another request stored values meanwhile.
-            loaded.modified = true;
-            self.write(loaded, &mut |_| Ok(())).await?;
-        }
-        if loaded.gone {
-            *loaded = self.fresh(now)?;
-            return Ok(());
-        }
+        let id = random_id()?;
         if !loaded.stored {
-            loaded.record.id = random_id()?;
+            loaded.record.id = id;
             loaded.modified |= !has_no_user_values(&loaded.record);
             return Ok(());
         }
-        let mut moved = loaded.record.clone();
-        moved.id = random_id()?;
-        moved.version = 0;
-        self.set_expiry(&mut moved, now)?;
-        self.inner.store.create(&mut moved).await?;
-
-        let grace = (now + MOVED_GRACE).min(loaded.record.expiry_date);
-        let mut marker = Record::with_id(loaded.record.id, grace);
-        marker.insert_raw(MOVED_KEY, Vec::new());
-        for _ in 0..MAX_WRITE_ATTEMPTS {
-            marker.version = loaded.record.version;
-            let retired = self.inner.store.update(&marker).await;
-            let outcome = match retired {
-                Ok(outcome) => outcome,
-                Err(err) => {
-                    self.discard(&moved.id).await;
-                    return Err(err);
-                }
-            };
-            match outcome {
-                Update::Written(_) => {
-                    loaded.record = moved;
-                    loaded.stored = true;
-                    let version = loaded.record.version;
-                    loaded.written(version);
-                    return Ok(());
-                }
-                Update::Gone => {
-                    self.discard(&moved.id).await;
-                    *loaded = self.fresh(now)?;
-                    return Ok(());
-                }
-                Update::Conflict => {
-                    // Another request wrote the old record first: carry its values
-                    // over to the new one, then retire the old one again.
-                    let newer = match self.inner.store.load(&loaded.record.id).await {
-                        Ok(newer) => newer,
-                        Err(err) => {
-                            self.discard(&moved.id).await;
-                            return Err(err);
-                        }
-                    };
-                    let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
-                        self.discard(&moved.id).await;
-                        *loaded = self.fresh(now)?;
-                        return Ok(());
-                    };
-                    loaded.record = loaded.changes.apply(newer);
-                    let mut next = loaded.record.clone();
-                    next.id = moved.id;
-                    next.version = moved.version;
-                    next.expiry_date = moved.expiry_date;
-                    let rewritten = self.inner.store.update(&next).await;
-                    match rewritten {
-                        Ok(Update::Written(version)) => {
-                            moved = next;
-                            moved.version = version;
-                        }
-                        other => {
-                            self.discard(&moved.id).await;
-                            return Err(match other {
-                                Err(err) => err,
-                                Ok(_) => Error::backend(
-                                    "the new record of a cycle_id changed or vanished under it",
-                                ),
-                            });
-                        }
-                    }
-                }
+        match &mut loaded.rotation {
+            Some(rotation) => rotation.id = id,
+            None => {
+                loaded.rotation = Some(Rotation {
+                    id,
+                    since: Changes::default(),
+                });
             }
         }
-        self.discard(&moved.id).await;
-        Err(Error::backend(WriteConflict {
-            attempts: MAX_WRITE_ATTEMPTS,
-        }))
+        loaded.modified = true;
+        Ok(())
     }
 
     /// Ends the request: writes the session if it changed (or, with `refresh`, if
     /// writing would move its sliding expiry forward by at least that fraction of the
-    /// window), and says what to do with the client's cookie.
+    /// window), and says what to do with the client's cookie. Once it succeeded,
+    /// the session refuses changes.
+    ///
+    /// The cookie is sent only when it changes something: a new id, a removal, or a
+    /// `Max-Age` that this request's write moved. A session found gone (ended or
+    /// moved by another request) sends nothing: that request's response set the
+    /// cookie, and this one must not undo it. Its changes are dropped, and logged.
     pub(crate) async fn commit(&self, refresh: Option<f64>) -> Result<CookieAction> {
         let mut state = self.inner.state.lock().await;
+        self.check_open()?;
+        let action = self.commit_locked(&mut state, refresh).await?;
+        // Only a commit that succeeded ends the request: after a failure the
+        // changes are still there, and a retry may write them.
+        self.inner
+            .finished
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(action)
+    }
+
+    async fn commit_locked(&self, state: &mut State, refresh: Option<f64>) -> Result<CookieAction> {
         if state.is_none() {
             match self.inner.incoming.first() {
                 // Untouched: only a refresh needs the record.
@@ -889,14 +1064,25 @@ impl Session {
                 None => return Ok(CookieAction::Keep),
             }
         }
-        let loaded = self.loaded(&mut state).await?;
+        let loaded = self.loaded(state).await?;
         let now = self.inner.config.now();
         if loaded.gone {
             return Ok(CookieAction::Keep);
         }
         if loaded.modified {
-            // A session left without values ends here (see `write`).
-            self.write(loaded, &mut |_| Ok(())).await?;
+            let written = self.write(loaded, &mut |_| Ok(())).await;
+            match written {
+                Ok(()) => {}
+                Err(err) if err.is_session_gone() => {
+                    log::info!(
+                        target: "portable_sessions::session",
+                        "a request's changes to session {:?} were dropped: another request \
+                         ended or moved the session first",
+                        loaded.record.id
+                    );
+                }
+                Err(err) => return Err(err),
+            }
         } else if loaded.stored && self.refresh_due(&loaded.record, now, refresh)? {
             self.refresh(loaded, now).await?;
         }
@@ -905,14 +1091,19 @@ impl Session {
             // response has set the cookie, and this one must not undo that.
             return Ok(CookieAction::Keep);
         }
+        let max_age = self
+            .inner
+            .config
+            .cookie_max_age(loaded.record.expiry_date, now);
         Ok(if loaded.stored {
-            if loaded.written || !self.inner.incoming.contains(&loaded.record.id) {
+            let new_id = !self.inner.incoming.contains(&loaded.record.id);
+            let moved_max_age = loaded.written
+                && max_age.is_some()
+                && loaded.loaded_expiry != Some(loaded.record.expiry_date);
+            if new_id || moved_max_age {
                 CookieAction::Set {
                     id: loaded.record.id,
-                    max_age: self
-                        .inner
-                        .config
-                        .cookie_max_age(loaded.record.expiry_date, now),
+                    max_age,
                 }
             } else {
                 CookieAction::Keep

@@ -18,7 +18,7 @@ use std::{
 
 use portable_sessions::{
     session::{Id, Record},
-    session_store::Result,
+    session_store::{Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, PostgresStore, SessionStore,
 };
@@ -602,6 +602,70 @@ tests_in_both_modes!(
     a_frozen_server_times_out_then_the_store_recovers,
     a_wrong_password_is_a_backend_error,
 );
+
+/// `update` reads the time once it has a connection, as `load` does: a record that
+/// expired while the write waited for a pooled connection is gone, never written.
+#[test]
+fn a_record_that_expires_while_its_write_waits_for_a_connection_is_gone() {
+    let schema = PgSchema::new("waits");
+    let now = OffsetDateTime::now_utc();
+    let clock = Arc::new(std::sync::atomic::AtomicI64::new(now.unix_timestamp()));
+    let read = clock.clone();
+    let store = schema
+        .store()
+        .with_max_connections(1)
+        .with_timeout(StdDuration::from_secs(10))
+        .with_clock(move || {
+            OffsetDateTime::from_unix_timestamp(read.load(Ordering::SeqCst)).unwrap()
+        });
+    let mut busy = live_record(1);
+    block(store.create(&mut busy)).unwrap();
+    let mut target = live_record(2);
+    target.expiry_date = now + Duration::seconds(30);
+    block(store.create(&mut target)).unwrap();
+    // Another client holds every row for a second: a save takes the only connection
+    // and waits behind it.
+    let mut holder = common::psql_command()
+        .args(["-q", "-c"])
+        .arg(format!(
+            "BEGIN; SELECT 1 FROM {} FOR UPDATE; SELECT pg_sleep(1); COMMIT;",
+            schema.table()
+        ))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let holding = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         WHERE c.relname = 'sessions' AND l.mode = 'RowShareLock' \
+         AND c.relnamespace = '\"{}\"'::regnamespace",
+        schema.0
+    );
+    wait_for("the other client's lock", || psql(&holding) != "0");
+    let blocked = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE '%{}%'",
+        schema.0
+    );
+    std::thread::scope(|scope| {
+        let saving = scope.spawn(|| block(store.save(&busy)));
+        // The save holds the connection once it waits on the lock.
+        wait_for("the save to wait on the lock", || psql(&blocked) != "0");
+        let writing = scope.spawn(|| {
+            let mut next = target.clone();
+            next.expiry_date = now + Duration::hours(1);
+            block(store.update(&next))
+        });
+        // The write waits for the connection; meanwhile its record expires.
+        std::thread::sleep(StdDuration::from_millis(200));
+        clock.fetch_add(60, Ordering::SeqCst);
+        saving.join().unwrap().unwrap();
+        let written = writing.join().unwrap().unwrap();
+        assert_eq!(written, Update::Gone, "judged when it was written");
+    });
+    holder.wait().unwrap();
+    let loaded = block(store.load(&target.id)).unwrap();
+    assert_eq!(loaded, None);
+}
 
 #[test]
 fn processes_starting_together_create_the_table_once() {

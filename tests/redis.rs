@@ -259,6 +259,64 @@ async fn a_corrupt_value_fails_only_its_own_load() {
 /// A value written by a build before versions existed (the record alone) loads at
 /// version 0, and the conditional write takes it over; a session whose cookie names
 /// an unreadable value goes on as a new session instead of failing every request.
+/// Values written with a version but before the header (expiry date and write
+/// token) existed still load, at their version, and take conditional writes.
+#[maybe_async::maybe_async]
+async fn values_from_before_the_header_load_and_update() {
+    let store = shared_store("before-header");
+    let mut conn = raw(SHARED);
+    let mut record = live_record(7);
+    let mut value = 5u64.to_be_bytes().to_vec();
+    value.extend(record.encode_without_id().unwrap());
+    let () = redis::cmd("SET")
+        .arg(key_of(&store, &record.id))
+        .arg(value)
+        .arg("EX")
+        .arg(3600)
+        .query(&mut conn)
+        .unwrap();
+    let loaded = store.load(&record.id).await.unwrap().expect("readable");
+    assert_eq!(loaded.version, 5);
+    record.version = 4;
+    let refused = store.update(&record).await.unwrap();
+    assert_eq!(refused, Update::Conflict);
+    record.version = 5;
+    record.insert("user", &8u64).unwrap();
+    let written = store.update(&record).await.unwrap();
+    assert_eq!(written, Update::Written(6));
+    let loaded = store.load(&record.id).await.unwrap().expect("still there");
+    assert_eq!(loaded.get::<u64>("user").unwrap(), Some(8));
+}
+
+/// A record whose own expiry date has passed while its key still lives (the key's
+/// TTL is rounded up, runs on the server's clock, or was moved) is gone for `update`
+/// exactly as it is for `load`: never written.
+#[maybe_async::maybe_async]
+async fn a_record_past_its_date_is_gone_for_update_as_for_load() {
+    let store = shared_store("past-its-date");
+    let mut conn = raw(SHARED);
+    let mut record = live_record(1);
+    record.expiry_date = OffsetDateTime::now_utc() + Duration::milliseconds(200);
+    store.create(&mut record).await.unwrap();
+    // The key outlives the record.
+    let () = redis::cmd("PEXPIRE")
+        .arg(key_of(&store, &record.id))
+        .arg(60_000)
+        .query(&mut conn)
+        .unwrap();
+    while OffsetDateTime::now_utc() <= record.expiry_date {
+        std::thread::sleep(StdDuration::from_millis(20));
+    }
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, None, "load: past its date");
+    let mut next = record.clone();
+    next.expiry_date = OffsetDateTime::now_utc() + Duration::hours(1);
+    let written = store.update(&next).await.unwrap();
+    assert_eq!(written, Update::Gone, "update judges as load does");
+    let still = store.load(&record.id).await.unwrap();
+    assert_eq!(still, None, "nothing revived");
+}
+
 #[maybe_async::maybe_async]
 async fn values_from_before_versions_load_and_update() {
     let store = shared_store("legacy");
@@ -445,6 +503,8 @@ tests_in_both_modes!(
     redis_drops_the_key_when_the_record_expires,
     a_corrupt_value_fails_only_its_own_load,
     values_from_before_versions_load_and_update,
+    values_from_before_the_header_load_and_update,
+    a_record_past_its_date_is_gone_for_update_as_for_load,
     prefixes_keep_stores_apart,
     a_bad_url_is_a_backend_error,
     a_killed_server_gives_backend_errors_then_the_store_recovers,

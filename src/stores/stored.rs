@@ -53,9 +53,54 @@ pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
     record.encode_without_id()
 }
 
-/// Decodes bytes written by [`encode`] as the record with id `id`.
+/// Decodes bytes written by [`encode`] (or [`encode_with_token`]) as the record with
+/// id `id`.
 pub(crate) fn decode(id: &Id, bytes: &[u8]) -> Result<Record> {
+    let bytes = match bytes.split_first() {
+        Some((&TOKEN_TAG, rest)) => rest
+            .get(TOKEN_LEN..)
+            .ok_or_else(|| crate::session_store::Error::decode("a write token is truncated"))?,
+        _ => bytes,
+    };
     Record::decode_with_id(*id, bytes)
+}
+
+/// The error of a conditional write that was sent again after its connection closed
+/// before the reply, and found another write in its place: whether its first copy
+/// landed cannot be told. Answering `Conflict` would make the caller apply its
+/// changes again over a record that may hold them already.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn unknown_outcome() -> crate::session_store::Error {
+    crate::session_store::Error::backend(
+        "a conditional write was sent again after its connection closed, and another \
+         write came first: whether the first copy landed is unknown",
+    )
+}
+
+/// The byte in front of a write token: never the first byte of an encoded record.
+pub(crate) const TOKEN_TAG: u8 = 0xA7;
+
+/// The length of a write token.
+pub(crate) const TOKEN_LEN: usize = 8;
+
+/// A write token: random bytes stored with a conditional write, so that a write sent
+/// again after its reply was lost recognises its own first copy, if that landed,
+/// instead of taking it for another request's write.
+pub(crate) fn write_token() -> Result<[u8; TOKEN_LEN]> {
+    let bytes = crate::session::random_id()?.to_bytes();
+    let mut token = [0; TOKEN_LEN];
+    token.copy_from_slice(&bytes[..TOKEN_LEN]);
+    Ok(token)
+}
+
+/// Encodes `record` for storage as [`encode`] does, behind [`TOKEN_TAG`] and
+/// `token`.
+#[cfg(any(feature = "postgres", test))]
+pub(crate) fn encode_with_token(record: &Record, token: &[u8; TOKEN_LEN]) -> Result<Vec<u8>> {
+    let mut head = [0; 1 + TOKEN_LEN];
+    head[0] = TOKEN_TAG;
+    head[1..].copy_from_slice(token);
+    record.encode_without_id_after(&head)
 }
 
 #[cfg(test)]

@@ -445,3 +445,5 @@ pub async fn check_frozen_server_times_out_then_recovers<S: SessionStore>(
     let loaded = store.load(&record.id).await.unwrap();
     assert_eq!(loaded, Some(record));
 }
+
+pub mod proxy;

@@ -350,8 +350,11 @@ fn build_pool(settings: &Settings) -> Pool {
             &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
         ),
         (
-            // The compare and the write are one statement; the second column, read
-            // from the statement's snapshot, tells a newer version from no session.
+            // The compare and the write are one statement. The other columns are
+            // read from the statement's snapshot, before its write: whether a live
+            // row is there (a newer version, or no session), and whether that row
+            // is this very write already (its version and its token, which lead
+            // the record bytes), when the write is sent again after a lost reply.
             UPDATE,
             format!(
                 "WITH written AS (
@@ -360,7 +363,12 @@ fn build_pool(settings: &Settings) -> Pool {
                      RETURNING 1
                  )
                  SELECT EXISTS (SELECT 1 FROM written),
-                        EXISTS (SELECT 1 FROM {table} WHERE key = $1 AND expires_at > $6)"
+                        EXISTS (SELECT 1 FROM {table} WHERE key = $1 AND expires_at > $6),
+                        EXISTS (SELECT 1 FROM {table} WHERE key = $1 AND expires_at > $6
+                                AND version = $5
+                                AND substring(record from 1 for {head}) =
+                                    substring($4 from 1 for {head}))",
+                head = 1 + stored::TOKEN_LEN
             ),
             &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, INT8, TIMESTAMPTZ],
         ),
@@ -485,16 +493,21 @@ impl SessionStore for PostgresStore {
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
         let key = stored::digest(id);
-        let now = self.clock.now();
+        // The time is read once a connection is in hand: a wait for one must not let
+        // a record that expired meanwhile through, and `update` reads it the same way.
+        let read_at = parking_lot::Mutex::new(None);
         let reply = self
             .pool
             .call(|conn| {
+                let now = self.clock.now();
+                *read_at.lock() = Some(now);
                 conn.push_execute(
                     LOAD,
                     &[Param::Bytea(&key), Param::Timestamptz(timestamptz(now))],
                 )
             })
             .await?;
+        let now = read_at.into_inner().unwrap_or_else(|| self.clock.now());
         let Some(row) = reply.rows.first() else {
             return Ok(None);
         };
@@ -520,14 +533,23 @@ impl SessionStore for PostgresStore {
     }
 
     /// One conditional `UPDATE` statement: atomic.
+    ///
+    /// The record is stored behind a random token of this write, so that when the
+    /// write is sent again (its connection closed before the reply came) the
+    /// statement recognises its own first copy, if that committed, and answers
+    /// `Written` rather than `Conflict`. If another write came in between, the
+    /// outcome cannot be told and the call fails instead: answering `Conflict` would
+    /// have the caller apply its changes a second time.
     async fn update(&self, record: &Record) -> Result<Update> {
-        let bytes = stored::encode(record)?;
+        let token = stored::write_token()?;
+        let bytes = stored::encode_with_token(record, &token)?;
         let key = stored::digest(&record.id);
         let next = record.version.wrapping_add(1);
-        let now = timestamptz(self.clock.now());
         let reply = self
             .pool
             .call(|conn| {
+                // Read once a connection is in hand, as `load` does.
+                let now = timestamptz(self.clock.now());
                 conn.push_execute(
                     UPDATE,
                     &[
@@ -548,8 +570,10 @@ impl SessionStore for PostgresStore {
         let columns = columns(row).map_err(Error::backend)?;
         let written = bool_column(columns.first().copied().flatten())?;
         let live = bool_column(columns.get(1).copied().flatten())?;
-        Ok(match (written, live) {
+        let ours = bool_column(columns.get(2).copied().flatten())?;
+        Ok(match (written || ours, live) {
             (true, _) => Update::Written(next),
+            (false, true) if reply.resent => return Err(stored::unknown_outcome()),
             (false, true) => Update::Conflict,
             (false, false) => Update::Gone,
         })

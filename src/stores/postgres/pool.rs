@@ -92,14 +92,15 @@ impl Pool {
     /// that ran it and died before answering leaves an outcome the contract
     /// tolerates when it runs twice: loads, saves and deletes are idempotent; a
     /// create whose first copy committed finds its key taken and draws another id
-    /// (the first row expires unused); an update whose first copy committed finds
-    /// the version moved on and answers `Conflict`, after which the caller reloads
-    /// and sees its own write.
+    /// (the first row expires unused); an update recognises its own first copy by
+    /// the token it wrote (see `PostgresStore::update`), and the reply says that
+    /// it was sent again.
     pub(crate) async fn call(
         &self,
         build: impl Fn(&mut Conn) -> Result<(), WireError> + Send + Sync,
     ) -> Result<Reply> {
         let mut retried = false;
+        let mut resent = false;
         loop {
             let mut lent = self.get(retried).await?;
             let reused = lent.reused;
@@ -108,7 +109,10 @@ impl Pool {
             build(conn).map_err(Error::backend)?;
             let result = conn.exchange().await;
             match result {
-                Ok(reply) => return Ok(reply),
+                Ok(mut reply) => {
+                    reply.resent = resent;
+                    return Ok(reply);
+                }
                 Err(err) if err.code() == Some(UNDEFINED_TABLE) && !retried => {
                     self.ready.store(false, Ordering::Release);
                     lent.discard = true;
@@ -118,6 +122,7 @@ impl Pool {
                 Err(err) if reused && !retried && err.closed_before_reply() => {
                     self.conns.clear();
                     retried = true;
+                    resent = true;
                 }
                 Err(err) => return Err(Error::backend(err)),
             }

@@ -153,6 +153,9 @@ pub(crate) mod oid {
 pub(crate) struct Reply {
     pub(crate) rows: Vec<DataRowBody>,
     pub(crate) affected: u64,
+    /// The request was sent again after a connection closed before its reply: its
+    /// first copy may have run.
+    pub(crate) resent: bool,
 }
 
 /// The columns of a row: `None` for SQL `NULL`.

@@ -27,19 +27,35 @@ use crate::{
 };
 
 /// The conditional write, run by Redis as one step: writes the new value (or deletes
-/// the key, for a record saved already expired) only if the key exists and its value
-/// starts with the expected version. A value written before versions existed (it
-/// starts with the record format byte 2, never the first byte of a version) counts as
-/// version 0.
+/// the key, for a record written already expired) only if a live record is there and
+/// its value starts with the expected version.
+///
+/// Liveness is the record's own expiry date, kept in the value's header, against the
+/// time the client sent, read as the command went out: the judgement `load` makes,
+/// never the key's TTL alone (a key outlives its record by the rounding of its TTL
+/// and the trip to the server). A value written before the header existed counts as
+/// live while its key exists, and one written before versions existed (it starts
+/// with the record format byte 2, never the first byte of a version) as version 0.
 ///
 /// KEYS[1] is the key; ARGV[1] the expected version (8 bytes, big-endian), ARGV[2]
-/// the new value, ARGV[3] its TTL in milliseconds ("0": delete). It returns 0 when no
-/// key is there, 1 for another version, 2 once written.
+/// the new value, ARGV[3] its TTL in milliseconds ("0": delete), ARGV[4] and ARGV[5]
+/// the client's time (Unix seconds, nanoseconds). It returns 0 when no live record
+/// is there, 1 for another version, 2 once written, and 3 when the stored value
+/// already is this very write (same version, expiry and token): a copy sent again
+/// after its reply was lost, whose first copy landed.
 const UPDATE_SCRIPT: &str = r"
-local current = redis.call('GETRANGE', KEYS[1], 0, 7)
-if current == '' then return 0 end
-if string.byte(current, 1) == 2 then current = string.rep('\0', 8) end
-if current ~= ARGV[1] then return 1 end
+local head = redis.call('GETRANGE', KEYS[1], 0, 28)
+if head == '' then return 0 end
+local version = string.sub(head, 1, 8)
+if string.byte(head, 1) == 2 then
+  version = string.rep('\0', 8)
+elseif string.byte(head, 9) == 3 and string.len(head) == 29 then
+  local secs, nanos = struct.unpack('>i8I4', head, 10)
+  local now_secs, now_nanos = tonumber(ARGV[4]), tonumber(ARGV[5])
+  if secs < now_secs or (secs == now_secs and nanos <= now_nanos) then return 0 end
+  if head == string.sub(ARGV[2], 1, 29) then return 3 end
+end
+if version ~= ARGV[1] then return 1 end
 if ARGV[3] == '0' then
   redis.call('DEL', KEYS[1])
 else
@@ -51,10 +67,27 @@ return 2
 /// The length of the version in front of every stored value.
 const VERSION_LEN: usize = 8;
 
+/// The byte after the version that starts the header: the record's own format byte
+/// (2) stands there in values written before the header existed.
+const HEADER_TAG: u8 = 3;
+
+/// The header after the version: the tag, the expiry date (Unix seconds as `i64`,
+/// then nanoseconds as `u32`, big-endian) and the write's token.
+const HEADER_LEN: usize = 1 + 8 + 4 + stored::TOKEN_LEN;
+
 /// The stored value: the version (8 bytes, big-endian, so that the update script can
-/// compare it as a string), then the record without its id.
-fn encode_value(record: &Record, version: u64) -> Result<Vec<u8>> {
-    record.encode_without_id_after(&version.to_be_bytes())
+/// compare it as a string), the header (the record's expiry date, for the script to
+/// judge liveness as `load` does, and the token of the write that stored it), then
+/// the record without its id.
+fn encode_value(record: &Record, version: u64, token: &[u8; stored::TOKEN_LEN]) -> Result<Vec<u8>> {
+    let mut head = [0u8; VERSION_LEN + HEADER_LEN];
+    head[..VERSION_LEN].copy_from_slice(&version.to_be_bytes());
+    head[VERSION_LEN] = HEADER_TAG;
+    let expiry = record.expiry_date;
+    head[VERSION_LEN + 1..VERSION_LEN + 9].copy_from_slice(&expiry.unix_timestamp().to_be_bytes());
+    head[VERSION_LEN + 9..VERSION_LEN + 13].copy_from_slice(&expiry.nanosecond().to_be_bytes());
+    head[VERSION_LEN + 13..].copy_from_slice(token);
+    record.encode_without_id_after(&head)
 }
 
 fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
@@ -62,9 +95,14 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
         // Written before versions existed: the record alone, at version 0.
         return stored::decode(id, value);
     }
-    let (version, bytes) = value
+    let (version, mut bytes) = value
         .split_first_chunk::<VERSION_LEN>()
         .ok_or_else(|| Error::decode("stored value is shorter than its version"))?;
+    if bytes.first() == Some(&HEADER_TAG) {
+        bytes = bytes
+            .get(HEADER_LEN..)
+            .ok_or_else(|| Error::decode("stored value is shorter than its header"))?;
+    }
     let mut record = stored::decode(id, bytes)?;
     record.version = u64::from_be_bytes(*version);
     Ok(record)
@@ -328,25 +366,31 @@ fn ttl_millis(expiry: OffsetDateTime, now: OffsetDateTime) -> Option<u64> {
     Some(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
-/// `EVALSHA digest` or `EVAL source`, with the key and arguments of the update
-/// script.
-fn script_call<'a>(
-    verb: &'a [u8],
-    script: &'a str,
+/// The key and arguments of one call of the update script.
+struct ScriptArgs<'a> {
     key: &'a str,
     expected: &'a [u8],
     value: &'a [u8],
     ttl: &'a str,
-) -> [&'a [u8]; 7] {
-    [
-        verb,
-        script.as_bytes(),
-        b"1",
-        key.as_bytes(),
-        expected,
-        value,
-        ttl.as_bytes(),
-    ]
+    secs: &'a str,
+    nanos: &'a str,
+}
+
+impl<'a> ScriptArgs<'a> {
+    /// `EVALSHA digest ...` or `EVAL source ...`.
+    fn call(&self, verb: &'a [u8], script: &'a str) -> [&'a [u8]; 9] {
+        [
+            verb,
+            script.as_bytes(),
+            b"1",
+            self.key.as_bytes(),
+            self.expected,
+            self.value,
+            self.ttl.as_bytes(),
+            self.secs.as_bytes(),
+            self.nanos.as_bytes(),
+        ]
+    }
 }
 
 /// How many ids `create` draws before it gives up: a collision of random 128-bit ids
@@ -382,7 +426,7 @@ impl SessionStore for RedisStore {
             }
             return Err(too_many_collisions());
         };
-        let bytes = encode_value(record, record.version)?;
+        let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
         let ttl = ttl.to_string();
         for _ in 0..MAX_CREATE_ATTEMPTS {
             let key = self.key(&record.id);
@@ -403,7 +447,7 @@ impl SessionStore for RedisStore {
         let key = self.key(&record.id);
         match ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) {
             Some(ttl) => {
-                let bytes = encode_value(record, record.version)?;
+                let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
                 let ttl = ttl.to_string();
                 self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
                     .await?;
@@ -434,31 +478,66 @@ impl SessionStore for RedisStore {
     }
 
     /// One server-side script, one round trip: atomic.
+    ///
+    /// The time that judges liveness, and the TTL, are read once a connection is in
+    /// hand, as the command goes out. The value carries a random token of this
+    /// write: sent again after its connection closed before the reply, the script
+    /// recognises its own first copy, if that landed, and the write is `Written`;
+    /// if another write came in between, the outcome cannot be told and the call
+    /// fails rather than answer `Conflict`, which would have the caller apply its
+    /// changes twice.
     async fn update(&self, record: &Record) -> Result<Update> {
         let next = record.version.wrapping_add(1);
-        let ttl = ttl_millis(record.expiry_date, OffsetDateTime::now_utc());
-        let value = match ttl {
-            Some(_) => encode_value(record, next)?,
-            None => Vec::new(),
-        };
+        let token = stored::write_token()?;
+        let value = encode_value(record, next, &token)?;
         let (key, expected) = (self.key(&record.id), record.version.to_be_bytes());
-        let ttl = ttl.unwrap_or(0).to_string();
-        let whole = script_call(b"EVAL", UPDATE_SCRIPT, &key, &expected, &value, &ttl);
-        let reply = match self.shared.script_sha.get() {
-            Some(sha) => {
-                let by_digest = script_call(b"EVALSHA", sha, &key, &expected, &value, &ttl);
-                match self.call_raw(&by_digest).await {
-                    // The server has forgotten the script: send it whole.
-                    Err(err) if err.is_no_script() => self.call(&whole).await?,
-                    other => other?,
+        let mut resent = false;
+        let reply = loop {
+            let (mux, opened) = self.connection().await?;
+            let now = OffsetDateTime::now_utc();
+            let ttl = ttl_millis(record.expiry_date, now);
+            let value: &[u8] = if ttl.is_some() { &value } else { b"" };
+            let ttl = ttl.unwrap_or(0).to_string();
+            let (secs, nanos) = (
+                now.unix_timestamp().to_string(),
+                now.nanosecond().to_string(),
+            );
+            let args = ScriptArgs {
+                key: &key,
+                expected: &expected,
+                value,
+                ttl: &ttl,
+                secs: &secs,
+                nanos: &nanos,
+            };
+            let sent = match self.shared.script_sha.get() {
+                Some(sha) => {
+                    let by_digest = mux.call(&args.call(b"EVALSHA", sha)).await;
+                    match by_digest {
+                        // The server has forgotten the script: send it whole.
+                        Err(err) if err.is_no_script() => {
+                            mux.call(&args.call(b"EVAL", UPDATE_SCRIPT)).await
+                        }
+                        other => other,
+                    }
                 }
+                None => mux.call(&args.call(b"EVAL", UPDATE_SCRIPT)).await,
+            };
+            match sent {
+                // A shared connection the server closed before the reply (it
+                // restarted, or dropped idle clients): once more on a new one.
+                Err(err) if !opened && !resent && err.closed_before_reply() => {
+                    self.shared.retire(&mux);
+                    resent = true;
+                }
+                other => break other?,
             }
-            None => self.call(&whole).await?,
         };
         match reply {
             Reply::Int(0) => Ok(Update::Gone),
+            Reply::Int(1) if resent => Err(stored::unknown_outcome()),
             Reply::Int(1) => Ok(Update::Conflict),
-            Reply::Int(2) => Ok(Update::Written(next)),
+            Reply::Int(2 | 3) => Ok(Update::Written(next)),
             other => Err(unexpected("the update script", &other)),
         }
     }
@@ -508,9 +587,8 @@ impl RedisStore {
     /// connection ran some of the commands pipelined on it. Sent again, it runs once
     /// more at most, and were it to run twice: `GET`, `DEL`, `EXISTS` and a plain
     /// `SET` are idempotent; a `SET NX` whose first copy did land finds its key taken,
-    /// so `create` draws another id (the first copy expires with its TTL); an update
-    /// whose first copy landed finds the version moved on and answers `Conflict`,
-    /// after which the caller reloads and sees its write.
+    /// so `create` draws another id (the first copy expires with its TTL). `update`
+    /// does its own retry, which recognises its own first copy.
     async fn call_raw(&self, args: &[&[u8]]) -> std::result::Result<Reply, RespError> {
         let mut retried = false;
         loop {

@@ -312,7 +312,66 @@ tests_in_both_modes!(
     errors_keep_their_source,
     suspects_are_retried_by_the_deletion_pass,
     update_follows_the_store,
+    the_cache_keeps_at_most_its_entries_the_least_recently_used_go_first,
+    an_entry_older_than_the_cache_lifetime_is_loaded_again,
 );
+
+/// The cache is bounded: past its entry limit, filling it evicts the least recently
+/// used entry of the stripe; a session in use stays. The store keeps them all.
+#[maybe_async::maybe_async]
+async fn the_cache_keeps_at_most_its_entries_the_least_recently_used_go_first() {
+    let (cache, store) = (MemoryStore::new(), MemoryStore::new());
+    // Two entries a stripe, 128 in all.
+    let caching = CachingSessionStore::new(cache.clone(), store.clone()).with_max_entries(128);
+    let mut hot = live_record(0);
+    caching.create(&mut hot).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=2_000 {
+        let mut record = live_record(n);
+        store.create(&mut record).await.unwrap();
+        let loaded = caching.load(&record.id).await.unwrap();
+        assert_eq!(loaded.as_ref(), Some(&record));
+        // The session in use is read between every two others.
+        let again = caching.load(&hot.id).await.unwrap();
+        assert_eq!(again.as_ref(), Some(&hot));
+        ids.push(record.id);
+    }
+    assert!(cache.len() <= 128, "{} entries", cache.len());
+    let in_use = cache.load(&hot.id).await.unwrap();
+    assert!(in_use.is_some(), "the most recently used entry stays");
+    assert_eq!(store.len(), 2_001, "the store keeps every session");
+    // An evicted session loads from the store again.
+    let first = caching.load(&ids[0]).await.unwrap();
+    assert!(first.is_some());
+}
+
+/// An entry older than the cache lifetime is not served: the store answers, so a
+/// change that another process made there shows within the lifetime.
+#[maybe_async::maybe_async]
+async fn an_entry_older_than_the_cache_lifetime_is_loaded_again() {
+    let (cache, store) = (MemoryStore::new(), MemoryStore::new());
+    let caching = CachingSessionStore::new(cache.clone(), store.clone())
+        .with_cache_lifetime(std::time::Duration::from_millis(100));
+    let mut record = live_record(1);
+    caching.create(&mut record).await.unwrap();
+    // Another process logs the session out, in the store alone.
+    store.delete(&record.id).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let loaded = caching.load(&record.id).await.unwrap();
+        if loaded.is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "still served after the lifetime"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+    let cached = cache.load(&record.id).await.unwrap();
+    assert_eq!(cached, None, "the stale entry was dropped");
+}
 
 /// Suspect ids (their cache entry could not be evicted) never outlast a deletion pass
 /// once the cache answers, and never before: not even when the record written since
@@ -610,5 +669,138 @@ mod cancellation {
                 }
             }
         }
+    }
+
+    /// A store whose deletes run on a thread of their own, which waits at a gate:
+    /// a write that goes on after its caller's future was dropped, as SQLite's
+    /// blocking job, a committed PostgreSQL statement or a sent Redis command does.
+    #[derive(Debug, Clone, Default)]
+    struct Threaded {
+        inner: MemoryStore,
+        started: Arc<AtomicBool>,
+        open: Arc<AtomicBool>,
+    }
+
+    #[portable_sessions::async_trait::async_trait]
+    impl SessionStore for Threaded {
+        async fn create(&self, record: &mut Record) -> Result<()> {
+            self.inner.create(record).await
+        }
+        async fn save(&self, record: &Record) -> Result<()> {
+            self.inner.save(record).await
+        }
+        async fn load(&self, id: &Id) -> Result<Option<Record>> {
+            self.inner.load(id).await
+        }
+        async fn delete(&self, id: &Id) -> Result<()> {
+            let (store, id) = (self.clone(), *id);
+            let done = Arc::new(AtomicBool::new(false));
+            let finished = done.clone();
+            std::thread::spawn(move || {
+                store.started.store(true, Ordering::SeqCst);
+                common::wait_for("the gate to open", || store.open.load(Ordering::SeqCst));
+                futures_lite::future::block_on(store.inner.delete(&id)).unwrap();
+                finished.store(true, Ordering::SeqCst);
+            });
+            futures_lite::future::poll_fn(|cx| {
+                if done.load(Ordering::SeqCst) {
+                    return Poll::Ready(());
+                }
+                cx.waker().wake_by_ref(); // a test store: spinning is fine
+                Poll::Pending
+            })
+            .await;
+            Ok(())
+        }
+        async fn update(&self, record: &Record) -> Result<Update> {
+            self.inner.update(record).await
+        }
+        fn atomic_update(&self) -> bool {
+            true
+        }
+    }
+
+    /// A logout whose future is dropped while the store's delete goes on: a load in
+    /// between still finds the record in the store, and must not copy it into the
+    /// cache, which would then serve the logged-out session after the delete lands.
+    #[test]
+    fn an_abandoned_logout_is_never_undone_by_a_refill() {
+        let (cache, store) = (MemoryStore::new(), Threaded::default());
+        let caching = CachingSessionStore::new(cache.clone(), store.clone());
+        let mut record = live_record(1);
+        futures_lite::future::block_on(caching.create(&mut record)).unwrap();
+        drop_midway(caching.delete(&record.id));
+        common::wait_for("the delete to start", || {
+            store.started.load(Ordering::SeqCst)
+        });
+
+        let meanwhile = futures_lite::future::block_on(caching.load(&record.id)).unwrap();
+        assert!(meanwhile.is_some(), "the store still has it");
+
+        store.open.store(true, Ordering::SeqCst);
+        common::wait_for("the delete to land", || store.inner.is_empty());
+        for _ in 0..2 {
+            let loaded = futures_lite::future::block_on(caching.load(&record.id)).unwrap();
+            assert_eq!(loaded, None, "the logout stands");
+        }
+
+        // Once the hold is over, the id is cached as usual again, and what the cache
+        // held from before the logout is never served.
+        let caching = caching.with_abandoned_write_hold(std::time::Duration::from_millis(50));
+        let mut other = live_record(2);
+        futures_lite::future::block_on(caching.create(&mut other)).unwrap();
+        store.open.store(false, Ordering::SeqCst);
+        store.started.store(false, Ordering::SeqCst);
+        drop_midway(caching.delete(&other.id));
+        common::wait_for("the delete to start", || {
+            store.started.load(Ordering::SeqCst)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        store.open.store(true, Ordering::SeqCst);
+        common::wait_for("the delete to land", || store.inner.is_empty());
+        let loaded = futures_lite::future::block_on(caching.load(&other.id)).unwrap();
+        assert_eq!(loaded, None, "the stale entry is not served");
+        let cached = futures_lite::future::block_on(cache.load(&other.id)).unwrap();
+        assert_eq!(cached, None, "and it was dropped from the cache");
+    }
+
+    /// The same with real SQLite: a second connection holds the write lock
+    /// (`BEGIN IMMEDIATE`), so the store's delete waits on its pool thread after the
+    /// caller gave up, and lands when the lock is released.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn an_abandoned_logout_on_sqlite_is_never_undone_by_a_refill() {
+        let dir = common::TempDir::new("abandoned-logout");
+        let store = portable_sessions::SqliteStore::open(dir.db()).unwrap();
+        let cache = MemoryStore::new();
+        let caching = CachingSessionStore::new(cache.clone(), store.clone());
+        let mut record = live_record(1);
+        futures_lite::future::block_on(caching.create(&mut record)).unwrap();
+        let holder = rusqlite::Connection::open(dir.db()).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+        {
+            let mut delete = Box::pin(caching.delete(&record.id));
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(
+                delete.as_mut().poll(&mut cx).is_pending(),
+                "waits for the lock"
+            );
+            // The job goes to a pool thread; give it time to start and wait on the
+            // lock before the caller gives up (a job dropped before it starts never
+            // runs: then there is nothing to land later).
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let meanwhile = futures_lite::future::block_on(caching.load(&record.id)).unwrap();
+        assert!(meanwhile.is_some(), "readers do not wait for the writer");
+
+        holder.execute_batch("COMMIT").unwrap();
+        common::wait_for("the delete to land", || {
+            futures_lite::future::block_on(store.load(&record.id))
+                .unwrap()
+                .is_none()
+        });
+        let loaded = futures_lite::future::block_on(caching.load(&record.id)).unwrap();
+        assert_eq!(loaded, None, "the logout stands");
     }
 }

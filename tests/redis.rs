@@ -495,7 +495,19 @@ async fn a_forgotten_script_is_sent_whole() {
     );
 }
 
+/// Instances with their own caches over one store see each other's logouts and
+/// logins within the cache lifetime.
+#[maybe_async::maybe_async]
+async fn two_caches_over_one_redis_see_each_others_logouts() {
+    let a = shared_store("two-caches");
+    let b = RedisStore::new(SHARED)
+        .unwrap()
+        .with_key_prefix(a.key_prefix());
+    common::check_two_caches_over_one_store(a, b).await;
+}
+
 tests_in_both_modes!(
+    two_caches_over_one_redis_see_each_others_logouts,
     a_forgotten_script_is_sent_whole,
     redis_store_conforms,
     caching_redis_store_conforms,

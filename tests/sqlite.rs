@@ -227,7 +227,18 @@ async fn a_file_that_is_not_a_database_is_a_backend_error() {
     assert!(matches!(in_missing_dir, Err(Error::Backend(_))));
 }
 
+/// Instances with their own caches over one store see each other's logouts and
+/// logins within the cache lifetime.
+#[maybe_async::maybe_async]
+async fn two_caches_over_one_sqlite_file_see_each_others_logouts() {
+    let dir = common::TempDir::new("two-caches");
+    let a = SqliteStore::open(dir.db()).unwrap();
+    let b = SqliteStore::open(dir.db()).unwrap();
+    common::check_two_caches_over_one_store(a, b).await;
+}
+
 tests_in_both_modes!(
+    two_caches_over_one_sqlite_file_see_each_others_logouts,
     sqlite_store_conforms,
     caching_sqlite_store_conforms,
     sessions_survive_reopening,

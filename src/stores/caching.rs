@@ -1,7 +1,7 @@
 //! [`CachingSessionStore`]: a fast cache in front of a store that holds the truth.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -35,6 +35,9 @@ type StripeGuard<'a> = parking_lot::MutexGuard<'a, Suspects>;
 const EVICT_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_EVICT_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The longest hold [`CachingSessionStore::with_abandoned_write_hold`] takes: a year.
+const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A cache (`Cache`, say a [`MemoryStore`](crate::MemoryStore)) in front of a store
 /// (`Store`, say a database) that holds the truth.
 ///
@@ -67,9 +70,28 @@ const MAX_EVICT_BACKOFF: Duration = Duration::from_secs(30);
 /// [`log`](https://docs.rs/log) facade (target `portable_sessions::caching`) and
 /// passed to the callback set with [`on_cache_error`](Self::on_cache_error).
 ///
-/// The cache must be private to this store and its clones (clones share the ordering
-/// state). A store that other processes write to directly can change under the cache;
-/// give such a cache short expiry dates or none at all.
+/// Which cache entries may be served is kept here, not in the cache: an entry is
+/// served only while it is listed, for at most the [cache
+/// lifetime](Self::with_cache_lifetime) (10 s unless set) after it was filled or
+/// written, and the cache holds at most [`with_max_entries`](Self::with_max_entries)
+/// of them (100,000 unless set), the least recently used evicted first. A write
+/// whose future was dropped while its store step was under way keeps its id out of
+/// the cache for [a while](Self::with_abandoned_write_hold) (60 s unless set): the
+/// store's step can still land after the caller left, and a refill in between would
+/// serve what the store is about to replace or delete.
+///
+/// # When a cache in front of a shared store is safe
+///
+/// The cache must be private to this store and its clones (clones share the
+/// ordering state). With one process writing the store, all of it through this
+/// cache, nothing stale is ever served, whatever the lifetime. When other processes
+/// write the same store (several instances of an application, each with its own
+/// cache, over one database or Redis), a change one of them makes (a logout, a
+/// login's `cycle_id`, any write) is unseen by the others' caches until their
+/// entries age out: that is what the lifetime bounds, so keep it as short as a
+/// logged-out session may still be read elsewhere. Writes are safe either way:
+/// conditional writes go to the store, which refuses a write over a version or a
+/// session it no longer has.
 ///
 /// # Examples
 ///
@@ -103,6 +125,10 @@ pub struct CachingSessionStore<Cache, Store> {
     store: Store,
     shared: Arc<Shared>,
     on_error: Option<ErrorHook>,
+    lifetime: Duration,
+    /// The most entries one stripe lists.
+    stripe_capacity: usize,
+    hold: Duration,
 }
 
 struct Shared {
@@ -117,6 +143,8 @@ struct Stripe {
     /// How many suspects the stripe holds: read without the lock, so that a hit in a
     /// stripe without suspects takes no lock at all.
     suspects: AtomicUsize,
+    /// Which of the stripe's cache entries may be served.
+    residency: parking_lot::Mutex<Residency>,
 }
 
 /// Ids whose cache entry may be stale: evicting it failed, or a write was interrupted
@@ -153,6 +181,91 @@ impl Suspects {
                         .saturating_mul(1 << doublings)
                         .min(MAX_EVICT_BACKOFF)
             });
+        }
+    }
+}
+
+/// Which cache entries may be served, per stripe: each id filled into the cache (or
+/// written through it) with the time it was, in least-recently-used order. A cache
+/// entry that is not listed here is never served, whatever the cache holds: it was
+/// evicted for room or age, its eviction failed, or a write of its id was abandoned.
+#[derive(Default)]
+struct Residency {
+    /// The ids whose entry may be served: when it was filled, and its place in `order`.
+    entries: HashMap<Id, (Instant, u64)>,
+    /// The listed ids, least recently used first.
+    order: BTreeMap<u64, Id>,
+    tick: u64,
+    /// Ids with an abandoned write (its future dropped while the store step may
+    /// still land): not cached again before this moment.
+    held: HashMap<Id, Instant>,
+}
+
+impl Residency {
+    /// Lists `id` as filled now, most recently used; returns the ids that no longer
+    /// fit, least recently used first, for the caller to evict.
+    fn admit(&mut self, id: Id, now: Instant, capacity: usize) -> Vec<Id> {
+        self.forget(&id);
+        self.tick += 1;
+        self.entries.insert(id, (now, self.tick));
+        self.order.insert(self.tick, id);
+        let mut victims = Vec::new();
+        while self.entries.len() > capacity {
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
+            self.entries.remove(&victim);
+            victims.push(victim);
+        }
+        victims
+    }
+
+    /// Returns `true` if the entry of `id` may be served (listed, and younger than
+    /// `lifetime`), and makes it the most recently used; forgets it if too old.
+    fn touch(&mut self, id: &Id, now: Instant, lifetime: Duration) -> bool {
+        let Some(&(filled, tick)) = self.entries.get(id) else {
+            return false;
+        };
+        if now.saturating_duration_since(filled) >= lifetime {
+            self.forget(id);
+            return false;
+        }
+        self.order.remove(&tick);
+        self.tick += 1;
+        self.order.insert(self.tick, *id);
+        self.entries.insert(*id, (filled, self.tick));
+        true
+    }
+
+    fn forget(&mut self, id: &Id) {
+        if let Some((_, tick)) = self.entries.remove(id) {
+            self.order.remove(&tick);
+        }
+    }
+
+    /// Returns `true` while an abandoned write of `id` may still land.
+    fn is_held(&mut self, id: &Id, now: Instant) -> bool {
+        match self.held.get(id) {
+            Some(&until) if until > now => true,
+            Some(_) => {
+                self.held.remove(id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Drops what has aged out: entries older than `lifetime`, holds that ended.
+    fn prune(&mut self, now: Instant, lifetime: Duration) {
+        self.held.retain(|_, until| *until > now);
+        let old: Vec<Id> = self
+            .entries
+            .iter()
+            .filter(|(_, (filled, _))| now.saturating_duration_since(*filled) >= lifetime)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            self.forget(&id);
         }
     }
 }
@@ -201,7 +314,61 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
                 stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             }),
             on_error: None,
+            lifetime: Self::DEFAULT_CACHE_LIFETIME,
+            stripe_capacity: Self::DEFAULT_MAX_ENTRIES.div_ceil(STRIPES),
+            hold: Self::DEFAULT_ABANDONED_WRITE_HOLD,
         }
+    }
+
+    /// How long a cache entry is served, unless set otherwise: 10 seconds.
+    pub const DEFAULT_CACHE_LIFETIME: Duration = Duration::from_secs(10);
+
+    /// How many entries the cache keeps, unless set otherwise: 100,000.
+    pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
+
+    /// How long an id whose write was abandoned is kept out of the cache, unless set
+    /// otherwise: 60 seconds.
+    pub const DEFAULT_ABANDONED_WRITE_HOLD: Duration = Duration::from_secs(60);
+
+    /// Serves a cache entry for at most `lifetime` after it was filled or written;
+    /// an older one is loaded from the store again (default
+    /// [`DEFAULT_CACHE_LIFETIME`](Self::DEFAULT_CACHE_LIFETIME), 10 s).
+    ///
+    /// This bounds how long a change that another process made in the store (a
+    /// logout, a login's `cycle_id`, any write) goes unseen here. With one process
+    /// writing the store, all through this cache, the cache never serves a stale
+    /// record and a long lifetime is safe (`Duration::MAX`); with several, the
+    /// lifetime is how long a logged-out session may still be read by the others.
+    /// Writes are never affected: they go to the store, conditionally.
+    pub fn with_cache_lifetime(mut self, lifetime: Duration) -> Self {
+        self.lifetime = lifetime;
+        self
+    }
+
+    /// Keeps at most about `max` entries in the cache: once one of the 64 stripes
+    /// of ids holds `max / 64` (rounded up, at least one), filling it evicts that
+    /// stripe's least recently used entry (default
+    /// [`DEFAULT_MAX_ENTRIES`](Self::DEFAULT_MAX_ENTRIES)). The store keeps every
+    /// session; an evicted one is loaded from it again.
+    pub fn with_max_entries(mut self, max: usize) -> Self {
+        self.stripe_capacity = max.div_ceil(STRIPES).max(1);
+        self
+    }
+
+    /// Keeps an id out of the cache for `hold` after one of its writes was
+    /// abandoned (its future dropped while the store's step was under way), default
+    /// [`DEFAULT_ABANDONED_WRITE_HOLD`](Self::DEFAULT_ABANDONED_WRITE_HOLD), 60 s.
+    ///
+    /// A store's write can still land after its caller has gone: SQLite's blocking
+    /// job runs to its end, a PostgreSQL statement commits, a sent Redis command
+    /// runs. Until then the cache must not be filled with what the store is about to
+    /// replace or delete, so loads of the id go to the store alone. Make it longer
+    /// than the longest a store's write can take (for the stores of this crate,
+    /// their timeout, or SQLite's 5 s busy timeout, plus the wait for a connection).
+    /// At most a year.
+    pub fn with_abandoned_write_hold(mut self, hold: Duration) -> Self {
+        self.hold = hold.min(MAX_HOLD);
+        self
     }
 
     /// Calls `hook` for every cache failure that does not fail the call, in addition
@@ -265,12 +432,14 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
 
 /// Held by a write from before its store step until its cache step is done: if the
 /// write's future is dropped in between (or the store panics), the id stays suspect,
-/// so that loads never serve what the cache held before the store changed.
+/// so that loads never serve what the cache held before the store changed, and is
+/// kept out of the cache for the hold, while the abandoned store step may still land.
 struct Ordered<'a> {
     stripe: &'a Stripe,
     suspects: StripeGuard<'a>,
     id: Id,
     done: bool,
+    hold: Duration,
 }
 
 impl Ordered<'_> {
@@ -304,6 +473,12 @@ impl Drop for Ordered<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.mark(false);
+            let now = Instant::now();
+            // The hold is at most a year (see `with_abandoned_write_hold`).
+            let until = now.checked_add(self.hold).unwrap_or(now + MAX_HOLD);
+            let mut residency = self.stripe.residency.lock();
+            residency.forget(&self.id);
+            residency.held.insert(self.id, until);
         }
     }
 }
@@ -319,12 +494,36 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
             suspects,
             id,
             done: false,
+            hold: self.hold,
         }
+    }
+
+    /// Lists `id` as just filled in the cache, and evicts what no longer fits.
+    async fn admit(&self, id: Id) {
+        let victims =
+            self.stripe(&id)
+                .residency
+                .lock()
+                .admit(id, Instant::now(), self.stripe_capacity);
+        for victim in victims {
+            // Unlisted already, so never served: a failure only leaves it in memory
+            // until it expires.
+            let evicted = self.cache.delete(&victim).await;
+            if let Err(err) = evicted {
+                self.report(CacheOp::Evict, Some(victim), &err);
+            }
+        }
+    }
+
+    /// Returns `true` while an abandoned write of `id` may still land.
+    fn is_held(&self, id: &Id) -> bool {
+        self.stripe(id).residency.lock().is_held(id, Instant::now())
     }
 
     /// Evicts the id from the cache; on failure reports it, backs off, and keeps the
     /// id suspect, so that loads skip the cache until an eviction succeeds.
     async fn evict(&self, ordered: &mut Ordered<'_>, op: CacheOp) -> Result<()> {
+        ordered.stripe.residency.lock().forget(&ordered.id);
         let evicted = self.cache.delete(&ordered.id).await;
         match evicted {
             Ok(()) => {
@@ -344,7 +543,10 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
     async fn follow(&self, ordered: &mut Ordered<'_>, written: &Record) {
         let cached = self.cache.save(written).await;
         match cached {
-            Ok(()) => ordered.clear(),
+            Ok(()) => {
+                ordered.clear();
+                self.admit(ordered.id).await;
+            }
             Err(err) => {
                 self.report(CacheOp::Save, Some(ordered.id), &err);
                 let _ = self.evict(ordered, CacheOp::Evict).await;
@@ -357,10 +559,21 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
     /// id's stripe lock, so that no write of the id comes between the two.
     async fn load_and_fill(&self, ordered: &mut Ordered<'_>) -> Result<Option<Record>> {
         let loaded = self.store.load(&ordered.id).await?;
-        if let Some(record) = &loaded {
-            let filled = self.cache.save(record).await;
-            if let Err(err) = filled {
-                self.report(CacheOp::Fill, Some(ordered.id), &err);
+        if self.is_held(&ordered.id) {
+            return Ok(loaded);
+        }
+        match &loaded {
+            Some(record) => {
+                let filled = self.cache.save(record).await;
+                match filled {
+                    Ok(()) => self.admit(ordered.id).await,
+                    Err(err) => self.report(CacheOp::Fill, Some(ordered.id), &err),
+                }
+            }
+            None => {
+                // Nothing to serve: an entry the cache may still hold (unlisted, so
+                // never served) goes, best effort.
+                let _ = self.cache.delete(&ordered.id).await;
             }
         }
         Ok(loaded)
@@ -395,7 +608,18 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
     async fn load_cached(&self, id: &Id) -> Result<Option<Record>> {
         let cached = self.cache.load(id).await;
         match cached {
-            Ok(Some(record)) => return Ok(Some(record)),
+            Ok(Some(record))
+                if self
+                    .stripe(id)
+                    .residency
+                    .lock()
+                    .touch(id, Instant::now(), self.lifetime) =>
+            {
+                return Ok(Some(record));
+            }
+            // Unlisted (too old, evicted for room, or of an abandoned write): the
+            // store answers, and fills the cache again.
+            Ok(Some(_)) => {}
             Ok(None) => {}
             Err(err) => self.report(CacheOp::Load, Some(*id), &err),
         }
@@ -415,8 +639,9 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
         self.store.create(record).await?;
         // `cache.save`, never `cache.create`: the cache must not pick another id.
         let filled = self.cache.save(record).await;
-        if let Err(err) = filled {
-            self.report(CacheOp::Fill, Some(record.id), &err);
+        match filled {
+            Ok(()) => self.admit(record.id).await,
+            Err(err) => self.report(CacheOp::Fill, Some(record.id), &err),
         }
         Ok(())
     }
@@ -465,6 +690,10 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     }
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        if self.is_held(id) {
+            // An abandoned write of this id may still land: the store alone answers.
+            return self.store.load(id).await;
+        }
         if self.stripe(id).suspects.load(Ordering::Acquire) > 0 {
             return self.load_suspect(id).await;
         }
@@ -501,7 +730,9 @@ where
         if let Err(err) = cached {
             self.report(CacheOp::DeleteExpired, None, &err);
         }
+        let now = Instant::now();
         for stripe in self.shared.stripes.iter() {
+            stripe.residency.lock().prune(now, self.lifetime);
             if stripe.suspects.load(Ordering::Acquire) == 0 {
                 continue;
             }
@@ -526,6 +757,9 @@ impl<Cache: Clone, Store: Clone> Clone for CachingSessionStore<Cache, Store> {
             store: self.store.clone(),
             shared: self.shared.clone(),
             on_error: self.on_error.clone(),
+            lifetime: self.lifetime,
+            stripe_capacity: self.stripe_capacity,
+            hold: self.hold,
         }
     }
 }

@@ -447,3 +447,89 @@ pub async fn check_frozen_server_times_out_then_recovers<S: SessionStore>(
 }
 
 pub mod proxy;
+
+/// Two server instances, each with its own cache in front of one shared store (`a`
+/// and `b` reach the same records): a logout or a login on one is seen by the other
+/// within the cache lifetime, and a write through the other's stale cache is refused
+/// at once, since writes go to the store.
+#[maybe_async::maybe_async]
+pub async fn check_two_caches_over_one_store<S: SessionStore + Clone>(a: S, b: S) {
+    use portable_sessions::{CachingSessionStore, SessionManager};
+    let lifetime = std::time::Duration::from_millis(100);
+    let cached = |store: S| {
+        SessionManager::new(
+            CachingSessionStore::new(MemoryStore::new(), store).with_cache_lifetime(lifetime),
+        )
+    };
+    let (web1, web2) = (cached(a), cached(b));
+    let pair = |set: Option<String>| {
+        set.expect("a cookie")
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // A logout on web1, while web2 has the session cached.
+    let session = web1.begin(None::<&str>);
+    session.insert("user", "alice").await.unwrap();
+    let cookie = pair(web1.finish(&session).await.unwrap());
+    let seen = web2.begin([cookie.as_str()]);
+    let user = seen.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"), "cached on web2 now");
+    let logout = web1.begin([cookie.as_str()]);
+    logout.flush().await.unwrap();
+    web1.finish(&logout).await.unwrap();
+    // A write through web2 is refused at once: the store decides.
+    let late = web2.begin([cookie.as_str()]);
+    late.get::<String>("user").await.unwrap();
+    let refused = late.insert("cart", "apple").await.and(late.save().await);
+    assert!(
+        refused.as_ref().is_err_and(|err| err.is_session_gone()),
+        "{refused:?}"
+    );
+    // Reads see the logout within the lifetime.
+    let started = std::time::Instant::now();
+    loop {
+        let session = web2.begin([cookie.as_str()]);
+        let user = session.get::<String>("user").await.unwrap();
+        if user.is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < lifetime * 50,
+            "web2 still serves the logged-out session after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    // A login (cycle_id) on web1, while web2 has the pre-login session cached.
+    let session = web1.begin(None::<&str>);
+    session.insert("cart", "pear").await.unwrap();
+    let anonymous = pair(web1.finish(&session).await.unwrap());
+    let seen = web2.begin([anonymous.as_str()]);
+    seen.get::<String>("cart").await.unwrap();
+    let login = web1.begin([anonymous.as_str()]);
+    login.cycle_id().await.unwrap();
+    login.insert("user", "bob").await.unwrap();
+    let logged_in = pair(web1.finish(&login).await.unwrap());
+    let on_web2 = web2.begin([logged_in.as_str()]);
+    let user = on_web2.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("bob"), "the new id, from the store");
+    let started = std::time::Instant::now();
+    loop {
+        let stale = web2.begin([anonymous.as_str()]);
+        let cart = stale.get::<String>("cart").await.unwrap();
+        if cart.is_none() {
+            let refused = stale.insert("cart", "plum").await.unwrap_err();
+            assert!(refused.is_session_gone(), "the old id is retired");
+            break;
+        }
+        assert!(
+            started.elapsed() < lifetime * 50,
+            "web2 still serves the pre-login id"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

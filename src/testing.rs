@@ -65,6 +65,10 @@ fn truncate_to_millis(at: OffsetDateTime) -> OffsetDateTime {
 
 fn record_with_values(expiry_date: OffsetDateTime) -> Record {
     let mut record = Record::new(expiry_date);
+    // Keys starting with NUL are this crate's own (a session's creation time, the
+    // marker a login leaves under the old id): a store keeps them like any other.
+    record.insert_raw("\0created", vec![0x80, 0x01]);
+    record.insert_raw("\0moved", Vec::new());
     insert(&mut record, "user_id", &42u64);
     insert(
         &mut record,
@@ -121,6 +125,80 @@ fn same<T: PartialEq + Debug>(actual: T, expected: T, rule: &str) {
 pub async fn check_store<S: SessionStore + ?Sized>(store: &S) {
     check_basics(store).await;
     check_update(store).await;
+    check_expiring(store).await;
+}
+
+/// How long the records that [`check_expiring`] watches expire after they are written:
+/// long enough for a slow round trip, short enough for a test.
+const SHORT: Duration = Duration::milliseconds(300);
+
+/// Sleeps until `at` has passed on the system clock.
+fn wait_until(at: OffsetDateTime) {
+    while OffsetDateTime::now_utc() <= at {
+        let left = at - OffsetDateTime::now_utc();
+        let nap = left.clamp(Duration::milliseconds(1), Duration::milliseconds(50));
+        std::thread::sleep(
+            nap.try_into()
+                .unwrap_or(std::time::Duration::from_millis(1)),
+        );
+    }
+}
+
+/// Records that go from live to expired while stored: created to expire soon, and
+/// updated (or saved) to expire soon, then waited out. Each must stop loading and be
+/// gone for `update` once its date has passed, whatever the backend's own expiry
+/// (a store that ignores the date on load, or a TTL that a write forgets, fails).
+#[maybe_async::maybe_async]
+async fn check_expiring<S: SessionStore + ?Sized>(store: &S) {
+    let soon = truncate_to_millis(OffsetDateTime::now_utc() + SHORT);
+    let mut created = record_with_values(soon);
+    ok(store.create(&mut created).await, "create");
+    let mut updated = record_with_values(in_an_hour());
+    ok(store.create(&mut updated).await, "create");
+    let mut shortened = updated.clone();
+    shortened.expiry_date = soon;
+    let written = ok(store.update(&shortened).await, "update");
+    same(
+        written,
+        Update::Written(1),
+        "update over the stored version writes",
+    );
+    let mut saved = record_with_values(in_an_hour());
+    ok(store.create(&mut saved).await, "create");
+    saved.expiry_date = soon;
+    ok(store.save(&saved).await, "save");
+    let live = ok(store.load(&created.id).await, "load");
+    same(live.is_some(), true, "a record loads until its expiry date");
+
+    wait_until(soon);
+    for (id, how) in [
+        (created.id, "created"),
+        (updated.id, "updated"),
+        (saved.id, "saved"),
+    ] {
+        let loaded = ok(store.load(&id).await, "load");
+        same(
+            loaded.map(|r| r.id),
+            None,
+            &format!("a record {how} to expire soon no longer loads once it has expired"),
+        );
+        let mut late = record_with_values(in_an_hour());
+        late.id = id;
+        late.version = if how == "updated" { 1 } else { 0 };
+        let written = ok(store.update(&late).await, "update");
+        same(
+            written,
+            Update::Gone,
+            &format!("a record {how} to expire soon is gone for update once it has expired"),
+        );
+        let revived = ok(store.load(&id).await, "load");
+        same(
+            revived.map(|r| r.id),
+            None,
+            "update never revives an expired record",
+        );
+        ok(store.delete(&id).await, "delete");
+    }
 }
 
 #[maybe_async::maybe_async]
@@ -321,6 +399,47 @@ pub async fn check_expired_deletion<S: ExpiredDeletion + ?Sized>(store: &S, expi
         let again = ok(store.delete_expired().await, "delete_expired");
         same(again, 0, "a second pass finds nothing left to delete");
     }
+
+    // Records that were to expire soon, then extended past their first date (by a
+    // conditional write and by a save), are live: a pass after that first date must
+    // leave them (a store that deletes by a stale copy of the date fails).
+    let soon = truncate_to_millis(OffsetDateTime::now_utc() + SHORT);
+    let mut extended = Vec::new();
+    for by_update in [true, false] {
+        let mut record = record_with_values(soon);
+        ok(store.create(&mut record).await, "create");
+        record.expiry_date = in_an_hour();
+        if by_update {
+            let written = ok(store.update(&record).await, "update");
+            same(
+                written,
+                Update::Written(1),
+                "update over the stored version writes",
+            );
+            record.version = 1;
+        } else {
+            ok(store.save(&record).await, "save");
+        }
+        extended.push(record);
+    }
+    wait_until(soon);
+    let swept = ok(store.delete_expired().await, "delete_expired");
+    if expiry == Expiry::Deletes {
+        same(
+            swept,
+            0,
+            "delete_expired leaves records whose expiry was extended",
+        );
+    }
+    for record in &extended {
+        let loaded = ok(store.load(&record.id).await, "load");
+        same(
+            loaded.as_ref(),
+            Some(record),
+            "a record extended past its first expiry date survives delete_expired",
+        );
+        ok(store.delete(&record.id).await, "delete");
+    }
     for id in &expired {
         let loaded = ok(store.load(id).await, "load");
         same(loaded, None, "an expired record never loads");
@@ -345,8 +464,11 @@ const STEPS: u64 = 25;
 /// expected version, which it advances by one; [`Update::Conflict`] for a stale
 /// version, with nothing written; [`Update::Gone`] for a record that is missing,
 /// deleted or expired, with nothing created; and, with 8 concurrent writers each
-/// counting 25 steps through load-update-retry loops (threads in blocking mode,
-/// futures polled together in async mode), a count of exactly 200.
+/// counting 25 steps through load-update-retry loops, a count of exactly 200. The
+/// writers run on threads of their own in both modes (in async mode each thread
+/// drives its writer with a minimal executor, `futures_lite::future::block_on`), so
+/// that their steps interleave for real, wherever a store's update suspends or not;
+/// a store whose futures need a runtime's context (tokio's) must enter it itself.
 ///
 /// [`check_store`] runs it too.
 ///
@@ -461,49 +583,37 @@ async fn count_once<S: SessionStore + ?Sized>(store: &S, id: Id) {
     panic!("store contract broken: update kept conflicting with no writer left to win");
 }
 
+/// Runs the writers on threads of their own, and passes a writer's panic on as it
+/// was, so that the broken rule is what the caller sees.
+fn on_threads<S: SessionStore + ?Sized>(store: &S, writer: impl Fn(&S) + Sync) {
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| scope.spawn(|| writer(store)))
+            .collect();
+        for writer in writers {
+            if let Err(panic) = writer.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+}
+
 #[maybe_async::sync_impl]
 fn run_writers<S: SessionStore + ?Sized>(store: &S, id: Id) {
-    std::thread::scope(|scope| {
-        for _ in 0..WRITERS {
-            scope.spawn(|| {
-                for _ in 0..STEPS {
-                    count_once(store, id);
-                }
-            });
+    on_threads(store, |store| {
+        for _ in 0..STEPS {
+            count_once(store, id);
         }
     });
 }
 
 #[maybe_async::async_impl]
 async fn run_writers<S: SessionStore + ?Sized>(store: &S, id: Id) {
-    let writers = (0..WRITERS).map(|_| async move {
-        for _ in 0..STEPS {
-            count_once(store, id).await;
-        }
-    });
-    join_all(writers.collect()).await;
-}
-
-/// Polls every future until all are done, on whatever executor runs the caller.
-#[maybe_async::async_impl]
-async fn join_all<F: std::future::Future<Output = ()>>(futures: Vec<F>) {
-    let mut futures: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for slot in &mut futures {
-            if let Some(future) = slot {
-                if future.as_mut().poll(cx).is_ready() {
-                    *slot = None;
-                } else {
-                    pending = true;
-                }
+    on_threads(store, |store| {
+        futures_lite::future::block_on(async {
+            for _ in 0..STEPS {
+                count_once(store, id).await;
             }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
+        });
+    });
 }

@@ -62,7 +62,17 @@ type State = Option<Loaded>;
 ///   [`delete`](Self::delete)), expired, or moved by [`cycle_id`](Self::cycle_id)
 ///   under a request is never written back: the request's changes are dropped and
 ///   its response sends no cookie, so it cannot replace or remove the one the
-///   logout or login response set.
+///   logout or login response set. The handler is told: changes, [`save`](Self::save)
+///   and [`update`](Self::update) then fail with [`SessionGone`].
+/// - **Emptying is not ending.** A session left without values is written like any
+///   other and stays, empty, until it expires, so a request that stores values in it
+///   meanwhile keeps them; only `flush` and `delete` end a session for everyone.
+/// - **A login takes effect with its response.** `cycle_id` moves the session when
+///   the request is finished; a request that fails leaves it as it found it.
+/// - **Cookies only when they change.** The response sets the cookie for a new id,
+///   a removal, or a `Max-Age` its write moved, never for an id found moved.
+/// - **Finished is finished.** Once its request is finished, a session (or a clone
+///   of it kept by a spawned task) refuses changes with [`SessionFinished`].
 ///
 /// This needs a store whose `update` is atomic, as every store in this crate's is.
 ///

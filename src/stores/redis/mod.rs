@@ -127,10 +127,14 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 ///   Redis removes expired keys itself.
 /// - **Create** writes with `SET ... NX` and draws a new id while the key exists.
 /// - **Conditional writes.** The value starts with the record's version (8 bytes,
-///   big-endian); [`update`](SessionStore::update) runs a Lua script that compares it
-///   and writes in one step on the server, in one round trip (`EVALSHA`; the script
-///   is sent whole, with `EVAL`, to a server that has not seen it or has forgotten
-///   it).
+///   big-endian), then a header with the record's expiry date and the token of the
+///   write that stored it; [`update`](SessionStore::update) runs a Lua script that
+///   checks the record is live (by its own date, against the client's time, as
+///   `load` judges it), compares the version and writes in one step on the server,
+///   in one round trip (`EVALSHA`; the script is sent whole, with `EVAL`, to a
+///   server that has not seen it or has forgotten it). A write sent again after its
+///   reply was lost recognises its own first copy by the token. Values written
+///   before the header existed still load and take conditional writes.
 /// - **One round trip per operation, pipelined.** Operations in flight at once share
 ///   a connection: each command is written at once, behind those already sent, and
 ///   one of the waiting callers reads the replies for all and hands each to its

@@ -36,6 +36,7 @@ tests_in_both_modes!(
     a_login_whose_request_fails_leaves_the_session_as_it_was,
     a_write_racing_a_logout_is_reported_as_not_kept,
     changes_after_finish_are_refused,
+    a_step_counted_by_a_login_racing_a_logout_lands_in_the_new_session,
     unchanged_cookies_are_not_sent_again,
 );
 
@@ -584,6 +585,42 @@ async fn a_write_racing_a_logout_is_reported_as_not_kept() {
     let set = manager.finish(&counter).await.unwrap();
     assert_eq!(set, None);
     assert!(store.is_empty(), "nothing revived");
+}
+
+/// A login that counts a step with `update` after `cycle_id` writes the move at
+/// once; when a logout ends the old session meanwhile, the step is stored in the new
+/// session the login starts, and `update` says so truthfully.
+#[maybe_async::maybe_async]
+async fn a_step_counted_by_a_login_racing_a_logout_lands_in_the_new_session() {
+    let store = Arc::new(PausingStore::default());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("cart", "apple")]).await;
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    login.insert("user", "alice").await.unwrap();
+    let counted = store.interleave(
+        || block(login.update("logins", |n: Option<u64>| n.unwrap_or(0) + 1)).unwrap(),
+        || {
+            let logout = manager.begin([cookie.as_str()]);
+            block(logout.flush()).unwrap();
+            block(manager.finish(&logout)).unwrap();
+        },
+    );
+    assert_eq!(counted, 1);
+    let set = block(manager.finish(&login))
+        .unwrap()
+        .expect("the new session");
+    let fresh = pair(&set);
+    assert_ne!(fresh, cookie);
+    let session = manager.begin([fresh.as_str()]);
+    let logins = block(session.get::<u64>("logins")).unwrap();
+    let user = block(session.get::<String>("user")).unwrap();
+    let cart = block(session.get::<String>("cart")).unwrap();
+    assert_eq!(
+        (logins, user.as_deref(), cart),
+        (Some(1), Some("alice"), None),
+        "the step and the login's own change, nothing of the ended session"
+    );
 }
 
 /// After its request is finished a session refuses changes (a clone kept by a

@@ -207,7 +207,7 @@ fn gone() -> Error {
 }
 
 /// A request's changes to a session's values, by key.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Changes {
     /// Every value was removed first ([`Session::clear`]).
     cleared: bool,
@@ -583,7 +583,7 @@ impl Session {
                 }
                 Update::Gone => {
                     self.discard(&moved.id).await;
-                    return self.restart(loaded, now).await;
+                    return self.restart(loaded, recompute, now).await;
                 }
                 Update::Conflict => {
                     // Another request wrote the old record first: carry its values
@@ -597,7 +597,7 @@ impl Session {
                     };
                     let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
                         self.discard(&moved.id).await;
-                        return self.restart(loaded, now).await;
+                        return self.restart(loaded, recompute, now).await;
                     };
                     let mut merged = loaded.changes.apply(newer);
                     if let Err(err) = recompute(&mut merged) {
@@ -635,16 +635,22 @@ impl Session {
     }
 
     /// After a move found its session ended: starts a new session under a fresh id
-    /// with only the changes made since `cycle_id`, and stores it if they left it
-    /// any values.
-    async fn restart(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
+    /// with only the changes made since `cycle_id` (and the step `recompute` makes,
+    /// for an atomic update under way), and stores it if that leaves it any values.
+    async fn restart(
+        &self,
+        loaded: &mut Loaded,
+        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+        now: OffsetDateTime,
+    ) -> Result<()> {
         let since = loaded
             .rotation
-            .take()
-            .map(|rotation| rotation.since)
+            .as_ref()
+            .map(|rotation| rotation.since.clone())
             .unwrap_or_default();
         let mut fresh = self.fresh(now)?;
         fresh.record = since.apply(fresh.record);
+        recompute(&mut fresh.record)?;
         fresh.changes = since;
         fresh.modified = true;
         *loaded = fresh;
@@ -792,8 +798,9 @@ impl Session {
             let written = self.write(loaded, &mut apply).await;
             if let Err(err) = written {
                 // Not written: the session is as it was before the call (unless it
-                // is gone, and then it has nothing to write).
-                if !loaded.gone {
+                // is gone, or a move found it ended and started a new one: never
+                // put the old record back under a session that is not stored).
+                if !loaded.gone && loaded.record.id == before.0.id {
                     (loaded.record, loaded.modified) = before;
                 }
                 return Err(err);

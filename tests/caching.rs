@@ -764,6 +764,31 @@ mod cancellation {
         assert_eq!(cached, None, "and it was dropped from the cache");
     }
 
+    /// A write that lands while an abandoned logout is still under way is not
+    /// listed for the cache either: once the hold is over, the logout has landed
+    /// over it, and the cache must not serve it.
+    #[test]
+    fn a_write_during_an_abandoned_logout_is_not_served_after_the_hold() {
+        let (cache, store) = (MemoryStore::new(), Threaded::default());
+        let caching = CachingSessionStore::new(cache.clone(), store.clone())
+            .with_abandoned_write_hold(std::time::Duration::from_millis(50));
+        let mut record = live_record(1);
+        futures_lite::future::block_on(caching.create(&mut record)).unwrap();
+        drop_midway(caching.delete(&record.id));
+        common::wait_for("the delete to start", || {
+            store.started.load(Ordering::SeqCst)
+        });
+        let mut newer = record.clone();
+        newer.insert("user", &2u64).unwrap();
+        let written = futures_lite::future::block_on(caching.update(&newer)).unwrap();
+        assert_eq!(written, Update::Written(1), "lands before the delete");
+        store.open.store(true, Ordering::SeqCst);
+        common::wait_for("the delete to land", || store.inner.is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(60)); // the hold is over
+        let loaded = futures_lite::future::block_on(caching.load(&record.id)).unwrap();
+        assert_eq!(loaded, None, "the logout stands");
+    }
+
     /// The same with real SQLite: a second connection holds the write lock
     /// (`BEGIN IMMEDIATE`), so the store's delete waits on its pool thread after the
     /// caller gave up, and lands when the lock is released.

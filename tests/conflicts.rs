@@ -36,7 +36,9 @@ tests_in_both_modes!(
     a_login_whose_request_fails_leaves_the_session_as_it_was,
     a_write_racing_a_logout_is_reported_as_not_kept,
     changes_after_finish_are_refused,
-    a_step_counted_by_a_login_racing_a_logout_lands_in_the_new_session,
+    a_step_counted_by_a_login_racing_a_logout_is_reported_not_kept,
+    a_step_counted_by_a_login_that_fails_stays_under_the_old_id,
+    a_move_whose_marker_lands_with_an_error_is_recognised,
     unchanged_cookies_are_not_sent_again,
 );
 
@@ -587,11 +589,11 @@ async fn a_write_racing_a_logout_is_reported_as_not_kept() {
     assert!(store.is_empty(), "nothing revived");
 }
 
-/// A login that counts a step with `update` after `cycle_id` writes the move at
-/// once; when a logout ends the old session meanwhile, the step is stored in the new
-/// session the login starts, and `update` says so truthfully.
+/// A login that counts a step with `update` after `cycle_id` writes the step at once,
+/// to the old id (the move waits for the response); when a logout ends the session
+/// meanwhile, `update` says that the step was not kept, and nothing is revived.
 #[maybe_async::maybe_async]
-async fn a_step_counted_by_a_login_racing_a_logout_lands_in_the_new_session() {
+async fn a_step_counted_by_a_login_racing_a_logout_is_reported_not_kept() {
     let store = Arc::new(PausingStore::default());
     let manager = manager_of(store.clone());
     let cookie = new_session(&manager, &[("cart", "apple")]).await;
@@ -599,27 +601,115 @@ async fn a_step_counted_by_a_login_racing_a_logout_lands_in_the_new_session() {
     login.cycle_id().await.unwrap();
     login.insert("user", "alice").await.unwrap();
     let counted = store.interleave(
-        || block(login.update("logins", |n: Option<u64>| n.unwrap_or(0) + 1)).unwrap(),
+        || block(login.update("logins", |n: Option<u64>| n.unwrap_or(0) + 1)),
         || {
             let logout = manager.begin([cookie.as_str()]);
             block(logout.flush()).unwrap();
             block(manager.finish(&logout)).unwrap();
         },
     );
-    assert_eq!(counted, 1);
-    let set = block(manager.finish(&login))
-        .unwrap()
-        .expect("the new session");
-    let fresh = pair(&set);
-    assert_ne!(fresh, cookie);
-    let session = manager.begin([fresh.as_str()]);
-    let logins = block(session.get::<u64>("logins")).unwrap();
-    let user = block(session.get::<String>("user")).unwrap();
-    let cart = block(session.get::<String>("cart")).unwrap();
+    let err = counted.unwrap_err();
+    assert!(err.is_session_gone(), "{}", err.report());
+    let set = block(manager.finish(&login)).unwrap();
+    assert_eq!(set, None, "no cookie over the logout's removal");
+    assert!(store.inner.is_empty(), "nothing revived, nothing created");
+}
+
+/// An atomic step written while a `cycle_id` waits goes to the old id at once; the
+/// move itself still waits for the response: a login that fails after counting
+/// leaves the session under the id the browser holds, with the step.
+#[maybe_async::maybe_async]
+async fn a_step_counted_by_a_login_that_fails_stays_under_the_old_id() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("cart", "apple")]).await;
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    let n = login
+        .update("logins", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    manager.abandon(&login); // the handler answered 500
+    assert_eq!(store.len(), 1, "nothing moved");
+    let old = manager.begin([cookie.as_str()]);
+    let logins = old.get::<u64>("logins").await.unwrap();
+    let cart = old.get::<String>("cart").await.unwrap();
+    assert_eq!((logins, cart.as_deref()), (Some(1), Some("apple")));
+    let refused = login.insert("user", "alice").await.unwrap_err();
+    assert!(refused.is_session_finished());
+
+    // Finished, the same login moves the session, the step with it.
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    let n = login
+        .update("logins", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let set = manager.finish(&login).await.unwrap().expect("the new id");
+    let logins = read_u64(&manager, &pair(&set), "logins").await;
+    assert_eq!(logins, Some(2));
+    let old = live(&*store, &cookie).await;
+    assert!(!old, "the old id is retired");
+}
+
+/// A store whose next conditional write lands, then fails as if its reply were
+/// lost for good.
+#[derive(Debug, Default)]
+struct LandsThenFails {
+    inner: MemoryStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for LandsThenFails {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.inner.create(record).await
+    }
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.inner.save(record).await
+    }
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.inner.load(id).await
+    }
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.inner.delete(id).await
+    }
+    async fn update(&self, record: &Record) -> Result<Update> {
+        let written = self.inner.update(record).await?;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            return Err(portable_sessions::session_store::Error::backend(
+                "the connection closed after the write",
+            ));
+        }
+        Ok(written)
+    }
+    fn atomic_update(&self) -> bool {
+        true
+    }
+}
+
+/// A move whose retirement of the old id lands but reports an error finds its own
+/// marker there and completes: the session is not ended under both ids.
+#[maybe_async::maybe_async]
+async fn a_move_whose_marker_lands_with_an_error_is_recognised() {
+    let store = Arc::new(LandsThenFails::default());
+    let manager = manager_of(store.clone());
+    let cookie = new_session(&manager, &[("cart", "apple")]).await;
+    let login = manager.begin([cookie.as_str()]);
+    login.cycle_id().await.unwrap();
+    login.insert("user", "alice").await.unwrap();
+    store.armed.store(true, Ordering::SeqCst);
+    let set = manager.finish(&login).await.unwrap().expect("the new id");
+    assert!(!store.armed.load(Ordering::SeqCst), "the fault was met");
+    let moved = pair(&set);
+    assert_ne!(moved, cookie);
+    let user = read(&manager, &moved, "user").await;
+    let cart = read(&manager, &moved, "cart").await;
     assert_eq!(
-        (logins, user.as_deref(), cart),
-        (Some(1), Some("alice"), None),
-        "the step and the login's own change, nothing of the ended session"
+        (user.as_deref(), cart.as_deref()),
+        (Some("alice"), Some("apple"))
     );
 }
 

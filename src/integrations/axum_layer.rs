@@ -131,7 +131,14 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let manager = self.manager.clone();
         Box::pin(async move {
-            let mut response = inner.call(request).await?;
+            // Matched at once: the error type need not be `Send` across the awaits.
+            let mut response = match inner.call(request).await {
+                Ok(response) => response,
+                Err(err) => {
+                    manager.abandon(&session);
+                    return Err(err);
+                }
+            };
             if response.status().is_server_error() {
                 // The handler failed: its session changes are not kept, and
                 // clones of the session left behind can change it no more.
@@ -146,6 +153,7 @@ where
                 }
                 Ok(None) => {}
                 Err(err) => {
+                    manager.abandon(&session);
                     log::error!(
                         target: "portable_sessions::axum",
                         "writing the session failed: {}",

@@ -115,8 +115,9 @@ struct Inner {
     incoming: Vec<Id>,
     /// The request carried a session cookie, well-formed or not.
     cookie_seen: bool,
-    /// The request was finished: changes are refused from then on. Set under the
-    /// state lock, so a change that takes the lock after the commit sees it.
+    /// The request was finished: changes are refused from then on. A commit sets it
+    /// under the state lock, so a change that takes the lock after it sees it;
+    /// `abandon` sets it without the lock (a change under way then completes).
     finished: std::sync::atomic::AtomicBool,
     state: StateLock,
 }
@@ -158,7 +159,8 @@ impl Loaded {
     /// Marks everything written as of `version`.
     fn written(&mut self, version: u64) {
         self.record.version = version;
-        self.modified = false;
+        // A move still waiting is still to be written.
+        self.modified = self.rotation.is_some();
         self.changes = Changes::default();
         self.written = true;
     }
@@ -473,10 +475,15 @@ impl Session {
     /// until it expires, so that a request that stored values in it meanwhile merges
     /// over it rather than losing them. Only [`flush`](Self::flush) and
     /// [`delete`](Self::delete) end a session for every request.
+    ///
+    /// With `carry_move` false (an atomic update's own write), a pending move waits:
+    /// the write goes to the session's current id, and the move still comes with
+    /// the commit, or with an explicit save.
     async fn write(
         &self,
         loaded: &mut Loaded,
         recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+        carry_move: bool,
     ) -> Result<()> {
         if loaded.gone {
             return Err(gone());
@@ -485,8 +492,8 @@ impl Session {
         if !loaded.stored {
             return self.create(loaded, now).await;
         }
-        if loaded.rotation.is_some() {
-            return self.rotate(loaded, recompute, now).await;
+        if carry_move && loaded.rotation.is_some() {
+            return self.rotate(loaded, now).await;
         }
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.set_expiry(&mut loaded.record, now)?;
@@ -544,12 +551,7 @@ impl Session {
     /// the old session turns out to be gone (a concurrent logout), the new record is
     /// deleted, and the changes made since `cycle_id` are stored as a new session:
     /// nothing of the ended one comes back. On an error the old session is as it was.
-    async fn rotate(
-        &self,
-        loaded: &mut Loaded,
-        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
-        now: OffsetDateTime,
-    ) -> Result<()> {
+    async fn rotate(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
         let Some(new_id) = loaded.rotation.as_ref().map(|rotation| rotation.id) else {
             return Ok(());
         };
@@ -561,15 +563,32 @@ impl Session {
 
         let grace = (now + MOVED_GRACE).min(loaded.record.expiry_date);
         let mut marker = Record::with_id(loaded.record.id, grace);
-        marker.insert_raw(MOVED_KEY, Vec::new());
+        // A random value of this move's own (never the new id, which whoever holds
+        // the old one must not learn): it tells this marker from another's when the
+        // outcome of writing it is unknown.
+        let nonce = random_id()?.to_bytes().to_vec();
+        marker.insert_raw(MOVED_KEY, nonce.clone());
         for _ in 0..MAX_WRITE_ATTEMPTS {
             marker.version = loaded.record.version;
             let retired = self.inner.store.update(&marker).await;
             let outcome = match retired {
                 Ok(outcome) => outcome,
                 Err(err) => {
-                    self.discard(&moved.id).await;
-                    return Err(err);
+                    // The marker may have landed all the same (a reply lost for
+                    // good): then the move is done, and deleting the new record
+                    // would end the session under both ids.
+                    let found = self.inner.store.load(&loaded.record.id).await;
+                    match found {
+                        Ok(Some(old)) if old.get_raw(MOVED_KEY) == Some(nonce.as_slice()) => {
+                            Update::Written(old.version)
+                        }
+                        Ok(_) => {
+                            self.discard(&moved.id).await;
+                            return Err(err);
+                        }
+                        // Unknown still: the new record is left to expire unused.
+                        Err(_) => return Err(err),
+                    }
                 }
             };
             match outcome {
@@ -583,7 +602,7 @@ impl Session {
                 }
                 Update::Gone => {
                     self.discard(&moved.id).await;
-                    return self.restart(loaded, recompute, now).await;
+                    return self.restart(loaded, now).await;
                 }
                 Update::Conflict => {
                     // Another request wrote the old record first: carry its values
@@ -597,14 +616,9 @@ impl Session {
                     };
                     let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
                         self.discard(&moved.id).await;
-                        return self.restart(loaded, recompute, now).await;
+                        return self.restart(loaded, now).await;
                     };
-                    let mut merged = loaded.changes.apply(newer);
-                    if let Err(err) = recompute(&mut merged) {
-                        self.discard(&moved.id).await;
-                        return Err(err);
-                    }
-                    loaded.record = merged;
+                    loaded.record = loaded.changes.apply(newer);
                     let mut next = loaded.record.clone();
                     next.id = moved.id;
                     next.version = moved.version;
@@ -635,14 +649,9 @@ impl Session {
     }
 
     /// After a move found its session ended: starts a new session under a fresh id
-    /// with only the changes made since `cycle_id` (and the step `recompute` makes,
-    /// for an atomic update under way), and stores it if that leaves it any values.
-    async fn restart(
-        &self,
-        loaded: &mut Loaded,
-        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
-        now: OffsetDateTime,
-    ) -> Result<()> {
+    /// with only the changes made since `cycle_id`, and stores it if that leaves it
+    /// any values.
+    async fn restart(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
         let since = loaded
             .rotation
             .as_ref()
@@ -650,11 +659,13 @@ impl Session {
             .unwrap_or_default();
         let mut fresh = self.fresh(now)?;
         fresh.record = since.apply(fresh.record);
-        recompute(&mut fresh.record)?;
         fresh.changes = since;
         fresh.modified = true;
+        // Only a new session that was stored (or had nothing to store) replaces
+        // this one: on an error the move is still pending, and is tried again.
+        self.create(&mut fresh, now).await?;
         *loaded = fresh;
-        self.create(loaded, now).await
+        Ok(())
     }
 
     /// Rewrites an unchanged session to move its expiry date forward, once and only
@@ -795,7 +806,7 @@ impl Session {
             // The step is written now, and is not one of the recorded changes: after a
             // conflict `apply` computes it again from the newer value, which a
             // recorded change would overwrite first.
-            let written = self.write(loaded, &mut apply).await;
+            let written = self.write(loaded, &mut apply, false).await;
             if let Err(err) = written {
                 // Not written: the session is as it was before the call (unless it
                 // is gone, or a move found it ended and started a new one: never
@@ -931,7 +942,7 @@ impl Session {
     pub async fn save(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
         let loaded = self.changeable(&mut state).await?;
-        self.write(loaded, &mut |_| Ok(())).await
+        self.write(loaded, &mut |_| Ok(()), true).await
     }
 
     /// Deletes the session's record from the store.
@@ -1007,6 +1018,9 @@ impl Session {
     /// and only the changes made since `cycle_id` are stored, as a new session under
     /// a fresh id: a login then keeps what it stored, and nothing of the ended
     /// session comes back.
+    ///
+    /// An atomic [`update`](Self::update) made while the move waits writes its step
+    /// at once, as always, to the old id; the move carries it along.
     ///
     /// A session that is not stored yet just draws a new id. A response that never
     /// reaches the browser after the move was written costs the user the session:
@@ -1087,7 +1101,7 @@ impl Session {
             return Ok(CookieAction::Keep);
         }
         if loaded.modified {
-            let written = self.write(loaded, &mut |_| Ok(())).await;
+            let written = self.write(loaded, &mut |_| Ok(()), true).await;
             match written {
                 Ok(()) => {}
                 Err(err) if err.is_session_gone() => {

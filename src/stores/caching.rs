@@ -1,7 +1,7 @@
 //! [`CachingSessionStore`]: a fast cache in front of a store that holds the truth.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{HashMap, VecDeque},
     fmt,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -13,6 +13,7 @@ use std::{
 use crate::{
     session::{Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
+    stores::memory::IdHasherBuilder,
 };
 
 /// How many locks order the writes of one id against the cache fills of the same id.
@@ -62,7 +63,8 @@ const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 /// more, then loads back off (from 100 ms, doubling, up to 30 s) rather than each wait
 /// on a failing cache; [`delete_expired`](ExpiredDeletion::delete_expired) retries
 /// every suspect, so they never outlast a pass once the cache answers. A cache hit
-/// takes no lock unless its own stripe (one of 64) holds a suspect.
+/// takes no lock across an await unless its own stripe (one of 64) holds a suspect;
+/// it takes its stripe's bookkeeping mutex (held for a few map operations) twice.
 ///
 /// The callback runs while the id's stripe lock is held: it must not call this store.
 ///
@@ -186,61 +188,100 @@ impl Suspects {
 }
 
 /// Which cache entries may be served, per stripe: each id filled into the cache (or
-/// written through it) with the time it was, in least-recently-used order. A cache
-/// entry that is not listed here is never served, whatever the cache holds: it was
-/// evicted for room or age, its eviction failed, or a write of its id was abandoned.
+/// written through it) with the time it was. A cache entry that is not listed here
+/// is never served, whatever the cache holds: it was evicted for room or age, its
+/// eviction failed, or a write of its id was abandoned. Room is made the CLOCK way
+/// (an approximation of least recently used that costs a hit one flag): the oldest
+/// admitted entry goes, unless it was used since it last came round, in which case
+/// it gets another round.
 #[derive(Default)]
 struct Residency {
-    /// The ids whose entry may be served: when it was filled, and its place in `order`.
-    entries: HashMap<Id, (Instant, u64)>,
-    /// The listed ids, least recently used first.
-    order: BTreeMap<u64, Id>,
-    tick: u64,
+    /// The ids whose entry may be served.
+    entries: HashMap<Id, Listed, IdHasherBuilder>,
+    /// Listed ids in the order they come round for eviction, each with the
+    /// admission it stands for (an id forgotten or admitted again leaves a stale
+    /// place behind, skipped when it comes round).
+    ring: VecDeque<(Id, u64)>,
+    admissions: u64,
     /// Ids with an abandoned write (its future dropped while the store step may
     /// still land): not cached again before this moment.
-    held: HashMap<Id, Instant>,
+    held: HashMap<Id, Instant, IdHasherBuilder>,
+}
+
+struct Listed {
+    filled: Instant,
+    /// Which admission listed it, to tell its place in the ring from stale ones.
+    admission: u64,
+    /// Served since it last came round.
+    used: bool,
 }
 
 impl Residency {
-    /// Lists `id` as filled now, most recently used; returns the ids that no longer
-    /// fit, least recently used first, for the caller to evict.
+    /// Lists `id` as filled now (unless an abandoned write of it may still land);
+    /// returns the ids that no longer fit, for the caller to evict.
     fn admit(&mut self, id: Id, now: Instant, capacity: usize) -> Vec<Id> {
-        self.forget(&id);
-        self.tick += 1;
-        self.entries.insert(id, (now, self.tick));
-        self.order.insert(self.tick, id);
+        self.entries.remove(&id);
+        if self.is_held(&id, now) {
+            // An abandoned write of the id may still land over what was just cached.
+            return Vec::new();
+        }
+        self.admissions += 1;
+        let admission = self.admissions;
+        self.entries.insert(
+            id,
+            Listed {
+                filled: now,
+                admission,
+                used: false,
+            },
+        );
+        self.ring.push_back((id, admission));
         let mut victims = Vec::new();
         while self.entries.len() > capacity {
-            let Some((_, victim)) = self.order.pop_first() else {
+            let Some((candidate, admitted)) = self.ring.pop_front() else {
                 break;
             };
-            self.entries.remove(&victim);
-            victims.push(victim);
+            match self.entries.get_mut(&candidate) {
+                Some(listed) if listed.admission == admitted => {
+                    if listed.used {
+                        listed.used = false;
+                        self.ring.push_back((candidate, admitted));
+                    } else {
+                        self.entries.remove(&candidate);
+                        victims.push(candidate);
+                    }
+                }
+                _ => {} // a stale place
+            }
+        }
+        if self.ring.len() > 2 * self.entries.len() + 64 {
+            // Mostly stale places: keep the live ones, in order.
+            let entries = &self.entries;
+            self.ring
+                .retain(|(id, admitted)| entries.get(id).is_some_and(|l| l.admission == *admitted));
         }
         victims
     }
 
-    /// Returns `true` if the entry of `id` may be served (listed, and younger than
-    /// `lifetime`), and makes it the most recently used; forgets it if too old.
-    fn touch(&mut self, id: &Id, now: Instant, lifetime: Duration) -> bool {
-        let Some(&(filled, tick)) = self.entries.get(id) else {
-            return false;
-        };
-        if now.saturating_duration_since(filled) >= lifetime {
-            self.forget(id);
+    /// Returns `true` if the entry of `id` may be served: listed, younger than
+    /// `lifetime`, and with no abandoned write that may still land. Marks it used.
+    fn serve(&mut self, id: &Id, now: Instant, lifetime: Duration) -> bool {
+        if !self.held.is_empty() && self.is_held(id, now) {
             return false;
         }
-        self.order.remove(&tick);
-        self.tick += 1;
-        self.order.insert(self.tick, *id);
-        self.entries.insert(*id, (filled, self.tick));
+        let Some(listed) = self.entries.get_mut(id) else {
+            return false;
+        };
+        if now.saturating_duration_since(listed.filled) >= lifetime {
+            self.entries.remove(id);
+            return false;
+        }
+        listed.used = true;
         true
     }
 
     fn forget(&mut self, id: &Id) {
-        if let Some((_, tick)) = self.entries.remove(id) {
-            self.order.remove(&tick);
-        }
+        self.entries.remove(id);
     }
 
     /// Returns `true` while an abandoned write of `id` may still land.
@@ -258,15 +299,8 @@ impl Residency {
     /// Drops what has aged out: entries older than `lifetime`, holds that ended.
     fn prune(&mut self, now: Instant, lifetime: Duration) {
         self.held.retain(|_, until| *until > now);
-        let old: Vec<Id> = self
-            .entries
-            .iter()
-            .filter(|(_, (filled, _))| now.saturating_duration_since(*filled) >= lifetime)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in old {
-            self.forget(&id);
-        }
+        self.entries
+            .retain(|_, listed| now.saturating_duration_since(listed.filled) < lifetime);
     }
 }
 
@@ -613,12 +647,12 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
                     .stripe(id)
                     .residency
                     .lock()
-                    .touch(id, Instant::now(), self.lifetime) =>
+                    .serve(id, Instant::now(), self.lifetime) =>
             {
                 return Ok(Some(record));
             }
-            // Unlisted (too old, evicted for room, or of an abandoned write): the
-            // store answers, and fills the cache again.
+            // Unlisted (too old, evicted for room), or of an abandoned write: the
+            // store answers, and fills the cache again unless a write is held.
             Ok(Some(_)) => {}
             Ok(None) => {}
             Err(err) => self.report(CacheOp::Load, Some(*id), &err),
@@ -690,10 +724,8 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     }
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
-        if self.is_held(id) {
-            // An abandoned write of this id may still land: the store alone answers.
-            return self.store.load(id).await;
-        }
+        // (An id with an abandoned write that may still land is never served from
+        // the cache, nor filled into it: see `Residency::serve` and `load_and_fill`.)
         if self.stripe(id).suspects.load(Ordering::Acquire) > 0 {
             return self.load_suspect(id).await;
         }

@@ -414,9 +414,16 @@ impl fmt::Debug for MemoryStore {
 /// pick ids themselves (a `save` with a chosen id): a folded multiply with per-store
 /// random seeds, as in foldhash, costs a few cycles and keeps such ids from landing in
 /// one bucket.
-#[derive(Clone, Copy, Default)]
-struct IdHasherBuilder {
+#[derive(Clone, Copy)]
+pub(crate) struct IdHasherBuilder {
     seeds: [u64; 2],
+}
+
+impl Default for IdHasherBuilder {
+    /// Random seeds, as every table of ids wants.
+    fn default() -> Self {
+        Self::random()
+    }
 }
 
 impl IdHasherBuilder {
@@ -447,7 +454,7 @@ impl BuildHasher for IdHasherBuilder {
     }
 }
 
-struct IdHasher {
+pub(crate) struct IdHasher {
     seeds: [u64; 2],
     hash: u64,
 }

@@ -269,6 +269,28 @@ async fn a_terminated_connection_costs_no_error() {
     }
 }
 
+/// Starts another client that locks every row of the schema's table for `seconds`,
+/// and returns once it holds them.
+fn hold_every_row(schema: &PgSchema, seconds: u32) -> Child {
+    let holder = common::psql_command()
+        .args(["-q", "-c"])
+        .arg(format!(
+            "BEGIN; SELECT 1 FROM {} FOR UPDATE; SELECT pg_sleep({seconds}); COMMIT;",
+            schema.table()
+        ))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let holding = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         WHERE c.relname = 'sessions' AND l.mode = 'RowShareLock' \
+         AND c.relnamespace = '\"{}\"'::regnamespace",
+        schema.0
+    );
+    wait_for("the other client's lock", || psql(&holding) != "0");
+    holder
+}
+
 #[maybe_async::maybe_async]
 async fn a_statement_stuck_behind_a_lock_is_cancelled() {
     let schema = PgSchema::new("stuck");
@@ -276,25 +298,7 @@ async fn a_statement_stuck_behind_a_lock_is_cancelled() {
     let mut record = live_record(1);
     store.create(&mut record).await.unwrap();
     // Another client holds the row for two seconds.
-    let mut holder = common::psql_command()
-        .args(["-q", "-c"])
-        .arg(format!(
-            "BEGIN; SELECT 1 FROM {} FOR UPDATE; SELECT pg_sleep(2); COMMIT;",
-            schema.table()
-        ))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until it holds the lock.
-    while psql(&format!(
-        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-         WHERE c.relname = 'sessions' AND l.mode = 'RowShareLock' \
-         AND c.relnamespace = '\"{}\"'::regnamespace",
-        schema.0
-    )) == "0"
-    {
-        std::thread::sleep(StdDuration::from_millis(20));
-    }
+    let mut holder = hold_every_row(&schema, 2);
     let started = Instant::now();
     let saved = store.save(&record).await;
     let took = started.elapsed();
@@ -625,22 +629,7 @@ fn a_record_that_expires_while_its_write_waits_for_a_connection_is_gone() {
     block(store.create(&mut target)).unwrap();
     // Another client holds every row for a second: a save takes the only connection
     // and waits behind it.
-    let mut holder = common::psql_command()
-        .args(["-q", "-c"])
-        .arg(format!(
-            "BEGIN; SELECT 1 FROM {} FOR UPDATE; SELECT pg_sleep(1); COMMIT;",
-            schema.table()
-        ))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let holding = format!(
-        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-         WHERE c.relname = 'sessions' AND l.mode = 'RowShareLock' \
-         AND c.relnamespace = '\"{}\"'::regnamespace",
-        schema.0
-    );
-    wait_for("the other client's lock", || psql(&holding) != "0");
+    let mut holder = hold_every_row(&schema, 1);
     let blocked = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
          AND query LIKE '%{}%'",

@@ -2,7 +2,7 @@
 //! extractor.
 //!
 //! ```text
-//! cargo run --example http_actix --features actix-web,sqlite,redis,postgres [-- ADDRESS [STORE]]
+//! cargo run --example http_actix --features actix-web,tokio,sqlite,redis,postgres [-- ADDRESS [STORE]]
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
 //! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice

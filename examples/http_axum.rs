@@ -1,7 +1,7 @@
 //! An axum 0.8 server with sessions: one `.layer(...)`, and `Session` as an extractor.
 //!
 //! ```text
-//! cargo run --example http_axum --features axum,sqlite,redis,postgres [-- ADDRESS [STORE]]
+//! cargo run --example http_axum --features axum,tokio,sqlite,redis,postgres [-- ADDRESS [STORE]]
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=1 user=-
 //! curl -c jar -b jar -d alice http://127.0.0.1:3000/login   # a new session id
 //! curl -c jar -b jar http://127.0.0.1:3000/                 # visits=2 user=alice

@@ -474,7 +474,13 @@ async fn cycle_id_failing_to_retire_the_old_id_leaves_it() {
     assert_eq!(still, Some(id), "nothing changed");
     let old = probe.store.load(&id).await.unwrap().expect("still there");
     assert_eq!(old.get::<String>("user").unwrap().as_deref(), Some("alice"));
-    assert_eq!(probe.store.len(), 1, "the unused new record is deleted");
+    // The failed write may still land (its reply lost, say): the new record is then
+    // the session, so it is left to expire rather than deleted. Nobody holds its id.
+    assert_eq!(
+        probe.store.len(),
+        2,
+        "the unused new record is left to expire"
+    );
 }
 
 #[maybe_async::maybe_async]

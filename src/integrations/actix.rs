@@ -132,6 +132,9 @@ where
         request.extensions_mut().insert(session.clone());
         let (service, manager) = (self.service.clone(), self.manager.clone());
         Box::pin(async move {
+            // However this future ends (dropped with its client, a panic, an error),
+            // the session refuses changes afterwards: nothing would keep them.
+            let _ended = session.abandon_on_drop();
             // Matched at once: the error type need not be `Send` across the awaits.
             let mut response = match service.call(request).await {
                 Ok(response) => response,

@@ -131,6 +131,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let manager = self.manager.clone();
         Box::pin(async move {
+            // However this future ends (dropped with its client, a panic, an error),
+            // the session refuses changes afterwards: nothing would keep them.
+            let _ended = session.abandon_on_drop();
             // Matched at once: the error type need not be `Send` across the awaits.
             let mut response = match inner.call(request).await {
                 Ok(response) => response,

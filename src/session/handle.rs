@@ -327,6 +327,14 @@ impl Session {
         })
     }
 
+    /// Returns a guard that ends the request without a write when it is dropped (after
+    /// a successful commit, that changes nothing): for a framework layer whose request
+    /// future may be dropped (the client went away) or unwind (the handler panicked).
+    #[cfg(all(not(feature = "sync"), any(feature = "axum", feature = "actix-web")))]
+    pub(crate) fn abandon_on_drop(&self) -> AbandonOnDrop {
+        AbandonOnDrop(self.clone())
+    }
+
     /// Ends the request without writing anything: changes from now on are refused.
     pub(crate) fn abandon(&self) {
         self.inner
@@ -388,6 +396,18 @@ impl Session {
         let created = created_at(record)?.unwrap_or(now);
         record.expiry_date = self.inner.config.expiry_date(created, now);
         Ok(())
+    }
+}
+
+/// Ends its session's request without a write when dropped; see
+/// [`Session::abandon_on_drop`].
+#[cfg(all(not(feature = "sync"), any(feature = "axum", feature = "actix-web")))]
+pub(crate) struct AbandonOnDrop(Session);
+
+#[cfg(all(not(feature = "sync"), any(feature = "axum", feature = "actix-web")))]
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }
 
@@ -475,15 +495,10 @@ impl Session {
     /// until it expires, so that a request that stored values in it meanwhile merges
     /// over it rather than losing them. Only [`flush`](Self::flush) and
     /// [`delete`](Self::delete) end a session for every request.
-    ///
-    /// With `carry_move` false (an atomic update's own write), a pending move waits:
-    /// the write goes to the session's current id, and the move still comes with
-    /// the commit, or with an explicit save.
     async fn write(
         &self,
         loaded: &mut Loaded,
         recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
-        carry_move: bool,
     ) -> Result<()> {
         if loaded.gone {
             return Err(gone());
@@ -492,8 +507,8 @@ impl Session {
         if !loaded.stored {
             return self.create(loaded, now).await;
         }
-        if carry_move && loaded.rotation.is_some() {
-            return self.rotate(loaded, now).await;
+        if loaded.rotation.is_some() {
+            return self.rotate(loaded, recompute, now).await;
         }
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.set_expiry(&mut loaded.record, now)?;
@@ -551,7 +566,12 @@ impl Session {
     /// the old session turns out to be gone (a concurrent logout), the new record is
     /// deleted, and the changes made since `cycle_id` are stored as a new session:
     /// nothing of the ended one comes back. On an error the old session is as it was.
-    async fn rotate(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
+    async fn rotate(
+        &self,
+        loaded: &mut Loaded,
+        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+        now: OffsetDateTime,
+    ) -> Result<()> {
         let Some(new_id) = loaded.rotation.as_ref().map(|rotation| rotation.id) else {
             return Ok(());
         };
@@ -582,12 +602,14 @@ impl Session {
                         Ok(Some(old)) if old.get_raw(MOVED_KEY) == Some(nonce.as_slice()) => {
                             Update::Written(old.version)
                         }
-                        Ok(_) => {
-                            self.discard(&moved.id).await;
-                            return Err(err);
-                        }
-                        // Unknown still: the new record is left to expire unused.
-                        Err(_) => return Err(err),
+                        // Ended or moved by another request: this marker, written
+                        // conditionally, can no longer land.
+                        Ok(None) => Update::Gone,
+                        Ok(Some(old)) if is_moved(&old) => Update::Gone,
+                        // Still unknown (the write may be in flight): the new
+                        // record is left to expire unused, never deleted, since
+                        // the marker may yet land.
+                        Ok(Some(_)) | Err(_) => return Err(err),
                     }
                 }
             };
@@ -602,7 +624,7 @@ impl Session {
                 }
                 Update::Gone => {
                     self.discard(&moved.id).await;
-                    return self.restart(loaded, now).await;
+                    return self.restart(loaded, recompute, now).await;
                 }
                 Update::Conflict => {
                     // Another request wrote the old record first: carry its values
@@ -616,9 +638,14 @@ impl Session {
                     };
                     let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
                         self.discard(&moved.id).await;
-                        return self.restart(loaded, now).await;
+                        return self.restart(loaded, recompute, now).await;
                     };
-                    loaded.record = loaded.changes.apply(newer);
+                    let mut merged = loaded.changes.apply(newer);
+                    if let Err(err) = recompute(&mut merged) {
+                        self.discard(&moved.id).await;
+                        return Err(err);
+                    }
+                    loaded.record = merged;
                     let mut next = loaded.record.clone();
                     next.id = moved.id;
                     next.version = moved.version;
@@ -649,9 +676,14 @@ impl Session {
     }
 
     /// After a move found its session ended: starts a new session under a fresh id
-    /// with only the changes made since `cycle_id`, and stores it if that leaves it
-    /// any values.
-    async fn restart(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
+    /// with only the changes made since `cycle_id` (and the step `recompute` makes,
+    /// for an atomic update under way), and stores it if that leaves it any values.
+    async fn restart(
+        &self,
+        loaded: &mut Loaded,
+        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+        now: OffsetDateTime,
+    ) -> Result<()> {
         let since = loaded
             .rotation
             .as_ref()
@@ -659,6 +691,7 @@ impl Session {
             .unwrap_or_default();
         let mut fresh = self.fresh(now)?;
         fresh.record = since.apply(fresh.record);
+        recompute(&mut fresh.record)?;
         fresh.changes = since;
         fresh.modified = true;
         // Only a new session that was stored (or had nothing to store) replaces
@@ -806,7 +839,7 @@ impl Session {
             // The step is written now, and is not one of the recorded changes: after a
             // conflict `apply` computes it again from the newer value, which a
             // recorded change would overwrite first.
-            let written = self.write(loaded, &mut apply, false).await;
+            let written = self.write(loaded, &mut apply).await;
             if let Err(err) = written {
                 // Not written: the session is as it was before the call (unless it
                 // is gone, or a move found it ended and started a new one: never
@@ -942,7 +975,7 @@ impl Session {
     pub async fn save(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
         let loaded = self.changeable(&mut state).await?;
-        self.write(loaded, &mut |_| Ok(()), true).await
+        self.write(loaded, &mut |_| Ok(())).await
     }
 
     /// Deletes the session's record from the store.
@@ -1019,8 +1052,12 @@ impl Session {
     /// a fresh id: a login then keeps what it stored, and nothing of the ended
     /// session comes back.
     ///
-    /// An atomic [`update`](Self::update) made while the move waits writes its step
-    /// at once, as always, to the old id; the move carries it along.
+    /// An atomic [`update`](Self::update) made while the move waits is a write, and
+    /// carries the move out at once, with its step (writing the step to the old id
+    /// would show the changes made since `cycle_id` to whoever holds that id): make
+    /// it before `cycle_id` where a failure after it must leave the session as it
+    /// was, since a request that fails after the move costs the session as a lost
+    /// response does.
     ///
     /// A session that is not stored yet just draws a new id. A response that never
     /// reaches the browser after the move was written costs the user the session:
@@ -1101,7 +1138,7 @@ impl Session {
             return Ok(CookieAction::Keep);
         }
         if loaded.modified {
-            let written = self.write(loaded, &mut |_| Ok(()), true).await;
+            let written = self.write(loaded, &mut |_| Ok(())).await;
             match written {
                 Ok(()) => {}
                 Err(err) if err.is_session_gone() => {

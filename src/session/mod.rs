@@ -484,7 +484,7 @@ impl Record {
 
     /// [`encode_without_id`](Record::encode_without_id) after `prefix`, in one
     /// allocation: for stores that keep something (the version) in front of a record.
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres", test))]
     pub(crate) fn encode_without_id_after(&self, prefix: &[u8]) -> Result<Vec<u8>> {
         self.encode_as(None, prefix)
     }

@@ -36,6 +36,9 @@ type StripeGuard<'a> = parking_lot::MutexGuard<'a, Suspects>;
 const EVICT_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_EVICT_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How many holds a stripe keeps before it drops those that ended.
+const MAX_HELD: usize = 1024;
+
 /// The longest hold [`CachingSessionStore::with_abandoned_write_hold`] takes: a year.
 const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -296,11 +299,11 @@ impl Residency {
         }
     }
 
-    /// Drops what has aged out: entries older than `lifetime`, holds that ended.
-    fn prune(&mut self, now: Instant, lifetime: Duration) {
+    /// Drops holds that ended. (Entries past their lifetime stay listed, so that
+    /// they still count against the bound until eviction takes them out of the
+    /// cache: `serve` never serves them.)
+    fn prune(&mut self, now: Instant) {
         self.held.retain(|_, until| *until > now);
-        self.entries
-            .retain(|_, listed| now.saturating_duration_since(listed.filled) < lifetime);
     }
 }
 
@@ -512,6 +515,10 @@ impl Drop for Ordered<'_> {
             let until = now.checked_add(self.hold).unwrap_or(now + MAX_HOLD);
             let mut residency = self.stripe.residency.lock();
             residency.forget(&self.id);
+            if residency.held.len() >= MAX_HELD {
+                // Without deletion passes, ended holds would pile up.
+                residency.prune(now);
+            }
             residency.held.insert(self.id, until);
         }
     }
@@ -598,7 +605,11 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
         }
         match &loaded {
             Some(record) => {
+                // A fill dropped halfway may still land in a remote cache: the id is
+                // then held, like after an abandoned write.
+                ordered.done = false;
                 let filled = self.cache.save(record).await;
+                ordered.done = true;
                 match filled {
                     Ok(()) => self.admit(ordered.id).await,
                     Err(err) => self.report(CacheOp::Fill, Some(ordered.id), &err),
@@ -764,7 +775,7 @@ where
         }
         let now = Instant::now();
         for stripe in self.shared.stripes.iter() {
-            stripe.residency.lock().prune(now, self.lifetime);
+            stripe.residency.lock().prune(now);
             if stripe.suspects.load(Ordering::Acquire) == 0 {
                 continue;
             }

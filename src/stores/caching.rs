@@ -67,7 +67,7 @@ const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 /// on a failing cache; [`delete_expired`](ExpiredDeletion::delete_expired) retries
 /// every suspect, so they never outlast a pass once the cache answers. A cache hit
 /// takes no lock across an await unless its own stripe (one of 64) holds a suspect;
-/// it takes its stripe's bookkeeping mutex (held for a few map operations) twice.
+/// it takes its stripe's bookkeeping mutex (held for one map lookup) once.
 ///
 /// The callback runs while the id's stripe lock is held: it must not call this store.
 ///
@@ -79,7 +79,8 @@ const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 /// served only while it is listed, for at most the [cache
 /// lifetime](Self::with_cache_lifetime) (10 s unless set) after it was filled or
 /// written, and the cache holds at most [`with_max_entries`](Self::with_max_entries)
-/// of them (100,000 unless set), the least recently used evicted first. A write
+/// of them (100,000 unless set), about the least recently used evicted first (the
+/// CLOCK approximation, per stripe). A write
 /// whose future was dropped while its store step was under way keeps its id out of
 /// the cache for [a while](Self::with_abandoned_write_hold) (60 s unless set): the
 /// store's step can still land after the caller left, and a refill in between would
@@ -383,8 +384,9 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
     }
 
     /// Keeps at most about `max` entries in the cache: once one of the 64 stripes
-    /// of ids holds `max / 64` (rounded up, at least one), filling it evicts that
-    /// stripe's least recently used entry (default
+    /// of ids holds `max / 64` (rounded up, at least one), filling it evicts the
+    /// entry of that stripe that was admitted longest ago and not used since it last
+    /// came round (CLOCK, an approximation of least recently used; default
     /// [`DEFAULT_MAX_ENTRIES`](Self::DEFAULT_MAX_ENTRIES)). The store keeps every
     /// session; an evicted one is loaded from it again.
     pub fn with_max_entries(mut self, max: usize) -> Self {

@@ -281,6 +281,12 @@ mod integrations;
 
 pub use async_trait;
 pub use maybe_async;
+/// The [`time`](https://docs.rs/time) crate this one is built on, so that no version
+/// mismatch can arise: [`session::Expiry`], [`session::SessionConfig`] and the
+/// record's expiry date take `time::Duration` and `time::OffsetDateTime` (not
+/// `std::time::Duration`); the stores' timeouts and the deletion schedule take
+/// `std::time::Duration`.
+pub use time;
 
 pub use crate::{
     lifecycle::{

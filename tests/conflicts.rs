@@ -317,7 +317,7 @@ async fn a_write_racing_a_logout_never_revives_the_session() {
     let removal = manager.finish(&logout).await.unwrap().expect("a removal");
     assert!(removal.starts_with("sid=;"), "{removal}");
 
-    visit.insert("visits", &"5").await.unwrap();
+    visit.insert("visits", "5").await.unwrap();
     let set = manager.finish(&visit).await.unwrap();
     assert_eq!(set, None, "no cookie that would undo the logout's removal");
     let revived = live(&*store, &cookie).await;
@@ -332,7 +332,7 @@ async fn a_write_racing_a_logout_never_revives_the_session() {
     let manager = manager_of(store.clone());
     let cookie = new_session(&manager, &[("user", "alice")]).await;
     let visit = manager.begin([cookie.as_str()]);
-    visit.insert("visits", &"6").await.unwrap();
+    visit.insert("visits", "6").await.unwrap();
     let set = store.interleave(
         || block(manager.finish(&visit)).unwrap(),
         || {
@@ -975,7 +975,7 @@ async fn a_request_with_a_moved_id_is_told_its_changes_are_not_kept() {
     let late = manager.begin([cookie.as_str()]);
     let user = late.get::<String>("user").await.unwrap();
     assert_eq!(user, None, "the old id never shows the session");
-    let inserted = late.insert("cart", &"apple").await.unwrap_err();
+    let inserted = late.insert("cart", "apple").await.unwrap_err();
     assert!(inserted.is_session_gone(), "{}", inserted.report());
     let counted = late
         .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)

@@ -354,7 +354,7 @@ async fn values_from_before_versions_load_and_update() {
     let session = manager.begin([cookie.as_str()]);
     let user = session.get::<u64>("user").await.unwrap();
     assert_eq!(user, None, "a new session");
-    session.insert("user", &10u64).await.unwrap();
+    session.insert("user", 10u64).await.unwrap();
     let set = manager
         .finish(&session)
         .await

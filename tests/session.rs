@@ -44,7 +44,32 @@ tests_in_both_modes!(
     store_errors_fail_finish,
     a_stale_duplicate_cookie_does_not_lock_the_user_out,
     cycle_id_of_an_emptied_session_moves_it,
+    insert_takes_a_value_or_a_reference,
 );
+
+/// `insert` takes its value by value or by reference, as tower-sessions' does; the
+/// crate's `time` is re-exported, so `Expiry` takes a duration without a version
+/// mismatch.
+#[maybe_async::maybe_async]
+async fn insert_takes_a_value_or_a_reference() {
+    use portable_sessions::time::Duration as SessionDuration;
+    let probe = Probe::new();
+    let session = probe.session(None, Expiry::OnInactivity(SessionDuration::minutes(5)));
+    let owned = String::from("alice");
+    session.insert("by_value", owned.clone()).await.unwrap();
+    session.insert("by_reference", &owned).await.unwrap();
+    session.insert("number", 7u32).await.unwrap();
+    session.insert("list", vec![1u8, 2]).await.unwrap();
+    let by_value = session.get::<String>("by_value").await.unwrap();
+    let by_reference = session.get::<String>("by_reference").await.unwrap();
+    let number = session.get::<u32>("number").await.unwrap();
+    let list = session.get::<Vec<u8>>("list").await.unwrap();
+    assert_eq!(by_value, by_reference);
+    assert_eq!(
+        (by_value.as_deref(), number, list),
+        (Some("alice"), Some(7), Some(vec![1, 2]))
+    );
+}
 
 #[maybe_async::maybe_async]
 async fn a_stale_duplicate_cookie_does_not_lock_the_user_out() {
@@ -247,7 +272,7 @@ async fn new_session_is_created_on_save_under_a_fresh_id() {
     assert_eq!(id, None, "a new session has no id until it is stored");
     assert_eq!(Probe::count(&probe.loads), 0, "no cookie, no load");
 
-    session.insert("n", &1u32).await.unwrap();
+    session.insert("n", 1u32).await.unwrap();
     session.save().await.unwrap();
     let id = session.id().await.unwrap().expect("stored");
     let record = probe.store.load(&id).await.unwrap().expect("in the store");
@@ -344,7 +369,7 @@ async fn only_changes_mark_the_session_modified() {
 async fn reserved_keys_are_refused_and_hidden() {
     let probe = Probe::new();
     let session = probe.session(None, HOUR);
-    let refused = session.insert("\0created", &0i64).await;
+    let refused = session.insert("\0created", 0i64).await;
     assert!(matches!(refused, Err(Error::Encode(_))));
     let hidden = session.get::<i64>("\0created").await.unwrap();
     assert_eq!(hidden, None);
@@ -513,7 +538,7 @@ async fn expiry_dates_follow_the_policy() {
     ];
     for (expiry, expected) in cases {
         let session = probe.session(None, expiry);
-        session.insert("k", &1u8).await.unwrap();
+        session.insert("k", 1u8).await.unwrap();
         session.save().await.unwrap();
         let id = session.id().await.unwrap().unwrap();
         let record = probe.store.load(&id).await.unwrap().unwrap();
@@ -524,7 +549,7 @@ async fn expiry_dates_follow_the_policy() {
         .config(Expiry::OnSessionEnd)
         .with_session_end_ttl(Duration::minutes(5));
     let session = Session::new(probe.clone(), None, config);
-    session.insert("k", &1u8).await.unwrap();
+    session.insert("k", 1u8).await.unwrap();
     session.save().await.unwrap();
     let id = session.id().await.unwrap().unwrap();
     let record = probe.store.load(&id).await.unwrap().unwrap();
@@ -573,7 +598,7 @@ async fn manager_sets_the_cookie_with_its_attributes() {
         .with_domain(Some("example.com"))
         .with_same_site(Some(SameSite::Strict));
     let session = manager.begin(None::<&str>);
-    session.insert("n", &1u8).await.unwrap();
+    session.insert("n", 1u8).await.unwrap();
     let set = manager
         .finish(&session)
         .await
@@ -620,7 +645,7 @@ async fn manager_round_trip_writes_only_when_needed() {
     assert_eq!(Probe::count(&probe.writes), 0);
 
     let session = manager.begin(None::<&str>);
-    session.insert("n", &1u32).await.unwrap();
+    session.insert("n", 1u32).await.unwrap();
     let cookie = pair(&manager.finish(&session).await.unwrap().unwrap());
     assert_eq!(Probe::count(&probe.writes), 1);
 
@@ -636,7 +661,7 @@ async fn manager_round_trip_writes_only_when_needed() {
     // A write at the same moment leaves the expiry date, and so the cookie, as it
     // was: nothing to send.
     let session = manager.begin([cookie.as_bytes()]);
-    session.insert("n", &2u32).await.unwrap();
+    session.insert("n", 2u32).await.unwrap();
     let set = manager.finish(&session).await.unwrap();
     assert_eq!(set, None, "the same Max-Age");
     assert_eq!(Probe::count(&probe.writes), 2);
@@ -644,7 +669,7 @@ async fn manager_round_trip_writes_only_when_needed() {
     // A minute later the write moves the sliding expiry, and the cookie with it.
     probe.advance(60);
     let session = manager.begin([cookie.as_bytes()]);
-    session.insert("n", &3u32).await.unwrap();
+    session.insert("n", 3u32).await.unwrap();
     let set = manager
         .finish(&session)
         .await
@@ -752,7 +777,7 @@ async fn manager_sends_the_new_id_after_cycle_id() {
     let probe = Probe::new();
     let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
     let session = manager.begin(None::<&str>);
-    session.insert("visits", &3u32).await.unwrap();
+    session.insert("visits", 3u32).await.unwrap();
     let anonymous = pair(&manager.finish(&session).await.unwrap().unwrap());
 
     let session = manager.begin([anonymous.as_str()]);
@@ -815,7 +840,7 @@ async fn refresh_on_request_is_throttled() {
         .with_config(probe.config(Expiry::AtDateTime(probe.now() + Duration::hours(1))))
         .with_refresh_on_request(0.0);
     let session = fixed.begin(None::<&str>);
-    session.insert("k", &1u8).await.unwrap();
+    session.insert("k", 1u8).await.unwrap();
     let cookie = pair(&fixed.finish(&session).await.unwrap().unwrap());
     probe.advance(600);
     let session = fixed.begin([cookie.as_str()]);
@@ -827,7 +852,7 @@ async fn refresh_on_request_is_throttled() {
 async fn session_end_cookie_has_no_max_age() {
     let manager = SessionManager::new(MemoryStore::default());
     let session = manager.begin(None::<&str>);
-    session.insert("k", &1u8).await.unwrap();
+    session.insert("k", 1u8).await.unwrap();
     let set = manager.finish(&session).await.unwrap().unwrap();
     let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
     assert_eq!(cookie.max_age(), None);
@@ -844,7 +869,7 @@ async fn store_errors_fail_finish() {
     let probe = Probe::new();
     let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
     let session = manager.begin(None::<&str>);
-    session.insert("k", &1u8).await.unwrap();
+    session.insert("k", 1u8).await.unwrap();
     probe.faulty.faults.create.store(true, Ordering::SeqCst);
     let failed = manager.finish(&session).await;
     assert!(matches!(failed, Err(Error::Backend(_))));

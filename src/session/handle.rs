@@ -750,7 +750,8 @@ impl Session {
     }
 
     /// Stores `value` under `key`, replacing what was there; the session is marked
-    /// modified only if the stored bytes change.
+    /// modified only if the stored bytes change. The value is taken by value or by
+    /// reference (`insert("n", 1)` and `insert("n", &n)` store the same bytes).
     ///
     /// # Errors
     ///
@@ -759,9 +760,11 @@ impl Session {
     /// ended or moved under this request (nothing will be stored), a
     /// [`SessionFinished`] once the request is finished, or the store's error if
     /// loading the session fails. On error the session is unchanged.
-    pub async fn insert<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+    pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<()> {
         check_key(key)?;
-        let bytes = postcard::to_allocvec(value).map_err(Error::encode)?;
+        let bytes = postcard::to_allocvec(&value).map_err(Error::encode)?;
+        // Encoded: the future holds no `T` across its awaits.
+        drop(value);
         let mut state = self.inner.state.lock().await;
         let loaded = self.changeable(&mut state).await?;
         if loaded.record.get_raw(key) != Some(bytes.as_slice()) {

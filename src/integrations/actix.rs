@@ -132,31 +132,16 @@ where
         request.extensions_mut().insert(session.clone());
         let (service, manager) = (self.service.clone(), self.manager.clone());
         Box::pin(async move {
-            // However this future ends (dropped with its client, a panic, an error),
-            // the session refuses changes afterwards: nothing would keep them.
+            // However this future ends (finished, an error, a 5xx, dropped with its
+            // client, a panic), the session refuses changes afterwards: nothing
+            // would keep them.
             let _ended = session.abandon_on_drop();
-            // Matched at once: the error type need not be `Send` across the awaits.
-            let mut response = match service.call(request).await {
-                Ok(response) => response,
-                Err(err) => {
-                    manager.abandon(&session);
-                    return Err(err);
-                }
-            };
+            let mut response = service.call(request).await?;
             if response.status().is_server_error() {
-                // The handler failed: its session changes are not kept, and
-                // clones of the session left behind can change it no more.
-                manager.abandon(&session);
+                // The handler failed: its session changes are not kept.
                 return Ok(response);
             }
-            let finished = manager.finish(&session).await;
-            let set_cookie = match finished {
-                Ok(set_cookie) => set_cookie,
-                Err(err) => {
-                    manager.abandon(&session);
-                    return Err(err.into());
-                }
-            };
+            let set_cookie = manager.finish(&session).await?;
             if let Some(value) = set_cookie {
                 let value = header::HeaderValue::from_str(&value).map_err(Error::encode)?;
                 response.headers_mut().append(header::SET_COOKIE, value);

@@ -131,21 +131,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let manager = self.manager.clone();
         Box::pin(async move {
-            // However this future ends (dropped with its client, a panic, an error),
-            // the session refuses changes afterwards: nothing would keep them.
+            // However this future ends (finished, an error, a 5xx, dropped with its
+            // client, a panic), the session refuses changes afterwards: nothing
+            // would keep them.
             let _ended = session.abandon_on_drop();
-            // Matched at once: the error type need not be `Send` across the awaits.
-            let mut response = match inner.call(request).await {
-                Ok(response) => response,
-                Err(err) => {
-                    manager.abandon(&session);
-                    return Err(err);
-                }
-            };
+            let mut response = inner.call(request).await?;
             if response.status().is_server_error() {
-                // The handler failed: its session changes are not kept, and
-                // clones of the session left behind can change it no more.
-                manager.abandon(&session);
+                // The handler failed: its session changes are not kept.
                 return Ok(response);
             }
             match manager.finish_header(&session).await {
@@ -156,7 +148,6 @@ where
                 }
                 Ok(None) => {}
                 Err(err) => {
-                    manager.abandon(&session);
                     log::error!(
                         target: "portable_sessions::axum",
                         "writing the session failed: {}",

@@ -203,6 +203,10 @@ impl Loaded {
     }
 }
 
+/// What a write runs again on the newer record after a conflict: the step of an
+/// atomic [`Session::update`], or nothing.
+type Recompute<'r> = dyn FnMut(&mut Record) -> Result<()> + Send + 'r;
+
 /// The error for a change that was not kept because the session went away.
 fn gone() -> Error {
     Error::backend(SessionGone)
@@ -495,11 +499,7 @@ impl Session {
     /// until it expires, so that a request that stored values in it meanwhile merges
     /// over it rather than losing them. Only [`flush`](Self::flush) and
     /// [`delete`](Self::delete) end a session for every request.
-    async fn write(
-        &self,
-        loaded: &mut Loaded,
-        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
-    ) -> Result<()> {
+    async fn write(&self, loaded: &mut Loaded, recompute: &mut Recompute<'_>) -> Result<()> {
         if loaded.gone {
             return Err(gone());
         }
@@ -569,7 +569,7 @@ impl Session {
     async fn rotate(
         &self,
         loaded: &mut Loaded,
-        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+        recompute: &mut Recompute<'_>,
         now: OffsetDateTime,
     ) -> Result<()> {
         let Some(new_id) = loaded.rotation.as_ref().map(|rotation| rotation.id) else {
@@ -681,7 +681,7 @@ impl Session {
     async fn restart(
         &self,
         loaded: &mut Loaded,
-        recompute: &mut (dyn FnMut(&mut Record) -> Result<()> + Send),
+        recompute: &mut Recompute<'_>,
         now: OffsetDateTime,
     ) -> Result<()> {
         let since = loaded

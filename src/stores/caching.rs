@@ -605,22 +605,15 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
         if self.is_held(&ordered.id) {
             return Ok(loaded);
         }
-        match &loaded {
-            Some(record) => {
-                // A fill dropped halfway may still land in a remote cache: the id is
-                // then held, like after an abandoned write.
-                ordered.done = false;
-                let filled = self.cache.save(record).await;
-                ordered.done = true;
-                match filled {
-                    Ok(()) => self.admit(ordered.id).await,
-                    Err(err) => self.report(CacheOp::Fill, Some(ordered.id), &err),
-                }
-            }
-            None => {
-                // Nothing to serve: an entry the cache may still hold (unlisted, so
-                // never served) goes, best effort.
-                let _ = self.cache.delete(&ordered.id).await;
+        if let Some(record) = &loaded {
+            // A fill dropped halfway may still land in a remote cache: the id is
+            // then held, like after an abandoned write.
+            ordered.done = false;
+            let filled = self.cache.save(record).await;
+            ordered.done = true;
+            match filled {
+                Ok(()) => self.admit(ordered.id).await,
+                Err(err) => self.report(CacheOp::Fill, Some(ordered.id), &err),
             }
         }
         Ok(loaded)
@@ -654,7 +647,7 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
     /// The usual load: the cache, then on a miss the store, filling the cache.
     async fn load_cached(&self, id: &Id) -> Result<Option<Record>> {
         let cached = self.cache.load(id).await;
-        match cached {
+        let unlisted = match cached {
             Ok(Some(record))
                 if self
                     .stripe(id)
@@ -666,17 +659,27 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
             }
             // Unlisted (too old, evicted for room), or of an abandoned write: the
             // store answers, and fills the cache again unless a write is held.
-            Ok(Some(_)) => {}
-            Ok(None) => {}
-            Err(err) => self.report(CacheOp::Load, Some(*id), &err),
-        }
+            Ok(Some(_)) => true,
+            Ok(None) => false,
+            Err(err) => {
+                self.report(CacheOp::Load, Some(*id), &err);
+                false
+            }
+        };
         let mut ordered = self.ordered(*id).await;
         ordered.done = true;
         if ordered.is_suspect() {
             // A write was interrupted meanwhile: evict before filling.
             return self.evict_then_load(&mut ordered).await;
         }
-        self.load_and_fill(&mut ordered).await
+        let loaded = self.load_and_fill(&mut ordered).await?;
+        if unlisted && loaded.is_none() {
+            // The store has nothing: the unlisted entry (never served) goes, best
+            // effort, rather than wait for its own expiry. Only then: a plain miss
+            // needs no delete.
+            let _ = self.cache.delete(id).await;
+        }
+        Ok(loaded)
     }
 }
 

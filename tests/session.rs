@@ -45,7 +45,98 @@ tests_in_both_modes!(
     a_stale_duplicate_cookie_does_not_lock_the_user_out,
     cycle_id_of_an_emptied_session_moves_it,
     insert_takes_a_value_or_a_reference,
+    remember_me_is_a_per_session_expiry,
 );
+
+/// "Remember me": one session gets its own expiry policy, kept across requests,
+/// `clear` and `cycle_id`; the cookie follows it (a `Max-Age`, then none again);
+/// `expiry_date`/`expiry_age` report it; `flush` drops it.
+#[maybe_async::maybe_async]
+async fn remember_me_is_a_per_session_expiry() {
+    let probe = Probe::new();
+    let manager =
+        SessionManager::from_shared(probe.clone()).with_config(probe.config(Expiry::OnSessionEnd));
+    let session = manager.begin(None::<&str>);
+    session.insert("user", "alice").await.unwrap();
+    assert_eq!(session.expiry().await.unwrap(), Expiry::OnSessionEnd);
+    let remembered = Expiry::OnInactivity(Duration::days(30));
+    session.set_expiry(Some(remembered)).await.unwrap();
+    assert_eq!(session.expiry().await.unwrap(), remembered);
+    assert_eq!(
+        session.expiry_date().await.unwrap(),
+        probe.now() + Duration::days(30)
+    );
+    assert_eq!(session.expiry_age().await.unwrap(), Duration::days(30));
+    let set = manager.finish(&session).await.unwrap().unwrap();
+    let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
+    assert_eq!(cookie.max_age(), Some(Duration::days(30)));
+    let id = session.id().await.unwrap().unwrap();
+    let stored = probe.store.load(&id).await.unwrap().unwrap();
+    assert_eq!(stored.expiry_date, probe.now() + Duration::days(30));
+    assert_eq!(
+        stored.get::<String>("user").unwrap().as_deref(),
+        Some("alice")
+    );
+
+    // A later request keeps the policy: its write slides 30 days, not 24 hours.
+    probe.advance(3_600);
+    let pair_ = pair(&set);
+    let session = manager.begin([pair_.as_str()]);
+    assert_eq!(session.expiry().await.unwrap(), remembered);
+    assert_eq!(
+        session.expiry_date().await.unwrap(),
+        stored.expiry_date,
+        "unchanged: the stored date"
+    );
+    assert_eq!(
+        session.expiry_age().await.unwrap(),
+        Duration::days(30) - Duration::hours(1)
+    );
+    session.clear().await.unwrap();
+    session.insert("n", 1u8).await.unwrap();
+    session.cycle_id().await.unwrap();
+    let set = manager.finish(&session).await.unwrap().unwrap();
+    let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
+    assert_eq!(
+        cookie.max_age(),
+        Some(Duration::days(30)),
+        "kept by clear and cycle_id"
+    );
+    let id = session.id().await.unwrap().unwrap();
+    assert_eq!(
+        probe.store.load(&id).await.unwrap().unwrap().expiry_date,
+        probe.now() + Duration::days(30)
+    );
+
+    // Going back to the configured policy sends a browser-session cookie again,
+    // though the id stays.
+    let pair_ = pair(&set);
+    let session = manager.begin([pair_.as_str()]);
+    session.set_expiry(None).await.unwrap();
+    assert_eq!(session.expiry().await.unwrap(), Expiry::OnSessionEnd);
+    let set = manager
+        .finish(&session)
+        .await
+        .unwrap()
+        .expect("the cookie changes");
+    let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
+    assert_eq!(cookie.max_age(), None);
+    assert_eq!(pair(&set), pair_, "same id");
+    assert_eq!(
+        probe.store.load(&id).await.unwrap().unwrap().expiry_date,
+        probe.now() + SessionConfig::DEFAULT_SESSION_END_TTL
+    );
+    // Setting what is already there changes nothing.
+    let session = manager.begin([pair_.as_str()]);
+    session.set_expiry(None).await.unwrap();
+    assert!(!session.is_modified().await);
+
+    // flush drops it with the session.
+    let session = manager.begin([pair_.as_str()]);
+    session.set_expiry(Some(remembered)).await.unwrap();
+    session.flush().await.unwrap();
+    assert_eq!(session.expiry().await.unwrap(), Expiry::OnSessionEnd);
+}
 
 /// `insert` takes its value by value or by reference, as tower-sessions' does; the
 /// crate's `time` is re-exported, so `Expiry` takes a duration without a version

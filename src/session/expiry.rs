@@ -22,6 +22,17 @@ use crate::{
 /// | [`OnInactivity`](Expiry::OnInactivity) | now + the duration | `Max-Age` up to the store expiry date |
 /// | [`AtDateTime`](Expiry::AtDateTime) | that moment | `Max-Age` up to that moment |
 ///
+/// Its durations, and [`SessionConfig`]'s, are [`time::Duration`]s (signed; the
+/// crate re-exports `time` as `portable_sessions::time`, so no version can
+/// mismatch), never `std::time::Duration`: passing one of those gives "expected
+/// `Duration`, found `std::time::Duration`". What waits on a clock of the machine
+/// takes `std::time::Duration`: the deletion loop's
+/// [`DeletionSchedule`](crate::DeletionSchedule) and timers, the stores' timeouts,
+/// and the cache's lifetimes.
+///
+/// One session can have a policy of its own ("remember me"):
+/// [`Session::set_expiry`](crate::session::Session::set_expiry).
+///
 /// # Examples
 ///
 /// ```
@@ -57,6 +68,38 @@ pub(crate) const CREATED_KEY: &str = "\0created";
 /// The reserved key that marks the record left under an old id by
 /// [`Session::cycle_id`](crate::session::Session::cycle_id): the session moved away.
 pub(crate) const MOVED_KEY: &str = "\0moved";
+
+/// The reserved key under which a record keeps the expiry policy that
+/// [`Session::set_expiry`](crate::session::Session::set_expiry) gave its session,
+/// when it differs from the configuration's.
+pub(crate) const EXPIRY_KEY: &str = "\0expiry";
+
+/// Encodes a session's own expiry policy, for [`EXPIRY_KEY`]: a tag and one number
+/// (nanoseconds of the duration, or of the date since the Unix epoch).
+pub(crate) fn encode_policy(expiry: Expiry) -> Vec<u8> {
+    let (tag, nanos): (u8, i128) = match expiry {
+        Expiry::OnSessionEnd => (0, 0),
+        Expiry::OnInactivity(idle) => (1, idle.whole_nanoseconds()),
+        Expiry::AtDateTime(at) => (2, at.unix_timestamp_nanos()),
+    };
+    // A u8 and an i128 always encode, so there is no error to report.
+    postcard::to_allocvec(&(tag, nanos)).unwrap_or_default()
+}
+
+/// Reads back what [`encode_policy`] wrote.
+fn decode_policy(bytes: &[u8]) -> Result<Expiry> {
+    let (tag, nanos) = postcard::from_bytes::<(u8, i128)>(bytes).map_err(Error::decode)?;
+    match tag {
+        0 => Ok(Expiry::OnSessionEnd),
+        1 => i64::try_from(nanos / 1_000_000_000)
+            .map(|secs| Expiry::OnInactivity(Duration::new(secs, (nanos % 1_000_000_000) as i32)))
+            .map_err(Error::decode),
+        2 => OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .map(Expiry::AtDateTime)
+            .map_err(Error::decode),
+        other => Err(Error::decode(format!("unknown expiry policy tag {other}"))),
+    }
+}
 
 /// Returns `true` for keys that this crate reserves in a record.
 pub(crate) fn is_reserved(key: &str) -> bool {
@@ -205,14 +248,34 @@ impl SessionConfig {
         self.clock.now()
     }
 
-    /// The expiry date of a record written at `now`, for a session created at
-    /// `created`.
+    /// The policy `record`'s session expires by: its own, set with
+    /// [`Session::set_expiry`](crate::session::Session::set_expiry), or this
+    /// configuration's. An unreadable policy of its own is logged and ignored.
+    pub(crate) fn policy(&self, record: &Record) -> Expiry {
+        let Some(bytes) = record.get_raw(EXPIRY_KEY) else {
+            return self.expiry;
+        };
+        decode_policy(bytes).unwrap_or_else(|err| {
+            log::warn!(
+                target: "portable_sessions::session",
+                "session {:?} has an unreadable expiry policy of its own, using the \
+                 configured one: {}",
+                record.id,
+                err.report()
+            );
+            self.expiry
+        })
+    }
+
+    /// The expiry date of a record written at `now` under `expiry`, for a session
+    /// created at `created`.
     pub(crate) fn expiry_date(
         &self,
+        expiry: Expiry,
         created: OffsetDateTime,
         now: OffsetDateTime,
     ) -> OffsetDateTime {
-        let policy = match self.expiry {
+        let policy = match expiry {
             Expiry::OnSessionEnd => now.saturating_add(self.session_end_ttl),
             Expiry::OnInactivity(idle) => now.saturating_add(idle),
             Expiry::AtDateTime(at) => at,
@@ -231,8 +294,8 @@ impl SessionConfig {
 
     /// The span by which each write moves the expiry date forward, for the policies
     /// that slide.
-    pub(crate) fn sliding_window(&self) -> Option<Duration> {
-        match self.expiry {
+    pub(crate) fn sliding_window(&self, expiry: Expiry) -> Option<Duration> {
+        match expiry {
             Expiry::OnSessionEnd => Some(self.session_end_ttl),
             Expiry::OnInactivity(idle) => Some(idle),
             Expiry::AtDateTime(_) => None,
@@ -242,11 +305,11 @@ impl SessionConfig {
     /// The cookie's `Max-Age` for a record expiring at `expiry_date`: none for a
     /// browser-session cookie.
     pub(crate) fn cookie_max_age(
-        &self,
+        expiry: Expiry,
         expiry_date: OffsetDateTime,
         now: OffsetDateTime,
     ) -> Option<Duration> {
-        match self.expiry {
+        match expiry {
             Expiry::OnSessionEnd => None,
             Expiry::OnInactivity(_) | Expiry::AtDateTime(_) => {
                 Some((expiry_date - now).max(Duration::ZERO))
@@ -277,29 +340,36 @@ mod tests {
     #[test]
     fn expiry_dates_follow_the_policy_and_the_cap() {
         let now = at(10_000);
-        let idle = SessionConfig::new(Expiry::OnInactivity(Duration::seconds(100)));
-        assert_eq!(idle.expiry_date(now, now), at(10_100));
+        let policy = Expiry::OnInactivity(Duration::seconds(100));
+        let idle = SessionConfig::new(policy);
+        assert_eq!(idle.expiry_date(policy, now, now), at(10_100));
         let capped = idle.clone().with_max_lifetime(Duration::seconds(150));
-        assert_eq!(capped.expiry_date(at(9_900), now), at(10_050));
+        assert_eq!(capped.expiry_date(policy, at(9_900), now), at(10_050));
         assert!(capped.is_past_lifetime(at(9_850), now));
         assert!(!capped.is_past_lifetime(at(9_851), now));
 
         let end = SessionConfig::default();
         assert_eq!(
-            end.expiry_date(now, now),
+            end.expiry_date(Expiry::OnSessionEnd, now, now),
             now + SessionConfig::DEFAULT_SESSION_END_TTL
         );
-        assert_eq!(end.cookie_max_age(at(20_000), now), None);
-
-        let fixed = SessionConfig::new(Expiry::AtDateTime(at(12_000)));
-        assert_eq!(fixed.expiry_date(now, now), at(12_000));
-        assert_eq!(fixed.sliding_window(), None);
         assert_eq!(
-            fixed.cookie_max_age(at(12_000), now),
+            SessionConfig::cookie_max_age(Expiry::OnSessionEnd, at(20_000), now),
+            None
+        );
+
+        let fixed = Expiry::AtDateTime(at(12_000));
+        assert_eq!(
+            SessionConfig::new(fixed).expiry_date(fixed, now, now),
+            at(12_000)
+        );
+        assert_eq!(end.sliding_window(fixed), None);
+        assert_eq!(
+            SessionConfig::cookie_max_age(fixed, at(12_000), now),
             Some(Duration::seconds(2_000))
         );
         assert_eq!(
-            fixed.cookie_max_age(at(9_000), now),
+            SessionConfig::cookie_max_age(fixed, at(9_000), now),
             Some(Duration::ZERO),
             "never a negative Max-Age"
         );
@@ -310,8 +380,27 @@ mod tests {
         let config = SessionConfig::new(Expiry::OnInactivity(Duration::MAX))
             .with_max_lifetime(Duration::MAX);
         let now = at(0);
-        assert!(config.expiry_date(now, now) > now);
+        assert!(config.expiry_date(config.expiry(), now, now) > now);
         assert!(!config.is_past_lifetime(now, now));
+    }
+
+    #[test]
+    fn a_sessions_own_policy_round_trips_and_a_corrupt_one_falls_back() {
+        let config = SessionConfig::new(Expiry::OnSessionEnd);
+        let mut record = Record::new(at(0));
+        assert_eq!(config.policy(&record), Expiry::OnSessionEnd);
+        for policy in [
+            Expiry::OnInactivity(Duration::new(-3, -5)),
+            Expiry::OnInactivity(Duration::MAX),
+            Expiry::AtDateTime(at(1_700_000_000) + Duration::nanoseconds(7)),
+            Expiry::OnSessionEnd,
+        ] {
+            record.insert_raw(EXPIRY_KEY, encode_policy(policy));
+            assert_eq!(config.policy(&record), policy);
+        }
+        record.insert_raw(EXPIRY_KEY, vec![9, 0]);
+        assert_eq!(config.policy(&record), Expiry::OnSessionEnd);
+        assert!(has_no_user_values(&record));
     }
 
     #[test]

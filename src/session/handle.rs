@@ -7,8 +7,8 @@ use time::{Duration, OffsetDateTime};
 
 use crate::{
     session::expiry::{
-        created_at, has_no_user_values, is_reserved, set_created_at, SessionConfig, CREATED_KEY,
-        MOVED_KEY,
+        created_at, encode_policy, has_no_user_values, is_reserved, set_created_at, Expiry,
+        SessionConfig, CREATED_KEY, EXPIRY_KEY, MOVED_KEY,
     },
     session::{random_id, Id, Record},
     session_store::{
@@ -141,6 +141,9 @@ struct Loaded {
     /// The expiry date of the record as loaded: a write that moves it moves the
     /// cookie's `Max-Age` too.
     loaded_expiry: Option<OffsetDateTime>,
+    /// The expiry policy of the record as loaded: a write that changes it
+    /// ([`Session::set_expiry`]) sends the cookie again, `Max-Age` or none.
+    loaded_policy: Option<Expiry>,
     /// A [`Session::cycle_id`] asked for and not yet written: it takes effect with
     /// the next write (the commit, or an explicit save), never before.
     rotation: Option<Rotation>,
@@ -327,6 +330,7 @@ impl Session {
             written: false,
             gone: false,
             loaded_expiry: None,
+            loaded_policy: None,
             rotation: None,
         })
     }
@@ -385,6 +389,7 @@ impl Session {
         }
         Some(Loaded {
             loaded_expiry: Some(record.expiry_date),
+            loaded_policy: Some(self.inner.config.policy(&record)),
             record,
             stored: true,
             modified: !changes.keys.is_empty(),
@@ -395,10 +400,29 @@ impl Session {
         })
     }
 
-    /// Sets the expiry date a write made now gives the record.
-    fn set_expiry(&self, record: &mut Record, now: OffsetDateTime) -> Result<()> {
+    /// The expiry date a write made at `now` gives the record, by the session's own
+    /// policy or the configuration's.
+    fn expiry_date_at(&self, record: &Record, now: OffsetDateTime) -> Result<OffsetDateTime> {
         let created = created_at(record)?.unwrap_or(now);
-        record.expiry_date = self.inner.config.expiry_date(created, now);
+        let config = &self.inner.config;
+        Ok(config.expiry_date(config.policy(record), created, now))
+    }
+
+    /// Sets the expiry date a write made now gives the record, by the session's own
+    /// policy or the configuration's. A date already past is logged: the write makes
+    /// a record that never loads.
+    fn stamp_expiry(&self, record: &mut Record, now: OffsetDateTime) -> Result<()> {
+        record.expiry_date = self.expiry_date_at(record, now)?;
+        if record.expiry_date <= now {
+            let policy = self.inner.config.policy(record);
+            log::warn!(
+                target: "portable_sessions::session",
+                "session {:?} is written with an expiry date already past ({}, by {policy:?}): \
+                 it will not load again; check Expiry::AtDateTime and the lifetime cap",
+                record.id,
+                record.expiry_date
+            );
+        }
         Ok(())
     }
 }
@@ -511,7 +535,7 @@ impl Session {
             return self.rotate(loaded, recompute, now).await;
         }
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            self.set_expiry(&mut loaded.record, now)?;
+            self.stamp_expiry(&mut loaded.record, now)?;
             let outcome = self.inner.store.update(&loaded.record).await?;
             match outcome {
                 Update::Written(version) => {
@@ -551,7 +575,7 @@ impl Session {
             loaded.changes = Changes::default();
             return Ok(());
         }
-        self.set_expiry(&mut loaded.record, now)?;
+        self.stamp_expiry(&mut loaded.record, now)?;
         self.inner.store.create(&mut loaded.record).await?;
         loaded.stored = true;
         let version = loaded.record.version;
@@ -578,7 +602,7 @@ impl Session {
         let mut moved = loaded.record.clone();
         moved.id = new_id;
         moved.version = 0;
-        self.set_expiry(&mut moved, now)?;
+        self.stamp_expiry(&mut moved, now)?;
         self.inner.store.create(&mut moved).await?;
 
         let grace = (now + MOVED_GRACE).min(loaded.record.expiry_date);
@@ -706,7 +730,7 @@ impl Session {
     /// that loses to another write has nothing to do (that write moved the date).
     async fn refresh(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
         let mut refreshed = loaded.record.clone();
-        self.set_expiry(&mut refreshed, now)?;
+        self.stamp_expiry(&mut refreshed, now)?;
         let outcome = self.inner.store.update(&refreshed).await?;
         match outcome {
             Update::Written(version) => {
@@ -918,11 +942,15 @@ impl Session {
         let loaded = self.changeable(&mut state).await?;
         if !has_no_user_values(&loaded.record) {
             let created = created_at(&loaded.record)?;
+            let policy = loaded.record.remove(EXPIRY_KEY);
             loaded.record.clear();
             set_created_at(
                 &mut loaded.record,
                 created.unwrap_or_else(|| self.inner.config.now()),
             );
+            if let Some(policy) = policy {
+                loaded.record.insert_raw(EXPIRY_KEY, policy);
+            }
             loaded.change_all();
         }
         Ok(())
@@ -937,6 +965,81 @@ impl Session {
         let mut state = self.inner.state.lock().await;
         let loaded = self.loaded(&mut state).await?;
         Ok(has_no_user_values(&loaded.record))
+    }
+
+    /// Gives this session an expiry policy of its own, in place of the
+    /// configuration's ([`SessionConfig::expiry`]); `None` goes back to the
+    /// configuration's. For "remember me": a login that asks to be remembered sets
+    /// `Some(Expiry::OnInactivity(Duration::days(30)))` (a [`time::Duration`],
+    /// re-exported as `portable_sessions::time`), one that does not keeps the
+    /// browser-session cookie.
+    ///
+    /// The policy is kept in the record (under a reserved key the API does not
+    /// show), so it holds for every later request of the session, across
+    /// [`cycle_id`](Self::cycle_id) and [`clear`](Self::clear); only
+    /// [`flush`](Self::flush) drops it. It is a change like any other: written with
+    /// the session, merged with concurrent requests' changes, and it sends the
+    /// cookie again with its new `Max-Age` (or none, for
+    /// [`Expiry::OnSessionEnd`]). The lifetime cap
+    /// ([`SessionConfig::with_max_lifetime`]) still applies.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`SessionGone`] if the session ended or moved under this request, a
+    /// [`SessionFinished`] once the request is finished, or the store's error if
+    /// loading the session fails. On error the session is unchanged.
+    pub async fn set_expiry(&self, expiry: Option<Expiry>) -> Result<()> {
+        let bytes = expiry.map(encode_policy);
+        let mut state = self.inner.state.lock().await;
+        let loaded = self.changeable(&mut state).await?;
+        if loaded.record.get_raw(EXPIRY_KEY) != bytes.as_deref() {
+            match &bytes {
+                Some(bytes) => loaded.record.insert_raw(EXPIRY_KEY, bytes.clone()),
+                None => loaded.record.remove(EXPIRY_KEY),
+            };
+            loaded.change(EXPIRY_KEY, bytes);
+        }
+        Ok(())
+    }
+
+    /// Returns the policy this session expires by: its own, from
+    /// [`set_expiry`](Self::set_expiry), or the configuration's.
+    ///
+    /// # Errors
+    ///
+    /// Returns the store's error if loading the session fails.
+    pub async fn expiry(&self) -> Result<Expiry> {
+        let mut state = self.inner.state.lock().await;
+        let loaded = self.loaded(&mut state).await?;
+        Ok(self.inner.config.policy(&loaded.record))
+    }
+
+    /// Returns the moment the session expires: the stored record's expiry date, or,
+    /// while this request has changes to write (or the session is not stored yet),
+    /// the date a write made now would give it.
+    ///
+    /// # Errors
+    ///
+    /// Returns the store's error if loading the session fails, or
+    /// [`Error::Decode`] if its creation time is unreadable.
+    pub async fn expiry_date(&self) -> Result<OffsetDateTime> {
+        let mut state = self.inner.state.lock().await;
+        let loaded = self.loaded(&mut state).await?;
+        if loaded.stored && !loaded.modified {
+            return Ok(loaded.record.expiry_date);
+        }
+        self.expiry_date_at(&loaded.record, self.inner.config.now())
+    }
+
+    /// Returns how long until the session expires (see
+    /// [`expiry_date`](Self::expiry_date)); zero once it is past.
+    ///
+    /// # Errors
+    ///
+    /// As for [`expiry_date`](Self::expiry_date).
+    pub async fn expiry_age(&self) -> Result<Duration> {
+        let date = self.expiry_date().await?;
+        Ok((date - self.inner.config.now()).max(Duration::ZERO))
     }
 
     /// Returns the id the session is stored under, or `None` while it is not stored
@@ -1162,16 +1265,15 @@ impl Session {
             // response has set the cookie, and this one must not undo that.
             return Ok(CookieAction::Keep);
         }
-        let max_age = self
-            .inner
-            .config
-            .cookie_max_age(loaded.record.expiry_date, now);
+        let policy = self.inner.config.policy(&loaded.record);
+        let max_age = SessionConfig::cookie_max_age(policy, loaded.record.expiry_date, now);
         Ok(if loaded.stored {
             let new_id = !self.inner.incoming.contains(&loaded.record.id);
             let moved_max_age = loaded.written
                 && max_age.is_some()
                 && loaded.loaded_expiry != Some(loaded.record.expiry_date);
-            if new_id || moved_max_age {
+            let new_policy = loaded.written && loaded.loaded_policy != Some(policy);
+            if new_id || moved_max_age || new_policy {
                 CookieAction::Set {
                     id: loaded.record.id,
                     max_age,
@@ -1206,11 +1308,13 @@ impl Session {
         now: OffsetDateTime,
         fraction: Option<f64>,
     ) -> Result<bool> {
-        let (Some(fraction), Some(window)) = (fraction, self.inner.config.sliding_window()) else {
+        let config = &self.inner.config;
+        let policy = config.policy(record);
+        let (Some(fraction), Some(window)) = (fraction, config.sliding_window(policy)) else {
             return Ok(false);
         };
         let created = created_at(record)?.unwrap_or(now);
-        let gain = self.inner.config.expiry_date(created, now) - record.expiry_date;
+        let gain = config.expiry_date(policy, created, now) - record.expiry_date;
         let threshold =
             Duration::checked_seconds_f64(window.as_seconds_f64() * fraction).unwrap_or(window);
         Ok(gain > Duration::ZERO && gain >= threshold)

@@ -298,16 +298,24 @@ pub trait SessionStore: Debug + Send + Sync + 'static {
     }
 }
 
-/// Logs, once per process, that a store runs the non-atomic fallback of `update`.
+/// Logs, once per store type, that a store runs the non-atomic fallback of `update`.
 fn warn_non_atomic_update<S: SessionStore + ?Sized>(store: &S) {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    WARNED.call_once(|| {
-        log::warn!(
-            target: "portable_sessions::session_store",
-            "{store:?} does not implement SessionStore::update: concurrent requests of one \
-             session can lose updates or undo a logout; see the SessionStore docs"
-        );
-    });
+    // One static serves every instance of this generic function, so it keeps the
+    // names of the types already reported.
+    static WARNED: parking_lot::Mutex<Vec<&'static str>> = parking_lot::Mutex::new(Vec::new());
+    let name = std::any::type_name::<S>();
+    {
+        let mut warned = WARNED.lock();
+        if warned.contains(&name) {
+            return;
+        }
+        warned.push(name);
+    }
+    log::warn!(
+        target: "portable_sessions::session_store",
+        "{store:?} does not implement SessionStore::update: concurrent requests of one \
+         session can lose updates or undo a logout; see the SessionStore docs"
+    );
 }
 
 /// A store that can remove its expired records in one pass.

@@ -85,12 +85,14 @@ impl Timer for FakeTimer {
     }
 }
 
-/// A store whose `delete_expired` fails its first `failures` calls.
+/// A store whose `delete_expired` fails its first `failures` calls (with an error,
+/// or a panic when `panics`).
 #[derive(Debug, Clone)]
 struct FlakyStore {
     inner: MemoryStore,
     failures_left: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
+    panics: bool,
 }
 
 impl FlakyStore {
@@ -99,6 +101,7 @@ impl FlakyStore {
             inner,
             failures_left: Arc::new(AtomicUsize::new(failures)),
             calls: Arc::default(),
+            panics: false,
         }
     }
 }
@@ -126,6 +129,9 @@ impl ExpiredDeletion for FlakyStore {
         let left = self.failures_left.load(Ordering::SeqCst);
         if left > 0 {
             self.failures_left.store(left - 1, Ordering::SeqCst);
+            if self.panics {
+                panic!("a bug in delete_expired");
+            }
             return Err(Error::backend("database unreachable"));
         }
         self.inner.delete_expired().await
@@ -240,6 +246,43 @@ async fn failed_passes_back_off_then_delete_scenario() {
 scenario_test!(
     failed_passes_back_off_then_delete,
     failed_passes_back_off_then_delete_scenario
+);
+
+/// A pass that panics is a failed pass, reported and retried; a hook that panics is
+/// logged; neither ends the loop.
+#[maybe_async::maybe_async]
+async fn panics_in_a_pass_or_the_hook_do_not_end_the_loop_scenario() {
+    let timer = FakeTimer::new(4);
+    let memory = timer.clocked_store();
+    let mut store = FlakyStore::new(memory.clone(), 2);
+    store.panics = true;
+    let past = timer.now() - time::Duration::seconds(1);
+    add_sessions(&store, &[past, past]).await;
+
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let sink = reported.clone();
+    let schedule = DeletionSchedule::new(MINUTE).on_error(move |failure| {
+        sink.lock().unwrap().push(failure.error.report());
+        panic!("a bug in the hook");
+    });
+    let result = store.continuously_delete_expired(schedule, &timer).await;
+    assert_eq!(
+        parts(result),
+        (4, 2, 2),
+        "two panicked passes, then two that ran"
+    );
+    let reported = reported.lock().unwrap().clone();
+    assert_eq!(reported.len(), 2);
+    assert!(
+        reported[0].contains("delete_expired panicked: a bug in delete_expired"),
+        "{reported:?}"
+    );
+    assert!(memory.is_empty());
+}
+
+scenario_test!(
+    panics_in_a_pass_or_the_hook_do_not_end_the_loop,
+    panics_in_a_pass_or_the_hook_do_not_end_the_loop_scenario
 );
 
 #[test]

@@ -58,15 +58,16 @@ async fn remember_me_is_a_per_session_expiry() {
         SessionManager::from_shared(probe.clone()).with_config(probe.config(Expiry::OnSessionEnd));
     let session = manager.begin(None::<&str>);
     session.insert("user", "alice").await.unwrap();
-    assert_eq!(session.expiry().await.unwrap(), Expiry::OnSessionEnd);
+    let policy = session.expiry().await.unwrap();
+    assert_eq!(policy, Expiry::OnSessionEnd);
     let remembered = Expiry::OnInactivity(Duration::days(30));
     session.set_expiry(Some(remembered)).await.unwrap();
-    assert_eq!(session.expiry().await.unwrap(), remembered);
-    assert_eq!(
-        session.expiry_date().await.unwrap(),
-        probe.now() + Duration::days(30)
-    );
-    assert_eq!(session.expiry_age().await.unwrap(), Duration::days(30));
+    let policy = session.expiry().await.unwrap();
+    assert_eq!(policy, remembered);
+    let date = session.expiry_date().await.unwrap();
+    assert_eq!(date, probe.now() + Duration::days(30));
+    let age = session.expiry_age().await.unwrap();
+    assert_eq!(age, Duration::days(30));
     let set = manager.finish(&session).await.unwrap().unwrap();
     let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
     assert_eq!(cookie.max_age(), Some(Duration::days(30)));
@@ -80,18 +81,14 @@ async fn remember_me_is_a_per_session_expiry() {
 
     // A later request keeps the policy: its write slides 30 days, not 24 hours.
     probe.advance(3_600);
-    let pair_ = pair(&set);
-    let session = manager.begin([pair_.as_str()]);
-    assert_eq!(session.expiry().await.unwrap(), remembered);
-    assert_eq!(
-        session.expiry_date().await.unwrap(),
-        stored.expiry_date,
-        "unchanged: the stored date"
-    );
-    assert_eq!(
-        session.expiry_age().await.unwrap(),
-        Duration::days(30) - Duration::hours(1)
-    );
+    let cookie_pair = pair(&set);
+    let session = manager.begin([cookie_pair.as_str()]);
+    let policy = session.expiry().await.unwrap();
+    assert_eq!(policy, remembered);
+    let date = session.expiry_date().await.unwrap();
+    assert_eq!(date, stored.expiry_date, "unchanged: the stored date");
+    let age = session.expiry_age().await.unwrap();
+    assert_eq!(age, Duration::days(30) - Duration::hours(1));
     session.clear().await.unwrap();
     session.insert("n", 1u8).await.unwrap();
     session.cycle_id().await.unwrap();
@@ -103,39 +100,38 @@ async fn remember_me_is_a_per_session_expiry() {
         "kept by clear and cycle_id"
     );
     let id = session.id().await.unwrap().unwrap();
-    assert_eq!(
-        probe.store.load(&id).await.unwrap().unwrap().expiry_date,
-        probe.now() + Duration::days(30)
-    );
+    let stored = probe.store.load(&id).await.unwrap().unwrap();
+    assert_eq!(stored.expiry_date, probe.now() + Duration::days(30));
 
     // Going back to the configured policy sends a browser-session cookie again,
     // though the id stays.
-    let pair_ = pair(&set);
-    let session = manager.begin([pair_.as_str()]);
+    let cookie_pair = pair(&set);
+    let session = manager.begin([cookie_pair.as_str()]);
     session.set_expiry(None).await.unwrap();
-    assert_eq!(session.expiry().await.unwrap(), Expiry::OnSessionEnd);
-    let set = manager
-        .finish(&session)
-        .await
-        .unwrap()
-        .expect("the cookie changes");
+    let policy = session.expiry().await.unwrap();
+    assert_eq!(policy, Expiry::OnSessionEnd);
+    let set = manager.finish(&session).await.unwrap();
+    let set = set.expect("the cookie changes");
     let cookie = cookie::Cookie::parse(set.as_str()).unwrap();
     assert_eq!(cookie.max_age(), None);
-    assert_eq!(pair(&set), pair_, "same id");
+    assert_eq!(pair(&set), cookie_pair, "same id");
+    let stored = probe.store.load(&id).await.unwrap().unwrap();
     assert_eq!(
-        probe.store.load(&id).await.unwrap().unwrap().expiry_date,
+        stored.expiry_date,
         probe.now() + SessionConfig::DEFAULT_SESSION_END_TTL
     );
     // Setting what is already there changes nothing.
-    let session = manager.begin([pair_.as_str()]);
+    let session = manager.begin([cookie_pair.as_str()]);
     session.set_expiry(None).await.unwrap();
-    assert!(!session.is_modified().await);
+    let modified = session.is_modified().await;
+    assert!(!modified);
 
     // flush drops it with the session.
-    let session = manager.begin([pair_.as_str()]);
+    let session = manager.begin([cookie_pair.as_str()]);
     session.set_expiry(Some(remembered)).await.unwrap();
     session.flush().await.unwrap();
-    assert_eq!(session.expiry().await.unwrap(), Expiry::OnSessionEnd);
+    let policy = session.expiry().await.unwrap();
+    assert_eq!(policy, Expiry::OnSessionEnd);
 }
 
 /// `insert` takes its value by value or by reference, as tower-sessions' does; the

@@ -230,3 +230,137 @@ fn app_counts_on<S: SessionStore + Clone>(store: S) {
     block(store.delete(&id)).unwrap();
     server.abort();
 }
+
+/// tower-sessions' memory store, refusing what its Redis store cannot write (an
+/// expiry date already past: Redis refuses `EXAT 0`), and counting what it holds.
+#[derive(Debug, Clone, Default)]
+struct RefusesPastDates(tower_sessions_memory_store::MemoryStore);
+
+#[async_trait::async_trait]
+impl tower_sessions_core::SessionStore for RefusesPastDates {
+    async fn create(
+        &self,
+        record: &mut tower_sessions_core::session::Record,
+    ) -> tower_sessions_core::session_store::Result<()> {
+        Self::check(record)?;
+        self.0.create(record).await
+    }
+
+    async fn save(
+        &self,
+        record: &tower_sessions_core::session::Record,
+    ) -> tower_sessions_core::session_store::Result<()> {
+        Self::check(record)?;
+        self.0.save(record).await
+    }
+
+    async fn load(
+        &self,
+        id: &tower_sessions_core::session::Id,
+    ) -> tower_sessions_core::session_store::Result<Option<tower_sessions_core::session::Record>>
+    {
+        self.0.load(id).await
+    }
+
+    async fn delete(
+        &self,
+        id: &tower_sessions_core::session::Id,
+    ) -> tower_sessions_core::session_store::Result<()> {
+        self.0.delete(id).await
+    }
+}
+
+impl RefusesPastDates {
+    fn check(
+        record: &tower_sessions_core::session::Record,
+    ) -> tower_sessions_core::session_store::Result<()> {
+        if record.expiry_date <= OffsetDateTime::now_utc() {
+            return Err(tower_sessions_core::session_store::Error::Backend(
+                "ERR invalid expire time".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the wrapped store still holds a record under `id`, expired or not
+    /// (their memory store filters expired records on load, so ask it with a
+    /// fresh date).
+    async fn holds(&self, id: &Id) -> bool {
+        use tower_sessions_core::SessionStore as _;
+        let theirs = tower_sessions_core::session::Id(i128::from_le_bytes(id.to_bytes()));
+        self.0.load(&theirs).await.unwrap().is_some()
+    }
+}
+
+/// Over a store that is not atomic, a logout and a login delete: no write dated in
+/// the past (which tower-sessions' Redis store refuses, failing the logout), no
+/// marker left for a store that never frees expired records.
+#[test]
+fn a_non_atomic_store_gets_deletes_not_dated_writes() {
+    let theirs = RefusesPastDates::default();
+    let manager = SessionManager::new(FromTowerSessions::new(theirs.clone()))
+        .with_expiry(Expiry::OnInactivity(Duration::hours(1)));
+    block(async {
+        let session = manager.begin(None::<&str>);
+        session.insert("cart", 3u8).await.unwrap();
+        let set = manager.finish(&session).await.unwrap().unwrap();
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let first = session.id().await.unwrap().unwrap();
+
+        // A login moves the session: the old record is deleted, not marked.
+        let session = manager.begin([cookie.as_str()]);
+        session.insert("user", "alice").await.unwrap();
+        session.cycle_id().await.unwrap();
+        let set = manager.finish(&session).await.unwrap().expect("the new id");
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let second = session.id().await.unwrap().unwrap();
+        assert_ne!(first, second);
+        assert!(
+            !theirs.holds(&first).await,
+            "no marker left under the old id"
+        );
+        assert!(theirs.holds(&second).await);
+
+        // A logout by clear() succeeds and keeps the session, empty.
+        let session = manager.begin([cookie.as_str()]);
+        session.clear().await.unwrap();
+        let set = manager
+            .finish(&session)
+            .await
+            .expect("the logout is written");
+        assert!(!set.unwrap_or_default().contains("Max-Age=0"), "no removal");
+        let session = manager.begin([cookie.as_str()]);
+        assert!(session.is_empty().await.unwrap());
+        assert!(theirs.holds(&second).await);
+
+        // A logout by flush() deletes.
+        session.flush().await.unwrap();
+        let removal = manager.finish(&session).await.unwrap().expect("a removal");
+        assert!(removal.contains("Max-Age=0"), "{removal}");
+        assert!(!theirs.holds(&second).await);
+    });
+}
+
+/// A record tower-sessions wrote whose values all happen to be byte arrays is not
+/// taken for one of ours: it has no version key.
+#[test]
+fn a_record_tower_sessions_wrote_is_never_adopted() {
+    use tower_sessions_core::SessionStore as _;
+    let theirs = tower_sessions_memory_store::MemoryStore::default();
+    let mut record = tower_sessions_core::session::Record {
+        id: tower_sessions_core::session::Id::default(),
+        data: HashMap::from([("bytes".to_owned(), json!([1, 2, 3]))]),
+        expiry_date: OffsetDateTime::now_utc() + Duration::hours(1),
+    };
+    block(async {
+        theirs.create(&mut record).await.unwrap();
+        let ours = FromTowerSessions::new(theirs);
+        let id = Id::from_bytes(record.id.0.to_le_bytes());
+        let err = ours.load(&id).await.unwrap_err();
+        assert!(
+            matches!(err, portable_sessions::session_store::Error::Decode(_)),
+            "{err:?}"
+        );
+        assert!(err.report().contains("not written by portable-sessions"));
+    });
+}

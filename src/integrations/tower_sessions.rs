@@ -45,7 +45,10 @@ use crate::{
 /// ```
 ///
 /// Writes are tower-sessions' whole-record saves (its API has no versions); ids keep
-/// their text form. Errors map to tower-sessions' kind of the same name, with the
+/// their text form. Its `save` is an upsert, as tower-sessions' contract has it: a
+/// save that comes after a logout (a request that loaded the session before
+/// another one deleted it) writes the session back, where this crate's own
+/// [`Session`](crate::session::Session) would not. `create` never overwrites. Errors map to tower-sessions' kind of the same name, with the
 /// whole chain of causes as the message.
 #[derive(Debug, Clone)]
 pub struct TowerSessionsStore<S>(S);
@@ -71,6 +74,15 @@ impl<S> TowerSessionsStore<S> {
 /// [`atomic_update`](SessionStore::atomic_update) says `false`: two concurrent
 /// requests of one session can still both write. Prefer this crate's stores where
 /// that matters. Expired records never load, whatever the wrapped store does.
+///
+/// Only records this crate wrote there load: each carries its version under a
+/// reserved key, and a record without one (written by tower-sessions itself, even
+/// one whose values all happen to be arrays of bytes) fails with
+/// [`Error::Decode`]. Since the update is not atomic, a
+/// [`cycle_id`](crate::session::Session::cycle_id) deletes the old record instead
+/// of leaving a marker, and a logout deletes: nothing is written with a date in the
+/// past (tower-sessions' Redis store refuses one), and nothing is left for a store
+/// that never frees expired records (its memory store).
 #[derive(Debug, Clone)]
 pub struct FromTowerSessions<S>(S);
 
@@ -202,11 +214,13 @@ fn from_theirs(record: theirs::session::Record) -> Result<Record> {
         Id::from_bytes(record.id.0.to_le_bytes()),
         record.expiry_date,
     );
+    let mut versioned = false;
     for (key, value) in record.data {
         if key == VERSION_KEY {
             ours.version = value
                 .as_u64()
                 .ok_or_else(|| Error::decode("the record's version is not a number"))?;
+            versioned = true;
             continue;
         }
         let bytes = match value {
@@ -222,6 +236,13 @@ fn from_theirs(record: theirs::session::Record) -> Result<Record> {
             ))
         })?;
         ours.insert_raw(key, bytes);
+    }
+    if !versioned {
+        // Values that happen to be arrays of bytes do not make a record of ours:
+        // every record this crate writes there carries its version.
+        return Err(Error::decode(format!(
+            "the record has no {VERSION_KEY:?} key: it was not written by portable-sessions"
+        )));
     }
     Ok(ours)
 }

@@ -1,7 +1,12 @@
 //! Expired-session deletion over time: [`DeletionSchedule`] decides when the next pass
 //! runs, the loop of [`ExpiredDeletion::continuously_delete_expired`] runs it.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    panic::{self, AssertUnwindSafe},
+    sync::Arc,
+    time::Duration,
+};
 
 use crate::{
     lifecycle::timer::{Tick, Timer},
@@ -34,7 +39,9 @@ const TARGET: &str = "portable_sessions::deletion";
 /// Every failed pass is logged through the [`log`](https://docs.rs/log) facade (target
 /// `portable_sessions::deletion`: a warning, an error once the backoff has reached
 /// `max`) and passed to the callback set with [`on_error`](Self::on_error). Successful
-/// passes are logged at debug level.
+/// passes are logged at debug level. In the loop, a pass that panics is a failed
+/// pass like any other (its error says so), and a callback that panics is logged:
+/// neither ends the loop.
 ///
 /// A schedule also counts passes, failures and deleted records: see
 /// [`summary`](Self::summary). A clone gets its own random sequence.
@@ -243,11 +250,20 @@ impl DeletionSchedule {
                     error.report()
                 );
                 if let Some(hook) = &self.on_error {
-                    hook(&DeletionFailure {
+                    let failure = DeletionFailure {
                         error,
                         failures_in_a_row: self.failures_in_a_row,
                         retry_in,
-                    });
+                    };
+                    // A hook that panics must not end the loop that called it.
+                    let called = panic::catch_unwind(AssertUnwindSafe(|| hook(&failure)));
+                    if let Err(payload) = called {
+                        log::error!(
+                            target: TARGET,
+                            "the deletion loop's on_error hook panicked: {}",
+                            panic_message(payload.as_ref())
+                        );
+                    }
                 }
                 retry_in
             }
@@ -336,6 +352,44 @@ fn yield_now() {
     std::thread::yield_now();
 }
 
+/// Runs one pass; a pass that panics is a failed pass (reported and retried like
+/// an error), never the end of the loop.
+#[maybe_async::async_impl]
+async fn pass<S: ExpiredDeletion + ?Sized>(store: &S) -> Result<usize> {
+    use std::future::Future;
+    let mut pass = std::pin::pin!(store.delete_expired());
+    std::future::poll_fn(|cx| {
+        match panic::catch_unwind(AssertUnwindSafe(|| pass.as_mut().poll(cx))) {
+            Ok(polled) => polled,
+            Err(payload) => std::task::Poll::Ready(Err(panicked(payload.as_ref()))),
+        }
+    })
+    .await
+}
+
+#[maybe_async::sync_impl]
+fn pass<S: ExpiredDeletion + ?Sized>(store: &S) -> Result<usize> {
+    panic::catch_unwind(AssertUnwindSafe(|| store.delete_expired()))
+        .unwrap_or_else(|payload| Err(panicked(payload.as_ref())))
+}
+
+/// The error for a pass that panicked.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> Error {
+    Error::backend(format!(
+        "delete_expired panicked: {}",
+        panic_message(payload)
+    ))
+}
+
+/// The message of a panic, when it carried one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Runs passes of `store.delete_expired()` on `schedule`, sleeping on `timer`, until
 /// the timer says stop. The body of [`ExpiredDeletion::continuously_delete_expired`].
 #[maybe_async::maybe_async]
@@ -346,7 +400,7 @@ pub(crate) async fn run<S: ExpiredDeletion + ?Sized>(
 ) -> DeletionSummary {
     let mut delay = schedule.first_delay();
     while timer.sleep(delay).await == Tick::Continue {
-        let result = store.delete_expired().await;
+        let result = pass(store).await;
         delay = schedule.after_pass(&result);
         yield_now().await;
     }

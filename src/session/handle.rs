@@ -168,6 +168,16 @@ impl Loaded {
         self.written = true;
     }
 
+    /// Takes `record`, the session written under its new id, as the session: the
+    /// pending move is done.
+    fn moved_to(&mut self, record: Record) {
+        let version = record.version;
+        self.record = record;
+        self.stored = true;
+        self.rotation = None;
+        self.written(version);
+    }
+
     /// Records a change of `key` (`None`: removed) by this request.
     fn change(&mut self, key: &str, value: Option<Vec<u8>>) {
         if let Some(rotation) = &mut self.rotation {
@@ -605,6 +615,20 @@ impl Session {
         self.stamp_expiry(&mut moved, now)?;
         self.inner.store.create(&mut moved).await?;
 
+        if !self.inner.store.atomic_update() {
+            // A store whose update is not one conditional step (load, compare,
+            // save) cannot keep the marker's promises, and one that does not
+            // expire records by itself would never free it: the old id is
+            // deleted.
+            let deleted = self.inner.store.delete(&loaded.record.id).await;
+            if let Err(err) = deleted {
+                self.discard(&moved.id).await;
+                return Err(err);
+            }
+            loaded.moved_to(moved);
+            return Ok(());
+        }
+
         let grace = (now + MOVED_GRACE).min(loaded.record.expiry_date);
         let mut marker = Record::with_id(loaded.record.id, grace);
         // A random value of this move's own (never the new id, which whoever holds
@@ -639,11 +663,7 @@ impl Session {
             };
             match outcome {
                 Update::Written(_) => {
-                    loaded.record = moved;
-                    loaded.stored = true;
-                    loaded.rotation = None;
-                    let version = loaded.record.version;
-                    loaded.written(version);
+                    loaded.moved_to(moved);
                     return Ok(());
                 }
                 Update::Gone => {
@@ -1164,6 +1184,11 @@ impl Session {
     /// it before `cycle_id` where a failure after it must leave the session as it
     /// was, since a request that fails after the move costs the session as a lost
     /// response does.
+    ///
+    /// Over a store whose [`update`](SessionStore::update) is not atomic (see
+    /// [`SessionStore::atomic_update`]), the old record is deleted instead of
+    /// marked: such a store cannot keep the marker's promises, and may never free
+    /// an expired record by itself.
     ///
     /// A session that is not stored yet just draws a new id. A response that never
     /// reaches the browser after the move was written costs the user the session:

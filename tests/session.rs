@@ -46,7 +46,68 @@ tests_in_both_modes!(
     cycle_id_of_an_emptied_session_moves_it,
     insert_takes_a_value_or_a_reference,
     remember_me_is_a_per_session_expiry,
+    planted_cookies_never_log_the_user_out,
 );
+
+/// Cookie tossing: ids planted for longer paths or a parent domain come first. The
+/// real cookie is found even behind four of them (the last value is always
+/// tried), and when it cannot be (behind more, in the middle) no removal is sent
+/// that would delete it. Without a `Path`, a removal would land on the request's
+/// own path: none is sent.
+#[maybe_async::maybe_async]
+async fn planted_cookies_never_log_the_user_out() {
+    let probe = Probe::new();
+    let manager = SessionManager::from_shared(probe.clone()).with_config(probe.config(HOUR));
+    let id = stored(&probe, "alice").await;
+    let planted: Vec<Id> = (0..8).map(|_| Id::default()).collect();
+    let cookies = |ids: &[Id]| {
+        ids.iter()
+            .map(|id| format!("id={id}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+
+    // Four planted, then the real one.
+    let header = format!("{}; id={id}", cookies(&planted[..4]));
+    let session = manager.begin([header.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user.as_deref(), Some("alice"), "the last value is tried");
+    assert_eq!(manager.finish(&session).await.unwrap(), None);
+
+    // The real one among more than can be tried: not found, and not removed.
+    let header = format!(
+        "{}; id={id}; {}",
+        cookies(&planted[..4]),
+        cookies(&planted[4..])
+    );
+    let session = manager.begin([header.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user, None);
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None, "no removal that could delete the real cookie");
+    let kept = probe.store.load(&id).await.unwrap();
+    assert!(kept.is_some());
+
+    // Every value tried and none loads: the manager's own cookie is removed.
+    let header = cookies(&planted[..4]);
+    let session = manager.begin([header.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user, None);
+    let set = manager.finish(&session).await.unwrap().expect("a removal");
+    assert!(set.starts_with("id=;") && set.contains("Path=/"), "{set}");
+
+    // No Path: no removal, ever.
+    let pathless = SessionManager::from_shared(probe.clone())
+        .with_config(probe.config(HOUR))
+        .with_path(None);
+    for header in ["id=garbage".to_owned(), format!("id={}", planted[0])] {
+        let session = pathless.begin([header.as_str()]);
+        let user = session.get::<String>("user").await.unwrap();
+        assert_eq!(user, None);
+        let set = pathless.finish(&session).await.unwrap();
+        assert_eq!(set, None, "{header}");
+    }
+}
 
 /// "Remember me": one session gets its own expiry policy, kept across requests,
 /// `clear` and `cycle_id`; the cookie follows it (a `Max-Age`, then none again);
@@ -1032,6 +1093,73 @@ fn handles_are_send_and_sync() {
 #[should_panic(expected = "not a valid cookie name")]
 fn invalid_cookie_names_are_refused_at_startup() {
     let _ = SessionManager::new(MemoryStore::default()).with_cookie_name("a;b");
+}
+
+/// The message of the panic `build` raises.
+fn refusal(build: impl FnOnce() -> SessionManager + std::panic::UnwindSafe) -> String {
+    let message = std::panic::catch_unwind(build).expect_err("refused");
+    match message.downcast::<String>() {
+        Ok(text) => *text,
+        Err(other) => other
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// A `__Host-` name is accepted with the defaults and checked against every
+/// attribute, in any order of the calls; `SameSite=None` needs `Secure`.
+#[test]
+fn cookie_prefixes_and_same_site_none_are_checked_at_startup() {
+    let manager = || SessionManager::new(MemoryStore::default());
+    let host = manager().with_cookie_name("__Host-sid");
+    assert_eq!(host.cookie_name(), "__Host-sid");
+    let host = manager()
+        .with_same_site(Some(SameSite::None))
+        .with_cookie_name("__Host-sid");
+    let _ = host;
+    for text in [
+        refusal(|| manager().with_cookie_name("__Host-sid").with_secure(false)),
+        refusal(|| {
+            manager()
+                .with_cookie_name("__host-sid")
+                .with_path(Some("/app"))
+        }),
+        refusal(|| manager().with_cookie_name("__Host-sid").with_path(None)),
+        refusal(|| {
+            manager()
+                .with_domain(Some("example.com"))
+                .with_cookie_name("__Host-sid")
+        }),
+    ] {
+        assert!(text.contains("__Host- prefix"), "{text}");
+    }
+    let text = refusal(|| {
+        manager()
+            .with_secure(false)
+            .with_cookie_name("__Secure-sid")
+    });
+    assert!(text.contains("__Secure- prefix"), "{text}");
+    let _ = manager()
+        .with_cookie_name("__Secure-sid")
+        .with_domain(Some("example.com"));
+    for text in [
+        refusal(|| {
+            manager()
+                .with_same_site(Some(SameSite::None))
+                .with_secure(false)
+        }),
+        refusal(|| {
+            manager()
+                .with_secure(false)
+                .with_same_site(Some(SameSite::None))
+        }),
+    ] {
+        assert!(text.contains("SameSite=None needs Secure"), "{text}");
+    }
+    let _ = manager()
+        .with_secure(false)
+        .with_same_site(Some(SameSite::Strict));
 }
 
 #[test]

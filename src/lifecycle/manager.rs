@@ -161,16 +161,25 @@ impl SessionManager {
 
     /// Sets the cookie's name.
     ///
-    /// Consider a name starting with `__Host-` (say `__Host-sid`): browsers then
-    /// accept the cookie only when it is `Secure`, has `Path=/` and no `Domain`, as
-    /// this manager's defaults are, so no other path or subdomain can set a
-    /// same-named cookie that the browser would send beside it.
+    /// Prefer a name starting with `__Host-` (say `__Host-sid`): browsers then
+    /// accept the cookie only when it is `Secure`, has `Path=/` and no `Domain`, so
+    /// no other path or subdomain can set a same-named cookie that the browser would
+    /// send beside it (cookie tossing). This manager's defaults are all three, and it
+    /// checks them for such a name; a `__Secure-` name is checked to be `Secure`.
+    ///
+    /// ```
+    /// use portable_sessions::{MemoryStore, SessionManager};
+    ///
+    /// let manager = SessionManager::new(MemoryStore::new()).with_cookie_name("__Host-sid");
+    /// # let _ = manager;
+    /// ```
     ///
     /// # Panics
     ///
     /// Panics if `name` is empty or has a character that a cookie name cannot hold
-    /// (a control character, a space, or one of `()<>@,;:\"/[]?={}`): a programming
-    /// error, found at startup.
+    /// (a control character, a space, or one of `()<>@,;:\"/[]?={}`), or if it has
+    /// a prefix that the other attributes break: a programming error, found at
+    /// startup.
     pub fn with_cookie_name(mut self, name: impl Into<String>) -> Self {
         let name = name.into();
         let valid = !name.is_empty()
@@ -179,16 +188,21 @@ impl SessionManager {
                 .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
         assert!(valid, "{name:?} is not a valid cookie name");
         self.cookie.name = name;
+        self.cookie.check();
         self
     }
 
-    /// Sets the cookie's `Path` (default `/`); `None` leaves it out.
+    /// Sets the cookie's `Path` (default `/`); `None` leaves it out, and then no
+    /// removal cookie is ever sent (the browser would aim it at the path of the
+    /// request, where it could delete another application's cookie).
     ///
     /// # Panics
     ///
-    /// Panics if the path has a `;` or a control character.
+    /// Panics if the path has a `;` or a control character, or is not `/` for a
+    /// `__Host-` name.
     pub fn with_path(mut self, path: Option<&str>) -> Self {
         self.cookie.path = path.map(|p| checked_attribute("path", p));
+        self.cookie.check();
         self
     }
 
@@ -197,15 +211,23 @@ impl SessionManager {
     ///
     /// # Panics
     ///
-    /// Panics if the domain has a `;` or a control character.
+    /// Panics if the domain has a `;` or a control character, or is set for a
+    /// `__Host-` name.
     pub fn with_domain(mut self, domain: Option<&str>) -> Self {
         self.cookie.domain = domain.map(|d| checked_attribute("domain", d));
+        self.cookie.check();
         self
     }
 
     /// Sets whether the cookie is `Secure`, sent over HTTPS only (default `true`).
+    ///
+    /// # Panics
+    ///
+    /// Panics when turning it off for a cookie that needs it: `SameSite=None`, or a
+    /// `__Host-` or `__Secure-` name.
     pub fn with_secure(mut self, secure: bool) -> Self {
         self.cookie.secure = secure;
+        self.cookie.check();
         self
     }
 
@@ -217,8 +239,14 @@ impl SessionManager {
 
     /// Sets the cookie's `SameSite` (default [`SameSite::Lax`]); `None` leaves it
     /// out, and the browser's default applies.
+    ///
+    /// # Panics
+    ///
+    /// Panics for [`SameSite::None`] on a cookie that is not `Secure`: browsers
+    /// drop such a cookie, so no session would ever come back.
     pub fn with_same_site(mut self, same_site: Option<SameSite>) -> Self {
         self.cookie.same_site = same_site;
+        self.cookie.check();
         self
     }
 
@@ -268,10 +296,20 @@ impl SessionManager {
     ///
     /// Header values that are not UTF-8, cookies that do not parse, and values of
     /// the session cookie that are not a well-formed id are skipped; a value in
-    /// double quotes counts without them. Every well-formed id is kept, in order: a
-    /// browser also sends same-named cookies set for other paths or a parent domain
-    /// (often stale, and often first), so the session is the first of them that
-    /// loads, and the cookie is removed only when none does. This never fails.
+    /// double quotes counts without them. A browser also sends same-named cookies
+    /// set for other paths or a parent domain (often stale, and often first, since
+    /// longer paths come first), so up to four well-formed ids are tried in order:
+    /// the first three, and the last one (the cookie with the shortest path, or the
+    /// newest of one path: this manager's own after a login). The session is the
+    /// first of them that loads.
+    ///
+    /// When none loads, a removal cookie is sent only if no value was left untried
+    /// and the cookie has a `Path`: a removal can only delete this manager's own
+    /// cookie, and never one that might be valid. Planted cookies (cookie tossing
+    /// from a sibling subdomain) then cost the user at most the requests that carry
+    /// them, never a logout; a `__Host-` cookie name (see
+    /// [`with_cookie_name`](Self::with_cookie_name)) rules the planting out. This
+    /// never fails.
     pub fn begin<I>(&self, cookie_headers: I) -> Session
     where
         I: IntoIterator,
@@ -279,23 +317,42 @@ impl SessionManager {
     {
         let mut seen = false;
         let mut ids = Vec::new();
+        // The last well-formed value past the first few, and whether any was left
+        // untried.
+        let mut last = None;
+        let mut untried = false;
         for header in cookie_headers {
             let Ok(text) = std::str::from_utf8(header.as_ref()) else {
                 continue;
             };
             for cookie in Cookie::split_parse(text).flatten() {
-                if cookie.name() == self.cookie.name {
-                    seen = true;
-                    if let Ok(parsed) = cookie.value_trimmed().parse::<Id>() {
-                        // A few at most: a request cannot make the session try more.
-                        if !ids.contains(&parsed) && ids.len() < MAX_CANDIDATES {
-                            ids.push(parsed);
-                        }
-                    }
+                if cookie.name() != self.cookie.name {
+                    continue;
+                }
+                seen = true;
+                let Ok(parsed) = cookie.value_trimmed().parse::<Id>() else {
+                    continue;
+                };
+                if ids.contains(&parsed) || last == Some(parsed) {
+                    continue;
+                }
+                // A few at most, so that a request cannot make the session try more:
+                // the first ones, and the last one.
+                if ids.len() < MAX_CANDIDATES - 1 {
+                    ids.push(parsed);
+                } else {
+                    untried |= last.is_some();
+                    last = Some(parsed);
                 }
             }
         }
-        Session::from_request(self.store.clone(), ids, seen, self.config.clone())
+        ids.extend(last);
+        // A removal goes to this manager's own cookie (its name, Path and Domain),
+        // and only when it cannot be a valid one that was never tried: planted
+        // cookies that push the real one out of the candidates must not log the
+        // user out. Without a Path the browser would aim it at the request's own.
+        let removable = seen && !untried && self.cookie.path.is_some();
+        Session::from_request(self.store.clone(), ids, removable, self.config.clone())
     }
 
     /// Ends a request: writes the session when needed and returns the `Set-Cookie`
@@ -372,6 +429,35 @@ impl SessionManager {
         cookie.set_http_only(self.cookie.http_only);
         cookie.set_same_site(self.cookie.same_site.map(cookie::SameSite::from));
         cookie
+    }
+}
+
+impl CookieConfig {
+    /// Refuses attributes that browsers would reject together: a programming error,
+    /// found at startup.
+    fn check(&self) {
+        let name = &self.name;
+        let has_prefix = |prefix: &str| {
+            name.len() >= prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(prefix)
+        };
+        if has_prefix("__Host-") {
+            assert!(
+                self.secure && self.path.as_deref() == Some("/") && self.domain.is_none(),
+                "the cookie {name:?} has the __Host- prefix, so browsers accept it only when \
+                 it is Secure, with Path=/ and no Domain (this manager's defaults): keep them"
+            );
+        } else if has_prefix("__Secure-") {
+            assert!(
+                self.secure,
+                "the cookie {name:?} has the __Secure- prefix, so browsers accept it only \
+                 when it is Secure: keep with_secure(true)"
+            );
+        }
+        assert!(
+            self.secure || self.same_site != Some(SameSite::None),
+            "SameSite=None needs Secure: browsers drop a SameSite=None cookie that is not \
+             Secure; keep with_secure(true) or choose SameSite::Lax"
+        );
     }
 }
 

@@ -113,8 +113,10 @@ struct Inner {
     /// The well-formed ids the request's session cookies carried, in order: a browser
     /// sends same-named cookies of other paths or a parent domain too.
     incoming: Vec<Id>,
-    /// The request carried a session cookie, well-formed or not.
-    cookie_seen: bool,
+    /// The request carried a session cookie, well-formed or not, and a removal
+    /// cookie can only delete the one this manager set: every value was tried, and
+    /// the cookie has a `Path` to aim the removal at.
+    removable: bool,
     /// The request was finished: changes are refused from then on. A commit sets it
     /// under the state lock, so a change that takes the lock after it sees it;
     /// `abandon` sets it without the lock (a change under way then completes).
@@ -301,14 +303,14 @@ impl Session {
         Self::from_request(store, id.into_iter().collect(), id.is_some(), config)
     }
 
-    /// Like [`new`](Self::new), with every well-formed id the request's cookies
-    /// carried (tried in order: the first that loads is the session), and whether it
-    /// carried a session cookie at all (a malformed one parses to no id, but must
-    /// still be removed).
+    /// Like [`new`](Self::new), with the well-formed ids the request's cookies
+    /// carried (tried in order: the first that loads is the session), and whether a
+    /// cookie that does not lead to a session is to be removed (a malformed one
+    /// parses to no id, but must still be removed).
     pub(crate) fn from_request(
         store: Arc<dyn SessionStore>,
         incoming: Vec<Id>,
-        cookie_seen: bool,
+        removable: bool,
         config: SessionConfig,
     ) -> Self {
         Self {
@@ -316,7 +318,7 @@ impl Session {
                 store,
                 config,
                 incoming,
-                cookie_seen,
+                removable,
                 finished: std::sync::atomic::AtomicBool::new(false),
                 state: StateLock::new(None),
             }),
@@ -1259,7 +1261,7 @@ impl Session {
                 // Untouched: only a refresh needs the record.
                 Some(_) if refresh.is_some() => {}
                 Some(_) => return Ok(CookieAction::Keep),
-                None if self.inner.cookie_seen => return Ok(CookieAction::Remove),
+                None if self.inner.removable => return Ok(CookieAction::Remove),
                 None => return Ok(CookieAction::Keep),
             }
         }
@@ -1306,7 +1308,7 @@ impl Session {
             } else {
                 CookieAction::Keep
             }
-        } else if self.inner.cookie_seen {
+        } else if self.inner.removable {
             CookieAction::Remove
         } else {
             CookieAction::Keep

@@ -228,7 +228,8 @@
 //!
 //! - **axum** (feature `axum`): `.layer(SessionManager::new(store).layer())` on the
 //!   router, then `session: Session` in handlers; `?` on [`session_store::Error`]
-//!   answers a bare 500 (logged). The `SessionLayer` docs show a whole app.
+//!   answers a bare 503 for a store outage, 500 for a bug (logged), or the
+//!   application's own response. The `SessionLayer` docs show a whole app.
 //! - **actix-web** (feature `actix-web`): `.wrap(manager.middleware())` on the `App`,
 //!   the same extractor and error handling (`SessionMiddleware` docs).
 //! - **tower-sessions** (feature `tower-sessions`): `TowerSessionsStore` puts any of
@@ -236,7 +237,11 @@
 //!   stores under [`SessionManager`].
 //! - **Anything else**, blocking or async: [`SessionManager::begin`] with the request's
 //!   `Cookie` header values, [`SessionManager::finish`] for the `Set-Cookie` to send
-//!   (the `http_blocking` and `http_smol` examples).
+//!   (the `http_blocking` and `http_smol` examples), or
+//!   [`SessionManager::finish_response`] for `Vary: Cookie` and
+//!   `Cache-Control: private` too, which caches in front of the application need;
+//!   [`session_store::Error::http_status`] gives the status to answer a failure
+//!   with (503 for a store outage).
 //!
 //! [`session::Session`]'s futures are `Send`, and a request that never touches its
 //! session costs no store call.
@@ -291,7 +296,7 @@ pub use time;
 pub use crate::{
     lifecycle::{
         deletion::{DeletionFailure, DeletionSchedule, DeletionSummary, MIN_BACKOFF},
-        manager::{SameSite, SessionManager},
+        manager::{SameSite, SessionManager, SessionResponse},
         timer::{StopHandle, Tick, Timer},
     },
     session_store::{ExpiredDeletion, SessionStore},

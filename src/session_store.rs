@@ -92,6 +92,29 @@ impl Error {
         }
     }
 
+    /// The HTTP status for a request that failed on this error, as the axum and
+    /// actix-web integrations answer it: `503 Service Unavailable` for the backend
+    /// (unreachable, timed out, too many concurrent writes: worth a retry), `409
+    /// Conflict` for a [`SessionGone`] (another request ended or moved the session),
+    /// and `500 Internal Server Error` for the rest (a value that does not encode,
+    /// stored bytes that do not decode, a change after the request finished: bugs,
+    /// or data to look at).
+    ///
+    /// ```
+    /// use portable_sessions::session_store::Error;
+    ///
+    /// assert_eq!(Error::backend("connection refused").http_status(), 503);
+    /// assert_eq!(Error::decode("not a u64").http_status(), 500);
+    /// ```
+    pub fn http_status(&self) -> u16 {
+        match self {
+            _ if self.is_session_gone() => 409,
+            _ if self.is_session_finished() => 500,
+            Self::Backend(_) => 503,
+            Self::Encode(_) | Self::Decode(_) => 500,
+        }
+    }
+
     /// Formats the error with every cause in its chain, `outer: inner: ...`, for logs.
     pub fn report(&self) -> String {
         let mut text = self.to_string();

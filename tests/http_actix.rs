@@ -13,7 +13,10 @@ mod example;
 use std::{net::SocketAddr, sync::mpsc, time::Duration};
 
 use actix_web::{dev::ServerHandle, http::header, web, HttpResponse, HttpServer};
-use portable_sessions::{session::Session, session_store, MemoryStore, SessionManager};
+use common::FaultyStore;
+use portable_sessions::{
+    session::Session, session_store, MemoryStore, SessionManager, SessionMiddleware,
+};
 
 /// Runs `app` in an actix system on a thread of its own while `check` drives it, then
 /// stops it.
@@ -70,6 +73,11 @@ async fn count(session: Session) -> Result<HttpResponse, session_store::Error> {
     Ok(HttpResponse::Ok().body(n.to_string()))
 }
 
+async fn read(session: Session) -> Result<HttpResponse, session_store::Error> {
+    let n = session.get::<u64>("n").await?;
+    Ok(HttpResponse::Ok().body(n.unwrap_or(0).to_string()))
+}
+
 async fn fail_after_insert(session: Session) -> HttpResponse {
     session.insert("lost", "value").await.expect("memory");
     HttpResponse::InternalServerError().finish()
@@ -82,33 +90,58 @@ async fn with_own_cookie(session: Session) -> HttpResponse {
         .body("ok")
 }
 
+async fn public(session: Session) -> Result<HttpResponse, session_store::Error> {
+    session.insert("seen", true).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "public, max-age=60"))
+        .body("ok"))
+}
+
+async fn login(session: Session) -> Result<HttpResponse, session_store::Error> {
+    session.insert("user", "alice").await?;
+    session.cycle_id().await?;
+    Ok(HttpResponse::Ok().body("logged in"))
+}
+
+async fn plain() -> HttpResponse {
+    HttpResponse::Ok().body("plain")
+}
+
 async fn store_error(session: Session) -> Result<HttpResponse, session_store::Error> {
     session.insert("n", "not a number").await?;
     let n = session.get::<u64>("n").await?;
     Ok(HttpResponse::Ok().body(format!("{n:?}")))
 }
 
-/// Serves a small app of the test's own (`wrapped`: with the middleware) while
-/// `check` drives it.
-fn serve_routes(store: MemoryStore, wrapped: bool, check: impl FnOnce(SocketAddr)) {
+/// Serves the app of `http::check_integration_rules` (`middleware`: wrapping it,
+/// and a nested scope too) while `check` drives it.
+fn serve_routes(middleware: Option<SessionMiddleware>, check: impl FnOnce(SocketAddr)) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
     let addr = listener.local_addr().expect("bound");
-    let middleware = SessionManager::new(store)
-        .with_cookie_name("sid")
-        .middleware();
     let (started, handle) = mpsc::channel::<ServerHandle>();
     let server = std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
             let server = HttpServer::new(move || {
+                let wrapped = middleware.is_some();
+                let middleware = middleware
+                    .clone()
+                    .unwrap_or_else(|| SessionManager::new(MemoryStore::new()).middleware());
+                let nested = web::scope("/nested")
+                    .wrap(actix_web::middleware::Condition::new(
+                        wrapped,
+                        middleware.clone(),
+                    ))
+                    .route("/login", web::get().to(login));
                 let routes = actix_web::App::new()
                     .route("/count", web::get().to(count))
+                    .route("/read", web::get().to(read))
                     .route("/fail", web::get().to(fail_after_insert))
                     .route("/own-cookie", web::get().to(with_own_cookie))
-                    .route("/store-error", web::get().to(store_error));
-                routes.wrap(actix_web::middleware::Condition::new(
-                    wrapped,
-                    middleware.clone(),
-                ))
+                    .route("/public", web::get().to(public))
+                    .route("/store-error", web::get().to(store_error))
+                    .route("/plain", web::get().to(plain))
+                    .service(nested);
+                routes.wrap(actix_web::middleware::Condition::new(wrapped, middleware))
             })
             .workers(1)
             .disable_signals()
@@ -127,17 +160,39 @@ fn serve_routes(store: MemoryStore, wrapped: bool, check: impl FnOnce(SocketAddr
     server.join().expect("the server thread").expect("stops");
 }
 
+fn middleware(store: &FaultyStore) -> SessionMiddleware {
+    SessionManager::new(store.clone())
+        .with_cookie_name("sid")
+        .middleware()
+}
+
 #[test]
 fn the_middleware_follows_its_rules() {
-    let store = MemoryStore::new();
-    serve_routes(store.clone(), true, |addr| {
+    let store = FaultyStore::new();
+    serve_routes(Some(middleware(&store)), |addr| {
         http::check_integration_rules(addr, &store)
+    });
+}
+
+/// The application's own answer to a store outage, from a handler's `?` and from
+/// the write after it.
+#[test]
+fn an_outage_gets_the_applications_own_response() {
+    let store = FaultyStore::new();
+    let middleware = middleware(&store).with_error_response(|err| {
+        HttpResponse::build(actix_web::http::StatusCode::from_u16(err.http_status()).unwrap())
+            .body("sessions are down, try again")
+    });
+    serve_routes(Some(middleware), |addr| {
+        let (_, cookies, _) = http::fetch(addr, "/count", None);
+        let cookie = cookies[0].split(';').next().unwrap().to_owned();
+        http::check_outage(addr, &store, &cookie, "sessions are down, try again");
     });
 }
 
 #[test]
 fn a_missing_middleware_is_a_500_not_a_panic() {
-    serve_routes(MemoryStore::new(), false, |addr| {
+    serve_routes(None, |addr| {
         let (status, cookies, body) = http::fetch(addr, "/count", None);
         assert_eq!(status, 500);
         assert!(cookies.is_empty());

@@ -18,7 +18,10 @@ use axum::{
     routing::get,
     Router,
 };
-use portable_sessions::{session::Session, session_store, MemoryStore, SessionManager};
+use common::FaultyStore;
+use portable_sessions::{
+    session::Session, session_store, MemoryStore, SessionLayer, SessionManager,
+};
 
 /// A tokio runtime for one test.
 fn runtime() -> tokio::runtime::Runtime {
@@ -96,7 +99,7 @@ fn serve_router(router: Router, check: impl FnOnce(SocketAddr)) {
     server.abort();
 }
 
-fn manager(store: MemoryStore) -> SessionManager {
+fn manager(store: FaultyStore) -> SessionManager {
     SessionManager::new(store).with_cookie_name("sid")
 }
 
@@ -105,6 +108,11 @@ async fn count(session: Session) -> Result<String, session_store::Error> {
         .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
         .await?;
     Ok(n.to_string())
+}
+
+async fn read(session: Session) -> Result<String, session_store::Error> {
+    let n = session.get::<u64>("n").await?;
+    Ok(n.unwrap_or(0).to_string())
 }
 
 async fn fail_after_insert(session: Session) -> Result<String, StatusCode> {
@@ -120,6 +128,17 @@ async fn with_own_cookie(session: Session) -> impl IntoResponse {
     ([(header::SET_COOKIE, "theme=dark; Path=/")], "ok")
 }
 
+async fn public(session: Session) -> Result<impl IntoResponse, session_store::Error> {
+    session.insert("seen", true).await?;
+    Ok(([(header::CACHE_CONTROL, "public, max-age=60")], "ok"))
+}
+
+async fn login(session: Session) -> Result<&'static str, session_store::Error> {
+    session.insert("user", "alice").await?;
+    session.cycle_id().await?;
+    Ok("logged in")
+}
+
 async fn store_error(session: Session) -> Result<String, session_store::Error> {
     // A value stored as a string, read as a number: an error `?` turns into a 500.
     session.insert("n", "not a number").await?;
@@ -127,16 +146,46 @@ async fn store_error(session: Session) -> Result<String, session_store::Error> {
     Ok(format!("{n:?}"))
 }
 
-#[test]
-fn the_layer_follows_its_rules() {
-    let store = MemoryStore::new();
-    let router = Router::new()
+/// The test app of `http::check_integration_rules`, under `layer` (and a second
+/// one, on the nested router).
+fn app(layer: SessionLayer) -> Router {
+    let nested = Router::new()
+        .route("/login", get(login))
+        .layer(layer.clone());
+    Router::new()
         .route("/count", get(count))
+        .route("/read", get(read))
         .route("/fail", get(fail_after_insert))
         .route("/own-cookie", get(with_own_cookie))
+        .route("/public", get(public))
         .route("/store-error", get(store_error))
-        .layer(manager(store.clone()).layer());
-    serve_router(router, |addr| http::check_integration_rules(addr, &store));
+        .route("/plain", get(|| async { "plain" }))
+        .nest("/nested", nested)
+        .layer(layer)
+}
+
+#[test]
+fn the_layer_follows_its_rules() {
+    let store = FaultyStore::new();
+    serve_router(app(manager(store.clone()).layer()), |addr| {
+        http::check_integration_rules(addr, &store)
+    });
+}
+
+/// The application's own answer to a store outage, from a handler's `?` and from
+/// the write after it.
+#[test]
+fn an_outage_gets_the_applications_own_response() {
+    let store = FaultyStore::new();
+    let layer = manager(store.clone()).layer().with_error_response(|err| {
+        let status = StatusCode::from_u16(err.http_status()).unwrap();
+        (status, "sessions are down, try again").into_response()
+    });
+    serve_router(app(layer), |addr| {
+        let (_, cookies, _) = http::fetch(addr, "/count", None);
+        let cookie = cookies[0].split(';').next().unwrap().to_owned();
+        http::check_outage(addr, &store, &cookie, "sessions are down, try again");
+    });
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::{
 };
 
 use actix_web::{
-    body::MessageBody,
+    body::{EitherBody, MessageBody},
     dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform},
     http::{header, StatusCode},
     FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError,
@@ -23,15 +23,31 @@ use crate::{session::Session, session_store::Error, SessionManager};
 ///
 /// For each request it calls [`SessionManager::begin`] on the request's `Cookie`
 /// headers (no I/O: the session loads on first use), puts the [`Session`] in the
-/// request's extensions, runs the handler, then calls [`SessionManager::finish`] and
-/// appends its `Set-Cookie` header beside any cookies the handler set.
+/// request's extensions, runs the handler, then calls
+/// [`SessionManager::finish_response`] and appends its `Set-Cookie` header beside any
+/// cookies the handler set.
 ///
 /// **When the handler failed, nothing is written**: a response with a 5xx status
 /// skips `finish` (it calls [`SessionManager::abandon`]), so the session's pending
 /// changes are dropped, a pending [`Session::cycle_id`] never happens, and no cookie
 /// is sent (a value changed with [`Session::update`], which writes at once, stays
-/// written). When `finish` itself fails, the request fails with a bare 500 and the
-/// error is logged.
+/// written).
+///
+/// **Errors**: when `finish` itself fails, or a handler returns the crate's
+/// [`Error`] through `?`, the answer has the status of
+/// [`Error::http_status`]: `503 Service Unavailable` when the store is down, 500 for
+/// a bug; its body says only that, and the error is logged with its causes. Give
+/// the application's own response with
+/// [`with_error_response`](Self::with_error_response).
+///
+/// **Caches**: a response whose handler used the session, or that sets the cookie,
+/// gets `Vary: Cookie`; one that sets the cookie gets `Cache-Control: private`
+/// (`public` and `s-maxage` dropped), so no shared cache serves one user's session
+/// to another (see [`SessionManager::finish_response`]).
+///
+/// **Wrapped twice** (a scope with a `.wrap(...)` of its own inside a wrapped
+/// `App`): the inner middleware finds the outer one's session in the request and
+/// passes the request through, so there is one session and one cookie.
 ///
 /// # Examples
 ///
@@ -52,14 +68,45 @@ use crate::{session::Session, session_store::Error, SessionManager};
 #[derive(Clone)]
 pub struct SessionMiddleware {
     manager: Arc<SessionManager>,
+    on_error: Option<Arc<ErrorResponse>>,
 }
+
+/// The application's response to a session error.
+type ErrorResponse = dyn Fn(&Error) -> HttpResponse + Send + Sync;
 
 impl SessionMiddleware {
     /// Makes the middleware over `manager`.
     pub fn new(manager: SessionManager) -> Self {
         Self {
             manager: Arc::new(manager),
+            on_error: None,
         }
+    }
+
+    /// Answers a session error with the application's own response (a page, a JSON
+    /// body, a `Retry-After`) instead of the bare one: for `finish` failing, and
+    /// for a handler that returned the crate's [`Error`] through `?`. The error is
+    /// still logged.
+    ///
+    /// ```
+    /// use actix_web::{http::StatusCode, HttpResponse};
+    /// use portable_sessions::{MemoryStore, SessionManager};
+    ///
+    /// let sessions = SessionManager::new(MemoryStore::new())
+    ///     .middleware()
+    ///     .with_error_response(|err| {
+    ///         HttpResponse::build(StatusCode::from_u16(err.http_status()).unwrap())
+    ///             .insert_header(("retry-after", "5"))
+    ///             .body("Sessions are down; try again shortly.")
+    ///     });
+    /// # let _ = sessions;
+    /// ```
+    pub fn with_error_response(
+        mut self,
+        respond: impl Fn(&Error) -> HttpResponse + Send + Sync + 'static,
+    ) -> Self {
+        self.on_error = Some(Arc::new(respond));
+        self
     }
 }
 
@@ -75,6 +122,7 @@ impl fmt::Debug for SessionMiddleware {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionMiddleware")
             .field("manager", &self.manager)
+            .field("on_error", &self.on_error.is_some())
             .finish()
     }
 }
@@ -85,7 +133,7 @@ where
     S::Future: 'static,
     B: MessageBody + 'static,
 {
-    type Response = ServiceResponse<B>;
+    type Response = ServiceResponse<EitherBody<B>>;
     type Error = actix_web::Error;
     type Transform = SessionMiddlewareService<S>;
     type InitError = ();
@@ -95,6 +143,7 @@ where
         ready(Ok(SessionMiddlewareService {
             service: Rc::new(service),
             manager: self.manager.clone(),
+            on_error: self.on_error.clone(),
         }))
     }
 }
@@ -103,6 +152,7 @@ where
 pub struct SessionMiddlewareService<S> {
     service: Rc<S>,
     manager: Arc<SessionManager>,
+    on_error: Option<Arc<ErrorResponse>>,
 }
 
 impl<S> fmt::Debug for SessionMiddlewareService<S> {
@@ -119,36 +169,97 @@ where
     S::Future: 'static,
     B: MessageBody + 'static,
 {
-    type Response = ServiceResponse<B>;
+    type Response = ServiceResponse<EitherBody<B>>;
     type Error = actix_web::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>>>>;
 
     forward_ready!(service);
 
     fn call(&self, request: ServiceRequest) -> Self::Future {
+        let service = self.service.clone();
+        if request.extensions().get::<Session>().is_some() {
+            // An outer middleware made the session: it finishes it.
+            return Box::pin(async move {
+                let response = service.call(request).await?;
+                Ok(response.map_into_left_body())
+            });
+        }
         let session = self
             .manager
             .begin(request.headers().get_all(header::COOKIE));
         request.extensions_mut().insert(session.clone());
-        let (service, manager) = (self.service.clone(), self.manager.clone());
+        let (manager, on_error) = (self.manager.clone(), self.on_error.clone());
         Box::pin(async move {
             // However this future ends (finished, an error, a 5xx, dropped with its
             // client, a panic), the session refuses changes afterwards: nothing
             // would keep them.
             let _ended = session.abandon_on_drop();
             let mut response = service.call(request).await?;
+            if let Some(respond) = &on_error {
+                let failed = response
+                    .response()
+                    .error()
+                    .and_then(|err| err.as_error::<Error>())
+                    .map(|err| respond(err));
+                if let Some(answer) = failed {
+                    // The handler's `?` on a session error: the application answers
+                    // it, and a 5xx there keeps nothing of the session.
+                    let mut answer = response.into_response(answer).map_into_right_body();
+                    if !answer.status().is_server_error() {
+                        finish(&manager, &session, answer.headers_mut()).await?;
+                    }
+                    return Ok(answer);
+                }
+            }
             if response.status().is_server_error() {
                 // The handler failed: its session changes are not kept.
-                return Ok(response);
+                return Ok(response.map_into_left_body());
             }
-            let set_cookie = manager.finish(&session).await?;
-            if let Some(value) = set_cookie {
-                let value = header::HeaderValue::from_str(&value).map_err(Error::encode)?;
-                response.headers_mut().append(header::SET_COOKIE, value);
+            match finish(&manager, &session, response.headers_mut()).await {
+                Ok(()) => Ok(response.map_into_left_body()),
+                Err(err) => {
+                    log::error!(
+                        target: "portable_sessions::actix",
+                        "writing the session failed: {}",
+                        err.report()
+                    );
+                    let answer = match &on_error {
+                        Some(respond) => respond(&err),
+                        None => bare(&err),
+                    };
+                    Ok(response.into_response(answer).map_into_right_body())
+                }
             }
-            Ok(response)
         })
     }
+}
+
+/// Finishes `session` and adds what that asks of the response: its cookie,
+/// `Vary: Cookie`, and `Cache-Control: private` when a cookie is set.
+async fn finish(
+    manager: &SessionManager,
+    session: &Session,
+    headers: &mut header::HeaderMap,
+) -> crate::session_store::Result<()> {
+    let finished = manager.finish_response(session).await?;
+    let vary = headers
+        .get_all(header::VARY)
+        .filter_map(|value| value.to_str().ok());
+    if finished.needs_vary(vary) {
+        headers.append(header::VARY, header::HeaderValue::from_static("cookie"));
+    }
+    let existing = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|value| value.to_str().ok());
+    if let Some(cache_control) = finished.cache_control(existing) {
+        let value = header::HeaderValue::from_str(&cache_control).map_err(Error::encode)?;
+        headers.insert(header::CACHE_CONTROL, value);
+    }
+    if let Some(set_cookie) = &finished.set_cookie {
+        let value = header::HeaderValue::from_str(set_cookie).map_err(Error::encode)?;
+        headers.append(header::SET_COOKIE, value);
+    }
+    Ok(())
 }
 
 impl FromRequest for Session {
@@ -175,11 +286,14 @@ impl FromRequest for Session {
     }
 }
 
-/// A store error answers a bare 500, never its details (they may name the backend),
-/// and is logged with its whole chain of causes: `?` works in handlers.
+/// A session error answers with the status of [`Error::http_status`] (503 when the
+/// store is down) and a body that says only that, never its details (they may name
+/// the backend), or with the middleware's
+/// [`with_error_response`](SessionMiddleware::with_error_response); it is logged
+/// with its whole chain of causes: `?` works in handlers.
 impl ResponseError for Error {
     fn status_code(&self) -> StatusCode {
-        StatusCode::INTERNAL_SERVER_ERROR
+        StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     fn error_response(&self) -> HttpResponse {
@@ -188,6 +302,12 @@ impl ResponseError for Error {
             "a request failed on its session: {}",
             self.report()
         );
-        HttpResponse::InternalServerError().body("internal server error")
+        bare(self)
     }
+}
+
+/// The bare answer to a session error: its status, and a body that says only that.
+fn bare(err: &Error) -> HttpResponse {
+    let status = err.status_code();
+    HttpResponse::build(status).body(super::error_text(status.as_u16()))
 }

@@ -10,6 +10,7 @@ use std::{
 };
 
 use axum_core::{
+    body::Body,
     extract::FromRequestParts,
     response::{IntoResponse, Response},
 };
@@ -17,7 +18,7 @@ use http::{header, request::Parts, HeaderValue, Request, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{session::Session, session_store::Error, SessionManager};
+use crate::{session::Session, session_store::Error, SessionManager, SessionResponse};
 
 /// A tower [`Layer`] that gives every request a [`Session`]: one line in an axum
 /// application, and then `session: Session` in any handler.
@@ -25,15 +26,30 @@ use crate::{session::Session, session_store::Error, SessionManager};
 /// For each request it calls [`SessionManager::begin`] on the request's `Cookie`
 /// headers (no I/O: the session loads on first use), puts the [`Session`] in the
 /// request's extensions, runs the inner service, then calls
-/// [`SessionManager::finish`] and appends its `Set-Cookie` header, beside any
+/// [`SessionManager::finish_response`] and appends its `Set-Cookie` header, beside any
 /// cookies the handler set.
 ///
 /// **When the handler failed, nothing is written**: a response with a 5xx status
 /// skips `finish` (it calls [`SessionManager::abandon`]), so the session's pending
 /// changes are dropped, a pending [`Session::cycle_id`] never happens, and no cookie
 /// is sent (a value changed with [`Session::update`], which writes at once, stays
-/// written). When `finish` itself fails (the store is down), the response is
-/// replaced by a bare 500 and the error is logged.
+/// written).
+///
+/// **Errors**: when `finish` itself fails, or a handler returns the crate's
+/// [`Error`] through `?`, the answer has the status of
+/// [`Error::http_status`]: `503 Service Unavailable` when the store is down, 500 for
+/// a bug; its body says only that, and the error is logged with its causes. Give
+/// the application's own response with
+/// [`with_error_response`](Self::with_error_response).
+///
+/// **Caches**: a response whose handler used the session, or that sets the cookie,
+/// gets `Vary: Cookie`; one that sets the cookie gets `Cache-Control: private`
+/// (`public` and `s-maxage` dropped), so no shared cache serves one user's session
+/// to another (see [`SessionManager::finish_response`]).
+///
+/// **Applied twice** (a nested router with a layer of its own): the inner layer
+/// finds the outer one's session in the request and passes the request through, so
+/// there is one session and one cookie.
 ///
 /// # Examples
 ///
@@ -53,14 +69,45 @@ use crate::{session::Session, session_store::Error, SessionManager};
 #[derive(Clone)]
 pub struct SessionLayer {
     manager: Arc<SessionManager>,
+    on_error: Option<Arc<ErrorResponse>>,
 }
+
+/// The application's response to a session error.
+type ErrorResponse = dyn Fn(&Error) -> Response + Send + Sync;
 
 impl SessionLayer {
     /// Makes the layer over `manager`.
     pub fn new(manager: SessionManager) -> Self {
         Self {
             manager: Arc::new(manager),
+            on_error: None,
         }
+    }
+
+    /// Answers a session error with the application's own response (a page, a JSON
+    /// body, a `Retry-After`) instead of the bare one: for `finish` failing, and
+    /// for a handler that returned the crate's [`Error`] through `?`. The error is
+    /// still logged.
+    ///
+    /// ```
+    /// use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
+    /// use portable_sessions::{MemoryStore, SessionManager};
+    ///
+    /// let layer = SessionManager::new(MemoryStore::new())
+    ///     .layer()
+    ///     .with_error_response(|err| {
+    ///         let status = StatusCode::from_u16(err.http_status()).unwrap();
+    ///         (status, [("retry-after", "5")], "Sessions are down; try again shortly.")
+    ///             .into_response()
+    ///     });
+    /// let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(layer);
+    /// ```
+    pub fn with_error_response(
+        mut self,
+        respond: impl Fn(&Error) -> Response + Send + Sync + 'static,
+    ) -> Self {
+        self.on_error = Some(Arc::new(respond));
+        self
     }
 }
 
@@ -79,6 +126,7 @@ impl<S> Layer<S> for SessionLayer {
         SessionService {
             inner,
             manager: self.manager.clone(),
+            on_error: self.on_error.clone(),
         }
     }
 }
@@ -87,6 +135,7 @@ impl fmt::Debug for SessionLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionLayer")
             .field("manager", &self.manager)
+            .field("on_error", &self.on_error.is_some())
             .finish()
     }
 }
@@ -96,6 +145,7 @@ impl fmt::Debug for SessionLayer {
 pub struct SessionService<S> {
     inner: S,
     manager: Arc<SessionManager>,
+    on_error: Option<Arc<ErrorResponse>>,
 }
 
 impl<S> fmt::Debug for SessionService<S> {
@@ -111,7 +161,7 @@ where
     S: Service<Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
+    ResBody: From<Body> + Send + 'static,
 {
     type Response = http::Response<ResBody>;
     type Error = S::Error;
@@ -122,46 +172,95 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // The clone that was made ready by `poll_ready` serves this request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if request.extensions().get::<Session>().is_some() {
+            // An outer layer made the session: it finishes it.
+            return Box::pin(inner.call(request));
+        }
         let session = self
             .manager
             .begin(request.headers().get_all(header::COOKIE));
         request.extensions_mut().insert(session.clone());
-        // The clone that was made ready by `poll_ready` serves this request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let manager = self.manager.clone();
+        let on_error = self.on_error.clone();
         Box::pin(async move {
             // However this future ends (finished, an error, a 5xx, dropped with its
             // client, a panic), the session refuses changes afterwards: nothing
             // would keep them.
             let _ended = session.abandon_on_drop();
             let mut response = inner.call(request).await?;
+            if let (Some(respond), Some(failed)) =
+                (&on_error, response.extensions().get::<HandlerError>())
+            {
+                // The handler's `?` on a session error: the application answers it.
+                response = respond(&failed.0).map(ResBody::from);
+            }
             if response.status().is_server_error() {
                 // The handler failed: its session changes are not kept.
                 return Ok(response);
             }
-            match manager.finish_header(&session).await {
-                Ok(Some(set_cookie)) => {
-                    response
-                        .headers_mut()
-                        .append(header::SET_COOKIE, set_cookie);
+            match manager.finish_response(&session).await {
+                Ok(finished) => {
+                    add_session_headers(response.headers_mut(), &finished);
+                    Ok(response)
                 }
-                Ok(None) => {}
                 Err(err) => {
                     log::error!(
                         target: "portable_sessions::axum",
                         "writing the session failed: {}",
                         err.report()
                     );
-                    let mut failed = http::Response::new(ResBody::default());
-                    *failed.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    return Ok(failed);
+                    Ok(match &on_error {
+                        Some(respond) => respond(&err),
+                        None => bare(&err),
+                    }
+                    .map(ResBody::from))
                 }
             }
-            Ok(response)
         })
     }
 }
+
+/// Adds what `finished` asks of the response: its cookie, `Vary: Cookie`, and
+/// `Cache-Control: private` when a cookie is set.
+fn add_session_headers(headers: &mut http::HeaderMap, finished: &SessionResponse) {
+    let vary = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|value| value.to_str().ok());
+    if finished.needs_vary(vary) {
+        headers.append(header::VARY, HeaderValue::from_static("cookie"));
+    }
+    let existing = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|value| value.to_str().ok());
+    if let Some(cache_control) = finished.cache_control(existing) {
+        // Only the directives' own characters: always a valid header value.
+        if let Ok(value) = HeaderValue::try_from(cache_control) {
+            headers.insert(header::CACHE_CONTROL, value);
+        }
+    }
+    if let Some(set_cookie) = &finished.set_cookie {
+        // The manager's checked cookie attributes make it a valid header value.
+        if let Ok(value) = HeaderValue::try_from(set_cookie.as_str()) {
+            headers.append(header::SET_COOKIE, value);
+        }
+    }
+}
+
+/// The bare answer to a session error: its status, and a body that says only that.
+fn bare(err: &Error) -> Response {
+    let status =
+        StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, super::error_text(status.as_u16())).into_response()
+}
+
+/// What a handler's `?` on the crate's [`Error`] leaves in its response, for the
+/// layer's [`with_error_response`](SessionLayer::with_error_response).
+#[derive(Clone)]
+struct HandlerError(Arc<Error>);
 
 impl SessionManager {
     /// Like [`finish`](Self::finish), with the `Set-Cookie` value as a typed header
@@ -215,8 +314,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
     }
 }
 
-/// A store error answers a bare 500, never its details (they may name the backend),
-/// and is logged with its whole chain of causes: `?` works in handlers.
+/// A session error answers with the status of [`Error::http_status`] (503 when the
+/// store is down) and a body that says only that, never its details (they may name
+/// the backend), or with the layer's
+/// [`with_error_response`](SessionLayer::with_error_response); it is logged with its
+/// whole chain of causes: `?` works in handlers.
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         log::error!(
@@ -224,6 +326,10 @@ impl IntoResponse for Error {
             "a handler failed on its session: {}",
             self.report()
         );
-        (StatusCode::INTERNAL_SERVER_ERROR, "internal server error").into_response()
+        let mut response = bare(&self);
+        response
+            .extensions_mut()
+            .insert(HandlerError(Arc::new(self)));
+        response
     }
 }

@@ -9,3 +9,14 @@ pub(crate) mod axum_layer;
 pub(crate) mod tower_sessions;
 #[cfg(all(feature = "sync", any(feature = "axum", feature = "actix-web")))]
 pub(crate) mod wrong_mode;
+
+/// The body of the bare answer to a session error of this HTTP status: what the
+/// status means, never the error's details (they may name the backend).
+#[cfg(all(not(feature = "sync"), any(feature = "axum", feature = "actix-web")))]
+fn error_text(status: u16) -> &'static str {
+    match status {
+        503 => "service unavailable",
+        409 => "the session changed under this request",
+        _ => "internal server error",
+    }
+}

@@ -382,11 +382,50 @@ impl SessionManager {
     /// [`SessionGone`](crate::session_store::SessionGone) instead.
     #[maybe_async::maybe_async]
     pub async fn finish(&self, session: &Session) -> Result<Option<String>> {
-        let action = session.commit(self.refresh).await?;
-        Ok(match action {
+        Ok(self.finish_response(session).await?.set_cookie)
+    }
+
+    /// Like [`finish`](Self::finish), with what shared caches in front of the
+    /// application (a CDN, a reverse proxy) must be told: the response depends on
+    /// the `Cookie` header when the handler used the session or a cookie is set
+    /// (add `Vary: Cookie`), and a response that sets a session cookie must not be
+    /// stored for other users (`Cache-Control: private`), as Django's session
+    /// middleware does. The axum and actix-web integrations add both headers; a
+    /// framework of your own adds them from the returned [`SessionResponse`].
+    ///
+    /// ```
+    /// use portable_sessions::{MemoryStore, SessionManager};
+    ///
+    /// # #[maybe_async::maybe_async]
+    /// # async fn run() -> portable_sessions::session_store::Result<()> {
+    /// let manager = SessionManager::new(MemoryStore::new());
+    /// let session = manager.begin(None::<&str>);
+    /// session.insert("user", "alice").await?;
+    /// let response = manager.finish_response(&session).await?;
+    /// assert!(response.set_cookie.is_some() && response.vary_cookie);
+    /// // The handler's own header, made safe for shared caches:
+    /// let cache_control = response.cache_control(Some("public, max-age=60"));
+    /// assert_eq!(cache_control.as_deref(), Some("max-age=60, private"));
+    /// # Ok(())
+    /// # }
+    /// # #[maybe_async::sync_impl] fn main() { run().unwrap() }
+    /// # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()).unwrap() }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`finish`](Self::finish).
+    #[maybe_async::maybe_async]
+    pub async fn finish_response(&self, session: &Session) -> Result<SessionResponse> {
+        let (action, used) = session.commit(self.refresh).await?;
+        let set_cookie = match action {
             CookieAction::Keep => None,
             CookieAction::Set { id, max_age } => Some(self.set_cookie(id, max_age)),
             CookieAction::Remove => Some(self.removal_cookie()),
+        };
+        Ok(SessionResponse {
+            vary_cookie: used || set_cookie.is_some(),
+            set_cookie,
         })
     }
 
@@ -429,6 +468,63 @@ impl SessionManager {
         cookie.set_http_only(self.cookie.http_only);
         cookie.set_same_site(self.cookie.same_site.map(cookie::SameSite::from));
         cookie
+    }
+}
+
+/// What a response needs for its session: see [`SessionManager::finish_response`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionResponse {
+    /// The `Set-Cookie` value to append, when the client's cookie must change.
+    pub set_cookie: Option<String>,
+    /// The response depends on the request's `Cookie` header: send `Vary: Cookie`
+    /// (unless the response already varies on it, or on `*`).
+    pub vary_cookie: bool,
+}
+
+impl SessionResponse {
+    /// The `Cache-Control` value to send, given the response's own (`existing`), or
+    /// `None` to leave it as it is: when a cookie is set, `private` is added and
+    /// `public` and `s-maxage` are dropped, so that no shared cache stores one
+    /// user's cookie for another; `no-store` or `private` already there are kept
+    /// as they are.
+    pub fn cache_control(&self, existing: Option<&str>) -> Option<String> {
+        self.set_cookie.as_ref()?;
+        let existing = existing.unwrap_or("");
+        let directives: Vec<&str> = existing
+            .split(',')
+            .map(str::trim)
+            .filter(|directive| !directive.is_empty())
+            .collect();
+        let named = |directive: &str, name: &str| {
+            let key = directive.split('=').next().unwrap_or("").trim();
+            key.eq_ignore_ascii_case(name)
+        };
+        if directives
+            .iter()
+            .any(|d| named(d, "private") || named(d, "no-store"))
+        {
+            return None;
+        }
+        let mut kept: Vec<&str> = directives
+            .into_iter()
+            .filter(|d| !named(d, "public") && !named(d, "s-maxage"))
+            .collect();
+        kept.push("private");
+        Some(kept.join(", "))
+    }
+
+    /// Whether a response with these `Vary` header values needs `Vary: Cookie`
+    /// added.
+    pub fn needs_vary<'v>(&self, existing: impl IntoIterator<Item = &'v str>) -> bool {
+        self.vary_cookie
+            && !existing
+                .into_iter()
+                .flat_map(|value| value.split(','))
+                .any(|name| {
+                    let name = name.trim();
+                    name == "*" || name.eq_ignore_ascii_case("cookie")
+                })
     }
 }
 

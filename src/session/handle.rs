@@ -1243,16 +1243,18 @@ impl Session {
     /// `Max-Age` that this request's write moved. A session found gone (ended or
     /// moved by another request) sends nothing: that request's response set the
     /// cookie, and this one must not undo it. Its changes are dropped, and logged.
-    pub(crate) async fn commit(&self, refresh: Option<f64>) -> Result<CookieAction> {
+    pub(crate) async fn commit(&self, refresh: Option<f64>) -> Result<(CookieAction, bool)> {
         let mut state = self.inner.state.lock().await;
         self.check_open()?;
+        // The handler read or wrote the session: the response depends on the cookie.
+        let used = state.is_some();
         let action = self.commit_locked(&mut state, refresh).await?;
         // Only a commit that succeeded ends the request: after a failure the
         // changes are still there, and a retry may write them.
         self.inner
             .finished
             .store(true, std::sync::atomic::Ordering::Release);
-        Ok(action)
+        Ok((action, used))
     }
 
     async fn commit_locked(&self, state: &mut State, refresh: Option<f64>) -> Result<CookieAction> {

@@ -479,11 +479,14 @@ pub fn check_deletes_expired(store: &portable_sessions::MemoryStore) {
 }
 
 /// Drives a small app of a framework test's own, whose session integration (cookie
-/// `sid`) wraps `/count` (counts with `Session::update`), `/fail` (inserts, then
-/// answers 500), `/own-cookie` (inserts, and sets a cookie of its own) and
-/// `/store-error` (a value read as the wrong type, through `?`): the integration's
+/// `sid`, over `store`) wraps `/count` (counts with `Session::update`), `/fail`
+/// (inserts, then answers 500), `/own-cookie` (inserts, and sets a cookie of its
+/// own), `/store-error` (a value read as the wrong type, through `?`), `/plain`
+/// (never touches the session), `/read` (reads it), `/public` (inserts, with
+/// `Cache-Control: public, max-age=60`), and `/nested/login` (inserts and moves the
+/// session, under a second, nested integration of its own): the integration's
 /// rules, the same for every framework.
-pub fn check_integration_rules(addr: SocketAddr, store: &portable_sessions::MemoryStore) {
+pub fn check_integration_rules(addr: SocketAddr, store: &crate::common::FaultyStore) {
     // One line of setup, `Session` as an extractor, `?` on the crate's error.
     let (status, cookies, body) = fetch(addr, "/count", None);
     assert_eq!((status, body.as_str()), (200, "1"));
@@ -493,12 +496,12 @@ pub fn check_integration_rules(addr: SocketAddr, store: &portable_sessions::Memo
     assert_eq!(body, "2");
 
     // The handler failed: nothing written, no cookie.
-    let before = store.len();
+    let before = store.inner.len();
     let (status, cookies, _) = fetch(addr, "/fail", None);
     assert_eq!(status, 500);
     assert!(cookies.is_empty(), "{cookies:?}");
     assert_eq!(
-        store.len(),
+        store.inner.len(),
         before,
         "no session created for a failed handler"
     );
@@ -510,15 +513,94 @@ pub fn check_integration_rules(addr: SocketAddr, store: &portable_sessions::Memo
     assert!(cookies.iter().any(|c| c.starts_with("theme=dark")));
     assert!(cookies.iter().any(|c| c.starts_with("sid=")));
 
-    // A store error is a bare 500 that leaks nothing.
+    // A value read as the wrong type is a bare 500 that leaks nothing.
     let (status, _, body) = fetch(addr, "/store-error", None);
     assert_eq!(status, 500);
     assert_eq!(body, "internal server error");
+
+    check_cache_headers(addr, &cookie);
+    check_outage(addr, store, &cookie, "service unavailable");
+
+    // Two integrations on one route: one session, one cookie, and a malformed
+    // cookie's removal never follows the login's cookie.
+    let (status, headers, body) = fetch_headers(addr, "/nested/login", Some("sid=garbage"));
+    assert_eq!((status, body.as_str()), (200, "logged in"));
+    let cookies = values(&headers, "set-cookie");
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    let login = cookies[0].split(';').next().unwrap();
+    assert!(stored_as(store, login, "alice"), "{login}");
+}
+
+/// Responses that used the session vary on `Cookie`; those that set it are private
+/// to the user; those that never touched it are left alone.
+fn check_cache_headers(addr: SocketAddr, cookie: &str) {
+    let (_, headers, _) = fetch_headers(addr, "/plain", Some(cookie));
+    assert!(values(&headers, "vary").is_empty(), "{headers:?}");
+    assert!(values(&headers, "cache-control").is_empty(), "{headers:?}");
+
+    let (_, headers, body) = fetch_headers(addr, "/read", Some(cookie));
+    assert_eq!(body, "2");
+    assert_eq!(values(&headers, "vary"), ["cookie"], "{headers:?}");
+    assert!(values(&headers, "set-cookie").is_empty());
+    assert!(values(&headers, "cache-control").is_empty(), "{headers:?}");
+
+    let (_, headers, _) = fetch_headers(addr, "/public", None);
+    assert_eq!(values(&headers, "set-cookie").len(), 1, "{headers:?}");
+    assert_eq!(values(&headers, "vary"), ["cookie"], "{headers:?}");
+    assert_eq!(
+        values(&headers, "cache-control"),
+        ["max-age=60, private"],
+        "a shared cache never stores a session cookie"
+    );
+}
+
+/// A store outage answers `unavailable` (the bare 503's body, or the application's
+/// own), both from a handler's `?` and from the write after it.
+pub fn check_outage(
+    addr: SocketAddr,
+    store: &crate::common::FaultyStore,
+    cookie: &str,
+    unavailable: &str,
+) {
+    store.fail_all(true);
+    let (status, cookies, body) = fetch(addr, "/count", Some(cookie));
+    assert_eq!(
+        (status, body.as_str()),
+        (503, unavailable),
+        "the handler's ?"
+    );
+    assert!(cookies.is_empty(), "{cookies:?}");
+    let (status, cookies, body) = fetch(addr, "/own-cookie", None);
+    assert_eq!((status, body.as_str()), (503, unavailable), "the write");
+    assert!(cookies.is_empty(), "{cookies:?}");
+    store.fail_all(false);
+    let (status, _, _) = fetch(addr, "/count", Some(cookie));
+    assert_eq!(status, 200, "back once the store is");
+}
+
+/// Every value of the header `name` (lowercase).
+fn values(headers: &[(String, String)], name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(key, _)| key == name)
+        .map(|(_, value)| value.clone())
+        .collect()
 }
 
 /// Sends `GET path` with an optional `Cookie` header; returns the status, every
 /// `Set-Cookie` value and the body.
 pub fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<String>, String) {
+    let (status, headers, body) = fetch_headers(addr, path, cookie);
+    (status, values(&headers, "set-cookie"), body)
+}
+
+/// Sends `GET path` with an optional `Cookie` header; returns the status, every
+/// header (lowercase names) and the body.
+pub fn fetch_headers(
+    addr: SocketAddr,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(20)))
@@ -529,15 +611,17 @@ pub fn fetch(addr: SocketAddr, path: &str, cookie: Option<&str>) -> (u16, Vec<St
         request = request.header("Cookie", cookie);
     }
     let mut response = request.call().expect("the server answers");
-    let cookies = response
+    let headers = response
         .headers()
-        .get_all("set-cookie")
         .iter()
-        .map(|v| v.to_str().expect("ASCII").to_owned())
+        .map(|(name, value)| {
+            let value = value.to_str().expect("ASCII").to_owned();
+            (name.as_str().to_owned(), value)
+        })
         .collect();
     let status = response.status().as_u16();
     let body = response.body_mut().read_to_string().expect("a body");
-    (status, cookies, body)
+    (status, headers, body)
 }
 
 /// Returns `true` if the session under the cookie's id is logged in as `user`.

@@ -8,6 +8,8 @@
 //! - `build_record`: a record of five values with a fresh id, as a request makes one.
 //! - `encode` and `decode`: the record codec (what persistent stores write) against
 //!   serde_json of tower-sessions' record.
+//! - `read_values`: the five values read back typed (ours checks each one's shape
+//!   tag) against tower-sessions' `serde_json::from_value` of each.
 //!
 //! The codec is the same in both modes; the benchmark names carry the mode anyway, so
 //! that runs of both modes sit side by side in criterion's report. The encoded sizes
@@ -91,9 +93,39 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
+/// Reading the five values back typed, as a request's handler does: ours decodes
+/// postcard and checks each value's shape tag; the peer converts its JSON values.
+fn read_values(c: &mut Criterion) {
+    let ours = our_record();
+    let peer = peer_record();
+    let mut group = c.benchmark_group("read_values");
+    group.bench_function(format!("ours-{MODE}"), |b| {
+        b.iter(|| {
+            let user: Option<u64> = ours.get("user_id").expect("reads");
+            let csrf: Option<String> = ours.get("csrf_token").expect("reads");
+            let recent: Option<[u32; 8]> = ours.get("recent").expect("reads");
+            let flash: Option<String> = ours.get("flash").expect("reads");
+            let roles: Option<Vec<String>> = ours.get("roles").expect("reads");
+            black_box((user, csrf, recent, flash, roles))
+        })
+    });
+    group.bench_function("tower/json", |b| {
+        b.iter(|| {
+            let get = |key: &str| peer.data.get(key).cloned().expect("present");
+            let user: u64 = serde_json::from_value(get("user_id")).expect("reads");
+            let csrf: String = serde_json::from_value(get("csrf_token")).expect("reads");
+            let recent: [u32; 8] = serde_json::from_value(get("recent")).expect("reads");
+            let flash: String = serde_json::from_value(get("flash")).expect("reads");
+            let roles: Vec<String> = serde_json::from_value(get("roles")).expect("reads");
+            black_box((user, csrf, recent, flash, roles))
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = criterion_config();
-    targets = ids, codec
+    targets = ids, codec, read_values
 }
 criterion_main!(benches);

@@ -91,7 +91,7 @@ fn insert<T: Serialize + ?Sized>(record: &mut Record, key: &str, value: &T) {
         .unwrap_or_else(|err| panic!("Record::insert({key:?}) failed: {}", err.report()));
 }
 
-fn value<T: DeserializeOwned>(record: &Record, key: &str) -> Option<T> {
+fn value<T: DeserializeOwned + Serialize>(record: &Record, key: &str) -> Option<T> {
     record
         .get(key)
         .unwrap_or_else(|err| panic!("Record::get({key:?}) failed: {}", err.report()))

@@ -214,12 +214,12 @@ fn a_value_read_as_the_wrong_type_is_a_decode_error() {
 fn unknown_versions_and_oversized_input_are_rejected() {
     let record = Record::new(OffsetDateTime::UNIX_EPOCH);
     let mut bytes = record.encode().unwrap();
-    bytes[0] = 3;
+    bytes[0] = 5;
     let err = Record::decode(&bytes).unwrap_err();
     assert!(matches!(err, Error::Decode(_)));
     assert_eq!(
         err.report(),
-        "failed to decode session data: record format version 3 where 1 was expected"
+        "failed to decode session data: record format version 5 where 3 was expected"
     );
     assert!(matches!(
         Record::decode_with_id(record.id, &bytes),

@@ -6,7 +6,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::{
     lifecycle::clock::Clock,
-    session::Record,
+    session::{encode_value, Record},
     session_store::{Error, Result},
 };
 
@@ -128,7 +128,7 @@ pub(crate) fn created_at(record: &Record) -> Result<Option<OffsetDateTime>> {
 /// Writes the creation time into a record.
 pub(crate) fn set_created_at(record: &mut Record, at: OffsetDateTime) {
     // An i64 always encodes, so there is no error to report.
-    let bytes = postcard::to_allocvec(&at.unix_timestamp()).unwrap_or_default();
+    let bytes = encode_value(&at.unix_timestamp()).unwrap_or_default();
     record.insert_raw(CREATED_KEY, bytes);
 }
 

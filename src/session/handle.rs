@@ -10,7 +10,7 @@ use crate::{
         created_at, encode_policy, has_no_user_values, is_reserved, set_created_at, Expiry,
         SessionConfig, CREATED_KEY, EXPIRY_KEY, MOVED_KEY,
     },
-    session::{random_id, Id, Record},
+    session::{encode_value, random_id, Id, Record},
     session_store::{
         Error, Result, SessionFinished, SessionGone, SessionStore, Update, WriteConflict,
     },
@@ -786,7 +786,7 @@ impl Session {
     ///
     /// Returns [`Error::Decode`] if the value was not written as a `T`, or the store's
     /// error if loading the session fails.
-    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+    pub async fn get<T: DeserializeOwned + Serialize>(&self, key: &str) -> Result<Option<T>> {
         if is_reserved(key) {
             return Ok(None);
         }
@@ -808,7 +808,7 @@ impl Session {
     /// loading the session fails. On error the session is unchanged.
     pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<()> {
         check_key(key)?;
-        let bytes = postcard::to_allocvec(&value).map_err(Error::encode)?;
+        let bytes = encode_value(&value)?;
         // Encoded: the future holds no `T` across its awaits.
         drop(value);
         let mut state = self.inner.state.lock().await;
@@ -876,7 +876,7 @@ impl Session {
         let mut result = None;
         let mut apply = |record: &mut Record| -> Result<()> {
             let next = f(record.get::<T>(key)?);
-            let bytes = postcard::to_allocvec(&next).map_err(Error::encode)?;
+            let bytes = encode_value(&next)?;
             record.insert_raw(key, bytes);
             result = Some(next);
             Ok(())
@@ -914,7 +914,7 @@ impl Session {
     /// it stays in place (see [`remove_raw`](Self::remove_raw)), a [`SessionGone`] or
     /// [`SessionFinished`] as for [`insert`](Self::insert), or the store's error if
     /// loading the session fails.
-    pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+    pub async fn remove<T: DeserializeOwned + Serialize>(&self, key: &str) -> Result<Option<T>> {
         if is_reserved(key) {
             return Ok(None);
         }

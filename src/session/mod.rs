@@ -16,6 +16,9 @@ use crate::session_store::{Error, Result};
 pub(crate) mod expiry;
 pub(crate) mod handle;
 mod random;
+mod shape;
+
+pub(crate) use self::shape::encode_value;
 
 pub use self::{
     expiry::{Expiry, SessionConfig},
@@ -253,9 +256,18 @@ impl<'de> Deserialize<'de> for Id {
 ///
 /// Each value is held already encoded with [postcard](https://docs.rs/postcard); the
 /// typed [`insert`](Record::insert) and [`get`](Record::get) encode and decode it.
-/// postcard is not self-describing, so reading a value back as a different type than
-/// it was written with either fails with [`Error::Decode`] or, where the bytes happen to
-/// be valid for both types, yields that other reading: use one type per key.
+/// postcard is not self-describing (`4u64` read as an `i64` is `2`), so each value
+/// carries a two-byte **shape tag** in front of its postcard bytes: a hash of its
+/// shape in serde's data model (the kinds of its primitives, as postcard encodes
+/// them, the lengths of its lists, the names of its fields and variants, never the
+/// names of its types). [`get`](Record::get) hashes the shape of what it decoded and
+/// fails with [`Error::Decode`] when the two differ, so a value read as another type
+/// (a type changed between two deploys) is an error, never a wrong value. Shapes
+/// that postcard reads alike share a tag: a `u32` field may become a `u64`, a `u64`
+/// a newtype around one; an empty list reads as an empty list of anything. The
+/// raw API ([`get_raw`](Record::get_raw), [`insert_raw`](Record::insert_raw)) takes
+/// and gives the stored form, tag included; a tag of `[0, 0]` is never checked
+/// (values stored before tags existed read that way).
 ///
 /// All the values live in one allocation, laid out as the record codec writes them, so
 /// that [`decode`](Record::decode) is a check and one copy and
@@ -304,12 +316,22 @@ impl Record {
     pub const MAX_ENCODED_LEN: usize = 1 << 20;
 
     /// The format version written as the first byte of [`encode`](Record::encode)'s
-    /// output.
-    pub const FORMAT_VERSION: u8 = 1;
+    /// output: values with shape tags. [`decode`](Record::decode) also reads
+    /// version 1, whose values have none (they read unchecked).
+    pub const FORMAT_VERSION: u8 = 3;
 
     /// The format version written as the first byte of
-    /// [`encode_without_id`](Record::encode_without_id)'s output.
-    pub const FORMAT_VERSION_WITHOUT_ID: u8 = 2;
+    /// [`encode_without_id`](Record::encode_without_id)'s output: values with shape
+    /// tags. [`decode_with_id`](Record::decode_with_id) also reads version 2, whose
+    /// values have none.
+    pub const FORMAT_VERSION_WITHOUT_ID: u8 = 4;
+
+    /// [`FORMAT_VERSION`](Record::FORMAT_VERSION) before values had shape tags.
+    pub(crate) const LEGACY_FORMAT_VERSION: u8 = 1;
+
+    /// [`FORMAT_VERSION_WITHOUT_ID`](Record::FORMAT_VERSION_WITHOUT_ID) before values
+    /// had shape tags.
+    pub(crate) const LEGACY_FORMAT_VERSION_WITHOUT_ID: u8 = 2;
 
     /// Makes a record with a fresh random id, the given expiry date and no values.
     ///
@@ -358,23 +380,27 @@ impl Record {
         }
     }
 
-    /// Encodes `value` with postcard and stores it under `key`, replacing any value
-    /// that was there.
+    /// Encodes `value` (its shape tag, then postcard) and stores it under `key`,
+    /// replacing any value that was there.
     ///
     /// # Errors
     ///
     /// Returns [`Error::Encode`] if `value` cannot be serialized; the record is then
     /// unchanged.
     pub fn insert<T: Serialize + ?Sized>(&mut self, key: impl AsRef<str>, value: &T) -> Result<()> {
+        let tag = shape::tag_of(value)?;
         self.data
             .put(key.as_ref(), false, |bytes| {
+                bytes.extend_from_slice(&tag);
                 postcard::serialize_with_flavor(value, Append(bytes))
             })
             .map_err(Error::encode)?;
         Ok(())
     }
 
-    /// Stores already-encoded bytes under `key` and returns the bytes it replaced.
+    /// Stores already-encoded bytes under `key` and returns the bytes it replaced:
+    /// the stored form, a two-byte shape tag (`[0, 0]`: unchecked) then postcard,
+    /// as [`get_raw`](Record::get_raw) gives it.
     pub fn insert_raw(&mut self, key: impl AsRef<str>, bytes: Vec<u8>) -> Option<Vec<u8>> {
         self.data.set(key.as_ref(), &bytes)
     }
@@ -385,13 +411,15 @@ impl Record {
     ///
     /// # Errors
     ///
-    /// Returns [`Error::Decode`] if the stored bytes are not a `T` (including when
-    /// they hold a `T` followed by more bytes).
-    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+    /// Returns [`Error::Decode`] if the stored bytes are not a `T`: they do not
+    /// decode as one, they hold a `T` followed by more bytes, or what they decode
+    /// to has another shape than the value stored (see the type's docs). `T` is
+    /// `Serialize` too, to hash the shape of what was read.
+    pub fn get<T: DeserializeOwned + Serialize>(&self, key: &str) -> Result<Option<T>> {
         self.get_raw(key).map(decode_value).transpose()
     }
 
-    /// Returns the encoded bytes stored under `key`.
+    /// Returns the bytes stored under `key`: its shape tag, then postcard.
     pub fn get_raw(&self, key: &str) -> Option<&[u8]> {
         self.data.get(key)
     }
@@ -560,14 +588,17 @@ impl Record {
                 Self::MAX_ENCODED_LEN
             )));
         }
-        let expected = match known_id {
-            None => Self::FORMAT_VERSION,
-            Some(_) => Self::FORMAT_VERSION_WITHOUT_ID,
+        let (expected, legacy) = match known_id {
+            None => (Self::FORMAT_VERSION, Self::LEGACY_FORMAT_VERSION),
+            Some(_) => (
+                Self::FORMAT_VERSION_WITHOUT_ID,
+                Self::LEGACY_FORMAT_VERSION_WITHOUT_ID,
+            ),
         };
         let Some((&version, mut rest)) = bytes.split_first() else {
             return Err(Error::decode("encoded record is empty"));
         };
-        if version != expected {
+        if version != expected && version != legacy {
             return Err(Error::decode(format!(
                 "record format version {version} where {expected} was expected"
             )));
@@ -586,11 +617,16 @@ impl Record {
             postcard::take_from_bytes::<i128>(rest).map_err(Error::decode)?;
         let expiry_date =
             OffsetDateTime::from_unix_timestamp_nanos(expiry_nanos).map_err(Error::decode)?;
+        let data = if version == legacy {
+            Data::decode_untagged(values)?
+        } else {
+            Data::decode(values)?
+        };
         Ok(Self {
             id,
             expiry_date,
             version: 0,
-            data: Data::decode(values)?,
+            data,
         })
     }
 }
@@ -598,16 +634,24 @@ impl Record {
 /// The longest postcard varint of an `i128`.
 const MAX_I128_VARINT_LEN: usize = 19;
 
-fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+fn decode_value<T: DeserializeOwned + Serialize>(bytes: &[u8]) -> Result<T> {
+    let (tag, bytes) = bytes
+        .split_first_chunk::<{ shape::TAG_LEN }>()
+        .ok_or_else(|| Error::decode("the stored value is shorter than its shape tag"))?;
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(Error::decode)?;
-    if rest.is_empty() {
-        Ok(value)
-    } else {
-        Err(Error::decode(format!(
+    if !rest.is_empty() {
+        return Err(Error::decode(format!(
             "{} bytes left over after decoding the value: it was stored as another type",
             rest.len()
-        )))
+        )));
     }
+    if *tag != shape::UNCHECKED && shape::tag_of(&value)? != *tag {
+        return Err(Error::decode(format!(
+            "the value was stored as another type than {} (its shape differs)",
+            std::any::type_name::<T>()
+        )));
+    }
+    Ok(value)
 }
 
 impl fmt::Debug for Record {
@@ -699,6 +743,42 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
 impl Data {
     /// Checks that `bytes` are exactly one encoded set of values, and keeps a copy.
     fn decode(bytes: &[u8]) -> Result<Self> {
+        Self::check(bytes)?;
+        Ok(if bytes.first() == Some(&0) {
+            Self::default()
+        } else {
+            Self::Shared(Arc::from(bytes))
+        })
+    }
+
+    /// Decodes values written before they had shape tags, giving each the tag
+    /// that is never checked.
+    fn decode_untagged(bytes: &[u8]) -> Result<Self> {
+        Self::check(bytes)?;
+        let mut data = Self::default();
+        let mut rest = bytes;
+        let count = take_varint(&mut rest).unwrap_or(0);
+        for _ in 0..count {
+            // Checked above, so the fields are all there.
+            let (Some(key), Some(value)) = (take_field(&mut rest), take_field(&mut rest)) else {
+                break;
+            };
+            let key = std::str::from_utf8(key).map_err(Error::decode)?;
+            let put = data.put(key, false, |bytes| {
+                bytes.extend_from_slice(&shape::UNCHECKED);
+                bytes.extend_from_slice(value);
+                Ok::<(), std::convert::Infallible>(())
+            });
+            if let Err(never) = put {
+                match never {}
+            }
+        }
+        Ok(data)
+    }
+
+    /// Checks that `bytes` are exactly one encoded set of values, keys in order. A
+    /// value too short for a shape tag is kept: reading it typed is the error.
+    fn check(bytes: &[u8]) -> Result<()> {
         let corrupt = || Error::decode("truncated or corrupt values in encoded record");
         let mut rest = bytes;
         let count = take_varint(&mut rest).ok_or_else(corrupt)?;
@@ -728,11 +808,7 @@ impl Data {
                 rest.len()
             )));
         }
-        Ok(if count == 0 {
-            Self::default()
-        } else {
-            Self::Shared(Arc::from(bytes))
-        })
+        Ok(())
     }
 
     fn bytes(&self) -> &[u8] {
@@ -1053,6 +1129,89 @@ pub(crate) mod tests {
         assert_eq!(record.encode().unwrap()[0], Record::FORMAT_VERSION);
     }
 
+    /// The cases: postcard alone read `4u64` as `2i64` and an empty list as
+    /// `0u64`; the shape tag makes both an error.
+    #[test]
+    fn a_value_read_as_another_type_is_an_error() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Cart {
+            items: Vec<String>,
+            total: u64,
+        }
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Swapped {
+            total: u64,
+            items: Vec<String>,
+        }
+        let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+        record.insert("n", &4u64).unwrap();
+        record.insert("list", &Vec::<String>::new()).unwrap();
+        record.insert("flag", &true).unwrap();
+        let cart = Cart {
+            items: vec!["apple".into()],
+            total: 3,
+        };
+        record.insert("cart", &cart).unwrap();
+        let decode = |err: Error| assert!(matches!(err, Error::Decode(_)), "{err:?}");
+        decode(record.get::<i64>("n").unwrap_err());
+        decode(record.get::<u64>("list").unwrap_err());
+        decode(record.get::<u8>("flag").unwrap_err());
+        decode(record.get::<(Vec<String>, u64)>("cart").unwrap_err());
+        decode(record.get::<Swapped>("cart").unwrap_err());
+        // The right types, and the ones postcard reads alike, still read.
+        assert_eq!(record.get::<u64>("n").unwrap(), Some(4));
+        assert_eq!(record.get::<u32>("n").unwrap(), Some(4));
+        assert_eq!(record.get::<Vec<u64>>("list").unwrap(), Some(vec![]));
+        assert_eq!(record.get::<Cart>("cart").unwrap(), Some(cart));
+        // A survivor of the encoding: the tag travels with the record.
+        let decoded = Record::decode(&record.encode().unwrap()).unwrap();
+        decode(decoded.get::<i64>("n").unwrap_err());
+        // Too short for a tag: an error on read, and the record still encodes.
+        record.insert_raw("short", vec![1]);
+        decode(record.get::<u8>("short").unwrap_err());
+        assert!(Record::decode(&record.encode().unwrap()).is_ok());
+    }
+
+    /// Records written before values had tags (formats 1 and 2) still decode, and
+    /// their values read unchecked, as they always did.
+    #[test]
+    fn records_from_before_shape_tags_read_unchecked() {
+        let untagged = |version: u8, with_id: Option<Id>| {
+            let mut bytes = vec![version];
+            if let Some(id) = with_id {
+                bytes.extend_from_slice(&id.to_bytes());
+            }
+            bytes.extend(postcard::to_allocvec(&0i128).unwrap());
+            bytes.push(2); // two values, in key order
+            for (key, value) in [("a", postcard::to_allocvec(&4u64).unwrap()), ("b", vec![])] {
+                put_field(&mut bytes, key.as_bytes());
+                put_field(&mut bytes, &value);
+            }
+            bytes
+        };
+        let id = Id::default();
+        for record in [
+            Record::decode(&untagged(Record::LEGACY_FORMAT_VERSION, Some(id))).unwrap(),
+            Record::decode_with_id(
+                id,
+                &untagged(Record::LEGACY_FORMAT_VERSION_WITHOUT_ID, None),
+            )
+            .unwrap(),
+        ] {
+            assert_eq!(record.id, id);
+            assert_eq!(record.get::<u64>("a").unwrap(), Some(4));
+            assert_eq!(
+                record.get::<i64>("a").unwrap(),
+                Some(2),
+                "unchecked, as before"
+            );
+            assert_eq!(record.get_raw("b"), Some(&shape::UNCHECKED[..]));
+            // Written again, it is in the current format and reads back the same.
+            let again = Record::decode(&record.encode().unwrap()).unwrap();
+            assert_eq!(again, record);
+        }
+    }
+
     #[test]
     fn clones_share_values_until_changed() {
         let mut a = Record::new(OffsetDateTime::UNIX_EPOCH);
@@ -1079,15 +1238,12 @@ pub(crate) mod tests {
         for key in ["z", "b", "m", "a", "q"] {
             b.insert(key, key).unwrap();
         }
-        assert_eq!(b.remove("q"), Some(postcard::to_allocvec("q").unwrap()));
+        assert_eq!(b.remove("q"), Some(encode_value("q").unwrap()));
         assert_eq!(b.remove("q"), None);
         assert_eq!(a.keys().collect::<Vec<_>>(), ["a", "b", "m", "z"]);
         assert_eq!(a, b);
         assert_eq!(a.encode().unwrap(), b.encode().unwrap());
-        assert_eq!(
-            a.insert_raw("b", vec![9]),
-            Some(postcard::to_allocvec("b").unwrap())
-        );
+        assert_eq!(a.insert_raw("b", vec![9]), Some(encode_value("b").unwrap()));
         assert_eq!(a.get_raw("b"), Some(&[9u8][..]));
         assert_eq!(a.len(), 4);
         for key in ["a", "b", "m", "z"] {
@@ -1175,7 +1331,7 @@ pub(crate) mod tests {
                 match change {
                     Change::Insert(key, value) => {
                         record.insert(&key, &value).unwrap();
-                        model.insert(key, postcard::to_allocvec(&value).unwrap());
+                        model.insert(key, encode_value(&value).unwrap());
                     }
                     Change::InsertRaw(key, value) => {
                         let old = record.insert_raw(&key, value.clone());

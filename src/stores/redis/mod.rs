@@ -91,7 +91,7 @@ fn encode_value(record: &Record, version: u64, token: &[u8; stored::TOKEN_LEN]) 
 }
 
 fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
-    if value.first() == Some(&Record::FORMAT_VERSION_WITHOUT_ID) {
+    if value.first() == Some(&Record::LEGACY_FORMAT_VERSION_WITHOUT_ID) {
         // Written before versions existed: the record alone, at version 0.
         return stored::decode(id, value);
     }

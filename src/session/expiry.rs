@@ -302,9 +302,9 @@ impl SessionConfig {
         }
     }
 
-    /// The cookie's `Max-Age` for a record expiring at `expiry_date`: none for a
-    /// browser-session cookie.
-    pub(crate) fn cookie_max_age(
+    /// The cookie's `Max-Age` for a record expiring at `expiry_date` under
+    /// `expiry`: none for a browser-session cookie.
+    fn max_age(
         expiry: Expiry,
         expiry_date: OffsetDateTime,
         now: OffsetDateTime,
@@ -315,6 +315,58 @@ impl SessionConfig {
                 Some((expiry_date - now).max(Duration::ZERO))
             }
         }
+    }
+
+    // What a request's commit asks of its record, one call each: the date its write
+    // gives it, whether an unchanged session is due for a refresh, and the cookie.
+
+    /// The expiry date a write made at `now` gives `record`, by the session's own
+    /// policy or this configuration's, within the lifetime cap.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Decode`] when the record's creation time is unreadable.
+    pub(crate) fn write_date(
+        &self,
+        record: &Record,
+        now: OffsetDateTime,
+    ) -> Result<OffsetDateTime> {
+        let created = created_at(record)?.unwrap_or(now);
+        Ok(self.expiry_date(self.policy(record), created, now))
+    }
+
+    /// Returns `true` if rewriting `record` now would move its expiry date forward
+    /// by at least `fraction` of its sliding window (never without a fraction, or
+    /// for a policy that does not slide).
+    ///
+    /// # Errors
+    ///
+    /// As for [`write_date`](Self::write_date).
+    pub(crate) fn refresh_due(
+        &self,
+        record: &Record,
+        now: OffsetDateTime,
+        fraction: Option<f64>,
+    ) -> Result<bool> {
+        let policy = self.policy(record);
+        let (Some(fraction), Some(window)) = (fraction, self.sliding_window(policy)) else {
+            return Ok(false);
+        };
+        let gain = self.write_date(record, now)? - record.expiry_date;
+        let threshold =
+            Duration::checked_seconds_f64(window.as_seconds_f64() * fraction).unwrap_or(window);
+        Ok(gain > Duration::ZERO && gain >= threshold)
+    }
+
+    /// The policy `record` expires by, and its cookie's `Max-Age` at `now` (none for
+    /// a browser-session cookie).
+    pub(crate) fn cookie_max_age(
+        &self,
+        record: &Record,
+        now: OffsetDateTime,
+    ) -> (Expiry, Option<Duration>) {
+        let policy = self.policy(record);
+        (policy, Self::max_age(policy, record.expiry_date, now))
     }
 }
 
@@ -354,7 +406,7 @@ mod tests {
             now + SessionConfig::DEFAULT_SESSION_END_TTL
         );
         assert_eq!(
-            SessionConfig::cookie_max_age(Expiry::OnSessionEnd, at(20_000), now),
+            SessionConfig::max_age(Expiry::OnSessionEnd, at(20_000), now),
             None
         );
 
@@ -365,11 +417,11 @@ mod tests {
         );
         assert_eq!(end.sliding_window(fixed), None);
         assert_eq!(
-            SessionConfig::cookie_max_age(fixed, at(12_000), now),
+            SessionConfig::max_age(fixed, at(12_000), now),
             Some(Duration::seconds(2_000))
         );
         assert_eq!(
-            SessionConfig::cookie_max_age(fixed, at(9_000), now),
+            SessionConfig::max_age(fixed, at(9_000), now),
             Some(Duration::ZERO),
             "never a negative Max-Age"
         );

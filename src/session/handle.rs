@@ -412,19 +412,11 @@ impl Session {
         })
     }
 
-    /// The expiry date a write made at `now` gives the record, by the session's own
-    /// policy or the configuration's.
-    fn expiry_date_at(&self, record: &Record, now: OffsetDateTime) -> Result<OffsetDateTime> {
-        let created = created_at(record)?.unwrap_or(now);
-        let config = &self.inner.config;
-        Ok(config.expiry_date(config.policy(record), created, now))
-    }
-
     /// Sets the expiry date a write made now gives the record, by the session's own
     /// policy or the configuration's. A date already past is logged: the write makes
     /// a record that never loads.
     fn stamp_expiry(&self, record: &mut Record, now: OffsetDateTime) -> Result<()> {
-        record.expiry_date = self.expiry_date_at(record, now)?;
+        record.expiry_date = self.inner.config.write_date(record, now)?;
         if record.expiry_date <= now {
             let policy = self.inner.config.policy(record);
             log::warn!(
@@ -1050,7 +1042,8 @@ impl Session {
         if loaded.stored && !loaded.modified {
             return Ok(loaded.record.expiry_date);
         }
-        self.expiry_date_at(&loaded.record, self.inner.config.now())
+        let config = &self.inner.config;
+        config.write_date(&loaded.record, config.now())
     }
 
     /// Returns how long until the session expires (see
@@ -1286,7 +1279,12 @@ impl Session {
                 }
                 Err(err) => return Err(err),
             }
-        } else if loaded.stored && self.refresh_due(&loaded.record, now, refresh)? {
+        } else if loaded.stored
+            && self
+                .inner
+                .config
+                .refresh_due(&loaded.record, now, refresh)?
+        {
             self.refresh(loaded, now).await?;
         }
         if loaded.gone {
@@ -1294,8 +1292,7 @@ impl Session {
             // response has set the cookie, and this one must not undo that.
             return Ok(CookieAction::Keep);
         }
-        let policy = self.inner.config.policy(&loaded.record);
-        let max_age = SessionConfig::cookie_max_age(policy, loaded.record.expiry_date, now);
+        let (policy, max_age) = self.inner.config.cookie_max_age(&loaded.record, now);
         Ok(if loaded.stored {
             let new_id = !self.inner.incoming.contains(&loaded.record.id);
             let moved_max_age = loaded.written
@@ -1328,28 +1325,6 @@ fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-impl Session {
-    /// Returns `true` if rewriting the record now would move its expiry date forward
-    /// by at least `fraction` of the sliding window.
-    fn refresh_due(
-        &self,
-        record: &Record,
-        now: OffsetDateTime,
-        fraction: Option<f64>,
-    ) -> Result<bool> {
-        let config = &self.inner.config;
-        let policy = config.policy(record);
-        let (Some(fraction), Some(window)) = (fraction, config.sliding_window(policy)) else {
-            return Ok(false);
-        };
-        let created = created_at(record)?.unwrap_or(now);
-        let gain = config.expiry_date(policy, created, now) - record.expiry_date;
-        let threshold =
-            Duration::checked_seconds_f64(window.as_seconds_f64() * fraction).unwrap_or(window);
-        Ok(gain > Duration::ZERO && gain >= threshold)
-    }
-}
-
 impl fmt::Debug for Session {
     /// Prints the abridged incoming id, never the values: they may hold credentials.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1363,7 +1338,7 @@ impl fmt::Debug for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{session::tests::RNG_FAILS, MemoryStore};
+    use crate::{session::id::tests::RNG_FAILS, MemoryStore};
 
     fn rng_fails(fails: bool) {
         RNG_FAILS.with(|flag| flag.set(fails));

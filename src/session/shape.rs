@@ -28,7 +28,8 @@ pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> 
     let tag = tag_of(value)?;
     let mut bytes = Vec::with_capacity(16);
     bytes.extend_from_slice(&tag);
-    postcard::serialize_with_flavor(value, super::Append(&mut bytes)).map_err(Error::encode)?;
+    postcard::serialize_with_flavor(value, super::codec::Append(&mut bytes))
+        .map_err(Error::encode)?;
     Ok(bytes)
 }
 

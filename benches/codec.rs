@@ -105,7 +105,7 @@ fn read_values(c: &mut Criterion) {
             let csrf: Option<String> = ours.get("csrf_token").expect("reads");
             let recent: Option<[u32; 8]> = ours.get("recent").expect("reads");
             let flash: Option<String> = ours.get("flash").expect("reads");
-            let roles: Option<Vec<String>> = ours.get("roles").expect("reads");
+            let roles: Option<[String; 2]> = ours.get("roles").expect("reads");
             black_box((user, csrf, recent, flash, roles))
         })
     });
@@ -116,7 +116,7 @@ fn read_values(c: &mut Criterion) {
             let csrf: String = serde_json::from_value(get("csrf_token")).expect("reads");
             let recent: [u32; 8] = serde_json::from_value(get("recent")).expect("reads");
             let flash: String = serde_json::from_value(get("flash")).expect("reads");
-            let roles: Vec<String> = serde_json::from_value(get("roles")).expect("reads");
+            let roles: [String; 2] = serde_json::from_value(get("roles")).expect("reads");
             black_box((user, csrf, recent, flash, roles))
         })
     });

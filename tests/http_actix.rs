@@ -107,6 +107,13 @@ async fn plain() -> HttpResponse {
     HttpResponse::Ok().body("plain")
 }
 
+async fn half(session: Session) -> Result<HttpResponse, session_store::Error> {
+    session.insert("half", true).await?;
+    Err(session_store::Error::backend(
+        "the next step's backend is down",
+    ))
+}
+
 async fn store_error(session: Session) -> Result<HttpResponse, session_store::Error> {
     session.insert("n", "not a number").await?;
     let n = session.get::<u64>("n").await?;
@@ -139,6 +146,7 @@ fn serve_routes(middleware: Option<SessionMiddleware>, check: impl FnOnce(Socket
                     .route("/own-cookie", web::get().to(with_own_cookie))
                     .route("/public", web::get().to(public))
                     .route("/store-error", web::get().to(store_error))
+                    .route("/half", web::get().to(half))
                     .route("/plain", web::get().to(plain))
                     .service(nested);
                 routes.wrap(actix_web::middleware::Condition::new(wrapped, middleware))
@@ -179,14 +187,16 @@ fn the_middleware_follows_its_rules() {
 #[test]
 fn an_outage_gets_the_applications_own_response() {
     let store = FaultyStore::new();
+    // A 200 "try again" page: the middleware keeps nothing of the failed
+    // handler's session all the same.
     let middleware = middleware(&store).with_error_response(|err| {
-        HttpResponse::build(actix_web::http::StatusCode::from_u16(err.http_status()).unwrap())
-            .body("sessions are down, try again")
+        assert_eq!(err.http_status(), 503);
+        HttpResponse::Ok().body("sessions are down, try again")
     });
     serve_routes(Some(middleware), |addr| {
         let (_, cookies, _) = http::fetch(addr, "/count", None);
         let cookie = cookies[0].split(';').next().unwrap().to_owned();
-        http::check_outage(addr, &store, &cookie, "sessions are down, try again");
+        http::check_outage(addr, &store, &cookie, (200, "sessions are down, try again"));
     });
 }
 

@@ -226,7 +226,11 @@ fn app_counts_on<S: SessionStore + Clone>(store: S) {
     // The session is in our store, under the id of tower-sessions' cookie.
     let id: Id = cookie["id=".len()..].parse().expect("our text form");
     let record = block(store.load(&id)).unwrap().expect("stored in ours");
-    assert_eq!(record.get_raw("n"), Some(&b"3"[..]), "as JSON text");
+    assert_eq!(
+        record.get_raw("n"),
+        Some(&b"\0\x003"[..]),
+        "as JSON text, behind the unchecked shape tag"
+    );
     block(store.delete(&id)).unwrap();
     server.abort();
 }
@@ -362,5 +366,70 @@ fn a_record_tower_sessions_wrote_is_never_adopted() {
             "{err:?}"
         );
         assert!(err.report().contains("not written by portable-sessions"));
+    });
+}
+
+/// Sessions written before values had shape tags still read, both ways: records of
+/// ours holding tower-sessions' JSON (the old format), and tower-sessions records
+/// holding our values as untagged byte arrays.
+#[test]
+fn sessions_written_before_shape_tags_still_read() {
+    use tower_sessions_core::SessionStore as _;
+    block(async {
+        // Through TowerSessionsStore: a record of the old format, its values JSON.
+        let id = Id::default();
+        let expiry = OffsetDateTime::now_utc() + Duration::hours(1);
+        let mut old = vec![1u8];
+        old.extend_from_slice(&id.to_bytes());
+        old.extend(postcard::to_allocvec(&expiry.unix_timestamp_nanos()).unwrap());
+        old.push(1);
+        old.extend([4]);
+        old.extend(b"user");
+        let json = br#""alice""#;
+        old.push(json.len() as u8);
+        old.extend(json);
+        let mut record = portable_sessions::session::Record::decode(&old).unwrap();
+        let ours = MemoryStore::new();
+        ours.create(&mut record).await.unwrap();
+        let theirs = TowerSessionsStore::new(ours);
+        let loaded = theirs
+            .load(&tower_sessions_core::session::Id(i128::from_le_bytes(
+                record.id.to_bytes(),
+            )))
+            .await
+            .unwrap()
+            .expect("loads");
+        assert_eq!(loaded.data.get("user"), Some(&json!("alice")));
+
+        // Through FromTowerSessions: our untagged values, as byte arrays.
+        let their_store = tower_sessions_memory_store::MemoryStore::default();
+        let created = OffsetDateTime::now_utc().unix_timestamp();
+        let mut their_record = tower_sessions_core::session::Record {
+            id: tower_sessions_core::session::Id::default(),
+            data: HashMap::from([
+                ("\0version".to_owned(), json!(3)),
+                (
+                    "\0created".to_owned(),
+                    json!(postcard::to_allocvec(&created).unwrap()),
+                ),
+                (
+                    "user".to_owned(),
+                    json!(postcard::to_allocvec("alice").unwrap()),
+                ),
+            ]),
+            expiry_date: expiry,
+        };
+        their_store.create(&mut their_record).await.unwrap();
+        let manager = SessionManager::new(FromTowerSessions::new(their_store));
+        let cookie = format!("id={}", Id::from_bytes(their_record.id.0.to_le_bytes()));
+        let session = manager.begin([cookie.as_str()]);
+        let user = session.get::<String>("user").await.unwrap();
+        assert_eq!(
+            user.as_deref(),
+            Some("alice"),
+            "the same session, not a new one"
+        );
+        let id = session.id().await.unwrap();
+        assert_eq!(id, Some(Id::from_bytes(their_record.id.0.to_le_bytes())));
     });
 }

@@ -27,8 +27,10 @@ use crate::{session::Session, session_store::Error, SessionManager};
 /// [`SessionManager::finish_response`] and appends its `Set-Cookie` header beside any
 /// cookies the handler set.
 ///
-/// **When the handler failed, nothing is written**: a response with a 5xx status
-/// skips `finish` (it calls [`SessionManager::abandon`]), so the session's pending
+/// **When the handler failed, nothing is written**: a response with a 5xx status,
+/// or one made from the crate's [`Error`] returned through `?` (whatever the status
+/// [`with_error_response`](Self::with_error_response) gives it), skips `finish` (it
+/// calls [`SessionManager::abandon`]), so the session's pending
 /// changes are dropped, a pending [`Session::cycle_id`] never happens, and no cookie
 /// is sent (a value changed with [`Session::update`], which writes at once, stays
 /// written).
@@ -195,21 +197,19 @@ where
             // would keep them.
             let _ended = session.abandon_on_drop();
             let mut response = service.call(request).await?;
-            if let Some(respond) = &on_error {
-                let failed = response
-                    .response()
-                    .error()
-                    .and_then(|err| err.as_error::<Error>())
-                    .map(|err| respond(err));
-                if let Some(answer) = failed {
-                    // The handler's `?` on a session error: the application answers
-                    // it, and a 5xx there keeps nothing of the session.
-                    let mut answer = response.into_response(answer).map_into_right_body();
-                    if !answer.status().is_server_error() {
-                        finish(&manager, &session, answer.headers_mut()).await?;
-                    }
-                    return Ok(answer);
-                }
+            let failed = response
+                .response()
+                .error()
+                .and_then(|err| err.as_error::<Error>())
+                .map(|err| on_error.as_ref().map(|respond| respond(err)));
+            if let Some(answer) = failed {
+                // The handler's `?` on a session error: it failed, so nothing of the
+                // session is kept, whatever the answer (the guard abandons it); the
+                // application gives the answer, if it has its own.
+                return Ok(match answer {
+                    Some(answer) => response.into_response(answer).map_into_right_body(),
+                    None => response.map_into_left_body(),
+                });
             }
             if response.status().is_server_error() {
                 // The handler failed: its session changes are not kept.

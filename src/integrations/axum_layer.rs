@@ -29,8 +29,10 @@ use crate::{session::Session, session_store::Error, SessionManager, SessionRespo
 /// [`SessionManager::finish_response`] and appends its `Set-Cookie` header, beside any
 /// cookies the handler set.
 ///
-/// **When the handler failed, nothing is written**: a response with a 5xx status
-/// skips `finish` (it calls [`SessionManager::abandon`]), so the session's pending
+/// **When the handler failed, nothing is written**: a response with a 5xx status,
+/// or one made from the crate's [`Error`] returned through `?` (whatever the status
+/// [`with_error_response`](Self::with_error_response) gives it), skips `finish` (it
+/// calls [`SessionManager::abandon`]), so the session's pending
 /// changes are dropped, a pending [`Session::cycle_id`] never happens, and no cookie
 /// is sent (a value changed with [`Session::update`], which writes at once, stays
 /// written).
@@ -190,13 +192,17 @@ where
             // client, a panic), the session refuses changes afterwards: nothing
             // would keep them.
             let _ended = session.abandon_on_drop();
-            let mut response = inner.call(request).await?;
-            if let (Some(respond), Some(failed)) =
-                (&on_error, response.extensions().get::<HandlerError>())
-            {
-                // The handler's `?` on a session error: the application answers it.
-                response = respond(&failed.0).map(ResBody::from);
+            let response = inner.call(request).await?;
+            if let Some(failed) = response.extensions().get::<HandlerError>() {
+                // The handler's `?` on a session error: it failed, so nothing of the
+                // session is kept, whatever the answer (the guard abandons it); the
+                // application gives the answer, if it has its own.
+                return Ok(match &on_error {
+                    Some(respond) => respond(&failed.0).map(ResBody::from),
+                    None => response,
+                });
             }
+            let mut response = response;
             if response.status().is_server_error() {
                 // The handler failed: its session changes are not kept.
                 return Ok(response);

@@ -14,9 +14,10 @@
 //! # Values
 //!
 //! tower-sessions keeps each value as a `serde_json::Value`; this crate keeps bytes,
-//! postcard-encoded by its typed API. Through [`TowerSessionsStore`], a value is kept
-//! as its JSON text, so whatever tower-sessions writes it reads back exactly (read it
-//! through tower-sessions: this crate's typed `get` expects postcard). Through
+//! postcard-encoded by its typed API behind a shape tag. Through
+//! [`TowerSessionsStore`], a value is kept as its JSON text behind the tag that is
+//! never checked (`[0, 0]`), so whatever tower-sessions writes it reads back exactly
+//! (read it through tower-sessions: this crate's typed `get` expects postcard). Through
 //! [`FromTowerSessions`], each value's bytes travel as a JSON array of byte values,
 //! and the record's version under a reserved key, so that everything this crate
 //! writes it reads back exactly.
@@ -27,7 +28,7 @@ use time::OffsetDateTime;
 
 use crate::{
     session::expiry::is_reserved,
-    session::{Id, Record},
+    session::{Id, Record, UNCHECKED_TAG},
     session_store::{Error, Result},
     SessionStore,
 };
@@ -101,6 +102,10 @@ impl<S> FromTowerSessions<S> {
 /// The key under which [`FromTowerSessions`] keeps a record's version.
 const VERSION_KEY: &str = "\0version";
 
+/// The key whose presence says that [`FromTowerSessions`] wrote the record's values
+/// with their shape tags; records written before tags existed have none.
+const TAGGED_KEY: &str = "\0tagged";
+
 macro_rules! tower_store {
     ($core:ident) => {
         fn record_from(record: &$core::session::Record) -> $core::session_store::Result<Record> {
@@ -109,7 +114,10 @@ macro_rules! tower_store {
                 record.expiry_date,
             );
             for (key, value) in &record.data {
-                let json = serde_json::to_vec(value)
+                // The stored form of a value: a shape tag (unchecked: it is JSON,
+                // not postcard), then the JSON text.
+                let mut json = UNCHECKED_TAG.to_vec();
+                serde_json::to_writer(&mut json, value)
                     .map_err(|err| $core::session_store::Error::Encode(err.to_string()))?;
                 ours.insert_raw(key.clone(), json);
             }
@@ -120,6 +128,9 @@ macro_rules! tower_store {
             let mut data = std::collections::HashMap::new();
             for key in record.keys().filter(|key| !is_reserved(key)) {
                 let bytes = record.get_raw(key).unwrap_or_default();
+                // Written with the unchecked tag, or before tags existed (records
+                // of the older formats read with it too): JSON never starts with NUL.
+                let bytes = bytes.strip_prefix(&UNCHECKED_TAG[..]).unwrap_or(bytes);
                 let value = serde_json::from_slice::<Value>(bytes).map_err(|err| {
                     $core::session_store::Error::Decode(format!(
                         "the value under {key:?} was not written through tower-sessions: {err}"
@@ -202,6 +213,7 @@ fn to_theirs(record: &Record) -> theirs::session::Record {
         })
         .collect();
     data.insert(VERSION_KEY.to_owned(), Value::from(record.version));
+    data.insert(TAGGED_KEY.to_owned(), Value::Bool(true));
     theirs::session::Record {
         id: theirs::session::Id(i128::from_le_bytes(record.id.to_bytes())),
         data,
@@ -215,7 +227,11 @@ fn from_theirs(record: theirs::session::Record) -> Result<Record> {
         record.expiry_date,
     );
     let mut versioned = false;
+    let tagged = record.data.contains_key(TAGGED_KEY);
     for (key, value) in record.data {
+        if key == TAGGED_KEY {
+            continue;
+        }
         if key == VERSION_KEY {
             ours.version = value
                 .as_u64()
@@ -235,6 +251,14 @@ fn from_theirs(record: theirs::session::Record) -> Result<Record> {
                 "the value under {key:?} was not written by portable-sessions"
             ))
         })?;
+        let bytes = if tagged {
+            bytes
+        } else {
+            // Written before values had shape tags: they read unchecked.
+            let mut untagged = UNCHECKED_TAG.to_vec();
+            untagged.extend_from_slice(&bytes);
+            untagged
+        };
         ours.insert_raw(key, bytes);
     }
     if !versioned {

@@ -21,6 +21,8 @@ mod random;
 mod record;
 mod shape;
 
+#[cfg(all(feature = "tower-sessions", not(feature = "sync")))]
+pub(crate) use self::shape::UNCHECKED as UNCHECKED_TAG;
 pub(crate) use self::{id::random_id, shape::encode_value};
 
 pub use self::{

@@ -12,6 +12,9 @@
 //!
 //! Tag `[0, 0]` means "unchecked": values from before tags existed, or stored raw by
 //! a caller. A hash that comes out zero is made one.
+//!
+//! The hash is part of the stored format: tags written by one version are checked
+//! by the next, so changing it needs a new record format version.
 
 use serde::{ser, Serialize};
 
@@ -44,9 +47,10 @@ pub(crate) fn tag_of<T: Serialize + ?Sized>(value: &T) -> Result<[u8; TAG_LEN]> 
     Ok(shape.tag())
 }
 
-/// Hashes a serde data-model walk: FNV-1a over one byte per event and the names
-/// and lengths that come with them.
-struct Shape(u32);
+/// Hashes a serde data-model walk, one multiply per event (its kind and its length
+/// packed into one word) and per eight bytes of a name, as FxHash mixes: a value's
+/// shape is hashed on every insert and every typed read, so each step counts.
+struct Shape(u64);
 
 /// What a value's `Serialize` said that this walk cannot hash.
 #[derive(Debug)]
@@ -85,47 +89,93 @@ const TUPLE: u8 = 15;
 const MAP: u8 = 16;
 const STRUCT: u8 = 17;
 const END: u8 = 18;
+const NAME: u8 = 19;
 
 impl Shape {
     fn new() -> Self {
-        Self(0x811c_9dc5)
+        Self(0)
     }
 
-    fn byte(&mut self, byte: u8) {
-        self.0 ^= u32::from(byte);
-        self.0 = self.0.wrapping_mul(0x0100_0193);
+    #[inline(always)]
+    fn mix(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 
-    fn len(&mut self, len: usize) {
-        for byte in (len as u64).to_le_bytes() {
-            self.byte(byte);
-        }
+    /// An event of a kind with no length.
+    #[inline(always)]
+    fn byte(&mut self, kind: u8) {
+        self.mix(u64::from(kind));
     }
 
+    /// An event of a kind with a length.
+    #[inline(always)]
+    fn sized(&mut self, kind: u8, len: usize) {
+        self.mix(u64::from(kind) | (len as u64) << 8);
+    }
+
+    /// A field or variant name.
+    #[inline(always)]
     fn name(&mut self, name: &str) {
-        self.len(name.len());
-        for &byte in name.as_bytes() {
-            self.byte(byte);
+        self.sized(NAME, name.len());
+        let mut chunks = name.as_bytes().chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.mix(u64::from_le_bytes(word));
         }
     }
 
     fn tag(&self) -> [u8; TAG_LEN] {
-        // Fold the 32 bits into 16, and keep zero for "unchecked".
-        let folded = ((self.0 >> 16) ^ (self.0 & 0xffff)) as u16;
-        folded.max(1).to_le_bytes()
+        // The top bits are the best mixed; zero stays "unchecked".
+        let top = (self.0 >> 48) as u16;
+        top.max(1).to_le_bytes()
     }
 }
 
 type Walk<'a> = &'a mut Shape;
 
+/// The shape of one element (or map key, or value) on its own.
+fn sub_shape<T: Serialize + ?Sized>(value: &T) -> Result<u64, ShapeError> {
+    let mut shape = Shape::new();
+    value.serialize(&mut shape)?;
+    Ok(shape.0)
+}
+
+/// A sequence or map: its elements' shapes are summed, not chained, so that the
+/// order they come in does not count. A `HashMap` or `HashSet` decoded from the
+/// bytes iterates in another order than the one that was stored; what it holds
+/// is the same.
+struct Unordered<'a> {
+    shape: &'a mut Shape,
+    sum: u64,
+    key: u64,
+}
+
+impl Unordered<'_> {
+    fn add(&mut self, element: u64) {
+        self.sum = self.sum.wrapping_add(element);
+    }
+
+    fn end(self) {
+        self.shape.mix(self.sum);
+        self.shape.byte(END);
+    }
+}
+
 impl<'a> ser::Serializer for &'a mut Shape {
     type Ok = ();
     type Error = ShapeError;
-    type SerializeSeq = Walk<'a>;
+    type SerializeSeq = Unordered<'a>;
     type SerializeTuple = Walk<'a>;
     type SerializeTupleStruct = Walk<'a>;
     type SerializeTupleVariant = Walk<'a>;
-    type SerializeMap = Walk<'a>;
+    type SerializeMap = Unordered<'a>;
     type SerializeStruct = Walk<'a>;
     type SerializeStructVariant = Walk<'a>;
 
@@ -247,14 +297,16 @@ impl<'a> ser::Serializer for &'a mut Shape {
         self.name(variant);
         value.serialize(self)
     }
-    fn serialize_seq(self, len: Option<usize>) -> Result<Walk<'a>, ShapeError> {
-        self.byte(SEQ);
-        self.len(len.unwrap_or(usize::MAX));
-        Ok(self)
+    fn serialize_seq(self, len: Option<usize>) -> Result<Unordered<'a>, ShapeError> {
+        self.sized(SEQ, len.unwrap_or(usize::MAX));
+        Ok(Unordered {
+            shape: self,
+            sum: 0,
+            key: 0,
+        })
     }
     fn serialize_tuple(self, len: usize) -> Result<Walk<'a>, ShapeError> {
-        self.byte(TUPLE);
-        self.len(len);
+        self.sized(TUPLE, len);
         Ok(self)
     }
     fn serialize_tuple_struct(self, _: &'static str, len: usize) -> Result<Walk<'a>, ShapeError> {
@@ -271,14 +323,16 @@ impl<'a> ser::Serializer for &'a mut Shape {
         self.name(variant);
         self.serialize_tuple(len)
     }
-    fn serialize_map(self, len: Option<usize>) -> Result<Walk<'a>, ShapeError> {
-        self.byte(MAP);
-        self.len(len.unwrap_or(usize::MAX));
-        Ok(self)
+    fn serialize_map(self, len: Option<usize>) -> Result<Unordered<'a>, ShapeError> {
+        self.sized(MAP, len.unwrap_or(usize::MAX));
+        Ok(Unordered {
+            shape: self,
+            sum: 0,
+            key: 0,
+        })
     }
     fn serialize_struct(self, _: &'static str, len: usize) -> Result<Walk<'a>, ShapeError> {
-        self.byte(STRUCT);
-        self.len(len);
+        self.sized(STRUCT, len);
         Ok(self)
     }
     fn serialize_struct_variant(
@@ -313,25 +367,45 @@ macro_rules! compound {
     };
 }
 
-compound!(SerializeSeq, serialize_element);
 compound!(SerializeTuple, serialize_element);
 compound!(SerializeTupleStruct, serialize_field);
 compound!(SerializeTupleVariant, serialize_field);
 
-impl ser::SerializeMap for &mut Shape {
+impl ser::SerializeSeq for Unordered<'_> {
+    type Ok = ();
+    type Error = ShapeError;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ShapeError> {
+        let element = sub_shape(value)?;
+        self.add(element);
+        Ok(())
+    }
+
+    fn end(self) -> Result<(), ShapeError> {
+        Unordered::end(self);
+        Ok(())
+    }
+}
+
+impl ser::SerializeMap for Unordered<'_> {
     type Ok = ();
     type Error = ShapeError;
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), ShapeError> {
-        key.serialize(&mut **self)
+        self.key = sub_shape(key)?;
+        Ok(())
     }
 
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ShapeError> {
-        value.serialize(&mut **self)
+        // An entry is its key's shape and its value's, in that order.
+        let mut entry = Shape(self.key);
+        entry.mix(sub_shape(value)?);
+        self.add(entry.0);
+        Ok(())
     }
 
     fn end(self) -> Result<(), ShapeError> {
-        self.byte(END);
+        Unordered::end(self);
         Ok(())
     }
 }
@@ -440,6 +514,42 @@ mod tests {
             }
         }
         Bytes
+    }
+
+    /// A hash-keyed map or set decoded from the bytes iterates in another order
+    /// than the one stored, with elements of different shapes: it still reads.
+    #[test]
+    fn hashed_collections_read_back_whatever_their_order() {
+        use std::collections::{HashMap, HashSet};
+
+        #[derive(Serialize, serde::Deserialize, PartialEq, Eq, Hash, Debug)]
+        enum Role {
+            Admin,
+            Editor,
+            Guest,
+        }
+        let mut record = crate::session::Record::new(time::OffsetDateTime::UNIX_EPOCH);
+        let roles = HashSet::from([Role::Admin, Role::Editor, Role::Guest]);
+        let notes: HashMap<String, Option<Vec<String>>> = (0..16)
+            .map(|n| {
+                let note = (n % 3 != 0).then(|| vec!["x".to_owned(); n % 4]);
+                (format!("key{n}"), note)
+            })
+            .collect();
+        record.insert("roles", &roles).unwrap();
+        record.insert("notes", &notes).unwrap();
+        // Each decoded map or set gets a fresh random order.
+        for _ in 0..50 {
+            let read = record.get::<HashSet<Role>>("roles").unwrap();
+            assert_eq!(read.as_ref(), Some(&roles));
+            let read = record
+                .get::<HashMap<String, Option<Vec<String>>>>("notes")
+                .unwrap();
+            assert_eq!(read.as_ref(), Some(&notes));
+        }
+        // Still a mismatch for another type.
+        assert!(record.get::<HashSet<String>>("roles").is_err());
+        assert!(record.get::<HashMap<String, Vec<String>>>("notes").is_err());
     }
 
     /// What postcard reads the same way shares a shape: widths of one varint

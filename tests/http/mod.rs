@@ -519,7 +519,7 @@ pub fn check_integration_rules(addr: SocketAddr, store: &crate::common::FaultySt
     assert_eq!(body, "internal server error");
 
     check_cache_headers(addr, &cookie);
-    check_outage(addr, store, &cookie, "service unavailable");
+    check_outage(addr, store, &cookie, (503, "service unavailable"));
 
     // Two integrations on one route: one session, one cookie, and a malformed
     // cookie's removal never follows the login's cookie.
@@ -554,28 +554,32 @@ fn check_cache_headers(addr: SocketAddr, cookie: &str) {
     );
 }
 
-/// A store outage answers `unavailable` (the bare 503's body, or the application's
-/// own), both from a handler's `?` and from the write after it.
+/// A store outage answers `unavailable` (the bare 503, or the application's own
+/// answer), both from a handler's `?` and from the write after it.
 pub fn check_outage(
     addr: SocketAddr,
     store: &crate::common::FaultyStore,
     cookie: &str,
-    unavailable: &str,
+    unavailable: (u16, &str),
 ) {
     store.fail_all(true);
     let (status, cookies, body) = fetch(addr, "/count", Some(cookie));
-    assert_eq!(
-        (status, body.as_str()),
-        (503, unavailable),
-        "the handler's ?"
-    );
+    assert_eq!((status, body.as_str()), unavailable, "the handler's ?");
     assert!(cookies.is_empty(), "{cookies:?}");
     let (status, cookies, body) = fetch(addr, "/own-cookie", None);
-    assert_eq!((status, body.as_str()), (503, unavailable), "the write");
+    assert_eq!((status, body.as_str()), unavailable, "the write");
     assert!(cookies.is_empty(), "{cookies:?}");
     store.fail_all(false);
     let (status, _, _) = fetch(addr, "/count", Some(cookie));
     assert_eq!(status, 200, "back once the store is");
+
+    // A handler that stored a value, then failed on the crate's error: nothing of
+    // its session is kept, whatever status the answer has.
+    let before = store.inner.len();
+    let (status, cookies, body) = fetch(addr, "/half", None);
+    assert_eq!((status, body.as_str()), unavailable);
+    assert!(cookies.is_empty(), "{cookies:?}");
+    assert_eq!(store.inner.len(), before, "nothing stored");
 }
 
 /// Every value of the header `name` (lowercase).

@@ -257,7 +257,8 @@ pub struct SessionFinished;
 ///
 /// The provided `update` is a fallback for stores written before it existed: it
 /// loads, compares and saves in three steps, so two writers can still both succeed
-/// between them. It logs a warning the first time it runs. A store overrides it with
+/// between them. It logs a warning the first time it runs for each store type. A
+/// store overrides it with
 /// one atomic step and says so with [`atomic_update`](SessionStore::atomic_update):
 ///
 /// - in memory, compare and replace under the lock that guards the record;
@@ -298,7 +299,7 @@ pub trait SessionStore: Debug + Send + Sync + 'static {
     /// [Making `update` atomic](SessionStore#making-update-atomic)) and return `true`
     /// from [`atomic_update`](SessionStore::atomic_update). The provided one is
     /// `load`, compare, `save`: correct alone, but two concurrent writers can both
-    /// succeed. It logs a warning the first time it runs in a process.
+    /// succeed. It logs a warning the first time it runs for each store type.
     async fn update(&self, record: &Record) -> Result<Update> {
         warn_non_atomic_update(self);
         let current = self.load(&record.id).await?;

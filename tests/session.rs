@@ -47,7 +47,50 @@ tests_in_both_modes!(
     insert_takes_a_value_or_a_reference,
     remember_me_is_a_per_session_expiry,
     planted_cookies_never_log_the_user_out,
+    an_unreadable_session_keeps_its_cookie,
 );
+
+/// A store whose records cannot be read by this build (as a newer format during a
+/// rolling deploy looks to an older one).
+#[derive(Debug, Default)]
+struct Unreadable(MemoryStore);
+
+#[maybe_async::maybe_async]
+impl SessionStore for Unreadable {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.0.create(record).await
+    }
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.0.save(record).await
+    }
+    async fn load(&self, _: &Id) -> Result<Option<Record>> {
+        Err(Error::decode(
+            "record format version 9 where 4 was expected",
+        ))
+    }
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.0.delete(id).await
+    }
+    async fn update(&self, record: &Record) -> Result<Update> {
+        self.0.update(record).await
+    }
+    fn atomic_update(&self) -> bool {
+        true
+    }
+}
+
+/// A cookie whose record cannot be read is not removed: another build (or a fixed
+/// one) may still read it.
+#[maybe_async::maybe_async]
+async fn an_unreadable_session_keeps_its_cookie() {
+    let manager = SessionManager::new(Unreadable::default());
+    let cookie = format!("id={}", Id::default());
+    let session = manager.begin([cookie.as_str()]);
+    let user = session.get::<String>("user").await.unwrap();
+    assert_eq!(user, None, "read as no session");
+    let set = manager.finish(&session).await.unwrap();
+    assert_eq!(set, None, "and its cookie kept");
+}
 
 /// Cookie tossing: ids planted for longer paths or a parent domain come first. The
 /// real cookie is found even behind four of them (the last value is always

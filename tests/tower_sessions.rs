@@ -325,6 +325,26 @@ fn a_non_atomic_store_gets_deletes_not_dated_writes() {
         );
         assert!(theirs.holds(&second).await);
 
+        // A write to the old id between the login's load and its move is carried
+        // over to the new id.
+        let cookie_second = cookie.clone();
+        let login = manager.begin([cookie_second.as_str()]);
+        login.insert("role", "admin").await.unwrap();
+        login.cycle_id().await.unwrap();
+        let other = manager.begin([cookie_second.as_str()]);
+        other.insert("cart", 5u8).await.unwrap();
+        manager.finish(&other).await.unwrap();
+        let set = manager.finish(&login).await.unwrap().expect("the new id");
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let third = login.id().await.unwrap().unwrap();
+        assert!(!theirs.holds(&second).await);
+        let session = manager.begin([cookie.as_str()]);
+        let cart = session.get::<u8>("cart").await.unwrap();
+        assert_eq!(cart, Some(5), "the concurrent write is carried over");
+        let role = session.get::<String>("role").await.unwrap();
+        assert_eq!(role.as_deref(), Some("admin"));
+        let second = third;
+
         // A logout by clear() succeeds and keeps the session, empty.
         let session = manager.begin([cookie.as_str()]);
         session.clear().await.unwrap();

@@ -49,7 +49,8 @@ use crate::{session::Session, session_store::Error, SessionManager};
 ///
 /// **Wrapped twice** (a scope with a `.wrap(...)` of its own inside a wrapped
 /// `App`): the inner middleware finds the outer one's session in the request and
-/// passes the request through, so there is one session and one cookie.
+/// passes the request through, so there is one session and one cookie; the outer
+/// one's manager (its cookie, store and configuration) and error response serve it.
 ///
 /// # Examples
 ///
@@ -248,16 +249,26 @@ async fn finish(
     if finished.needs_vary(vary) {
         headers.append(header::VARY, header::HeaderValue::from_static("cookie"));
     }
-    let existing = headers
-        .get(header::CACHE_CONTROL)
-        .and_then(|value| value.to_str().ok());
-    if let Some(cache_control) = finished.cache_control(existing) {
-        let value = header::HeaderValue::from_str(&cache_control).map_err(Error::encode)?;
-        headers.insert(header::CACHE_CONTROL, value);
+    let existing: Vec<&str> = headers
+        .get_all(header::CACHE_CONTROL)
+        .into_iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let existing = (!existing.is_empty()).then(|| existing.join(", "));
+    if let Some(cache_control) = finished.cache_control(existing.as_deref()) {
+        match header::HeaderValue::from_str(&cache_control) {
+            Ok(value) => {
+                headers.insert(header::CACHE_CONTROL, value);
+            }
+            Err(err) => super::unsendable("Cache-Control", &err),
+        }
     }
     if let Some(set_cookie) = &finished.set_cookie {
-        let value = header::HeaderValue::from_str(set_cookie).map_err(Error::encode)?;
-        headers.append(header::SET_COOKIE, value);
+        // The manager's checked cookie attributes make it a valid header value.
+        match header::HeaderValue::from_str(set_cookie) {
+            Ok(value) => headers.append(header::SET_COOKIE, value),
+            Err(err) => super::unsendable("Set-Cookie", &err),
+        }
     }
     Ok(())
 }

@@ -51,7 +51,8 @@ use crate::{session::Session, session_store::Error, SessionManager, SessionRespo
 ///
 /// **Applied twice** (a nested router with a layer of its own): the inner layer
 /// finds the outer one's session in the request and passes the request through, so
-/// there is one session and one cookie.
+/// there is one session and one cookie; the outer one's manager (its cookie, store
+/// and configuration) and error response serve the request.
 ///
 /// # Examples
 ///
@@ -239,19 +240,28 @@ fn add_session_headers(headers: &mut http::HeaderMap, finished: &SessionResponse
     if finished.needs_vary(vary) {
         headers.append(header::VARY, HeaderValue::from_static("cookie"));
     }
-    let existing = headers
-        .get(header::CACHE_CONTROL)
-        .and_then(|value| value.to_str().ok());
-    if let Some(cache_control) = finished.cache_control(existing) {
+    let existing: Vec<&str> = headers
+        .get_all(header::CACHE_CONTROL)
+        .into_iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let existing = (!existing.is_empty()).then(|| existing.join(", "));
+    if let Some(cache_control) = finished.cache_control(existing.as_deref()) {
         // Only the directives' own characters: always a valid header value.
-        if let Ok(value) = HeaderValue::try_from(cache_control) {
-            headers.insert(header::CACHE_CONTROL, value);
+        match HeaderValue::try_from(cache_control) {
+            Ok(value) => {
+                headers.insert(header::CACHE_CONTROL, value);
+            }
+            Err(err) => super::unsendable("Cache-Control", &err),
         }
     }
     if let Some(set_cookie) = &finished.set_cookie {
         // The manager's checked cookie attributes make it a valid header value.
-        if let Ok(value) = HeaderValue::try_from(set_cookie.as_str()) {
-            headers.append(header::SET_COOKIE, value);
+        match HeaderValue::try_from(set_cookie.as_str()) {
+            Ok(value) => {
+                headers.append(header::SET_COOKIE, value);
+            }
+            Err(err) => super::unsendable("Set-Cookie", &err),
         }
     }
 }

@@ -20,3 +20,13 @@ fn error_text(status: u16) -> &'static str {
         _ => "internal server error",
     }
 }
+
+/// Logs a session header that could not be sent: the session is already written,
+/// so the response goes on without it. (The manager's checks make it unreachable.)
+#[cfg(all(not(feature = "sync"), any(feature = "axum", feature = "actix-web")))]
+fn unsendable(header: &str, err: &dyn std::fmt::Display) {
+    log::error!(
+        target: "portable_sessions::session",
+        "the session's {header} header is not a valid header value, and was not sent: {err}"
+    );
+}

@@ -305,11 +305,13 @@ impl SessionManager {
     ///
     /// When none loads, a removal cookie is sent only if no value was left untried
     /// and the cookie has a `Path`: a removal can only delete this manager's own
-    /// cookie, and never one that might be valid. Planted cookies (cookie tossing
-    /// from a sibling subdomain) then cost the user at most the requests that carry
-    /// them, never a logout; a `__Host-` cookie name (see
-    /// [`with_cookie_name`](Self::with_cookie_name)) rules the planting out. This
-    /// never fails.
+    /// cookie, and never one that might be valid; nor when a candidate's record could
+    /// not be read (corrupt, or of a newer format during a rolling deploy). Planted
+    /// cookies (cookie tossing from a sibling subdomain) that hide the real one
+    /// still cost the user the requests that carry them, and a request that writes
+    /// its session meanwhile starts a new one, whose cookie replaces the real one: a
+    /// `__Host-` cookie name (see [`with_cookie_name`](Self::with_cookie_name)) rules
+    /// the planting out. This never fails.
     pub fn begin<I>(&self, cookie_headers: I) -> Session
     where
         I: IntoIterator,
@@ -363,7 +365,7 @@ impl SessionManager {
     /// | untouched, or read only | no (unless a refresh is due) | `None` (a renewed cookie after a refresh) |
     /// | modified, with values | yes: created under a fresh id if new | the cookie if new, or if the write moved its `Max-Age`; otherwise `None` |
     /// | modified, left empty | yes: it stays, empty, until it expires | as above: never a removal |
-    /// | flushed or deleted | already deleted | a removal cookie if the client had one |
+    /// | flushed or deleted | already deleted | a removal cookie if the client had one (and the cookie has a `Path`, and every value was tried, see [`begin`](Self::begin)) |
     /// | moved by [`cycle_id`](Session::cycle_id) | yes: moved to its new id now | the new cookie |
     /// | ended or moved by another request meanwhile | no: its changes are dropped (logged) | `None`: the other response set the cookie |
     /// | new from a bad or unknown cookie, unused | no | a removal cookie |
@@ -388,9 +390,9 @@ impl SessionManager {
     /// Like [`finish`](Self::finish), with what shared caches in front of the
     /// application (a CDN, a reverse proxy) must be told: the response depends on
     /// the `Cookie` header when the handler used the session or a cookie is set
-    /// (add `Vary: Cookie`), and a response that sets a session cookie must not be
-    /// stored for other users (`Cache-Control: private`), as Django's session
-    /// middleware does. The axum and actix-web integrations add both headers; a
+    /// (add `Vary: Cookie`, as Django's session middleware does), and a response
+    /// that sets a session cookie must not be stored for other users
+    /// (`Cache-Control: private`). The axum and actix-web integrations add both; a
     /// framework of your own adds them from the returned [`SessionResponse`].
     ///
     /// ```
@@ -483,19 +485,14 @@ pub struct SessionResponse {
 }
 
 impl SessionResponse {
-    /// The `Cache-Control` value to send, given the response's own (`existing`), or
-    /// `None` to leave it as it is: when a cookie is set, `private` is added and
-    /// `public` and `s-maxage` are dropped, so that no shared cache stores one
-    /// user's cookie for another; `no-store` or `private` already there are kept
-    /// as they are.
+    /// The `Cache-Control` value to send, given the response's own (`existing`: its
+    /// header lines joined with `", "`), or `None` to leave it as it is: when a
+    /// cookie is set, `private` is added and `public` and `s-maxage` are dropped, so
+    /// that no shared cache stores one user's cookie for another; `no-store` or
+    /// `private` already there are kept as they are.
     pub fn cache_control(&self, existing: Option<&str>) -> Option<String> {
         self.set_cookie.as_ref()?;
-        let existing = existing.unwrap_or("");
-        let directives: Vec<&str> = existing
-            .split(',')
-            .map(str::trim)
-            .filter(|directive| !directive.is_empty())
-            .collect();
+        let directives = split_directives(existing.unwrap_or(""));
         let named = |directive: &str, name: &str| {
             let key = directive.split('=').next().unwrap_or("").trim();
             key.eq_ignore_ascii_case(name)
@@ -526,6 +523,31 @@ impl SessionResponse {
                     name == "*" || name.eq_ignore_ascii_case("cookie")
                 })
     }
+}
+
+/// Splits a `Cache-Control` value into its directives, at commas outside quoted
+/// strings (`no-cache="Set-Cookie, X"` is one directive).
+fn split_directives(value: &str) -> Vec<&str> {
+    let mut directives = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (at, c) in value.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                directives.push(&value[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    directives.push(&value[start..]);
+    directives
+        .into_iter()
+        .map(str::trim)
+        .filter(|directive| !directive.is_empty())
+        .collect()
 }
 
 impl CookieConfig {

@@ -93,28 +93,27 @@ impl Data {
     }
 
     /// Decodes values written before they had shape tags, giving each the tag
-    /// that is never checked.
+    /// that is never checked: one pass, since the entries are checked in order.
     pub(super) fn decode_untagged(bytes: &[u8]) -> Result<Self> {
         Self::check(bytes)?;
-        let mut data = Self::default();
         let mut rest = bytes;
         let count = take_varint(&mut rest).unwrap_or(0);
+        if count == 0 {
+            return Ok(Self::default());
+        }
+        let mut out = Vec::with_capacity(bytes.len() + count * (shape::TAG_LEN + 1));
+        put_varint(&mut out, count);
         for _ in 0..count {
             // Checked above, so the fields are all there.
             let (Some(key), Some(value)) = (take_field(&mut rest), take_field(&mut rest)) else {
                 break;
             };
-            let key = std::str::from_utf8(key).map_err(Error::decode)?;
-            let put = data.put(key, false, |bytes| {
-                bytes.extend_from_slice(&shape::UNCHECKED);
-                bytes.extend_from_slice(value);
-                Ok::<(), std::convert::Infallible>(())
-            });
-            if let Err(never) = put {
-                match never {}
-            }
+            put_field(&mut out, key);
+            put_varint(&mut out, shape::TAG_LEN + value.len());
+            out.extend_from_slice(&shape::UNCHECKED);
+            out.extend_from_slice(value);
         }
-        Ok(data)
+        Ok(Self::Owned(out))
     }
 
     /// Checks that `bytes` are exactly one encoded set of values, keys in order. A

@@ -149,6 +149,9 @@ struct Loaded {
     /// A [`Session::cycle_id`] asked for and not yet written: it takes effect with
     /// the next write (the commit, or an explicit save), never before.
     rotation: Option<Rotation>,
+    /// An id the request carried named a record this build cannot read (corrupt,
+    /// or of a newer format during a rolling deploy): its cookie is never removed.
+    unreadable: bool,
 }
 
 /// A pending move to a new id.
@@ -344,6 +347,7 @@ impl Session {
             loaded_expiry: None,
             loaded_policy: None,
             rotation: None,
+            unreadable: false,
         })
     }
 
@@ -409,6 +413,7 @@ impl Session {
             written: false,
             gone: false,
             rotation: None,
+            unreadable: false,
         })
     }
 
@@ -462,6 +467,7 @@ impl Session {
                 let now = self.inner.config.now();
                 let mut adopted = None;
                 let mut moved = false;
+                let mut unreadable = false;
                 for id in &self.inner.incoming {
                     let found = match self.inner.store.load(id).await {
                         Ok(found) => found,
@@ -474,6 +480,7 @@ impl Session {
                                 "session {id:?} cannot be read, so the request does not use it: {}",
                                 err.report()
                             );
+                            unreadable = true;
                             continue;
                         }
                         Err(err) => return Err(err),
@@ -493,6 +500,7 @@ impl Session {
                     Some(loaded) => loaded,
                     None => {
                         let mut fresh = self.fresh(now)?;
+                        fresh.unreadable = unreadable;
                         if moved {
                             fresh.gone();
                         }
@@ -613,11 +621,28 @@ impl Session {
             // A store whose update is not one conditional step (load, compare,
             // save) cannot keep the marker's promises, and one that does not
             // expire records by itself would never free it: the old id is
-            // deleted.
+            // deleted, after what other requests wrote to it meanwhile is
+            // carried over (as far as a store without conditional writes can).
+            match self.carry_over(loaded, recompute, &mut moved).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.discard(&moved.id).await;
+                    return self.restart(loaded, recompute, now).await;
+                }
+                Err(err) => {
+                    self.discard(&moved.id).await;
+                    return Err(err);
+                }
+            }
             let deleted = self.inner.store.delete(&loaded.record.id).await;
             if let Err(err) = deleted {
-                self.discard(&moved.id).await;
-                return Err(err);
+                // The delete may have landed all the same: then the move is done,
+                // and discarding the new record would end the session under both.
+                let found = self.inner.store.load(&loaded.record.id).await;
+                if !matches!(found, Ok(None)) {
+                    self.discard(&moved.id).await;
+                    return Err(err);
+                }
             }
             loaded.moved_to(moved);
             return Ok(());
@@ -667,41 +692,15 @@ impl Session {
                 Update::Conflict => {
                     // Another request wrote the old record first: carry its values
                     // over to the new one, then retire the old one again.
-                    let newer = match self.inner.store.load(&loaded.record.id).await {
-                        Ok(newer) => newer,
+                    match self.carry_over(loaded, recompute, &mut moved).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.discard(&moved.id).await;
+                            return self.restart(loaded, recompute, now).await;
+                        }
                         Err(err) => {
                             self.discard(&moved.id).await;
                             return Err(err);
-                        }
-                    };
-                    let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
-                        self.discard(&moved.id).await;
-                        return self.restart(loaded, recompute, now).await;
-                    };
-                    let mut merged = loaded.changes.apply(newer);
-                    if let Err(err) = recompute(&mut merged) {
-                        self.discard(&moved.id).await;
-                        return Err(err);
-                    }
-                    loaded.record = merged;
-                    let mut next = loaded.record.clone();
-                    next.id = moved.id;
-                    next.version = moved.version;
-                    next.expiry_date = moved.expiry_date;
-                    let rewritten = self.inner.store.update(&next).await;
-                    match rewritten {
-                        Ok(Update::Written(version)) => {
-                            moved = next;
-                            moved.version = version;
-                        }
-                        other => {
-                            self.discard(&moved.id).await;
-                            return Err(match other {
-                                Err(err) => err,
-                                Ok(_) => Error::backend(
-                                    "the new record of a cycle_id changed or vanished under it",
-                                ),
-                            });
                         }
                     }
                 }
@@ -711,6 +710,43 @@ impl Session {
         Err(Error::backend(WriteConflict {
             attempts: MAX_WRITE_ATTEMPTS,
         }))
+    }
+
+    /// During a move, reloads the old record and, when another request wrote it since
+    /// this one loaded it, applies this request's changes over it (and the step
+    /// `recompute` makes) and rewrites the new record with the result. `Ok(false)`:
+    /// the old session is gone (ended or moved). On an error the caller discards the
+    /// new record.
+    async fn carry_over(
+        &self,
+        loaded: &mut Loaded,
+        recompute: &mut Recompute<'_>,
+        moved: &mut Record,
+    ) -> Result<bool> {
+        let newer = self.inner.store.load(&loaded.record.id).await?;
+        let Some(newer) = newer.filter(|newer| !is_moved(newer)) else {
+            return Ok(false);
+        };
+        if newer.version == loaded.record.version {
+            return Ok(true);
+        }
+        let mut merged = loaded.changes.apply(newer);
+        recompute(&mut merged)?;
+        loaded.record = merged;
+        let mut next = loaded.record.clone();
+        next.id = moved.id;
+        next.version = moved.version;
+        next.expiry_date = moved.expiry_date;
+        match self.inner.store.update(&next).await? {
+            Update::Written(version) => {
+                *moved = next;
+                moved.version = version;
+                Ok(true)
+            }
+            Update::Conflict | Update::Gone => Err(Error::backend(
+                "the new record of a cycle_id changed or vanished under it",
+            )),
+        }
     }
 
     /// After a move found its session ended: starts a new session under a fresh id
@@ -1307,7 +1343,7 @@ impl Session {
             } else {
                 CookieAction::Keep
             }
-        } else if self.inner.removable {
+        } else if self.inner.removable && !loaded.unreadable {
             CookieAction::Remove
         } else {
             CookieAction::Keep

@@ -597,3 +597,49 @@ impl fmt::Debug for SessionManager {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting() -> SessionResponse {
+        SessionResponse {
+            set_cookie: Some("id=x".to_owned()),
+            vary_cookie: true,
+        }
+    }
+
+    #[test]
+    fn cache_control_keeps_a_cookie_private() {
+        let set = setting();
+        assert_eq!(set.cache_control(None).as_deref(), Some("private"));
+        assert_eq!(
+            set.cache_control(Some("public, max-age=60, s-maxage=600"))
+                .as_deref(),
+            Some("max-age=60, private")
+        );
+        // A quoted list is one directive; no-store and private stay as they are.
+        assert_eq!(
+            set.cache_control(Some(r#"no-cache="Set-Cookie, X-Id", public"#))
+                .as_deref(),
+            Some(r#"no-cache="Set-Cookie, X-Id", private"#)
+        );
+        assert_eq!(set.cache_control(Some("max-age=5, no-store")), None);
+        assert_eq!(set.cache_control(Some("Private")), None);
+        let unset = SessionResponse {
+            set_cookie: None,
+            vary_cookie: true,
+        };
+        assert_eq!(unset.cache_control(Some("public")), None);
+    }
+
+    #[test]
+    fn vary_is_added_once() {
+        let set = setting();
+        assert!(set.needs_vary([]));
+        assert!(set.needs_vary(["Accept-Encoding"]));
+        assert!(!set.needs_vary(["accept-encoding, Cookie"]));
+        assert!(!set.needs_vary(["*"]));
+        assert!(!SessionResponse::default().needs_vary([]));
+    }
+}

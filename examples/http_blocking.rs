@@ -202,7 +202,12 @@ impl App {
             Ok((reply, set_cookie)) => (reply.status, reply.body, set_cookie),
             Err(err) => {
                 eprintln!("session store failed: {}", err.report());
-                (500, "internal error\n".to_owned(), None)
+                // 503 when the store is down: worth a retry.
+                (
+                    err.http_status(),
+                    "the session store failed\n".to_owned(),
+                    None,
+                )
             }
         }
     }

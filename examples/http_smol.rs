@@ -79,12 +79,14 @@ mod server {
     use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
     use hyper::{
         body::{Bytes, Incoming},
-        header::{CONTENT_TYPE, COOKIE, SET_COOKIE},
+        header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, SET_COOKIE, VARY},
         server::conn::http1,
         service::service_fn,
         Request, Response,
     };
-    use portable_sessions::{AsyncIoTimer, DeletionSchedule, ExpiredDeletion, SessionManager};
+    use portable_sessions::{
+        AsyncIoTimer, DeletionSchedule, ExpiredDeletion, SessionManager, SessionResponse,
+    };
     use smol::net::{TcpListener, TcpStream};
     use smol_hyper::rt::{FuturesIo, SmolTimer};
 
@@ -198,22 +200,35 @@ mod server {
                 }),
             };
             let finished = match routed {
-                Ok(reply) => self.sessions.finish(&session).await.map(|set| (reply, set)),
+                Ok(reply) => self
+                    .sessions
+                    .finish_response(&session)
+                    .await
+                    .map(|finished| (reply, finished)),
                 Err(err) => Err(err),
             };
-            let (reply, set_cookie) = finished.unwrap_or_else(|err| {
+            let (reply, finished) = finished.unwrap_or_else(|err| {
                 eprintln!("session store failed: {}", err.report());
+                // 503 when the store is down: worth a retry.
                 let reply = visits::Reply {
-                    status: 500,
-                    body: "internal error\n".to_owned(),
+                    status: err.http_status(),
+                    body: "the session store failed\n".to_owned(),
                 };
-                (reply, None)
+                (reply, SessionResponse::default())
             });
 
             let mut response = Response::builder()
                 .status(reply.status)
                 .header(CONTENT_TYPE, "text/plain; charset=utf-8");
-            if let Some(value) = set_cookie {
+            // For caches in front of the server: the answer depends on the cookie,
+            // and one that sets it is for this user only.
+            if finished.needs_vary([]) {
+                response = response.header(VARY, "cookie");
+            }
+            if let Some(value) = finished.cache_control(None) {
+                response = response.header(CACHE_CONTROL, value);
+            }
+            if let Some(value) = finished.set_cookie {
                 response = response.header(SET_COOKIE, value);
             }
             response

@@ -251,7 +251,6 @@ async fn finish(
     }
     let existing: Vec<&str> = headers
         .get_all(header::CACHE_CONTROL)
-        .into_iter()
         .filter_map(|value| value.to_str().ok())
         .collect();
     let existing = (!existing.is_empty()).then(|| existing.join(", "));

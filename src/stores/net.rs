@@ -142,6 +142,28 @@ impl std::error::Error for IoFailure {
 }
 
 impl Socket {
+    /// `true` if the connection stays on this machine: a Unix socket, or TCP to a
+    /// loopback address. Anything else crosses a network that may be listened to,
+    /// so credentials are not sent over it in clear text unasked.
+    pub(crate) fn is_local(&self) -> bool {
+        match &self.stream {
+            Stream::Tcp(stream) => {
+                #[cfg(feature = "sync")]
+                let peer = stream.peer_addr();
+                #[cfg(not(feature = "sync"))]
+                let peer = stream.get_ref().peer_addr();
+                peer.is_ok_and(|peer| match peer.ip() {
+                    std::net::IpAddr::V4(ip) => ip.is_loopback(),
+                    std::net::IpAddr::V6(ip) => {
+                        ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback())
+                    }
+                })
+            }
+            #[cfg(unix)]
+            Stream::Unix(_) => true,
+        }
+    }
+
     pub(crate) fn failure(&self, what: &'static str, source: io::Error) -> IoFailure {
         IoFailure {
             what,

@@ -20,6 +20,85 @@ pub(crate) struct Config {
     pub(crate) application_name: String,
     /// `connect_timeout`, if the URL sets it.
     pub(crate) connect_timeout: Option<Duration>,
+    /// `require_auth`: which authentication methods the server may ask for.
+    pub(crate) require_auth: RequireAuth,
+}
+
+/// libpq's `require_auth`: the authentication methods a connection accepts from the
+/// server, by their libpq names (`password`, `md5`, `gss`, `sspi`, `scram-sha-256`,
+/// `none`), all listed (`password,scram-sha-256`) or all refused (`!password,!md5`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum RequireAuth {
+    /// Not set: any method, except that a clear-text or MD5 password is never sent
+    /// over an unencrypted connection that leaves this machine.
+    #[default]
+    Default,
+    /// Only these.
+    Only(Vec<String>),
+    /// Any but these.
+    Not(Vec<String>),
+}
+
+/// The method names `require_auth` takes.
+const AUTH_METHODS: [&str; 6] = ["password", "md5", "gss", "sspi", "scram-sha-256", "none"];
+
+impl RequireAuth {
+    fn parse(value: &str) -> Result<Self> {
+        let mut only = Vec::new();
+        let mut not = Vec::new();
+        for name in value.split(',') {
+            let (list, name) = match name.strip_prefix('!') {
+                Some(name) => (&mut not, name),
+                None => (&mut only, name),
+            };
+            if !AUTH_METHODS.contains(&name) {
+                return Err(invalid(format_args!(
+                    "require_auth: `{name}` is not one of {}",
+                    AUTH_METHODS.join(", ")
+                )));
+            }
+            list.push(name.to_owned());
+        }
+        match (only.is_empty(), not.is_empty()) {
+            (false, true) => Ok(Self::Only(only)),
+            (true, false) => Ok(Self::Not(not)),
+            _ => Err(invalid(
+                "require_auth lists methods to allow and methods to refuse (with `!`) at once",
+            )),
+        }
+    }
+
+    /// Checks that the server may use `method` (a libpq name) on a connection that
+    /// stays on this machine (`local`) or not: the error says why not.
+    pub(crate) fn check(&self, method: &str, local: bool) -> std::result::Result<(), String> {
+        match self {
+            Self::Default if !local && (method == "password" || method == "md5") => Err(format!(
+                "the server asks for the password {}, over an unencrypted connection to \
+                 another machine: refused, since anyone on the path could {}; connect over a \
+                 Unix socket or a tunnel, or set require_auth={method} to send it anyway",
+                if method == "md5" {
+                    "as an MD5 hash"
+                } else {
+                    "in clear text"
+                },
+                if method == "md5" {
+                    "replay the hash"
+                } else {
+                    "read it"
+                },
+            )),
+            Self::Default => Ok(()),
+            Self::Only(allowed) if allowed.iter().any(|name| name == method) => Ok(()),
+            Self::Only(allowed) => Err(format!(
+                "the server asks for {method} authentication, and require_auth={} does not allow it",
+                allowed.join(",")
+            )),
+            Self::Not(refused) if refused.iter().any(|name| name == method) => Err(format!(
+                "the server asks for {method} authentication, and require_auth refuses it"
+            )),
+            Self::Not(_) => Ok(()),
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -53,8 +132,8 @@ impl Config {
     /// Parses `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
     /// (or `postgresql://`). Parameters: `host` (a directory starting with `/` means a
     /// Unix socket), `port`, `user`, `password`, `dbname`, `application_name`,
-    /// `connect_timeout` (seconds) and `sslmode` (`disable`, `allow` or `prefer`: TLS is
-    /// not supported). Any other parameter is an error, so that a typo is not ignored.
+    /// `connect_timeout` (seconds), `require_auth` (as libpq's) and `sslmode`
+    /// (`disable`, `allow` or `prefer`: TLS is not supported). Any other parameter is an error, so that a typo is not ignored.
     pub(crate) fn parse(url: &str) -> Result<Self> {
         let rest = url
             .strip_prefix("postgres://")
@@ -108,6 +187,7 @@ impl Config {
         };
         let mut application_name = None;
         let mut connect_timeout = None;
+        let mut require_auth = RequireAuth::Default;
 
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair
@@ -121,6 +201,7 @@ impl Config {
                 "password" => password = Some(value),
                 "dbname" => dbname = Some(value),
                 "application_name" => application_name = Some(value),
+                "require_auth" => require_auth = RequireAuth::parse(&value)?,
                 "connect_timeout" => {
                     let seconds: u64 = value.parse().map_err(|_| {
                         invalid(format_args!(
@@ -167,6 +248,7 @@ impl Config {
             password,
             application_name: application_name.unwrap_or_else(|| "portable-sessions".into()),
             connect_timeout,
+            require_auth,
         })
     }
 }
@@ -204,6 +286,31 @@ mod tests {
     }
 
     #[test]
+    fn require_auth_follows_libpq() {
+        let parse = |url: &str| Config::parse(url).unwrap().require_auth;
+        let default = parse("postgres://u@h/d");
+        assert_eq!(default, RequireAuth::Default);
+        for method in ["scram-sha-256", "none", "password", "md5"] {
+            assert!(default.check(method, true).is_ok(), "{method} locally");
+        }
+        assert!(default.check("scram-sha-256", false).is_ok());
+        let refused = default.check("password", false).unwrap_err();
+        assert!(refused.contains("require_auth=password"), "{refused}");
+        assert!(default.check("md5", false).is_err());
+
+        let only = parse("postgres://u@h/d?require_auth=password,scram-sha-256");
+        assert!(only.check("password", false).is_ok(), "asked for by name");
+        assert!(only.check("md5", true).is_err());
+        assert!(only.check("none", true).is_err());
+        let not = parse("postgres://u@h/d?require_auth=!none");
+        assert!(
+            not.check("none", true).is_err(),
+            "the server must authenticate"
+        );
+        assert!(not.check("md5", false).is_ok());
+    }
+
+    #[test]
     fn rejects_what_it_cannot_honour() {
         for url in [
             "mysql://u@h/d",
@@ -215,6 +322,8 @@ mod tests {
             "postgres://u@h/d%zz",
             "postgres://u@[::1/d",
             "postgres://u@h/d?connect_timeout=soon",
+            "postgres://u@h/d?require_auth=kerberos",
+            "postgres://u@h/d?require_auth=password,!md5",
         ] {
             let err = Config::parse(url).unwrap_err();
             assert!(matches!(err, Error::Backend(_)), "{url}");

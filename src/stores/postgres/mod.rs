@@ -108,8 +108,17 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// The URL is `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
 /// (or `postgresql://`), percent-encoded. Parameters: `host` (a directory, such as
 /// `/var/run/postgresql`, for the server's Unix socket), `port`, `user`, `password`,
-/// `dbname`, `application_name`, `connect_timeout` and `sslmode`. Passwords are sent
-/// as the server asks: SCRAM-SHA-256, MD5 or clear text.
+/// `dbname`, `application_name`, `connect_timeout`, `require_auth` and `sslmode`.
+/// Passwords are sent as the server asks: SCRAM-SHA-256, MD5 or clear text, except
+/// that a clear-text or MD5 password is never sent over an unencrypted connection to
+/// another machine unless `require_auth` names it (libpq's option: a list of the
+/// methods allowed, `password,md5,scram-sha-256,none`, or of those refused, `!md5`).
+/// SCRAM completes only once the server has proved it knows the password, and a
+/// server that asks for more than 100,000 iterations is refused.
+///
+/// A hostile or broken server cannot make a connection buffer more than about the
+/// largest record (1 MiB and 64 KiB per message, 64 rows per reply): a longer
+/// message is refused from its length alone.
 ///
 /// TLS is not supported: `sslmode=require` (and stricter) is refused. Connect over a
 /// Unix socket, a private network, or a TLS tunnel.

@@ -331,29 +331,57 @@ impl Conn {
                 ))
             })
         };
+        let local = self.socket.is_local();
+        let allowed = |method: &str| {
+            config
+                .require_auth
+                .check(method, local)
+                .map_err(WireError::Protocol)
+        };
         let mut scram: Option<sasl::ScramSha256> = None;
+        let mut asked = false;
+        let mut proven = false;
         loop {
             match self.next_message().await? {
-                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationOk => {
+                    if scram.is_some() && !proven {
+                        // Only a server that knows the password can prove it; one
+                        // that skips the proof may be anyone.
+                        return Err(WireError::Protocol(
+                            "SCRAM: the server ended the exchange without proving that it \
+                             knows the password"
+                                .into(),
+                        ));
+                    }
+                    if !asked {
+                        allowed("none")?;
+                    }
+                    return Ok(());
+                }
                 Message::AuthenticationCleartextPassword => {
-                    let mut text = password()?.as_bytes().to_vec();
-                    text.push(0);
+                    asked = true;
+                    allowed("password")?;
+                    // The codec ends the string itself (and refuses a NUL inside).
+                    let text = password()?.as_bytes().to_vec();
                     frontend::password_message(&text, &mut self.write).map_err(too_large)?;
                     self.send().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    asked = true;
+                    allowed("md5")?;
                     let hash = authentication::md5_hash(
                         config.user.as_bytes(),
                         password()?.as_bytes(),
                         body.salt(),
                     );
-                    let mut text = hash.into_bytes();
-                    text.push(0);
+                    let text = hash.into_bytes();
                     frontend::password_message(&text, &mut self.write).map_err(too_large)?;
                     self.send().await?;
                 }
                 Message::AuthenticationSasl(body) => {
                     use fallible_iterator::FallibleIterator;
+                    asked = true;
+                    allowed("scram-sha-256")?;
                     let mut mechanisms = body.mechanisms();
                     let mut offered = false;
                     while let Ok(Some(mechanism)) = mechanisms.next() {
@@ -383,6 +411,7 @@ impl Conn {
                     let state = scram.as_mut().ok_or_else(|| {
                         WireError::Protocol("SASL continue before SASL start".into())
                     })?;
+                    check_iterations(body.data())?;
                     state
                         .update(body.data())
                         .map_err(|err| WireError::Protocol(format!("SCRAM: {err}")))?;
@@ -396,6 +425,7 @@ impl Conn {
                     state.finish(body.data()).map_err(|err| {
                         WireError::Protocol(format!("SCRAM: the server's proof is wrong: {err}"))
                     })?;
+                    proven = true;
                 }
                 Message::ErrorResponse(body) => {
                     return Err(WireError::Server(ServerError::from_body(&body)))
@@ -423,7 +453,15 @@ impl Conn {
         let mut error = None;
         loop {
             match self.next_message().await? {
-                Message::DataRow(row) => reply.rows.push(row),
+                Message::DataRow(row) => {
+                    if reply.rows.len() == MAX_ROWS {
+                        return Err(WireError::Protocol(format!(
+                            "the server sent more than the {MAX_ROWS} rows any statement \
+                             here returns"
+                        )));
+                    }
+                    reply.rows.push(row);
+                }
                 Message::CommandComplete(body) => {
                     reply.affected = body
                         .tag()
@@ -470,6 +508,17 @@ impl Conn {
 
     async fn next_message(&mut self) -> Result<Message, WireError> {
         loop {
+            // The length comes first: one too long is refused before anything of
+            // the message is buffered (the codec would reserve room for all of it).
+            if let Some(header) = self.socket.read.get(..5) {
+                let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+                if usize::try_from(len).map_or(true, |len| len > MAX_MESSAGE) {
+                    return Err(WireError::Protocol(format!(
+                        "the server sent a message of {len} bytes, more than the \
+                         {MAX_MESSAGE} a reply may carry"
+                    )));
+                }
+            }
             match Message::parse(&mut self.socket.read) {
                 Ok(Some(message)) => return Ok(message),
                 Ok(None) => {}
@@ -477,6 +526,38 @@ impl Conn {
             }
             self.socket.receive().await.map_err(WireError::Io)?;
         }
+    }
+}
+
+/// The longest message a reply may carry: a row with the largest record, with room
+/// to spare.
+const MAX_MESSAGE: usize = crate::session::Record::MAX_ENCODED_LEN + 64 * 1024;
+
+/// The most rows a reply may carry: every statement here returns one at most.
+const MAX_ROWS: usize = 64;
+
+/// The most PBKDF2 iterations a server may ask SCRAM for (PostgreSQL's default is
+/// 4,096): each one is computed here, so a server asking for billions would hold a
+/// connection, and a core, for hours.
+const MAX_SCRAM_ITERATIONS: u32 = 100_000;
+
+/// Refuses a SCRAM server-first message that asks for too many iterations.
+fn check_iterations(server_first: &[u8]) -> Result<(), WireError> {
+    let text = std::str::from_utf8(server_first)
+        .map_err(|_| WireError::Protocol("SCRAM: the server's message is not UTF-8".into()))?;
+    let iterations = text
+        .split(',')
+        .find_map(|attribute| attribute.strip_prefix("i="))
+        .and_then(|count| count.parse::<u64>().ok());
+    match iterations {
+        Some(count) if count > u64::from(MAX_SCRAM_ITERATIONS) => {
+            Err(WireError::Protocol(format!(
+                "SCRAM: the server asks for {count} iterations, more than the \
+             {MAX_SCRAM_ITERATIONS} this client computes"
+            )))
+        }
+        // A count that does not parse is the codec's to refuse.
+        _ => Ok(()),
     }
 }
 

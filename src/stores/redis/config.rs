@@ -14,6 +14,9 @@ pub(crate) struct Config {
     pub(crate) user: Option<String>,
     pub(crate) password: Option<String>,
     pub(crate) db: u32,
+    /// `insecure_auth=true`: send `AUTH` over plain TCP to another machine, where
+    /// anyone on the path could read the password. Refused unless asked for.
+    pub(crate) insecure_auth: bool,
 }
 
 impl fmt::Debug for Config {
@@ -24,6 +27,7 @@ impl fmt::Debug for Config {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "..."))
             .field("db", &self.db)
+            .field("insecure_auth", &self.insecure_auth)
             .finish()
     }
 }
@@ -46,7 +50,8 @@ impl Config {
     pub(crate) const DEFAULT_PORT: u16 = 6379;
 
     /// Parses `redis://[[user]:password@]host[:port][/db]`, or
-    /// `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` (also `unix://`). TLS
+    /// `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` (also `unix://`), with
+    /// `insecure_auth=true` to send a password over plain TCP to another machine. TLS
     /// (`rediss://`) is refused, and so is any parameter not listed, so that a typo is
     /// not ignored.
     pub(crate) fn parse(url: &str) -> Result<Self> {
@@ -67,6 +72,7 @@ impl Config {
                         user: None,
                         password: None,
                         db: 0,
+                        insecure_auth: false,
                     }
                 }
                 #[cfg(not(unix))]
@@ -89,6 +95,17 @@ impl Config {
                 "db" => config.db = parse_db(&value)?,
                 "user" => config.user = Some(value),
                 "pass" | "password" => config.password = Some(value),
+                "insecure_auth" => {
+                    config.insecure_auth = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        other => {
+                            return Err(invalid(format_args!(
+                                "insecure_auth takes true or false, not `{other}`"
+                            )))
+                        }
+                    }
+                }
                 other => return Err(invalid(format_args!("unknown parameter `{other}`"))),
             }
         }
@@ -146,6 +163,7 @@ impl Config {
             user,
             password,
             db,
+            insecure_auth: false,
         })
     }
 }

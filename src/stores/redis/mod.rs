@@ -170,7 +170,10 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// The URL is `redis://[[user]:password@]host[:port][/db]`, or
 /// `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` for a Unix socket, with
 /// percent-encoded parts. TLS (`rediss://`) is not supported: connect over a Unix
-/// socket, a private network, or a TLS tunnel.
+/// socket, a private network, or a TLS tunnel. A password is not sent over plain TCP
+/// to another machine (the connection fails, saying so) unless the URL adds
+/// `insecure_auth=true`. A reply longer than the largest record, with room to spare,
+/// or a line that runs on without its end, is refused before it is buffered.
 ///
 /// # Examples
 ///

@@ -7,8 +7,14 @@ use bytes::Buf;
 use super::config::Config;
 use crate::stores::net::{IoFailure, Socket};
 
-/// The largest bulk string a reply may carry: Redis' own limit.
-const MAX_BULK: usize = 512 * 1024 * 1024;
+/// The largest bulk string a reply may carry: the largest stored value this store
+/// writes (a record, its version and header) with room to spare. Anything longer is
+/// refused as soon as its length line arrives, before it is buffered: a hostile or
+/// broken server cannot make a connection hold more.
+pub(super) const MAX_BULK: usize = crate::session::Record::MAX_ENCODED_LEN + 64 * 1024;
+/// The longest line (a status, an error, a number) a reply may have before its end:
+/// a line that runs on without one is refused rather than buffered.
+const MAX_LINE: usize = 64 * 1024;
 /// The most elements a reply array may have, and the deepest nesting: far beyond
 /// what the commands sent here answer.
 const MAX_ARRAY: usize = 1024;
@@ -88,7 +94,13 @@ pub(super) type Answer = Result<Reply, String>;
 /// length, so that the caller can consume it and keep the connection; malformed input
 /// is an `Err`.
 pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    let head = &buf[..buf.len().min(MAX_LINE + 2)];
+    let Some(end) = head.windows(2).position(|w| w == b"\r\n") else {
+        if head.len() > MAX_LINE {
+            return Err(format!(
+                "a reply line runs past {MAX_LINE} bytes without its end"
+            ));
+        }
         return Ok(None);
     };
     let Some((&kind, line)) = buf[..end].split_first() else {
@@ -113,7 +125,11 @@ pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>,
             let len = usize::try_from(len)
                 .ok()
                 .filter(|&len| len <= MAX_BULK)
-                .ok_or("a bulk string is too long")?;
+                .ok_or_else(|| {
+                    format!(
+                        "a bulk string of {len} bytes, more than the {MAX_BULK} a reply may carry"
+                    )
+                })?;
             let Some(body) = buf.get(line_end..line_end + len + 2) else {
                 return Ok(None);
             };
@@ -240,6 +256,15 @@ impl Conn {
             queued: 0,
         };
         if let Some(password) = &config.password {
+            if !conn.socket.is_local() && !config.insecure_auth {
+                return Err(RespError::Protocol(format!(
+                    "the URL holds a password, and {} is another machine reached over \
+                     plain TCP: AUTH would send the password where anyone on the path \
+                     could read it; connect over a Unix socket or a tunnel, or add \
+                     insecure_auth=true to the URL to send it anyway",
+                    config.address
+                )));
+            }
             match &config.user {
                 Some(user) => conn.push(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
                 None => conn.push(&[b"AUTH", password.as_bytes()]),
@@ -326,9 +351,17 @@ mod tests {
             b"$3\r\nabcd\r\n",
             b"$999999999999\r\n",
             b"\r\n",
+            // One byte over the bound: refused from its length line alone.
+            format!("${}\r\n", MAX_BULK + 1).as_bytes(),
         ] {
             assert!(parse(bad, 0).is_err(), "{bad:?}");
         }
+        // A line that never ends: waited for up to the bound, refused past it.
+        let mut endless = b"+".to_vec();
+        endless.resize(MAX_LINE, b'a');
+        assert_eq!(parse(&endless, 0), Ok(None));
+        endless.resize(MAX_LINE + 3, b'a');
+        assert!(parse(&endless, 0).is_err());
         let deep = b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n";
         assert!(parse(deep, 0).is_err());
         // An error inside an array: the whole array is consumed, and is the error.

@@ -1,0 +1,351 @@
+//! What a hostile or broken server can do to the network stores, in both modes:
+//! servers of the test's own, written here, that answer with replies too long to
+//! buffer, lines that never end, authentication that skips its proof or asks for
+//! endless work, and that ask for passwords in clear text from another machine.
+//! Each must fail the operation promptly with an error that says why, and a
+//! password must never reach a server that it was not meant for.
+#![cfg(any(feature = "redis", feature = "postgres"))]
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use portable_sessions::{session::Id, SessionStore};
+
+/// A server that runs `script` on each connection it accepts, and keeps every byte
+/// each connection sent.
+struct FakeServer {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl FakeServer {
+    fn start(ip: IpAddr, script: Script) -> Self {
+        let listener = TcpListener::bind((ip, 0)).expect("a free port");
+        let addr = listener.local_addr().expect("bound");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let seen = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut conn = Conn { stream, seen };
+                    let _ = script(&mut conn);
+                    conn.drain();
+                });
+            }
+        });
+        Self { addr, received }
+    }
+
+    fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// What a fake server does on one connection.
+type Script = fn(&mut Conn) -> std::io::Result<()>;
+
+/// One connection to a fake server, keeping what the client sent.
+struct Conn {
+    stream: TcpStream,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Conn {
+    /// Reads at least `n` bytes, or what comes before the connection ends.
+    fn read_some(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        self.stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while out.len() < n {
+            let got = self.stream.read(&mut buf)?;
+            if got == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..got]);
+        }
+        self.seen.lock().unwrap().extend_from_slice(&out);
+        Ok(out)
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads what is left into the record once the script is done.
+    fn drain(&mut self) {
+        let _ = self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(300)));
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            self.seen.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// This machine's address on its network (not loopback), if it has one: a server
+/// there is "another machine" to the stores, which judge by the peer's address.
+fn network_address() -> Option<IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // No packet is sent: connecting a UDP socket only picks the route.
+    socket.connect("192.0.2.1:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// Runs `operation`, which must fail within a few seconds (the stores' timeout is
+/// longer, so an error that comes from waiting out a timeout does not pass), with an
+/// error whose report contains `expected`.
+fn fails_promptly(what: &str, expected: &str, operation: impl FnOnce() -> Result<(), String>) {
+    let started = Instant::now();
+    let err = operation().expect_err(what);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{what}: took {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains(expected), "{what}: {err}");
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use portable_sessions::RedisStore;
+
+    fn load(url: &str) -> Result<(), String> {
+        let store = RedisStore::new(url)
+            .map_err(|err| err.report())?
+            .with_timeout(Duration::from_secs(20));
+        common::block(store.load(&Id::default()))
+            .map(|_| ())
+            .map_err(|err| err.report())
+    }
+
+    /// Answers every command, `GET` with `reply`.
+    fn answering(stream: &mut Conn, reply: &[u8]) -> std::io::Result<()> {
+        loop {
+            let got = stream.read_some(1)?;
+            if got.is_empty() {
+                return Ok(());
+            }
+            let text = String::from_utf8_lossy(&got);
+            for command in text.split('*').skip(1) {
+                let answer: &[u8] = if command.contains("GET") {
+                    reply
+                } else {
+                    b"+OK\r\n"
+                };
+                stream.write_all(answer)?;
+            }
+        }
+    }
+
+    #[test]
+    fn a_reply_too_long_to_buffer_is_refused_from_its_length() {
+        let server = FakeServer::start(LOOPBACK, |stream| answering(stream, b"$100000000\r\n"));
+        fails_promptly("a 100 MB bulk string", "more than", || {
+            load(&format!("redis://{}", server.addr))
+        });
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            let mut endless = b"+".to_vec();
+            endless.resize(100 * 1024, b'a');
+            answering(stream, &endless)
+        });
+        fails_promptly("a line that never ends", "without its end", || {
+            load(&format!("redis://{}", server.addr))
+        });
+    }
+
+    #[test]
+    fn a_password_goes_in_clear_text_only_on_this_machine_or_when_asked() {
+        // On loopback, AUTH goes as always.
+        let server = FakeServer::start(LOOPBACK, |stream| answering(stream, b"$-1\r\n"));
+        load(&format!("redis://:s3cret@{}", server.addr)).expect("loads");
+        let seen = String::from_utf8_lossy(&server.received()).into_owned();
+        assert!(seen.contains("AUTH") && seen.contains("s3cret"), "{seen}");
+
+        let Some(ip) = network_address() else {
+            eprintln!("this machine has no network address besides loopback");
+            return;
+        };
+        let server = FakeServer::start(ip, |stream| answering(stream, b"$-1\r\n"));
+        fails_promptly("AUTH to another machine", "insecure_auth=true", || {
+            load(&format!("redis://:s3cret@{}", server.addr))
+        });
+        let seen = String::from_utf8_lossy(&server.received()).into_owned();
+        assert!(
+            !seen.contains("s3cret"),
+            "the password never went out: {seen}"
+        );
+        let err = load(&format!("redis://:s3cret@{}", server.addr)).unwrap_err();
+        assert!(!err.contains("s3cret"), "nor is it in the error: {err}");
+
+        load(&format!(
+            "redis://:s3cret@{}?insecure_auth=true",
+            server.addr
+        ))
+        .expect("asked for by name");
+        let seen = String::from_utf8_lossy(&server.received()).into_owned();
+        assert!(seen.contains("s3cret"), "{seen}");
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use portable_sessions::PostgresStore;
+
+    fn load(url: &str) -> Result<(), String> {
+        let store = PostgresStore::new(url)
+            .map_err(|err| err.report())?
+            .with_timeout(Duration::from_secs(20));
+        common::block(store.load(&Id::default()))
+            .map(|_| ())
+            .map_err(|err| err.report())
+    }
+
+    /// A backend message: its tag, its length, its body.
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// An authentication request of this code, with this payload.
+    fn auth(code: i32, payload: &[u8]) -> Vec<u8> {
+        let mut body = code.to_be_bytes().to_vec();
+        body.extend_from_slice(payload);
+        message(b'R', &body)
+    }
+
+    /// Reads the startup message (its length first).
+    fn startup(stream: &mut Conn) -> std::io::Result<()> {
+        let got = stream.read_some(4)?;
+        let len = i32::from_be_bytes([got[0], got[1], got[2], got[3]]) as usize;
+        if got.len() < len {
+            stream.read_some(len - got.len())?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_message_too_long_to_buffer_is_refused_from_its_length() {
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            startup(stream)?;
+            let mut header = vec![b'R'];
+            header.extend_from_slice(&i32::MAX.to_be_bytes());
+            stream.write_all(&header)?;
+            std::thread::sleep(Duration::from_secs(10));
+            Ok(())
+        });
+        fails_promptly("a 2 GB message", "more than", || {
+            load(&format!("postgres://app@{}/db", server.addr))
+        });
+    }
+
+    #[test]
+    fn scram_completes_only_with_the_servers_proof_and_bounded_work() {
+        // The server skips its proof: whoever it is, it does not know the password.
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            startup(stream)?;
+            stream.write_all(&auth(10, b"SCRAM-SHA-256\0\0"))?;
+            stream.read_some(1)?;
+            stream.write_all(&auth(0, b""))?;
+            std::thread::sleep(Duration::from_secs(10));
+            Ok(())
+        });
+        fails_promptly(
+            "AuthenticationOk without the proof",
+            "without proving",
+            || load(&format!("postgres://app:pw@{}/db", server.addr)),
+        );
+
+        // The server asks for a hundred million iterations.
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            startup(stream)?;
+            stream.write_all(&auth(10, b"SCRAM-SHA-256\0\0"))?;
+            let first = stream.read_some(1)?;
+            let text = String::from_utf8_lossy(&first).into_owned();
+            let nonce = text
+                .split("r=")
+                .nth(1)
+                .unwrap_or_default()
+                .trim_end_matches('\0')
+                .to_owned();
+            let server_first = format!("r={nonce}srv,s=QSXCR+Q6sek8bf92,i=100000000");
+            stream.write_all(&auth(11, server_first.as_bytes()))?;
+            std::thread::sleep(Duration::from_secs(10));
+            Ok(())
+        });
+        fails_promptly("100,000,000 SCRAM iterations", "iterations", || {
+            load(&format!("postgres://app:pw@{}/db", server.addr))
+        });
+    }
+
+    #[test]
+    fn a_password_goes_in_clear_text_only_on_this_machine_or_when_asked() {
+        fn asks_in_clear(stream: &mut Conn) -> std::io::Result<()> {
+            startup(stream)?;
+            stream.write_all(&auth(3, b""))?;
+            stream.read_some(1)?;
+            // Then refuse, as a server whose password check failed.
+            let mut error = b"SFATAL\0C28P01\0Mpassword authentication failed\0".to_vec();
+            error.push(0);
+            stream.write_all(&message(b'E', &error))
+        }
+        // On loopback the password goes, as the server asks.
+        let server = FakeServer::start(LOOPBACK, asks_in_clear);
+        let err = load(&format!("postgres://app:s3cret@{}/db", server.addr)).unwrap_err();
+        assert!(err.contains("password authentication failed"), "{err}");
+        assert!(String::from_utf8_lossy(&server.received()).contains("s3cret"));
+
+        let Some(ip) = network_address() else {
+            eprintln!("this machine has no network address besides loopback");
+            return;
+        };
+        fn asks_for_md5(stream: &mut Conn) -> std::io::Result<()> {
+            startup(stream)?;
+            stream.write_all(&auth(5, b"salt"))?;
+            stream.read_some(1)?;
+            Ok(())
+        }
+        for (script, method) in [
+            (asks_in_clear as Script, "password"),
+            (asks_for_md5 as Script, "md5"),
+        ] {
+            let server = FakeServer::start(ip, script);
+            fails_promptly(method, &format!("require_auth={method}"), || {
+                load(&format!("postgres://app:s3cret@{}/db", server.addr))
+            });
+            // The startup message is all the server got: no password, no hash.
+            let seen = String::from_utf8_lossy(&server.received()).into_owned();
+            assert!(
+                !seen.contains("s3cret") && !seen.contains("md5"),
+                "{method}: {seen}"
+            );
+        }
+        // Named in require_auth, it goes.
+        let server = FakeServer::start(ip, asks_in_clear);
+        let err = load(&format!(
+            "postgres://app:s3cret@{}/db?require_auth=password",
+            server.addr
+        ))
+        .unwrap_err();
+        assert!(err.contains("password authentication failed"), "{err}");
+        assert!(String::from_utf8_lossy(&server.received()).contains("s3cret"));
+    }
+}

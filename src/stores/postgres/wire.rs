@@ -508,17 +508,7 @@ impl Conn {
 
     async fn next_message(&mut self) -> Result<Message, WireError> {
         loop {
-            // The length comes first: one too long is refused before anything of
-            // the message is buffered (the codec would reserve room for all of it).
-            if let Some(header) = self.socket.read.get(..5) {
-                let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-                if usize::try_from(len).map_or(true, |len| len > MAX_MESSAGE) {
-                    return Err(WireError::Protocol(format!(
-                        "the server sent a message of {len} bytes, more than the \
-                         {MAX_MESSAGE} a reply may carry"
-                    )));
-                }
-            }
+            check_length(&self.socket.read)?;
             match Message::parse(&mut self.socket.read) {
                 Ok(Some(message)) => return Ok(message),
                 Ok(None) => {}
@@ -532,6 +522,22 @@ impl Conn {
 /// The longest message a reply may carry: a row with the largest record, with room
 /// to spare.
 const MAX_MESSAGE: usize = crate::session::Record::MAX_ENCODED_LEN + 64 * 1024;
+
+/// Refuses the message at the front of `read` when its length is past
+/// [`MAX_MESSAGE`]: the length comes first, and is refused before anything of the
+/// message is buffered (the codec would reserve room for all of it).
+fn check_length(read: &[u8]) -> Result<(), WireError> {
+    if let Some(header) = read.get(..5) {
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        if usize::try_from(len).map_or(true, |len| len > MAX_MESSAGE) {
+            return Err(WireError::Protocol(format!(
+                "the server sent a message of {len} bytes, more than the {MAX_MESSAGE} \
+                 a reply may carry"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// The most rows a reply may carry: every statement here returns one at most.
 const MAX_ROWS: usize = 64;
@@ -569,5 +575,82 @@ impl Drop for Conn {
             frontend::terminate(&mut bye);
             self.socket.write_now(&bye);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A backend message: its tag, its length, its body.
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Reads every message from `bytes` as the connection does: the length guard,
+    /// the codec, and what this client reads out of rows and errors. Never panics.
+    fn read_all(bytes: &[u8]) {
+        let mut read = BytesMut::from(bytes);
+        loop {
+            if check_length(&read).is_err() {
+                return;
+            }
+            match Message::parse(&mut read) {
+                Ok(Some(Message::DataRow(row))) => {
+                    let _ = columns(&row);
+                }
+                Ok(Some(Message::ErrorResponse(body))) => {
+                    let _ = ServerError::from_body(&body);
+                }
+                Ok(Some(Message::AuthenticationSaslContinue(body))) => {
+                    let _ = check_iterations(body.data());
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// A short fuzz run of the reply parsing: arbitrary bytes, and well-framed
+        /// messages of every tag with arbitrary bodies.
+        #[test]
+        fn any_reply_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            read_all(&bytes);
+        }
+
+        #[test]
+        fn framed_messages_with_any_body_never_panic(
+            messages in proptest::collection::vec(
+                (prop::sample::select(b"RSKZDCEINTtn1237s".to_vec()),
+                 proptest::collection::vec(any::<u8>(), 0..64)),
+                1..6,
+            )
+        ) {
+            let bytes: Vec<u8> = messages
+                .iter()
+                .flat_map(|(tag, body)| message(*tag, body))
+                .collect();
+            read_all(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_length_past_the_bound_is_refused_before_the_body() {
+        let mut header = vec![b'D'];
+        header.extend_from_slice(&((MAX_MESSAGE + 1) as i32).to_be_bytes());
+        assert!(check_length(&header).is_err());
+        header[1..5].copy_from_slice(&(-1i32).to_be_bytes());
+        assert!(check_length(&header).is_err());
+        header[1..5].copy_from_slice(&(MAX_MESSAGE as i32).to_be_bytes());
+        assert!(check_length(&header).is_ok());
+        assert!(check_iterations(b"r=abc,s=c2FsdA==,i=4096").is_ok());
+        assert!(check_iterations(b"r=abc,s=c2FsdA==,i=100001").is_err());
     }
 }

@@ -340,6 +340,25 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// A short fuzz run of the reply parser: arbitrary bytes, and arbitrary
+        /// bytes after a well-formed start of each reply kind, never panic, and a
+        /// complete reply never claims more bytes than there are.
+        #[test]
+        fn any_reply_bytes_never_panic(
+            start in proptest::sample::select(vec![&b""[..], b"+", b"-", b":", b"$", b"*", b"*2\r\n", b"$3\r\n"]),
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+        ) {
+            let mut input = start.to_vec();
+            input.extend_from_slice(&bytes);
+            if let Ok(Some((_, used))) = parse(&input, 0) {
+                proptest::prop_assert!(used <= input.len());
+            }
+        }
+    }
+
     #[test]
     fn waits_for_the_rest_and_rejects_garbage() {
         for part in [&b""[..], b"+OK", b"$5\r\nab", b"*2\r\n:1\r\n"] {

@@ -18,7 +18,7 @@ use std::{
 
 use portable_sessions::{
     session::{Id, Record},
-    session_store::{Result, Update},
+    session_store::{Error, Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, PostgresStore, SessionStore,
 };
@@ -37,6 +37,30 @@ fn hex(bytes: &[u8]) -> String {
 
 fn key_hex(id: &Id) -> String {
     hex(&Sha256::digest(id.to_bytes()))
+}
+
+/// A stored record carries a check of its own key: the same bytes found under
+/// another key (a reply meant for another session, a copied row) are refused.
+#[maybe_async::maybe_async]
+async fn a_row_under_another_key_is_refused() {
+    let schema = PgSchema::new("misdelivered");
+    let store = schema.store();
+    let mut record = live_record(7);
+    store.create(&mut record).await.unwrap();
+    let other = Id::default();
+    psql(&format!(
+        "INSERT INTO {table} (key, expires_at, version, record)
+         SELECT '\\x{other}'::bytea, expires_at, version, record FROM {table}
+         WHERE key = '\\x{own}'::bytea",
+        table = schema.table(),
+        other = key_hex(&other),
+        own = key_hex(&record.id),
+    ));
+    let err = store.load(&other).await.unwrap_err();
+    assert!(matches!(err, Error::Decode(_)), "{err:?}");
+    assert!(err.report().contains("another key"), "{}", err.report());
+    let own = store.load(&record.id).await.unwrap();
+    assert!(own.is_some());
 }
 
 #[maybe_async::maybe_async]
@@ -591,6 +615,7 @@ async fn a_wrong_password_is_a_backend_error() {
 }
 
 tests_in_both_modes!(
+    a_row_under_another_key_is_refused,
     postgres_store_conforms,
     caching_postgres_store_conforms,
     the_table_holds_digests_not_ids,

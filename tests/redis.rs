@@ -17,7 +17,7 @@ use std::{
 
 use portable_sessions::{
     session::{Id, Record},
-    session_store::{Result, Update},
+    session_store::{Error, Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
 };
@@ -317,6 +317,33 @@ async fn a_record_past_its_date_is_gone_for_update_as_for_load() {
     assert_eq!(still, None, "nothing revived");
 }
 
+/// A stored value carries a check of its own key: the same bytes found under another
+/// key (a reply meant for another session, a copied value) are refused.
+#[maybe_async::maybe_async]
+async fn a_value_under_another_key_is_refused() {
+    let store = shared_store("misdelivered");
+    let mut conn = raw(SHARED);
+    let mut record = live_record(7);
+    store.create(&mut record).await.unwrap();
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(key_of(&store, &record.id))
+        .query(&mut conn)
+        .unwrap();
+    let other = Id::default();
+    let () = redis::cmd("SET")
+        .arg(key_of(&store, &other))
+        .arg(value)
+        .arg("EX")
+        .arg(3600)
+        .query(&mut conn)
+        .unwrap();
+    let err = store.load(&other).await.unwrap_err();
+    assert!(matches!(err, Error::Decode(_)), "{err:?}");
+    assert!(err.report().contains("another key"), "{}", err.report());
+    let own = store.load(&record.id).await.unwrap();
+    assert!(own.is_some());
+}
+
 #[maybe_async::maybe_async]
 async fn values_from_before_versions_load_and_update() {
     let store = shared_store("legacy");
@@ -517,6 +544,7 @@ async fn two_caches_over_one_redis_see_each_others_logouts() {
 }
 
 tests_in_both_modes!(
+    a_value_under_another_key_is_refused,
     two_caches_over_one_redis_see_each_others_logouts,
     a_forgotten_script_is_sent_whole,
     redis_store_conforms,

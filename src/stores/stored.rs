@@ -7,7 +7,10 @@
 //!
 //! - a record is found under the SHA-256 digest of its id's 16 bytes;
 //! - the stored bytes are [`Record::encode_without_id`], and [`decode`] gives the
-//!   record back the id the caller asked for.
+//!   record back the id the caller asked for;
+//! - the network stores (Redis, PostgreSQL) put a [`key_check`] in front: a digest
+//!   of the id (not the key's, and not revealing it) that ties the value to its key,
+//!   so that a reply delivered for another key is refused.
 //!
 //! Why an unkeyed SHA-256 is enough: salts and keys protect low-entropy secrets
 //! (passwords) against precomputed tables and guessing. An id is 128 bits from the
@@ -53,16 +56,68 @@ pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
     record.encode_without_id()
 }
 
-/// Decodes bytes written by [`encode`] (or [`encode_with_token`]) as the record with
-/// id `id`.
+/// Decodes bytes written by [`encode`], [`encode_checked`] or [`encode_with_token`]
+/// as the record with id `id`: bytes that carry a key check for another id are an
+/// error, never that other session.
 pub(crate) fn decode(id: &Id, bytes: &[u8]) -> Result<Record> {
-    let bytes = match bytes.split_first() {
+    let truncated =
+        |what: &str| crate::session_store::Error::decode(format!("{what} is truncated"));
+    let mut bytes = match bytes.split_first() {
         Some((&TOKEN_TAG, rest)) => rest
             .get(TOKEN_LEN..)
-            .ok_or_else(|| crate::session_store::Error::decode("a write token is truncated"))?,
+            .ok_or_else(|| truncated("a write token"))?,
         _ => bytes,
     };
+    if let Some((&CHECK_TAG, rest)) = bytes.split_first() {
+        let (check, rest) = rest
+            .split_first_chunk::<CHECK_LEN>()
+            .ok_or_else(|| truncated("a key check"))?;
+        if *check != key_check(id) {
+            return Err(crate::session_store::Error::decode(
+                "the stored value carries another key's check: a reply meant for another \
+                 session (or a value copied under this key), refused",
+            ));
+        }
+        bytes = rest;
+    }
     Record::decode_with_id(*id, bytes)
+}
+
+/// The byte in front of a key check: never the first byte of an encoded record.
+pub(crate) const CHECK_TAG: u8 = 0xA8;
+
+/// The length of a key check.
+pub(crate) const CHECK_LEN: usize = 8;
+
+/// The check that ties a stored value to the key it is stored under: a digest of the
+/// id, apart from the key's own (which it does not reveal). A network store writes it
+/// with every value and checks it on load, so that a reply delivered for another key
+/// (a confused pooler, a proxy, a server that answers out of turn) is an error,
+/// never another user's session. It is not a secret: it guards against mistakes
+/// and misdelivery, not against whoever may write the store.
+pub(crate) fn key_check(id: &Id) -> [u8; CHECK_LEN] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"portable-sessions key check\0");
+    hasher.update(id.to_bytes());
+    let digest: [u8; DIGEST_LEN] = hasher.finalize().into();
+    let mut check = [0; CHECK_LEN];
+    check.copy_from_slice(&digest[..CHECK_LEN]);
+    check
+}
+
+/// The key check of `id` behind its tag, to write in front of a record.
+#[cfg(any(feature = "redis", feature = "postgres", test))]
+pub(crate) fn tagged_key_check(id: &Id) -> [u8; 1 + CHECK_LEN] {
+    let mut out = [0; 1 + CHECK_LEN];
+    out[0] = CHECK_TAG;
+    out[1..].copy_from_slice(&key_check(id));
+    out
+}
+
+/// Encodes `record` for storage as [`encode`] does, behind its key check.
+#[cfg(any(feature = "postgres", test))]
+pub(crate) fn encode_checked(record: &Record) -> Result<Vec<u8>> {
+    record.encode_without_id_after(&tagged_key_check(&record.id))
 }
 
 /// The error of a conditional write that was sent again after its connection closed
@@ -93,13 +148,14 @@ pub(crate) fn write_token() -> Result<[u8; TOKEN_LEN]> {
     Ok(token)
 }
 
-/// Encodes `record` for storage as [`encode`] does, behind [`TOKEN_TAG`] and
-/// `token`.
+/// Encodes `record` for storage as [`encode_checked`] does, behind [`TOKEN_TAG`] and
+/// `token` (first, where a conditional write compares them).
 #[cfg(any(feature = "postgres", test))]
 pub(crate) fn encode_with_token(record: &Record, token: &[u8; TOKEN_LEN]) -> Result<Vec<u8>> {
-    let mut head = [0; 1 + TOKEN_LEN];
+    let mut head = [0; 1 + TOKEN_LEN + 1 + CHECK_LEN];
     head[0] = TOKEN_TAG;
-    head[1..].copy_from_slice(token);
+    head[1..=TOKEN_LEN].copy_from_slice(token);
+    head[1 + TOKEN_LEN..].copy_from_slice(&tagged_key_check(&record.id));
     record.encode_without_id_after(&head)
 }
 
@@ -116,6 +172,28 @@ mod tests {
             hex_key("", &digest(&Id::from_bytes([0; 16]))),
             "374708fff7719dd5979ec875d56cd2286f6d3cf7ec317a3b25632aab28ec37bb"
         );
+    }
+
+    #[test]
+    fn a_value_checked_for_another_key_is_refused() {
+        let mut record = Record::new(OffsetDateTime::UNIX_EPOCH);
+        record.insert("user", "alice").unwrap();
+        let other = Id::default();
+        for bytes in [
+            encode_checked(&record).unwrap(),
+            encode_with_token(&record, &[7; TOKEN_LEN]).unwrap(),
+        ] {
+            let back = decode(&record.id, &bytes).unwrap();
+            assert_eq!(
+                back.get::<String>("user").unwrap().as_deref(),
+                Some("alice")
+            );
+            let err = decode(&other, &bytes).unwrap_err();
+            assert!(err.report().contains("another key"), "{}", err.report());
+            assert!(decode(&record.id, &bytes[..bytes.len().min(12)]).is_err());
+        }
+        // Values written without a check (before it, or by SQLite) still decode.
+        assert!(decode(&other, &encode(&record).unwrap()).is_ok());
     }
 
     #[test]

@@ -450,11 +450,11 @@ fn bool_column(column: Option<&[u8]>) -> Result<bool> {
 #[maybe_async::maybe_async]
 impl SessionStore for PostgresStore {
     async fn create(&self, record: &mut Record) -> Result<()> {
-        // The stored bytes do not contain the id, so a new id needs no new encoding.
-        let bytes = stored::encode(record)?;
         let expires_at = timestamptz(record.expiry_date);
         let version = column_version(record.version);
         for _ in 0..MAX_CREATE_ATTEMPTS {
+            // Encoded for each id drawn: the stored bytes carry its key check.
+            let bytes = stored::encode_checked(record)?;
             let key = stored::digest(&record.id);
             let reply = self
                 .pool
@@ -482,7 +482,7 @@ impl SessionStore for PostgresStore {
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
-        let bytes = stored::encode(record)?;
+        let bytes = stored::encode_checked(record)?;
         let key = stored::digest(&record.id);
         self.pool
             .call(|conn| {

@@ -77,16 +77,18 @@ const HEADER_LEN: usize = 1 + 8 + 4 + stored::TOKEN_LEN;
 
 /// The stored value: the version (8 bytes, big-endian, so that the update script can
 /// compare it as a string), the header (the record's expiry date, for the script to
-/// judge liveness as `load` does, and the token of the write that stored it), then
-/// the record without its id.
+/// judge liveness as `load` does, and the token of the write that stored it), the
+/// record's key check, then the record without its id.
 fn encode_value(record: &Record, version: u64, token: &[u8; stored::TOKEN_LEN]) -> Result<Vec<u8>> {
-    let mut head = [0u8; VERSION_LEN + HEADER_LEN];
+    let mut head = [0u8; VERSION_LEN + HEADER_LEN + 1 + stored::CHECK_LEN];
     head[..VERSION_LEN].copy_from_slice(&version.to_be_bytes());
     head[VERSION_LEN] = HEADER_TAG;
     let expiry = record.expiry_date;
     head[VERSION_LEN + 1..VERSION_LEN + 9].copy_from_slice(&expiry.unix_timestamp().to_be_bytes());
     head[VERSION_LEN + 9..VERSION_LEN + 13].copy_from_slice(&expiry.nanosecond().to_be_bytes());
-    head[VERSION_LEN + 13..].copy_from_slice(token);
+    head[VERSION_LEN + 13..VERSION_LEN + HEADER_LEN].copy_from_slice(token);
+    // Then the record's key check: a reply for another key is refused on load.
+    head[VERSION_LEN + HEADER_LEN..].copy_from_slice(&stored::tagged_key_check(&record.id));
     record.encode_without_id_after(&head)
 }
 
@@ -433,9 +435,10 @@ impl SessionStore for RedisStore {
             }
             return Err(too_many_collisions());
         };
-        let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
         let ttl = ttl.to_string();
         for _ in 0..MAX_CREATE_ATTEMPTS {
+            // Encoded for each id drawn: the value carries its key check.
+            let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
             let key = self.key(&record.id);
             let reply = self
                 .call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])

@@ -126,9 +126,13 @@ mod redis {
     use portable_sessions::RedisStore;
 
     fn load(url: &str) -> Result<(), String> {
+        load_within(url, Duration::from_secs(20))
+    }
+
+    fn load_within(url: &str, timeout: Duration) -> Result<(), String> {
         let store = RedisStore::new(url)
             .map_err(|err| err.report())?
-            .with_timeout(Duration::from_secs(20));
+            .with_timeout(timeout);
         common::block(store.load(&Id::default()))
             .map(|_| ())
             .map_err(|err| err.report())
@@ -167,6 +171,32 @@ mod redis {
         fails_promptly("a line that never ends", "without its end", || {
             load(&format!("redis://{}", server.addr))
         });
+    }
+
+    /// A reply that trickles in a byte at a time is due within the timeout all the
+    /// same: each read waiting less than the timeout does not make it last longer.
+    #[test]
+    fn a_trickling_reply_is_due_within_the_timeout() {
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            stream.read_some(1)?;
+            for &byte in b"+OKOKOKOKOKOKOKOKOKOKOKOK\r\n" {
+                stream.write_all(&[byte])?;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Ok(())
+        });
+        let started = Instant::now();
+        let err = load_within(
+            &format!("redis://:pw@{}", server.addr),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(err.contains("in time"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
@@ -209,9 +239,13 @@ mod postgres {
     use portable_sessions::PostgresStore;
 
     fn load(url: &str) -> Result<(), String> {
+        load_within(url, Duration::from_secs(20))
+    }
+
+    fn load_within(url: &str, timeout: Duration) -> Result<(), String> {
         let store = PostgresStore::new(url)
             .map_err(|err| err.report())?
-            .with_timeout(Duration::from_secs(20));
+            .with_timeout(timeout);
         common::block(store.load(&Id::default()))
             .map(|_| ())
             .map_err(|err| err.report())
@@ -240,6 +274,35 @@ mod postgres {
             stream.read_some(len - got.len())?;
         }
         Ok(())
+    }
+
+    /// A reply that trickles in a byte at a time is due within the timeout all the
+    /// same.
+    #[test]
+    fn a_trickling_reply_is_due_within_the_timeout() {
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            startup(stream)?;
+            let mut notice = b"SNOTICE\0C00000\0M".to_vec();
+            notice.extend_from_slice(&[b'x'; 32]);
+            notice.extend_from_slice(b"\0\0");
+            for byte in message(b'N', &notice) {
+                stream.write_all(&[byte])?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        });
+        let started = Instant::now();
+        let err = load_within(
+            &format!("postgres://app@{}/db", server.addr),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(err.contains("in time"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

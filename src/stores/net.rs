@@ -94,6 +94,12 @@ pub(crate) struct Socket {
     pub(crate) read: BytesMut,
     /// How long each read or write may wait.
     timeout: Duration,
+    /// When the reply under way is due, however its bytes trickle in: set by
+    /// [`reply_due`](Socket::reply_due).
+    deadline: Option<std::time::Instant>,
+    /// The socket's read timeout as last set (blocking mode).
+    #[cfg(feature = "sync")]
+    read_timeout: Duration,
     /// Bounds each read or write by `timeout` (async mode).
     #[cfg(not(feature = "sync"))]
     alarm: super::alarm::Alarm,
@@ -178,6 +184,7 @@ impl Socket {
         self.timeout = timeout;
         #[cfg(feature = "sync")]
         {
+            self.read_timeout = timeout;
             let _ = match &self.stream {
                 Stream::Tcp(s) => s
                     .set_read_timeout(Some(timeout))
@@ -321,6 +328,9 @@ impl Socket {
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             read: BytesMut::with_capacity(READ_CHUNK),
             timeout,
+            deadline: None,
+            #[cfg(feature = "sync")]
+            read_timeout: timeout,
             #[cfg(not(feature = "sync"))]
             alarm: super::alarm::Alarm::default(),
         })
@@ -339,14 +349,31 @@ impl Socket {
     }
 
     /// Reads what the server sent next into [`read`](Socket::read); fails on a closed
-    /// connection.
+    /// connection, and once the reply under way is overdue (see
+    /// [`reply_due`](Socket::reply_due)).
     pub(crate) async fn receive(&mut self) -> std::result::Result<(), IoFailure> {
+        let wait = self
+            .wait_left()
+            .map_err(|err| self.failure("reading from", err))?;
         #[cfg(feature = "sync")]
-        let read = read_some(&self.stream, &mut self.scratch);
+        let read = {
+            // The socket's timeout is set again only when it is off by more than an
+            // eighth of the timeout: a reply that comes in one read costs no call.
+            let slack = self.timeout / 8;
+            if self.read_timeout > wait + slack || self.read_timeout + slack < wait {
+                self.read_timeout = wait;
+                let _ = match &self.stream {
+                    Stream::Tcp(s) => s.set_read_timeout(Some(wait)),
+                    #[cfg(unix)]
+                    Stream::Unix(s) => s.set_read_timeout(Some(wait)),
+                };
+            }
+            read_some(&self.stream, &mut self.scratch)
+        };
         #[cfg(not(feature = "sync"))]
         let read = {
             let read = read_some(&mut self.stream, &mut self.scratch);
-            self.alarm.within(self.timeout, read, timed_out).await
+            self.alarm.within(wait, read, timed_out).await
         };
         match read {
             Ok(0) => Err(self.failure("reading from", closed())),
@@ -355,6 +382,47 @@ impl Socket {
                 Ok(())
             }
             Err(err) => Err(self.failure("reading from", err)),
+        }
+    }
+}
+
+impl Socket {
+    /// Makes the reply about to be read due within the timeout from now, however
+    /// slowly its bytes come: a server that trickles a byte at a time cannot hold a
+    /// caller past it.
+    pub(crate) fn reply_due(&mut self) {
+        let now = std::time::Instant::now();
+        self.deadline = Some(now.checked_add(self.timeout).unwrap_or(now));
+    }
+
+    /// Ends the reply's deadline, and gives the socket its whole timeout back: for a
+    /// socket handed to code that keeps time on its own.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn no_reply_due(&mut self) {
+        self.deadline = None;
+        #[cfg(feature = "sync")]
+        if self.read_timeout != self.timeout {
+            self.read_timeout = self.timeout;
+            let _ = match &self.stream {
+                Stream::Tcp(s) => s.set_read_timeout(Some(self.timeout)),
+                #[cfg(unix)]
+                Stream::Unix(s) => s.set_read_timeout(Some(self.timeout)),
+            };
+        }
+    }
+
+    /// How long the next read may wait: the timeout, or what is left of the reply's.
+    fn wait_left(&self) -> io::Result<Duration> {
+        match self.deadline {
+            None => Ok(self.timeout),
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    Err(timed_out())
+                } else {
+                    Ok(left.min(self.timeout))
+                }
+            }
         }
     }
 }

@@ -51,7 +51,7 @@ pub(crate) fn hex_key(prefix: &str, bytes: &[u8]) -> String {
 
 /// Encodes `record` for storage: without its id, so the stored bytes neither depend
 /// on the id nor reveal it.
-#[cfg(any(feature = "sqlite", feature = "postgres", test))]
+#[cfg(any(feature = "sqlite", test))]
 pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
     record.encode_without_id()
 }
@@ -141,6 +141,7 @@ pub(crate) const TOKEN_LEN: usize = 8;
 /// A write token: random bytes stored with a conditional write, so that a write sent
 /// again after its reply was lost recognises its own first copy, if that landed,
 /// instead of taking it for another request's write.
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) fn write_token() -> Result<[u8; TOKEN_LEN]> {
     let bytes = crate::session::random_id()?.to_bytes();
     let mut token = [0; TOKEN_LEN];

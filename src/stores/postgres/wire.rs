@@ -503,6 +503,8 @@ impl Conn {
     async fn send(&mut self) -> Result<(), WireError> {
         let result = self.socket.send(&self.write).await;
         self.write.clear();
+        // Its reply is due within the timeout, however slowly it comes.
+        self.socket.reply_due();
         result.map_err(WireError::Io)
     }
 

@@ -235,7 +235,9 @@ impl Conn {
     }
 
     /// The socket, once connected and between requests, for a [`Mux`](super::mux::Mux).
-    pub(crate) fn into_socket(self) -> Socket {
+    pub(crate) fn into_socket(mut self) -> Socket {
+        // The mux keeps each reply's deadline itself.
+        self.socket.no_reply_due();
         self.socket
     }
 }
@@ -294,6 +296,8 @@ impl Conn {
     /// Sends the queued commands and reads one reply for each.
     async fn exchange(&mut self) -> Result<Vec<Answer>, RespError> {
         let sent = self.socket.send(&self.write).await;
+        // The replies are due within the timeout, however slowly they come.
+        self.socket.reply_due();
         let expected = self.queued;
         self.clear_request();
         sent.map_err(RespError::Io)?;

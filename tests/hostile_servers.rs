@@ -412,3 +412,38 @@ mod postgres {
         assert!(String::from_utf8_lossy(&server.received()).contains("s3cret"));
     }
 }
+
+/// An error about a URL never repeats the credentials in it: errors end up in logs.
+#[test]
+fn url_errors_never_echo_credentials() {
+    let mut urls: Vec<(&str, String)> = Vec::new();
+    #[cfg(feature = "postgres")]
+    for url in [
+        "postgres://u:hunter2@h:bad/d",
+        "postgres://u:hunter2@h/d?nope=1",
+        "postgres://u:hunter2@h/d?sslmode=verify-full",
+        "postgres://u:hunter2@h/d%zz",
+        "postgres://u:hunter2@h/d?require_auth=hunter2",
+        "postgres://u@h/d?password=hunter2&port=0",
+        // No `@host`: the password stands where the port would.
+        "postgres://u:hunter2/d",
+    ] {
+        let err = portable_sessions::PostgresStore::new(url).unwrap_err();
+        urls.push((url, err.report()));
+    }
+    #[cfg(feature = "redis")]
+    for url in [
+        "redis://:hunter2@h:bad",
+        "redis://u:hunter2@h/x",
+        "redis://:hunter2@h?nope=1",
+        "redis://:hunter2@h?insecure_auth=maybe",
+        "rediss://:hunter2@h",
+        "redis://u:hunter2",
+    ] {
+        let err = portable_sessions::RedisStore::new(url).unwrap_err();
+        urls.push((url, err.report()));
+    }
+    for (url, report) in urls {
+        assert!(!report.contains("hunter2"), "{url}: {report}");
+    }
+}

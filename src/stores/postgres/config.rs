@@ -52,8 +52,9 @@ impl RequireAuth {
                 None => (&mut only, name),
             };
             if !AUTH_METHODS.contains(&name) {
+                // The value is not repeated: a misplaced password could be it.
                 return Err(invalid(format_args!(
-                    "require_auth: `{name}` is not one of {}",
+                    "require_auth lists a method that is not one of {}",
                     AUTH_METHODS.join(", ")
                 )));
             }
@@ -122,7 +123,8 @@ fn percent_decode(text: &str) -> Result<String> {
 }
 
 fn parse_port(text: &str) -> Result<u16> {
-    net::parse_port(text).ok_or_else(|| invalid(format_args!("`{text}` is not a port")))
+    // The text is not repeated: in a URL missing its `@`, it is the password.
+    net::parse_port(text).ok_or_else(|| invalid("the port is not a number from 1 to 65535"))
 }
 
 impl Config {
@@ -203,11 +205,9 @@ impl Config {
                 "application_name" => application_name = Some(value),
                 "require_auth" => require_auth = RequireAuth::parse(&value)?,
                 "connect_timeout" => {
-                    let seconds: u64 = value.parse().map_err(|_| {
-                        invalid(format_args!(
-                            "connect_timeout `{value}` is not whole seconds"
-                        ))
-                    })?;
+                    let seconds: u64 = value
+                        .parse()
+                        .map_err(|_| invalid("connect_timeout is not whole seconds"))?;
                     // libpq: zero (or nothing) means wait indefinitely; the store's own
                     // timeout still bounds the wait.
                     connect_timeout = (seconds > 0).then(|| Duration::from_secs(seconds));

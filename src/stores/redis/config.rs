@@ -42,7 +42,7 @@ fn decode(text: &str) -> Result<String> {
 
 fn parse_db(text: &str) -> Result<u32> {
     text.parse()
-        .map_err(|_| invalid(format_args!("`{text}` is not a database number")))
+        .map_err(|_| invalid("the database is not a number"))
 }
 
 impl Config {
@@ -99,11 +99,7 @@ impl Config {
                     config.insecure_auth = match value.as_str() {
                         "true" => true,
                         "false" => false,
-                        other => {
-                            return Err(invalid(format_args!(
-                                "insecure_auth takes true or false, not `{other}`"
-                            )))
-                        }
+                        _ => return Err(invalid("insecure_auth takes true or false")),
                     }
                 }
                 other => return Err(invalid(format_args!("unknown parameter `{other}`"))),
@@ -130,7 +126,8 @@ impl Config {
             password = pass.map(decode).transpose()?;
         }
         let port_of = |text: &str| {
-            net::parse_port(text).ok_or_else(|| invalid(format_args!("`{text}` is not a port")))
+            // The text is not repeated: in a URL missing its `@`, it is the password.
+            net::parse_port(text).ok_or_else(|| invalid("the port is not a number from 1 to 65535"))
         };
         let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
             let (ip, after) = bracketed

@@ -358,7 +358,8 @@ impl Socket {
         #[cfg(feature = "sync")]
         let read = {
             // The socket's timeout is set again only when it is off by more than an
-            // eighth of the timeout: a reply that comes in one read costs no call.
+            // eighth of the timeout, so that a reply that comes in one read costs no
+            // call: a trickling reply may overrun its deadline by that eighth.
             let slack = self.timeout / 8;
             if self.read_timeout > wait + slack || self.read_timeout + slack < wait {
                 self.read_timeout = wait;

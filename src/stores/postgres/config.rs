@@ -58,6 +58,9 @@ impl RequireAuth {
                     AUTH_METHODS.join(", ")
                 )));
             }
+            if list.iter().any(|listed| listed == name) {
+                return Err(invalid("require_auth lists a method twice"));
+            }
             list.push(name.to_owned());
         }
         match (only.is_empty(), not.is_empty()) {
@@ -73,10 +76,14 @@ impl RequireAuth {
     /// stays on this machine (`local`) or not: the error says why not.
     pub(crate) fn check(&self, method: &str, local: bool) -> std::result::Result<(), String> {
         match self {
-            Self::Default if !local && (method == "password" || method == "md5") => Err(format!(
+            // Only a list that names the method sends a password in the open: refusing
+            // others (`!none`) does not.
+            Self::Default | Self::Not(_)
+                if !local && (method == "password" || method == "md5") => Err(format!(
                 "the server asks for the password {}, over an unencrypted connection to \
                  another machine: refused, since anyone on the path could {}; connect over a \
-                 Unix socket or a tunnel, or set require_auth={method} to send it anyway",
+                 Unix socket or a tunnel, or set require_auth={method},scram-sha-256 to send \
+                 it anyway",
                 if method == "md5" {
                     "as an MD5 hash"
                 } else {
@@ -194,7 +201,7 @@ impl Config {
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair
                 .split_once('=')
-                .ok_or_else(|| invalid(format_args!("parameter `{pair}` has no value")))?;
+                .ok_or_else(|| invalid("a parameter has no value"))?;
             let value = percent_decode(value)?;
             match key {
                 "host" => host = Some(value),
@@ -212,17 +219,29 @@ impl Config {
                     // timeout still bounds the wait.
                     connect_timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
                 }
-                "sslmode" => match value.as_str() {
-                    "disable" | "allow" | "prefer" => {}
-                    other => {
-                        return Err(invalid(format_args!(
-                            "sslmode={other} asks for TLS, which PostgresStore does not \
+                "sslmode" => {
+                    match value.as_str() {
+                        "disable" | "allow" | "prefer" => {}
+                        mode @ ("require" | "verify-ca" | "verify-full") => {
+                            return Err(invalid(format_args!(
+                                "sslmode={mode} asks for TLS, which PostgresStore does not \
                              support: connect over a Unix socket or a trusted network, or \
                              through a TLS tunnel"
-                        )))
+                            )))
+                        }
+                        // Not repeated: it could be a misplaced password.
+                        _ => return Err(invalid(
+                            "sslmode is not one of disable, allow, prefer, require, verify-ca, \
+                             verify-full",
+                        )),
                     }
-                },
-                other => return Err(invalid(format_args!("unknown parameter `{other}`"))),
+                }
+                _ => {
+                    return Err(invalid(
+                        "unknown parameter (known: host, port, user, password, dbname, \
+                         application_name, connect_timeout, require_auth, sslmode)",
+                    ))
+                }
             }
         }
 
@@ -307,7 +326,12 @@ mod tests {
             not.check("none", true).is_err(),
             "the server must authenticate"
         );
-        assert!(not.check("md5", false).is_ok());
+        assert!(not.check("md5", true).is_ok());
+        assert!(
+            not.check("md5", false).is_err(),
+            "refusing others does not send a password in the open"
+        );
+        assert!(Config::parse("postgres://u@h/d?require_auth=md5,md5").is_err());
     }
 
     #[test]

@@ -113,12 +113,12 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// that a clear-text or MD5 password is never sent over an unencrypted connection to
 /// another machine unless `require_auth` names it (libpq's option: a list of the
 /// methods allowed, `password,md5,scram-sha-256,none`, or of those refused, `!md5`).
-/// SCRAM completes only once the server has proved it knows the password, and a
-/// server that asks for more than 100,000 iterations is refused.
+/// SCRAM completes only once the server has proved it knows the password.
 ///
 /// A hostile or broken server cannot make a connection buffer more than about the
-/// largest record (1 MiB and 64 KiB per message, 64 rows per reply): a longer
-/// message is refused from its length alone.
+/// largest record (1 MiB and 64 KiB per message, 2 rows per reply): a longer
+/// message is refused from its length alone. A SCRAM exchange asking for more than
+/// 1,000,000 iterations is refused.
 ///
 /// TLS is not supported: `sslmode=require` (and stricter) is refused. Connect over a
 /// Unix socket, a private network, or a TLS tunnel.

@@ -363,6 +363,13 @@ impl Conn {
                     allowed("password")?;
                     // The codec ends the string itself (and refuses a NUL inside).
                     let text = password()?.as_bytes().to_vec();
+                    if text.contains(&0) {
+                        return Err(WireError::Protocol(
+                            "the password holds a NUL character, which PostgreSQL's clear-text \
+                             password message cannot carry"
+                                .into(),
+                        ));
+                    }
                     frontend::password_message(&text, &mut self.write).map_err(too_large)?;
                     self.send().await?;
                 }
@@ -394,6 +401,7 @@ impl Conn {
                                 .into(),
                         ));
                     }
+                    proven = false;
                     let state = sasl::ScramSha256::new(
                         password()?.as_bytes(),
                         sasl::ChannelBinding::unsupported(),
@@ -542,12 +550,12 @@ fn check_length(read: &[u8]) -> Result<(), WireError> {
 }
 
 /// The most rows a reply may carry: every statement here returns one at most.
-const MAX_ROWS: usize = 64;
+const MAX_ROWS: usize = 2;
 
 /// The most PBKDF2 iterations a server may ask SCRAM for (PostgreSQL's default is
-/// 4,096): each one is computed here, so a server asking for billions would hold a
-/// connection, and a core, for hours.
-const MAX_SCRAM_ITERATIONS: u32 = 100_000;
+/// 4,096; OWASP suggests 600,000): each one is computed here, so a server asking
+/// for billions would hold a connection, and a core, for hours.
+const MAX_SCRAM_ITERATIONS: u32 = 1_000_000;
 
 /// Refuses a SCRAM server-first message that asks for too many iterations.
 fn check_iterations(server_first: &[u8]) -> Result<(), WireError> {
@@ -653,6 +661,7 @@ mod tests {
         header[1..5].copy_from_slice(&(MAX_MESSAGE as i32).to_be_bytes());
         assert!(check_length(&header).is_ok());
         assert!(check_iterations(b"r=abc,s=c2FsdA==,i=4096").is_ok());
-        assert!(check_iterations(b"r=abc,s=c2FsdA==,i=100001").is_err());
+        assert!(check_iterations(b"r=abc,s=c2FsdA==,i=600000").is_ok());
+        assert!(check_iterations(b"r=abc,s=c2FsdA==,i=1000001").is_err());
     }
 }

@@ -84,12 +84,17 @@ impl Config {
                      over a Unix socket or a trusted network, or through a TLS tunnel",
                 ))
             }
-            other => return Err(invalid(format_args!("unknown scheme `{other}`"))),
+            // Not repeated: in a malformed URL it could hold the password.
+            _ => {
+                return Err(invalid(
+                    "the scheme is not redis, rediss, redis+unix or unix",
+                ))
+            }
         };
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair
                 .split_once('=')
-                .ok_or_else(|| invalid(format_args!("parameter `{pair}` has no value")))?;
+                .ok_or_else(|| invalid("a parameter has no value"))?;
             let value = decode(value)?;
             match key {
                 "db" => config.db = parse_db(&value)?,
@@ -102,7 +107,11 @@ impl Config {
                         _ => return Err(invalid("insecure_auth takes true or false")),
                     }
                 }
-                other => return Err(invalid(format_args!("unknown parameter `{other}`"))),
+                _ => {
+                    return Err(invalid(
+                        "unknown parameter (known: db, user, pass, password, insecure_auth)",
+                    ))
+                }
             }
         }
         Ok(config)

@@ -15,10 +15,13 @@ pub(super) const MAX_BULK: usize = crate::session::Record::MAX_ENCODED_LEN + 64 
 /// The longest line (a status, an error, a number) a reply may have before its end:
 /// a line that runs on without one is refused rather than buffered.
 const MAX_LINE: usize = 64 * 1024;
-/// The most elements a reply array may have, and the deepest nesting: far beyond
-/// what the commands sent here answer.
-const MAX_ARRAY: usize = 1024;
-const MAX_DEPTH: usize = 4;
+/// The most elements a reply array may have, and the deepest nesting: beyond what
+/// the commands sent here answer (none answers with an array), and small, so that
+/// an array cannot multiply the bound on one bulk string.
+const MAX_ARRAY: usize = 16;
+const MAX_DEPTH: usize = 2;
+/// The most bytes one reply may take in all, arrays included.
+const MAX_REPLY: usize = MAX_BULK + MAX_LINE;
 
 /// A reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +99,7 @@ pub(super) type Answer = Result<Reply, String>;
 pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
     let head = &buf[..buf.len().min(MAX_LINE + 2)];
     let Some(end) = head.windows(2).position(|w| w == b"\r\n") else {
-        if head.len() > MAX_LINE {
+        if head.len() == MAX_LINE + 2 {
             return Err(format!(
                 "a reply line runs past {MAX_LINE} bytes without its end"
             ));
@@ -159,6 +162,11 @@ pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>,
                 let Some((item, used)) = parse(&buf[at..], depth + 1)? else {
                     return Ok(None);
                 };
+                if at + used > MAX_REPLY {
+                    return Err(format!(
+                        "an array reply runs past the {MAX_REPLY} bytes a reply may take"
+                    ));
+                }
                 match item {
                     Ok(item) => items.push(item),
                     Err(message) => {
@@ -383,7 +391,13 @@ mod tests {
         let mut endless = b"+".to_vec();
         endless.resize(MAX_LINE, b'a');
         assert_eq!(parse(&endless, 0), Ok(None));
-        endless.resize(MAX_LINE + 3, b'a');
+        endless.resize(MAX_LINE + 1, b'a');
+        assert_eq!(
+            parse(&endless, 0),
+            Ok(None),
+            "a line of the bound, its CRLF to come"
+        );
+        endless.resize(MAX_LINE + 2, b'a');
         assert!(parse(&endless, 0).is_err());
         let deep = b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n";
         assert!(parse(deep, 0).is_err());

@@ -142,7 +142,8 @@ impl Config {
     /// (or `postgresql://`). Parameters: `host` (a directory starting with `/` means a
     /// Unix socket), `port`, `user`, `password`, `dbname`, `application_name`,
     /// `connect_timeout` (seconds), `require_auth` (as libpq's) and `sslmode`
-    /// (`disable`, `allow` or `prefer`: TLS is not supported). Any other parameter is an error, so that a typo is not ignored.
+    /// (`disable`, `allow` or `prefer`: TLS is not supported). Any other parameter is
+    /// an error, so that a typo is not ignored.
     pub(crate) fn parse(url: &str) -> Result<Self> {
         let rest = url
             .strip_prefix("postgres://")

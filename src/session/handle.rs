@@ -623,16 +623,11 @@ impl Session {
             // expire records by itself would never free it: the old id is
             // deleted, after what other requests wrote to it meanwhile is
             // carried over (as far as a store without conditional writes can).
-            match self.carry_over(loaded, recompute, &mut moved).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.discard(&moved.id).await;
-                    return self.restart(loaded, recompute, now).await;
-                }
-                Err(err) => {
-                    self.discard(&moved.id).await;
-                    return Err(err);
-                }
+            if let Some(ended) = self
+                .carry_over_or_end(loaded, recompute, &mut moved, now)
+                .await
+            {
+                return ended;
             }
             let deleted = self.inner.store.delete(&loaded.record.id).await;
             if let Err(err) = deleted {
@@ -692,16 +687,11 @@ impl Session {
                 Update::Conflict => {
                     // Another request wrote the old record first: carry its values
                     // over to the new one, then retire the old one again.
-                    match self.carry_over(loaded, recompute, &mut moved).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            self.discard(&moved.id).await;
-                            return self.restart(loaded, recompute, now).await;
-                        }
-                        Err(err) => {
-                            self.discard(&moved.id).await;
-                            return Err(err);
-                        }
+                    if let Some(ended) = self
+                        .carry_over_or_end(loaded, recompute, &mut moved, now)
+                        .await
+                    {
+                        return ended;
                     }
                 }
             }
@@ -747,6 +737,27 @@ impl Session {
                 "the new record of a cycle_id changed or vanished under it",
             )),
         }
+    }
+
+    /// [`carry_over`](Self::carry_over) for a move under way: `None` to go on with
+    /// the move; otherwise the move's end, after the new record was discarded (a new
+    /// session when the old one is gone, or the error).
+    async fn carry_over_or_end(
+        &self,
+        loaded: &mut Loaded,
+        recompute: &mut Recompute<'_>,
+        moved: &mut Record,
+        now: OffsetDateTime,
+    ) -> Option<Result<()>> {
+        let carried = self.carry_over(loaded, recompute, moved).await;
+        if let Ok(true) = carried {
+            return None;
+        }
+        self.discard(&moved.id).await;
+        Some(match carried {
+            Ok(_) => self.restart(loaded, recompute, now).await,
+            Err(err) => Err(err),
+        })
     }
 
     /// After a move found its session ended: starts a new session under a fresh id

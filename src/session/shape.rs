@@ -157,7 +157,15 @@ struct Unordered<'a> {
     key: u64,
 }
 
-impl Unordered<'_> {
+impl<'a> Unordered<'a> {
+    fn new(shape: &'a mut Shape) -> Self {
+        Self {
+            shape,
+            sum: 0,
+            key: 0,
+        }
+    }
+
     fn add(&mut self, element: u64) {
         self.sum = self.sum.wrapping_add(element);
     }
@@ -299,11 +307,7 @@ impl<'a> ser::Serializer for &'a mut Shape {
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<Unordered<'a>, ShapeError> {
         self.sized(SEQ, len.unwrap_or(usize::MAX));
-        Ok(Unordered {
-            shape: self,
-            sum: 0,
-            key: 0,
-        })
+        Ok(Unordered::new(self))
     }
     fn serialize_tuple(self, len: usize) -> Result<Walk<'a>, ShapeError> {
         self.sized(TUPLE, len);
@@ -325,11 +329,7 @@ impl<'a> ser::Serializer for &'a mut Shape {
     }
     fn serialize_map(self, len: Option<usize>) -> Result<Unordered<'a>, ShapeError> {
         self.sized(MAP, len.unwrap_or(usize::MAX));
-        Ok(Unordered {
-            shape: self,
-            sum: 0,
-            key: 0,
-        })
+        Ok(Unordered::new(self))
     }
     fn serialize_struct(self, _: &'static str, len: usize) -> Result<Walk<'a>, ShapeError> {
         self.sized(STRUCT, len);

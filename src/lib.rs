@@ -286,6 +286,12 @@ mod integrations;
 
 pub use async_trait;
 pub use maybe_async;
+/// The [`rustls`](https://docs.rs/rustls) crate the network stores speak TLS with,
+/// for [`RedisStore::with_tls_config`] and [`PostgresStore::with_tls_config`]: a
+/// `ClientConfig` built with this path is always of the version they take.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "redis", feature = "postgres"))))]
+pub use rustls;
 /// The [`time`](https://docs.rs/time) crate this one is built on, so that no version
 /// mismatch can arise: [`session::Expiry`], [`session::SessionConfig`] and the
 /// record's expiry date take `time::Duration` and `time::OffsetDateTime` (not

@@ -281,9 +281,18 @@ mod postgres {
         message(b'R', &body)
     }
 
-    /// Reads the startup message (its length first).
+    /// Reads the startup message (its length first), after declining TLS (`N`) if the
+    /// client asks for it first, as a server without TLS does.
     fn startup(stream: &mut Conn) -> std::io::Result<()> {
-        let got = stream.read_some(4)?;
+        let mut got = stream.read_some(8)?;
+        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        if got.len() >= 8 && got[..8] == SSL_REQUEST {
+            stream.write_all(b"N")?;
+            got.drain(..8);
+            if got.len() < 4 {
+                got.extend(stream.read_some(4 - got.len())?);
+            }
+        }
         let len = i32::from_be_bytes([got[0], got[1], got[2], got[3]]) as usize;
         if got.len() < len {
             stream.read_some(len - got.len())?;
@@ -435,7 +444,9 @@ fn url_errors_never_echo_credentials() {
     for url in [
         "postgres://u:hunter2@h:bad/d",
         "postgres://u:hunter2@h/d?nope=1",
-        "postgres://u:hunter2@h/d?sslmode=verify-full",
+        "postgres://u:hunter2@h/d?sslmode=verify-full&sslrootcert=/no/such/ca.pem",
+        "postgres://u:hunter2@h/d?sslsni=hunter2",
+        "postgres://u:hunter2@h/d?sslcert=/c.pem",
         "postgres://u:hunter2@h/d%zz",
         "postgres://u:hunter2@h/d?require_auth=hunter2",
         "postgres://u@h/d?password=hunter2&port=0",
@@ -455,7 +466,9 @@ fn url_errors_never_echo_credentials() {
         "redis://u:hunter2@h/x",
         "redis://:hunter2@h?nope=1",
         "redis://:hunter2@h?insecure_auth=maybe",
-        "rediss://:hunter2@h",
+        "rediss://:hunter2@h?insecure=hunter2",
+        "rediss://:hunter2@h?cacert=/no/such/ca.pem",
+        "redis://:hunter2@h?cacert=/ca.pem",
         "redis://u:hunter2",
         "redis://:pa?hunter2@h",
         "redis://:x@h?pass=ab&hunter2",

@@ -250,7 +250,10 @@ async fn a_role_that_may_not_create_uses_a_table_made_for_it() {
 
 #[maybe_async::maybe_async]
 async fn bad_urls_and_logins_are_backend_errors() {
-    for url in ["http://127.0.0.1/x", "postgres://u@h/d?sslmode=verify-full"] {
+    for url in [
+        "http://127.0.0.1/x",
+        "postgres://u@h/d?sslmode=verify-full&sslrootcert=/no/such/ca.pem",
+    ] {
         let store = PostgresStore::new(url);
         assert!(is_backend(&store), "{url}: {store:?}");
     }
@@ -346,49 +349,6 @@ struct PgServer {
 
 const PASSWORD: &str = "sesame";
 
-/// PostgreSQL's programs: `pg_config --bindir`, or Debian's directory.
-fn bin(program: &str) -> PathBuf {
-    let from_pg_config = Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .ok()
-        .filter(|out| out.status.success())
-        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
-    let debian = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()
-        .and_then(|dirs| {
-            dirs.filter_map(|dir| dir.ok().map(|dir| dir.path().join("bin")))
-                .filter(|dir| dir.join("initdb").exists())
-                .max()
-        });
-    from_pg_config
-        .filter(|dir| dir.join("initdb").exists())
-        .or(debian)
-        .unwrap_or_else(|| {
-            panic!("PostgreSQL's initdb is not installed: run `bash scripts/test.sh`, which installs it")
-        })
-        .join(program)
-}
-
-/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run
-/// as root), as ourselves otherwise.
-fn as_server_user(program: &str) -> Command {
-    if rustix::process::getuid().is_root() {
-        let mut command = Command::new("setpriv");
-        command
-            .args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-            ])
-            .arg(bin(program));
-        command
-    } else {
-        Command::new(bin(program))
-    }
-}
-
 impl PgServer {
     fn start() -> Self {
         let dir = common::TempDir::new("pg-server");
@@ -401,7 +361,7 @@ impl PgServer {
             assert!(status.success());
         }
         std::fs::write(dir.0.join("pw"), PASSWORD).unwrap();
-        let output = as_server_user("initdb")
+        let output = common::as_postgres_user("initdb")
             .arg("-D")
             .arg(dir.0.join("data"))
             .args([
@@ -431,7 +391,7 @@ impl PgServer {
 
     /// Starts the server on the existing cluster and waits until it answers.
     fn run(&mut self) {
-        let child = as_server_user("postgres")
+        let child = common::as_postgres_user("postgres")
             .arg("-D")
             .arg(self.dir.0.join("data"))
             .arg("-k")
@@ -452,7 +412,7 @@ impl PgServer {
         self.child = Some(child);
         let deadline = Instant::now() + StdDuration::from_secs(20);
         loop {
-            let ready = Command::new(bin("pg_isready"))
+            let ready = Command::new(common::pg_bin("pg_isready"))
                 .arg("-h")
                 .arg(&self.dir.0)
                 .arg("-q")

@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use common::{
-    block, every_operation, is_backend, live_record, wait_for, LoopTimer, FAIL_WITHIN, TIMEOUT,
+    block, created, every_operation, is_backend, live_record, sixteen_callers, wait_for, LoopTimer,
+    FAIL_WITHIN, TIMEOUT,
 };
 
 const SHARED: &str = common::SHARED_REDIS;
@@ -735,71 +736,6 @@ fn the_store_is_send_sync_clone_and_fits_in_a_dyn_store() {
         std::sync::Arc::new(store)
     }
     let _ = as_dyn;
-}
-
-/// What each of the concurrent callers below does: reads, writes and refused updates
-/// of shared records, each checked against what it must answer.
-#[maybe_async::maybe_async]
-async fn pipelined_caller(store: &RedisStore, records: &[Record], caller: usize) {
-    for step in 0..300 {
-        let record = &records[(caller * 31 + step * 7) % records.len()];
-        match step % 10 {
-            // Writes between reads: replies of every kind interleave in the pipeline.
-            3 => store.save(record).await.unwrap(),
-            7 => {
-                let mut stale = record.clone();
-                stale.version += 1;
-                let update = store.update(&stale).await.unwrap();
-                assert_eq!(update, Update::Conflict, "caller {caller}, step {step}");
-            }
-            _ => {
-                let loaded = store.load(&record.id).await.unwrap();
-                assert_eq!(
-                    loaded.as_ref(),
-                    Some(record),
-                    "caller {caller}, step {step}"
-                );
-            }
-        }
-    }
-}
-
-/// Runs [`pipelined_caller`] 16 times at once: on 16 threads in blocking mode; in
-/// async mode as 4 tasks on each of 4 threads, so that callers of one connection wake
-/// each other both within a thread and across threads.
-fn sixteen_callers(store: &RedisStore, records: &[Record]) {
-    std::thread::scope(|scope| {
-        #[cfg(feature = "sync")]
-        for caller in 0..16 {
-            scope.spawn(move || pipelined_caller(store, records, caller));
-        }
-        #[cfg(not(feature = "sync"))]
-        for thread in 0..4 {
-            scope.spawn(move || {
-                let executor = smol::LocalExecutor::new();
-                let tasks: Vec<_> = (0..4)
-                    .map(|task| executor.spawn(pipelined_caller(store, records, thread * 4 + task)))
-                    .collect();
-                block(executor.run(async {
-                    for task in tasks {
-                        task.await;
-                    }
-                }));
-            });
-        }
-    });
-}
-
-/// `n` records, each with a value of its own, created in `store`.
-fn created(store: &RedisStore, n: u64) -> Vec<Record> {
-    (0..n)
-        .map(|n| {
-            let mut record = live_record(n);
-            record.insert("n", &n).unwrap();
-            block(store.create(&mut record)).unwrap();
-            record
-        })
-        .collect()
 }
 
 /// `connected_clients` and `total_connections_received` of a server.

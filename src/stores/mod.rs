@@ -16,3 +16,5 @@ pub(crate) mod redis;
 pub(crate) mod sqlite;
 #[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
 pub(crate) mod stored;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod tls;

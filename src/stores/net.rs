@@ -88,6 +88,8 @@ enum Stream {
 /// An open connection to a server, with its read buffer.
 pub(crate) struct Socket {
     stream: Stream,
+    /// The TLS session over `stream`, once started.
+    tls: Option<Box<super::tls::Session>>,
     address: String,
     scratch: Box<[u8]>,
     /// What was read and not yet consumed.
@@ -170,6 +172,11 @@ impl Socket {
         }
     }
 
+    /// `true` once the connection runs over TLS.
+    pub(crate) fn is_encrypted(&self) -> bool {
+        self.tls.is_some()
+    }
+
     pub(crate) fn failure(&self, what: &'static str, source: io::Error) -> IoFailure {
         IoFailure {
             what,
@@ -201,7 +208,10 @@ impl Socket {
     /// on the way out.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn write_now(&self, bytes: &[u8]) {
-        let _ = write_now(&self.stream, bytes);
+        let _ = match &self.tls {
+            None => write_now(&self.stream, bytes),
+            Some(tls) => tls.seal_and(bytes, |sealed| write_now(&self.stream, sealed)),
+        };
     }
 
     /// Shuts the connection down both ways: a read blocked on it returns at once.
@@ -233,12 +243,19 @@ impl Socket {
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 impl Socket {
     /// Reads what the server sent next into `buf`, after setting the socket's read
-    /// timeout to `timeout` if given; fails on a closed connection.
+    /// timeout to `timeout` if given; fails on a closed connection. Over TLS, a read
+    /// that brings part of a record returns `Ok(0)`.
     pub(crate) fn read_shared(
         &self,
         buf: &mut [u8],
         timeout: Option<Duration>,
     ) -> std::result::Result<usize, IoFailure> {
+        let fail = |err| self.failure("reading from", err);
+        if let Some(tls) = &self.tls {
+            if let Some(n) = tls.take_plain(buf).map_err(fail)? {
+                return Ok(n);
+            }
+        }
         let set = match timeout.map(clamp_timeout) {
             None => Ok(()),
             Some(timeout) => match &self.stream {
@@ -247,16 +264,27 @@ impl Socket {
                 Stream::Unix(s) => s.set_read_timeout(Some(timeout)),
             },
         };
-        match set.and_then(|()| read_some(&self.stream, buf)) {
-            Ok(0) => Err(self.failure("reading from", closed())),
-            Ok(n) => Ok(n),
-            Err(err) => Err(self.failure("reading from", err)),
+        let n = match set.and_then(|()| read_some(&self.stream, buf)) {
+            Ok(0) => return Err(fail(closed())),
+            Ok(n) => n,
+            Err(err) => return Err(fail(err)),
+        };
+        match &self.tls {
+            None => Ok(n),
+            Some(tls) => {
+                tls.feed(&buf[..n]).map_err(fail)?;
+                Ok(tls.take_plain(buf).map_err(fail)?.unwrap_or(0))
+            }
         }
     }
 
     /// Writes all of `bytes`, each wait bounded by the socket's timeout.
     pub(crate) fn write_shared(&self, bytes: &[u8]) -> std::result::Result<(), IoFailure> {
-        write_all(&self.stream, bytes).map_err(|err| self.failure("writing to", err))
+        match &self.tls {
+            None => write_all(&self.stream, bytes),
+            Some(tls) => tls.seal_and(bytes, |sealed| write_all(&self.stream, sealed)),
+        }
+        .map_err(|err| self.failure("writing to", err))
     }
 }
 
@@ -267,17 +295,34 @@ impl Socket {
 impl Socket {
     /// Reads what is there into `buf`: `WouldBlock` if nothing is, `Ok(0)` once closed.
     pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::io::Read;
-        match &self.stream {
-            Stream::Tcp(s) => s.get_ref().read(buf),
-            #[cfg(unix)]
-            Stream::Unix(s) => s.get_ref().read(buf),
+        let Some(tls) = &self.tls else {
+            return read_now(&self.stream, buf);
+        };
+        loop {
+            if let Some(n) = tls.take_plain(buf)? {
+                return Ok(n);
+            }
+            match read_now(&self.stream, buf)? {
+                0 => return Ok(0),
+                n => tls.feed(&buf[..n])?,
+            }
         }
     }
 
-    /// Writes what the socket takes at once of `bytes`.
+    /// Writes what the socket takes at once of `bytes`. Over TLS, takes nothing
+    /// (`WouldBlock`) while ciphertext from before waits, and writes that first;
+    /// `bytes` may be empty, to write what waits (see [`unflushed`](Socket::unflushed)).
     pub(crate) fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
-        write_now(&self.stream, bytes)
+        match &self.tls {
+            None => write_now(&self.stream, bytes),
+            Some(tls) => tls.write_now(bytes, |sealed| write_now(&self.stream, sealed)),
+        }
+    }
+
+    /// `true` while bytes taken by [`try_write`](Socket::try_write) still wait to go
+    /// out (only over TLS).
+    pub(crate) fn unflushed(&self) -> bool {
+        self.tls.as_ref().is_some_and(|tls| tls.unflushed())
     }
 
     /// Ready once the socket may have something to read; until then wakes `cx`'s task
@@ -324,6 +369,7 @@ impl Socket {
             })?;
         Ok(Self {
             stream,
+            tls: None,
             address: address.to_string(),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             read: BytesMut::with_capacity(READ_CHUNK),
@@ -338,6 +384,23 @@ impl Socket {
 
     /// Sends `bytes`.
     pub(crate) async fn send(&mut self, bytes: &[u8]) -> std::result::Result<(), IoFailure> {
+        let sent = match &self.tls {
+            None => self.send_raw(bytes).await,
+            Some(tls) => {
+                let mut sealed = Vec::new();
+                match tls.seal_and(bytes, |ciphertext| {
+                    sealed.extend_from_slice(ciphertext);
+                    Ok(())
+                }) {
+                    Ok(()) => self.send_raw(&sealed).await,
+                    Err(err) => Err(err),
+                }
+            }
+        };
+        sent.map_err(|err| self.failure("writing to", err))
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         #[cfg(feature = "sync")]
         let sent = write_all(&self.stream, bytes);
         #[cfg(not(feature = "sync"))]
@@ -345,13 +408,80 @@ impl Socket {
             let write = write_all(&mut self.stream, bytes);
             self.alarm.within(self.timeout, write, timed_out).await
         };
-        sent.map_err(|err| self.failure("writing to", err))
+        sent
+    }
+
+    /// Starts TLS over the connection and completes the handshake, within the
+    /// timeout. Anything the server sent before is refused: it came unencrypted.
+    pub(crate) async fn start_tls(
+        &mut self,
+        connector: &super::tls::Connector,
+    ) -> std::result::Result<(), IoFailure> {
+        if !self.read.is_empty() {
+            return Err(self.failure(
+                "starting TLS with",
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the server sent data before the TLS handshake",
+                ),
+            ));
+        }
+        let session = connector
+            .session()
+            .map_err(|err| self.failure("starting TLS with", err))?;
+        self.tls = Some(Box::new(session));
+        self.reply_due();
+        loop {
+            // The handshake's messages are sealed with no plaintext.
+            self.send(&[]).await?;
+            if !self.tls.as_ref().is_some_and(|tls| tls.is_handshaking()) {
+                break;
+            }
+            let n = self.receive_raw().await?;
+            let fed = match &self.tls {
+                Some(tls) => tls.feed(&self.scratch[..n]),
+                None => Ok(()),
+            };
+            if let Err(err) = fed {
+                // Tell the server why, if the socket takes it at once.
+                self.write_now(&[]);
+                return Err(self.failure("starting TLS with", err));
+            }
+        }
+        self.deadline = None;
+        Ok(())
     }
 
     /// Reads what the server sent next into [`read`](Socket::read); fails on a closed
     /// connection, and once the reply under way is overdue (see
     /// [`reply_due`](Socket::reply_due)).
     pub(crate) async fn receive(&mut self) -> std::result::Result<(), IoFailure> {
+        loop {
+            if let Some(tls) = &self.tls {
+                let plain = tls
+                    .take_plain(&mut self.scratch)
+                    .map_err(|err| self.failure("reading from", err))?;
+                if let Some(n) = plain {
+                    self.read.extend_from_slice(&self.scratch[..n]);
+                    return Ok(());
+                }
+            }
+            let n = self.receive_raw().await?;
+            match &self.tls {
+                None => {
+                    self.read.extend_from_slice(&self.scratch[..n]);
+                    return Ok(());
+                }
+                Some(tls) => tls
+                    .feed(&self.scratch[..n])
+                    .map_err(|err| self.failure("reading from", err))?,
+            }
+        }
+    }
+
+    /// Reads what came next on the socket into `scratch`, within what is left of the
+    /// reply's time.
+    async fn receive_raw(&mut self) -> std::result::Result<usize, IoFailure> {
         let wait = self
             .wait_left()
             .map_err(|err| self.failure("reading from", err))?;
@@ -378,10 +508,7 @@ impl Socket {
         };
         match read {
             Ok(0) => Err(self.failure("reading from", closed())),
-            Ok(n) => {
-                self.read.extend_from_slice(&self.scratch[..n]);
-                Ok(())
-            }
+            Ok(n) => Ok(n),
             Err(err) => Err(self.failure("reading from", err)),
         }
     }
@@ -603,8 +730,19 @@ async fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Reads what is there (async mode): `WouldBlock` if nothing is, `Ok(0)` once closed.
 #[cfg(not(feature = "sync"))]
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+fn read_now(stream: &Stream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    match stream {
+        Stream::Tcp(s) => s.get_ref().read(buf),
+        #[cfg(unix)]
+        Stream::Unix(s) => s.get_ref().read(buf),
+    }
+}
+
+#[cfg(not(feature = "sync"))]
 fn write_now(stream: &Stream, bytes: &[u8]) -> io::Result<usize> {
     use std::io::Write;
     // The socket is non-blocking: this never waits.

@@ -448,6 +448,49 @@ pub async fn check_frozen_server_times_out_then_recovers<S: SessionStore>(
 
 pub mod proxy;
 
+/// PostgreSQL's programs: `pg_config --bindir`, or Debian's directory.
+pub fn pg_bin(program: &str) -> std::path::PathBuf {
+    let from_pg_config = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    let debian = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|dirs| {
+            dirs.filter_map(|dir| dir.ok().map(|dir| dir.path().join("bin")))
+                .filter(|dir| dir.join("initdb").exists())
+                .max()
+        });
+    from_pg_config
+        .filter(|dir| dir.join("initdb").exists())
+        .or(debian)
+        .unwrap_or_else(|| {
+            panic!("PostgreSQL's initdb is not installed: run `bash scripts/test.sh`, which installs it")
+        })
+        .join(program)
+}
+
+/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run
+/// as root), as ourselves otherwise.
+pub fn as_postgres_user(program: &str) -> std::process::Command {
+    if rustix::process::getuid().is_root() {
+        let mut command = std::process::Command::new("setpriv");
+        command
+            .args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(pg_bin(program));
+        command
+    } else {
+        std::process::Command::new(pg_bin(program))
+    }
+}
+
 /// Two server instances, each with its own cache in front of one shared store (`a`
 /// and `b` reach the same records): a logout or a login on one is seen by the other
 /// within the cache lifetime, and a write through the other's stale cache is refused
@@ -532,4 +575,76 @@ pub async fn check_two_caches_over_one_store<S: SessionStore + Clone>(a: S, b: S
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// What each of the concurrent callers below does: reads, writes and refused updates
+/// of shared records, each checked against what it must answer.
+#[cfg(feature = "redis")]
+#[maybe_async::maybe_async]
+async fn pipelined_caller(
+    store: &portable_sessions::RedisStore,
+    records: &[Record],
+    caller: usize,
+) {
+    for step in 0..300 {
+        let record = &records[(caller * 31 + step * 7) % records.len()];
+        match step % 10 {
+            // Writes between reads: replies of every kind interleave in the pipeline.
+            3 => store.save(record).await.unwrap(),
+            7 => {
+                let mut stale = record.clone();
+                stale.version += 1;
+                let update = store.update(&stale).await.unwrap();
+                assert_eq!(update, Update::Conflict, "caller {caller}, step {step}");
+            }
+            _ => {
+                let loaded = store.load(&record.id).await.unwrap();
+                assert_eq!(
+                    loaded.as_ref(),
+                    Some(record),
+                    "caller {caller}, step {step}"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+/// Runs [`pipelined_caller`] 16 times at once: on 16 threads in blocking mode; in
+/// async mode as 4 tasks on each of 4 threads, so that callers of one connection wake
+/// each other both within a thread and across threads.
+pub fn sixteen_callers(store: &portable_sessions::RedisStore, records: &[Record]) {
+    std::thread::scope(|scope| {
+        #[cfg(feature = "sync")]
+        for caller in 0..16 {
+            scope.spawn(move || pipelined_caller(store, records, caller));
+        }
+        #[cfg(not(feature = "sync"))]
+        for thread in 0..4 {
+            scope.spawn(move || {
+                let executor = smol::LocalExecutor::new();
+                let tasks: Vec<_> = (0..4)
+                    .map(|task| executor.spawn(pipelined_caller(store, records, thread * 4 + task)))
+                    .collect();
+                block(executor.run(async {
+                    for task in tasks {
+                        task.await;
+                    }
+                }));
+            });
+        }
+    });
+}
+
+#[cfg(feature = "redis")]
+/// `n` records, each with a value of its own, created in `store`.
+pub fn created(store: &portable_sessions::RedisStore, n: u64) -> Vec<Record> {
+    (0..n)
+        .map(|n| {
+            let mut record = live_record(n);
+            record.insert("n", &n).unwrap();
+            block(store.create(&mut record)).unwrap();
+            record
+        })
+        .collect()
 }

@@ -5,7 +5,10 @@ use std::{fmt, path::PathBuf, time::Duration};
 
 use crate::{
     session_store::{Error, Result},
-    stores::net::{self, Address},
+    stores::{
+        net::{self, Address},
+        tls,
+    },
 };
 
 /// What a URL says about a connection.
@@ -22,6 +25,29 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Option<Duration>,
     /// `require_auth`: which authentication methods the server may ask for.
     pub(crate) require_auth: RequireAuth,
+    /// `sslmode`: whether TLS is tried, and whether it is required.
+    pub(crate) sslmode: SslMode,
+    /// How TLS is set up when it is used (`sslrootcert`, `sslcert`, `sslkey`,
+    /// `sslsni`, and `sslmode`'s verification).
+    pub(crate) tls: tls::Options,
+    /// The TLS settings made from `tls` (files read), once the store has made them.
+    pub(crate) connector: Option<tls::Connector>,
+}
+
+/// libpq's `sslmode`: whether a TCP connection is encrypted. Over a Unix socket, as
+/// in libpq, TLS is never tried.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    /// Never.
+    Disable,
+    /// Without TLS first, and with TLS if the server refuses that.
+    Allow,
+    /// TLS if the server offers it (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS or no connection (`require`, `verify-ca`, `verify-full`: what is verified
+    /// is in the TLS options).
+    Require,
 }
 
 /// libpq's `require_auth`: the authentication methods a connection accepts from the
@@ -117,6 +143,8 @@ impl fmt::Debug for Config {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "..."))
             .field("dbname", &self.dbname)
+            .field("sslmode", &self.sslmode)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -198,6 +226,9 @@ impl Config {
         let mut application_name = None;
         let mut connect_timeout = None;
         let mut require_auth = RequireAuth::Default;
+        let mut sslmode = None;
+        let (mut sslrootcert, mut sslcert, mut sslkey) = (None, None, None);
+        let mut sslsni = true;
 
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair
@@ -221,30 +252,42 @@ impl Config {
                     connect_timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
                 }
                 "sslmode" => {
-                    match value.as_str() {
-                        "disable" | "allow" | "prefer" => {}
-                        mode @ ("require" | "verify-ca" | "verify-full") => {
-                            return Err(invalid(format_args!(
-                                "sslmode={mode} asks for TLS, which PostgresStore does not \
-                             support: connect over a Unix socket or a trusted network, or \
-                             through a TLS tunnel"
-                            )))
-                        }
+                    sslmode = Some(match value.as_str() {
+                        "disable" => (SslMode::Disable, tls::Verify::Nothing),
+                        "allow" => (SslMode::Allow, tls::Verify::Nothing),
+                        "prefer" => (SslMode::Prefer, tls::Verify::Nothing),
+                        "require" => (SslMode::Require, tls::Verify::Nothing),
+                        "verify-ca" => (SslMode::Require, tls::Verify::Chain),
+                        "verify-full" => (SslMode::Require, tls::Verify::Full),
                         // Not repeated: it could be a misplaced password.
-                        _ => return Err(invalid(
-                            "sslmode is not one of disable, allow, prefer, require, verify-ca, \
-                             verify-full",
-                        )),
+                        _ => {
+                            return Err(invalid(
+                                "sslmode is not one of disable, allow, prefer, require, \
+                                 verify-ca, verify-full",
+                            ))
+                        }
+                    })
+                }
+                "sslrootcert" => sslrootcert = Some(value),
+                "sslcert" => sslcert = Some(value),
+                "sslkey" => sslkey = Some(value),
+                "sslsni" => {
+                    sslsni = match value.as_str() {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(invalid("sslsni takes 0 or 1")),
                     }
                 }
                 _ => {
                     return Err(invalid(
                         "unknown parameter (known: host, port, user, password, dbname, \
-                         application_name, connect_timeout, require_auth, sslmode)",
+                         application_name, connect_timeout, require_auth, sslmode, \
+                         sslrootcert, sslcert, sslkey, sslsni)",
                     ))
                 }
             }
         }
+        let (sslmode, tls) = tls_options(sslmode, sslrootcert, sslcert, sslkey, sslsni)?;
 
         let user = match user {
             Some(user) => user,
@@ -269,8 +312,68 @@ impl Config {
             application_name: application_name.unwrap_or_else(|| "portable-sessions".into()),
             connect_timeout,
             require_auth,
+            sslmode,
+            tls,
+            connector: None,
         })
     }
+}
+
+/// libpq's rules for what is verified: a root file makes every mode that encrypts
+/// check the chain (`require` acts as `verify-ca`), and `sslrootcert=system` takes the
+/// system's roots and asks for `verify-full`, refusing a weaker mode named with it.
+/// Without `sslrootcert`, `verify-ca` and `verify-full` use the system's roots (where
+/// libpq would look for `~/.postgresql/root.crt`).
+fn tls_options(
+    sslmode: Option<(SslMode, tls::Verify)>,
+    sslrootcert: Option<String>,
+    sslcert: Option<String>,
+    sslkey: Option<String>,
+    sni: bool,
+) -> Result<(SslMode, tls::Options)> {
+    let (mode, mut verify, roots) = match sslrootcert.as_deref() {
+        Some("system") => match sslmode {
+            None | Some((_, tls::Verify::Full)) => {
+                (SslMode::Require, tls::Verify::Full, tls::Roots::System)
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "sslrootcert=system asks for sslmode=verify-full, and a weaker sslmode \
+                     is set",
+                ))
+            }
+        },
+        Some(path) => {
+            let (mode, verify) = sslmode.unwrap_or((SslMode::Prefer, tls::Verify::Nothing));
+            (mode, verify, tls::Roots::File(path.into()))
+        }
+        None => {
+            let (mode, verify) = sslmode.unwrap_or((SslMode::Prefer, tls::Verify::Nothing));
+            (mode, verify, tls::Roots::System)
+        }
+    };
+    if matches!(roots, tls::Roots::File(_)) && verify == tls::Verify::Nothing {
+        verify = tls::Verify::Chain;
+    }
+    let client_cert = match (sslcert, sslkey) {
+        (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "a client certificate needs both sslcert and sslkey",
+            ))
+        }
+    };
+    Ok((
+        mode,
+        tls::Options {
+            verify,
+            roots,
+            client_cert,
+            sni,
+            server_name: None,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -336,12 +439,62 @@ mod tests {
     }
 
     #[test]
+    fn sslmode_follows_libpq() {
+        let parse = |url: &str| {
+            let config = Config::parse(url).unwrap();
+            (config.sslmode, config.tls.verify, config.tls.roots)
+        };
+        let system = tls::Roots::System;
+        let file = || tls::Roots::File("/ca.pem".into());
+        assert_eq!(
+            parse("postgres://u@h/d"),
+            (SslMode::Prefer, tls::Verify::Nothing, system.clone())
+        );
+        assert_eq!(
+            parse("postgres://u@h/d?sslmode=require"),
+            (SslMode::Require, tls::Verify::Nothing, system.clone())
+        );
+        assert_eq!(
+            parse("postgres://u@h/d?sslmode=require&sslrootcert=/ca.pem"),
+            (SslMode::Require, tls::Verify::Chain, file()),
+            "require with a root file acts as verify-ca"
+        );
+        assert_eq!(
+            parse("postgres://u@h/d?sslmode=verify-ca"),
+            (SslMode::Require, tls::Verify::Chain, system.clone())
+        );
+        assert_eq!(
+            parse("postgres://u@h/d?sslrootcert=/ca.pem&sslmode=verify-full"),
+            (SslMode::Require, tls::Verify::Full, file())
+        );
+        assert_eq!(
+            parse("postgres://u@h/d?sslrootcert=system"),
+            (SslMode::Require, tls::Verify::Full, system.clone())
+        );
+        assert_eq!(parse("postgres://u@h/d?sslmode=allow").0, SslMode::Allow);
+        assert_eq!(
+            parse("postgres://u@h/d?sslmode=disable").0,
+            SslMode::Disable
+        );
+        let config =
+            Config::parse("postgres://u@h/d?sslcert=/c.pem&sslkey=/k.pem&sslsni=0").unwrap();
+        assert_eq!(
+            config.tls.client_cert,
+            Some(("/c.pem".into(), "/k.pem".into()))
+        );
+        assert!(!config.tls.sni);
+    }
+
+    #[test]
     fn rejects_what_it_cannot_honour() {
         for url in [
             "mysql://u@h/d",
             "postgres://u@h:99999/d",
             "postgres://u@h:0/d",
-            "postgres://u@h/d?sslmode=require",
+            "postgres://u@h/d?sslmode=required",
+            "postgres://u@h/d?sslmode=require&sslrootcert=system",
+            "postgres://u@h/d?sslcert=/c.pem",
+            "postgres://u@h/d?sslsni=yes",
             "postgres://u@h/d?sslmod=disable",
             "postgres://u@h/d?port",
             "postgres://u@h/d%zz",

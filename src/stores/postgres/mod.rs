@@ -9,7 +9,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use time::OffsetDateTime;
 
 use self::{
-    config::Config,
+    config::{Config, SslMode},
     pool::{Pool, Setup},
     wire::{columns, oid, Param, WireError},
 };
@@ -17,7 +17,7 @@ use crate::{
     lifecycle::clock::Clock,
     session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
-    stores::{net, stored},
+    stores::{net, stored, tls::Connector},
 };
 
 /// How many expired rows one `DELETE` statement removes. Each batch is its own
@@ -196,8 +196,12 @@ impl PostgresStore {
     /// Returns [`Error::Backend`] if `url` is not a PostgreSQL URL this store can
     /// follow (see [Connecting](PostgresStore#connecting)).
     pub fn new(url: &str) -> Result<Self> {
+        let mut config = Config::parse(url)?;
+        if config.sslmode != SslMode::Disable && matches!(config.address, net::Address::Tcp(..)) {
+            config.connector = Some(config.tls.connector(&config.address)?);
+        }
         let settings = Settings {
-            config: Config::parse(url)?,
+            config,
             schema: Self::DEFAULT_SCHEMA.into(),
             table: Self::DEFAULT_TABLE.into(),
             timeout: Self::DEFAULT_TIMEOUT,
@@ -232,6 +236,25 @@ impl PostgresStore {
         }
         self.settings.schema = schema.into();
         self.settings.table = table.into();
+        Ok(self.rebuilt())
+    }
+
+    /// Returns the store setting up TLS with `config` whenever `sslmode` has it
+    /// used (by default, `prefer`: whenever the server offers it): for what the URL's
+    /// parameters cannot say (another crypto provider, a custom certificate verifier,
+    /// protocol versions). The certificate must name the URL's host, as rustls checks
+    /// it with `config`'s verifier.
+    ///
+    /// The store value returned gets connections of its own; clones made before keep
+    /// the old settings.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Backend`] if the store connects over a Unix socket (where TLS
+    /// is never used), or if the host is neither a DNS name nor an IP address.
+    pub fn with_tls_config(mut self, config: rustls::ClientConfig) -> Result<Self> {
+        let address = &self.settings.config.address;
+        self.settings.config.connector = Some(Connector::new(Arc::new(config), address, None)?);
         Ok(self.rebuilt())
     }
 

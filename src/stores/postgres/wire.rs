@@ -15,10 +15,11 @@ use postgres_protocol::{
     IsNull, Oid,
 };
 
-use super::config::Config;
+use super::config::{Config, SslMode};
 use crate::stores::{
-    net::{IoFailure, Socket},
+    net::{Address, IoFailure, Socket},
     pool::Pooled,
+    tls::Connector,
 };
 
 /// What went wrong on a connection.
@@ -271,9 +272,37 @@ impl Conn {
 
 #[maybe_async::maybe_async]
 impl Conn {
-    /// Connects and authenticates.
+    /// Connects (over TLS as `sslmode` says) and authenticates.
     pub(crate) async fn connect(
         config: &Config,
+        timeout: Duration,
+        statement_timeout: Duration,
+    ) -> Result<Self, WireError> {
+        let first = Self::connect_as(config, config.sslmode, timeout, statement_timeout).await;
+        match first {
+            // `allow`: with TLS once the server refuses the connection without it.
+            Err(WireError::Server(err))
+                if config.sslmode == SslMode::Allow && err.code == NOT_AUTHORIZED =>
+            {
+                Self::connect_as(config, SslMode::Require, timeout, statement_timeout).await
+            }
+            Err(WireError::Server(err))
+                if config.sslmode == SslMode::Disable
+                    && err.code == NOT_AUTHORIZED
+                    && err.to_string().contains("no encryption") =>
+            {
+                Err(WireError::Protocol(format!(
+                    "{err} (the server takes this connection only over TLS, and the URL \
+                     says sslmode=disable)"
+                )))
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_as(
+        config: &Config,
+        sslmode: SslMode,
         timeout: Duration,
         statement_timeout: Duration,
     ) -> Result<Self, WireError> {
@@ -290,6 +319,15 @@ impl Conn {
             busy: true,
             prepared: false,
         };
+        // As in libpq, never over a Unix socket, which stays on this machine.
+        let tcp = matches!(config.address, Address::Tcp(..));
+        if tcp && matches!(sslmode, SslMode::Prefer | SslMode::Require) {
+            let connector = config.connector.as_ref().ok_or_else(|| {
+                WireError::Protocol("TLS is asked for, and its settings were not made".into())
+            })?;
+            conn.negotiate_tls(connector, sslmode == SslMode::Require)
+                .await?;
+        }
         let params = [
             ("user", config.user.as_str()),
             ("database", config.dbname.as_str()),
@@ -322,6 +360,49 @@ impl Conn {
         Ok(conn)
     }
 
+    /// Asks the server for TLS (an SSLRequest, answered by one byte) and, if it
+    /// agrees, completes the handshake. A server that declines is an error when TLS
+    /// is `required`; otherwise the connection goes on unencrypted.
+    async fn negotiate_tls(
+        &mut self,
+        connector: &Connector,
+        required: bool,
+    ) -> Result<(), WireError> {
+        frontend::ssl_request(&mut self.write);
+        self.send().await?;
+        while self.socket.read.is_empty() {
+            self.socket.receive().await.map_err(WireError::Io)?;
+        }
+        match self.socket.read[0] {
+            b'S' => {
+                let _ = self.socket.read.split_to(1);
+                // Bytes after the `S` came unencrypted: `start_tls` refuses them.
+                self.socket
+                    .start_tls(connector)
+                    .await
+                    .map_err(WireError::Io)
+            }
+            b'N' if required => Err(WireError::Protocol(
+                "the server does not accept TLS, and sslmode requires it (require, verify-ca \
+                 or verify-full)"
+                    .into(),
+            )),
+            b'N' => {
+                let _ = self.socket.read.split_to(1);
+                Ok(())
+            }
+            // An error message (the server cannot take the request).
+            _ => match self.next_message().await? {
+                Message::ErrorResponse(body) => {
+                    Err(WireError::Server(ServerError::from_body(&body)))
+                }
+                _ => Err(WireError::Protocol(
+                    "the server answered the TLS request with neither yes nor no".into(),
+                )),
+            },
+        }
+    }
+
     async fn authenticate(&mut self, config: &Config) -> Result<(), WireError> {
         let password = || {
             config.password.as_deref().ok_or_else(|| {
@@ -331,7 +412,9 @@ impl Conn {
                 ))
             })
         };
-        let local = self.socket.is_local();
+        // A password may go over TLS (encrypted, even to a server not verified), or
+        // over a connection that stays on this machine.
+        let local = self.socket.is_local() || self.socket.is_encrypted();
         let allowed = |method: &str| {
             config
                 .require_auth
@@ -528,6 +611,10 @@ impl Conn {
         }
     }
 }
+
+/// SQLSTATE `invalid_authorization_specification`: what a server that takes a
+/// connection only with (or only without) TLS answers the other kind with.
+const NOT_AUTHORIZED: &str = "28000";
 
 /// The longest message a reply may carry: a row with the largest record, with room
 /// to spare.

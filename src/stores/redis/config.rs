@@ -4,7 +4,10 @@ use std::fmt;
 
 use crate::{
     session_store::{Error, Result},
-    stores::net::{self, Address},
+    stores::{
+        net::{self, Address},
+        tls,
+    },
 };
 
 /// What a URL says about a connection.
@@ -17,6 +20,8 @@ pub(crate) struct Config {
     /// `insecure_auth=true`: send `AUTH` over plain TCP to another machine, where
     /// anyone on the path could read the password. Refused unless asked for.
     pub(crate) insecure_auth: bool,
+    /// TLS (`rediss://`), with its parameters.
+    pub(crate) tls: Option<tls::Options>,
 }
 
 impl fmt::Debug for Config {
@@ -28,6 +33,7 @@ impl fmt::Debug for Config {
             .field("password", &self.password.as_ref().map(|_| "..."))
             .field("db", &self.db)
             .field("insecure_auth", &self.insecure_auth)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -49,15 +55,15 @@ impl Config {
     /// The port used when the URL names none.
     pub(crate) const DEFAULT_PORT: u16 = 6379;
 
-    /// Parses `redis://[[user]:password@]host[:port][/db]`, or
+    /// Parses `redis://[[user]:password@]host[:port][/db]`, `rediss://...` (TLS, with
+    /// `cacert`, `cert`, `key`, `sni` and `insecure` named as `redis-cli`'s flags), or
     /// `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` (also `unix://`), with
-    /// `insecure_auth=true` to send a password over plain TCP to another machine. TLS
-    /// (`rediss://`) is refused, and so is any parameter not listed, so that a typo is
-    /// not ignored.
+    /// `insecure_auth=true` to send a password over plain TCP to another machine. Any
+    /// parameter not listed is refused, so that a typo is not ignored.
     pub(crate) fn parse(url: &str) -> Result<Self> {
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| invalid("it must start with redis:// or redis+unix://"))?;
+            .ok_or_else(|| invalid("it must start with redis://, rediss:// or redis+unix://"))?;
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut config = match scheme {
             "redis" => Self::parse_tcp(rest)?,
@@ -73,17 +79,16 @@ impl Config {
                         password: None,
                         db: 0,
                         insecure_auth: false,
+                        tls: None,
                     }
                 }
                 #[cfg(not(unix))]
                 return Err(invalid("Unix sockets need a Unix system"));
             }
-            "rediss" => {
-                return Err(invalid(
-                    "rediss:// asks for TLS, which RedisStore does not support: connect \
-                     over a Unix socket or a trusted network, or through a TLS tunnel",
-                ))
-            }
+            "rediss" => Self {
+                tls: Some(tls::Options::verify_full()),
+                ..Self::parse_tcp(rest)?
+            },
             // Not repeated: in a malformed URL it could hold the password.
             _ => {
                 return Err(invalid(
@@ -91,6 +96,8 @@ impl Config {
                 ))
             }
         };
+        let mut client_cert: (Option<std::path::PathBuf>, Option<std::path::PathBuf>) =
+            (None, None);
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair
                 .split_once('=')
@@ -107,12 +114,39 @@ impl Config {
                         _ => return Err(invalid("insecure_auth takes true or false")),
                     }
                 }
+                "cacert" | "cert" | "key" | "sni" | "insecure" => {
+                    let Some(tls) = &mut config.tls else {
+                        return Err(invalid(format_args!(
+                            "{key} is a TLS parameter, and TLS needs rediss://"
+                        )));
+                    };
+                    match key {
+                        "cacert" => tls.roots = tls::Roots::File(value.into()),
+                        "cert" => client_cert.0 = Some(value.into()),
+                        "key" => client_cert.1 = Some(value.into()),
+                        "sni" => tls.server_name = Some(value),
+                        _ => {
+                            // Only the exact word turns verification off.
+                            tls.verify = match value.as_str() {
+                                "true" => tls::Verify::Nothing,
+                                "false" => tls::Verify::Full,
+                                _ => return Err(invalid("insecure takes true or false")),
+                            }
+                        }
+                    }
+                }
                 _ => {
                     return Err(invalid(
-                        "unknown parameter (known: db, user, pass, password, insecure_auth)",
+                        "unknown parameter (known: db, user, pass, password, insecure_auth, \
+                         and with rediss:// cacert, cert, key, sni, insecure)",
                     ))
                 }
             }
+        }
+        match (client_cert, &mut config.tls) {
+            ((Some(cert), Some(key)), Some(tls)) => tls.client_cert = Some((cert, key)),
+            ((None, None), _) => {}
+            _ => return Err(invalid("a client certificate needs both cert and key")),
         }
         Ok(config)
     }
@@ -170,6 +204,7 @@ impl Config {
             password,
             db,
             insecure_auth: false,
+            tls: None,
         })
     }
 }
@@ -198,6 +233,31 @@ mod tests {
         assert_eq!(config.address, Address::Unix("/run/redis.sock".into()));
         assert_eq!((config.db, config.password.as_deref()), (3, Some("x")));
         assert!(!format!("{config:?}").contains("\"x\""));
+        assert_eq!(config.tls, None);
+    }
+
+    #[test]
+    fn parses_tls_parameters_named_as_redis_cli_flags() {
+        let config = Config::parse("rediss://:pw@cache.example:6380/1").unwrap();
+        assert_eq!(config.address, Address::Tcp("cache.example".into(), 6380));
+        assert_eq!(config.db, 1);
+        assert_eq!(config.tls, Some(tls::Options::verify_full()));
+
+        let config = Config::parse(
+            "rediss://h?cacert=%2Fetc%2Fca.pem&cert=/c.pem&key=/k.pem&sni=cache.internal",
+        )
+        .unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!(tls.verify, tls::Verify::Full);
+        assert_eq!(tls.roots, tls::Roots::File("/etc/ca.pem".into()));
+        assert_eq!(tls.client_cert, Some(("/c.pem".into(), "/k.pem".into())));
+        assert_eq!(tls.server_name.as_deref(), Some("cache.internal"));
+
+        let tls = Config::parse("rediss://h?insecure=true")
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(tls.verify, tls::Verify::Nothing);
     }
 
     #[test]
@@ -205,7 +265,9 @@ mod tests {
         for url in [
             "not a url",
             "http://127.0.0.1:6379",
-            "rediss://127.0.0.1",
+            "redis://127.0.0.1?cacert=/ca.pem",
+            "rediss://127.0.0.1?insecure=yes",
+            "rediss://127.0.0.1?cert=/c.pem",
             "redis://",
             "redis://h:0",
             "redis://h:port",

@@ -23,7 +23,7 @@ use self::{
 use crate::{
     session::{random_id, Id, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
-    stores::{net, stored},
+    stores::{net, stored, tls::Connector},
 };
 
 /// The conditional write, run by Redis as one step: writes the new value (or deletes
@@ -211,6 +211,8 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 #[derive(Clone)]
 pub struct RedisStore {
     config: Arc<Config>,
+    /// TLS settings, read once (`rediss://`, or [`with_tls_config`](RedisStore::with_tls_config)).
+    tls: Option<Connector>,
     prefix: Arc<str>,
     timeout: Duration,
     shared: Arc<Shared>,
@@ -311,12 +313,41 @@ impl RedisStore {
     ///
     /// Returns [`Error::Backend`] if `url` is not a Redis URL this store can follow.
     pub fn new(url: &str) -> Result<Self> {
+        let config = Config::parse(url)?;
+        let tls = match &config.tls {
+            Some(options) => Some(options.connector(&config.address)?),
+            None => None,
+        };
         Ok(Self {
-            config: Arc::new(Config::parse(url)?),
+            config: Arc::new(config),
+            tls,
             prefix: Self::DEFAULT_KEY_PREFIX.into(),
             timeout: Self::DEFAULT_TIMEOUT,
             shared: Shared::new(Self::DEFAULT_MAX_CONNECTIONS),
         })
+    }
+
+    /// Returns the store connecting over TLS with `config`, whatever the URL's scheme:
+    /// for what the URL's parameters cannot say (another crypto provider, a custom
+    /// certificate verifier, session resumption settings, protocol versions). The
+    /// server is reached by the URL's host, or by its `sni` parameter.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Backend`] if the store connects over a Unix socket, or if the
+    /// host is neither a DNS name nor an IP address.
+    pub fn with_tls_config(mut self, config: rustls::ClientConfig) -> Result<Self> {
+        let server_name = self
+            .config
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.server_name.as_deref());
+        self.tls = Some(Connector::new(
+            Arc::new(config),
+            &self.config.address,
+            server_name,
+        )?);
+        Ok(self)
     }
 
     /// Returns the store putting its keys under `prefix`, so that several
@@ -571,6 +602,7 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("server", &format_args!("{}", self.config.address))
             .field("db", &self.config.db)
+            .field("tls", &self.tls.is_some())
             .field("key_prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("max_connections", &self.shared.max)
@@ -649,7 +681,7 @@ impl RedisStore {
     /// Opens a connection. Until the store knows the update script's digest, it loads
     /// the script to learn it.
     async fn open(&self) -> std::result::Result<Mux, RespError> {
-        let mut conn = Conn::connect(&self.config, self.timeout).await?;
+        let mut conn = Conn::connect(&self.config, self.tls.as_ref(), self.timeout).await?;
         if self.shared.script_sha.get().is_none() {
             // Learn the update script's digest once; `update` sends the script whole
             // until then, and whenever the server has not seen it.

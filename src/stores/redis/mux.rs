@@ -535,9 +535,11 @@ impl Mux {
         wake: &mut Vec<Waiter>,
     ) {
         use std::io::ErrorKind;
-        while !state.out.is_empty() && state.broken.is_none() {
+        // Over TLS, sealed bytes may wait after `out` is empty: written by a call with
+        // nothing new.
+        while (!state.out.is_empty() || self.socket.unflushed()) && state.broken.is_none() {
             match self.socket.try_write(&state.out) {
-                Ok(0) => {
+                Ok(0) if !state.out.is_empty() => {
                     let err = std::io::Error::from(ErrorKind::WriteZero);
                     let failure = self.socket.failure("writing to", err);
                     self.break_with(state, RespError::Io(failure), wake);

@@ -5,7 +5,10 @@ use std::fmt;
 use bytes::Buf;
 
 use super::config::Config;
-use crate::stores::net::{IoFailure, Socket};
+use crate::stores::{
+    net::{IoFailure, Socket},
+    tls::Connector,
+};
 
 /// The largest bulk string a reply may carry: the largest stored value this store
 /// writes (a record, its version and header) with room to spare. Anything longer is
@@ -83,7 +86,8 @@ impl fmt::Display for RespError {
 impl std::error::Error for RespError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Io(failure) => Some(failure),
+            // Its own text is already in ours: its cause next.
+            Self::Io(failure) => Some(&failure.source),
             _ => None,
         }
     }
@@ -255,18 +259,22 @@ impl Conn {
     /// Connects, authenticates and selects the database, in one round trip.
     pub(crate) async fn connect(
         config: &Config,
+        tls: Option<&Connector>,
         timeout: std::time::Duration,
     ) -> Result<Self, RespError> {
-        let socket = Socket::connect(&config.address, timeout)
+        let mut socket = Socket::connect(&config.address, timeout)
             .await
             .map_err(RespError::Io)?;
+        if let Some(tls) = tls {
+            socket.start_tls(tls).await.map_err(RespError::Io)?;
+        }
         let mut conn = Self {
             socket,
             write: Vec::with_capacity(256),
             queued: 0,
         };
         if let Some(password) = &config.password {
-            if !conn.socket.is_local() && !config.insecure_auth {
+            if !conn.socket.is_local() && !conn.socket.is_encrypted() && !config.insecure_auth {
                 return Err(RespError::Protocol(format!(
                     "the URL holds a password, and {} is another machine reached over \
                      plain TCP: AUTH would send the password where anyone on the path \

@@ -253,8 +253,8 @@
 //! | `sync` | no | blocking mode: every store operation is a plain blocking call |
 //! | `testing` | no | [`testing`]: the store conformance suite, for your store's tests |
 //! | `sqlite` | no | [`SqliteStore`], with SQLite compiled in; async mode runs its calls on the [`blocking`](https://docs.rs/blocking) thread pool |
-//! | `redis` | no | [`RedisStore`]; speaks RESP on blocking sockets (sync mode) or async-io's reactor (async mode): no tokio at all |
-//! | `postgres` | no | [`PostgresStore`]; speaks PostgreSQL's protocol on blocking sockets (sync mode) or async-io's reactor (async mode): no tokio at all |
+//! | `redis` | no | [`RedisStore`]; speaks RESP on blocking sockets (sync mode) or async-io's reactor (async mode): no tokio at all; TLS through rustls (`rediss://`) |
+//! | `postgres` | no | [`PostgresStore`]; speaks PostgreSQL's protocol on blocking sockets (sync mode) or async-io's reactor (async mode): no tokio at all; TLS through rustls (`sslmode`) |
 //! | `async-io` | yes | `AsyncIoTimer`, the deletion loop's timer on any executor (async mode; a blocking program can turn it off with `default-features = false`) |
 //! | `tokio` | no | `TokioTimer`, the deletion loop's timer on tokio (async mode; tokio's `time` feature only) |
 //! | `tower-sessions` | no | `TowerSessionsStore` (our stores for tower-sessions 0.14 and 0.15) and `FromTowerSessions` (its stores as ours), async mode |

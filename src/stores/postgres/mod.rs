@@ -108,11 +108,13 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// The URL is `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
 /// (or `postgresql://`), percent-encoded. Parameters: `host` (a directory, such as
 /// `/var/run/postgresql`, for the server's Unix socket), `port`, `user`, `password`,
-/// `dbname`, `application_name`, `connect_timeout`, `require_auth` and `sslmode`.
-/// Passwords are sent as the server asks: SCRAM-SHA-256, MD5 or clear text, except
-/// that a clear-text or MD5 password is never sent over an unencrypted connection to
-/// another machine unless `require_auth` names it (libpq's option: a list of the
-/// methods allowed, `password,md5,scram-sha-256,none`, or of those refused, `!md5`).
+/// `dbname`, `application_name`, `connect_timeout`, `require_auth`, and the TLS
+/// parameters below. Passwords are sent as the server asks: SCRAM-SHA-256, MD5 or
+/// clear text, except that a clear-text or MD5 password is never sent over an
+/// unencrypted connection to another machine unless `require_auth` names it
+/// (libpq's option: a list of the methods allowed, `password,md5,scram-sha-256,none`,
+/// or of those refused, `!md5`). Over TLS, as in libpq, it goes to the server even
+/// where `sslmode` does not verify who that is: `verify-full` does.
 /// SCRAM completes only once the server has proved it knows the password.
 ///
 /// A hostile or broken server cannot make a connection buffer more than about the
@@ -120,13 +122,25 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// message is refused from its length alone. A SCRAM exchange asking for more than
 /// 1,000,000 iterations is refused.
 ///
-/// TLS is not supported: `sslmode=require` (and stricter) is refused. Connect over a
-/// Unix socket, a private network, or a TLS tunnel.
+/// # TLS
 ///
-/// The statements are prepared once per connection, by name, so a connection pooler
-/// in between must keep a server connection per client connection: PgBouncer in
-/// session mode, or in transaction mode from version 1.21 with
-/// `max_prepared_statements` set.
+/// TCP connections use TLS through rustls (no OpenSSL) as libpq's `sslmode` says:
+///
+/// - `prefer` (the default): TLS if the server offers it, without verifying the
+///   server; `allow`: without TLS unless the server refuses that; `disable`: never;
+/// - `require`: TLS or no connection, without verifying the server unless
+///   `sslrootcert` names a file (then as `verify-ca`);
+/// - `verify-ca`: the server's certificate is signed by a trusted authority;
+///   `verify-full`: and names the host connected to.
+///
+/// The authorities trusted are those in `sslrootcert=PATH`, or the system's (where
+/// libpq would read `~/.postgresql/root.crt`); `sslrootcert=system` asks for
+/// `verify-full` against the system's. `sslcert=PATH` and `sslkey=PATH` give a client
+/// certificate (mutual TLS); `sslsni=0` stops the host name going out as SNI
+/// (services such as Neon route by it, so it is sent by default). Over a Unix
+/// socket, as in libpq, TLS is never used. Each connection shakes hands once and is
+/// then pooled; files are read when the store is made. For anything else, give a
+/// whole configuration to [`with_tls_config`](PostgresStore::with_tls_config).
 ///
 /// # Examples
 ///

@@ -169,13 +169,30 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// reactor, which runs on its own, so the store works under smol, under tokio and on
 /// any other executor, with no runtime of its own.
 ///
-/// The URL is `redis://[[user]:password@]host[:port][/db]`, or
-/// `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` for a Unix socket, with
-/// percent-encoded parts. TLS (`rediss://`) is not supported: connect over a Unix
-/// socket, a private network, or a TLS tunnel. A password is not sent over plain TCP
-/// to another machine (the connection fails, saying so) unless the URL adds
-/// `insecure_auth=true`. A reply longer than the largest record, with room to spare,
-/// or a line that runs on without its end, is refused before it is buffered.
+/// The URL is `redis://[[user]:password@]host[:port][/db]`, `rediss://...` for TLS,
+/// or `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` for a Unix socket, with
+/// percent-encoded parts. A password is not sent over plain TCP to another machine
+/// (the connection fails, saying so) unless the URL adds `insecure_auth=true`. A
+/// reply longer than the largest record, with room to spare, or a line that runs on
+/// without its end, is refused before it is buffered.
+///
+/// # TLS
+///
+/// `rediss://` connects through rustls (no OpenSSL), verifying the server's
+/// certificate and host name against the system's trusted roots. Its parameters are
+/// named as `redis-cli`'s flags:
+///
+/// - `cacert=PATH`: trust the authorities in this PEM file instead;
+/// - `cert=PATH` and `key=PATH`: a client certificate and its key (mutual TLS);
+/// - `sni=NAME`: the name sent as SNI and checked against the certificate, where it
+///   is not the host connected to;
+/// - `insecure=true`: encrypt without verifying the server (anyone on the path may
+///   stand in for it; refused unless asked for by name).
+///
+/// Each connection shakes hands once and is then pooled. Files are read when the
+/// store is made, so a missing one fails [`new`](RedisStore::new). For anything
+/// else (another crypto provider, pinned certificates, protocol versions), give a
+/// whole configuration to [`with_tls_config`](RedisStore::with_tls_config).
 ///
 /// # Examples
 ///

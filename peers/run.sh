@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
 # Builds the peer benchmark in both of our modes and prints one ratio table per store
 # and mode, with the physical floors measured in the same run:
-#   bash peers/run.sh [postgres] [sqlite] [redis] [--sessions N]
+#   bash peers/run.sh [postgres] [postgres-tls] [sqlite] [redis] [redis-tls] [--sessions N]
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release -q
 CARGO_TARGET_DIR=target/sync cargo build --release -q --features sync
+
+# A Redis of our own with TLS only, on a free port, for `redis-tls`: a certificate
+# authority and a server certificate made now with the openssl command.
+tls_dir="$(mktemp -d)"
+redis_tls_pid=""
+cleanup() {
+    if [ -n "$redis_tls_pid" ]; then kill "$redis_tls_pid" 2>/dev/null || true; fi
+    rm -rf "$tls_dir"
+}
+trap cleanup EXIT
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=peers CA" -keyout "$tls_dir/ca.key" -out "$tls_dir/ca.crt" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$tls_dir/server.key" -out "$tls_dir/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > "$tls_dir/ext"
+openssl x509 -req -in "$tls_dir/server.csr" -CA "$tls_dir/ca.crt" -CAkey "$tls_dir/ca.key" \
+    -CAcreateserial -days 2 -extfile "$tls_dir/ext" -out "$tls_dir/server.crt" 2>/dev/null
+PEERS_REDIS_TLS_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+redis-server --port 0 --bind 127.0.0.1 --tls-port "$PEERS_REDIS_TLS_PORT" --save "" --appendonly no \
+    --tls-cert-file "$tls_dir/server.crt" --tls-key-file "$tls_dir/server.key" \
+    --tls-ca-cert-file "$tls_dir/ca.crt" --tls-auth-clients no >/dev/null 2>&1 &
+redis_tls_pid=$!
+export PEERS_REDIS_TLS_PORT PEERS_REDIS_TLS_CA="$tls_dir/ca.crt"
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$PEERS_REDIS_TLS_PORT") 2>/dev/null && break; sleep 0.1; done
 
 echo "# machine: $(nproc) cores, $(uname -sr); $(date -u +%Y-%m-%d)"
 echo
@@ -13,13 +37,15 @@ echo "## floors (same run)"
 sql="$(mktemp)"
 echo "SELECT 1;" > "$sql"
 if command -v pgbench >/dev/null && (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
-    echo "- PostgreSQL, one prepared SELECT 1 round trip (pgbench -M prepared -c 1):" \
-        "$(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 1 -T 5 -f "$sql" test 2>/dev/null | grep 'latency average')"
+    # pgbench, as libpq, takes TLS where the server offers it: each line says which.
+    floor() { PGSSLMODE="$1" pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 1 -T 5 -f "$sql" test 2>/dev/null | grep 'latency average'; }
+    echo "- PostgreSQL, one prepared SELECT 1 round trip (pgbench -M prepared -c 1):" "$(floor disable)"
+    echo "- PostgreSQL over TLS, the same (sslmode=require):" "$(floor require)"
     psql -h 127.0.0.1 -U postgres -d test -Xqc "CREATE TABLE IF NOT EXISTS peers_floor (k int PRIMARY KEY, v bytea)"
     printf '%s\n' '\set k random(1, 1000000)' \
         "INSERT INTO peers_floor VALUES (:k, '\\x00') ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v;" > "$sql"
-    echo "- PostgreSQL, one committed upsert (pgbench -M prepared -c 1):" \
-        "$(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 1 -T 5 -f "$sql" test 2>/dev/null | grep 'latency average')"
+    echo "- PostgreSQL, one committed upsert (pgbench -M prepared -c 1):" "$(floor disable)"
+    echo "- PostgreSQL over TLS, the same (sslmode=require):" "$(floor require)"
     psql -h 127.0.0.1 -U postgres -d test -Xqc "DROP TABLE peers_floor"
 fi
 if command -v sqlite3 >/dev/null; then
@@ -43,6 +69,8 @@ fi
 if command -v redis-benchmark >/dev/null; then
     echo "- Redis, one GET round trip (redis-benchmark -t get -c 1):" \
         "$(redis-benchmark -h 127.0.0.1 -t get -c 1 -n 50000 -q 2>/dev/null | tr '\r' '\n' | grep -a 'GET:' | tail -n 1)"
+    echo "- Redis over TLS, one GET round trip (redis-benchmark --tls -t get -c 1):" \
+        "$(redis-benchmark -h 127.0.0.1 -p "$PEERS_REDIS_TLS_PORT" --tls --cacert "$PEERS_REDIS_TLS_CA" -t get -c 1 -n 50000 -q 2>/dev/null | tr '\r' '\n' | grep -a 'GET:' | tail -n 1)"
 fi
 rm -f "$sql"
 

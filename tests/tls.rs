@@ -213,6 +213,23 @@ impl RedisTls {
         format!("rediss://127.0.0.1:{}/?{query}", self.port)
     }
 
+    /// `total_connections_received`, asked through `redis-cli` over TLS (its own
+    /// connection counts too).
+    fn connections_received(&self, ca: &str) -> u64 {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["--tls", "--cacert", ca, "INFO", "stats"])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .unwrap_or_else(|| panic!("no total_connections_received in {output:?}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same port.
     fn restart(&mut self) {
         self.child.kill().unwrap();
@@ -225,6 +242,14 @@ impl RedisTls {
             std::thread::sleep(StdDuration::from_millis(100));
         }
         panic!("redis-server could not listen on its port again");
+    }
+}
+
+#[cfg(not(feature = "sync"))]
+impl RedisTls {
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, signal).unwrap();
     }
 }
 
@@ -662,6 +687,51 @@ fn concurrent_callers_share_one_tls_connection() {
             Some(record)
         );
     }
+    // One handshake for all of it: the store's connection, and redis-cli's (Redis
+    // counts a TLS connection once its handshake is done, so the start-up probe's
+    // plain one does not count).
+    assert_eq!(server.connections_received(&ca), 2);
+}
+
+/// Over TLS a command waits for the reader to write it with others (commands one
+/// record each are served one a turn of Redis' event loop). One held back whose
+/// future is dropped, and the reader's too, still goes out at once, as a dropped
+/// operation's command does in plain text, not with whatever call comes next.
+#[cfg(not(feature = "sync"))]
+#[test]
+fn a_command_held_for_the_reader_goes_out_when_its_caller_is_dropped() {
+    use futures_lite::future::poll_once;
+    use rustix::process::Signal;
+    let pki = Pki::new();
+    let server = RedisTls::start(&pki, "server", false);
+    let ca = pki.path("ca.crt").display().to_string();
+    let url = server.url(&format!("cacert={ca}"));
+    let store = redis(&url).unwrap();
+    let mut first = live_record(1);
+    block(store.create(&mut first)).unwrap();
+
+    server.signal(Signal::STOP);
+    let mut reader = Box::pin(store.load(&first.id));
+    assert!(
+        block(poll_once(reader.as_mut())).is_none(),
+        "the server is frozen"
+    );
+    let held = live_record(2);
+    let mut save = Box::pin(store.save(&held));
+    assert!(
+        block(poll_once(save.as_mut())).is_none(),
+        "held for the reader"
+    );
+    // Dropped, the save first, then the reader: no caller is left to read or write.
+    drop(save);
+    drop(reader);
+    server.signal(Signal::CONT);
+
+    // Another store, on a connection of its own, sees the dropped save land.
+    let other = redis(&url).unwrap().with_key_prefix(store.key_prefix());
+    common::wait_for("the held-back save to land", || {
+        block(other.load(&held.id)).unwrap().is_some()
+    });
 }
 
 #[allow(deprecated)] // ring's provider: see src/stores/tls.rs

@@ -105,10 +105,14 @@ fn main() {
     );
     for store in &args {
         let (ours, peer, cleanup) = match store.as_str() {
-            "postgres" => stores::postgres(&runtime),
+            "postgres" => stores::postgres(&runtime, "sslmode=disable"),
+            "postgres-tls" => stores::postgres(&runtime, "sslmode=require"),
             "sqlite" => stores::sqlite(&runtime),
-            "redis" => stores::redis(&runtime),
-            other => panic!("unknown store {other}: postgres, sqlite or redis"),
+            "redis" => stores::redis(&runtime, None),
+            "redis-tls" => stores::redis(&runtime, Some(stores::redis_tls())),
+            other => panic!(
+                "unknown store {other}: postgres, postgres-tls, sqlite, redis or redis-tls"
+            ),
         };
         let table = compare(&runtime, store, ours, peer, sessions);
         cleanup();
@@ -125,6 +129,31 @@ mod stores {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
     }
 
+    /// The server's URL with `sslmode` set, for both sides alike: both default to
+    /// `prefer`, and only ours could otherwise take TLS where the server offers it.
+    fn postgres_url_with(sslmode: &str) -> String {
+        let url = postgres_url();
+        let join = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{join}{sslmode}")
+    }
+
+    /// The TLS Redis that run.sh starts: its port and the authority that signed its
+    /// certificate (`PEERS_REDIS_TLS_PORT`, `PEERS_REDIS_TLS_CA`).
+    pub struct RedisTls {
+        port: String,
+        ca: String,
+    }
+
+    pub fn redis_tls() -> RedisTls {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run peers/run.sh"))
+        };
+        RedisTls {
+            port: var("PEERS_REDIS_TLS_PORT"),
+            ca: var("PEERS_REDIS_TLS_CA"),
+        }
+    }
+
     fn psql(sql: &str) {
         let status = std::process::Command::new("psql")
             .arg(postgres_url())
@@ -134,9 +163,13 @@ mod stores {
         assert!(status.success(), "psql: {sql}");
     }
 
-    pub fn postgres(runtime: &tokio::runtime::Runtime) -> (Ours, Peer, Box<dyn FnOnce()>) {
+    pub fn postgres(
+        runtime: &tokio::runtime::Runtime,
+        sslmode: &str,
+    ) -> (Ours, Peer, Box<dyn FnOnce()>) {
         psql("DROP SCHEMA IF EXISTS peers_ours CASCADE; DROP SCHEMA IF EXISTS peers_peer CASCADE");
-        let ours = portable_sessions::PostgresStore::new(&postgres_url())
+        let url = postgres_url_with(sslmode);
+        let ours = portable_sessions::PostgresStore::new(&url)
             .unwrap()
             .with_table("peers_ours", "sessions")
             .unwrap()
@@ -145,7 +178,7 @@ mod stores {
         let peer = runtime.block_on(async {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(CALLERS as u32)
-                .connect(&postgres_url())
+                .connect(&url)
                 .await
                 .unwrap();
             let store = tower_sessions_sqlx_store::PostgresStore::new(pool)
@@ -202,22 +235,38 @@ mod stores {
         (Arc::new(ours), Arc::new(peer), cleanup)
     }
 
-    pub fn redis(runtime: &tokio::runtime::Runtime) -> (Ours, Peer, Box<dyn FnOnce()>) {
+    pub fn redis(
+        runtime: &tokio::runtime::Runtime,
+        tls: Option<RedisTls>,
+    ) -> (Ours, Peer, Box<dyn FnOnce()>) {
         use tower_sessions_redis_store::fred::prelude::*;
-        let ours = portable_sessions::RedisStore::new("redis://127.0.0.1:6379")
+        let (our_url, peer_url) = match &tls {
+            None => ("redis://127.0.0.1:6379".to_owned(), "redis://127.0.0.1:6379".to_owned()),
+            Some(tls) => (
+                format!("rediss://127.0.0.1:{}?cacert={}", tls.port, tls.ca),
+                format!("rediss://127.0.0.1:{}", tls.port),
+            ),
+        };
+        let ours = portable_sessions::RedisStore::new(&our_url)
             .unwrap()
             .with_key_prefix("peers-ours:");
         let peer = runtime.block_on(async {
-            let config = Config::from_url("redis://127.0.0.1:6379").unwrap();
+            let mut config = Config::from_url(&peer_url).unwrap();
+            if let Some(tls) = &tls {
+                config.tls = Some(fred_tls(&tls.ca).into());
+            }
             let pool = Pool::new(config, None, None, None, CALLERS).unwrap();
             let _ = pool.connect();
             pool.wait_for_connect().await.unwrap();
             tower_sessions_redis_store::RedisStore::new(pool)
         });
-        let cleanup = Box::new(|| {
-            let _ = std::process::Command::new("redis-cli")
-                .args(["-h", "127.0.0.1", "FLUSHDB"])
-                .status();
+        let cleanup = Box::new(move || {
+            let mut flush = std::process::Command::new("redis-cli");
+            match &tls {
+                None => flush.args(["-h", "127.0.0.1"]),
+                Some(tls) => flush.args(["-h", "127.0.0.1", "-p", &tls.port, "--tls", "--cacert", &tls.ca]),
+            };
+            let _ = flush.arg("FLUSHDB").status();
         });
         let peer = PeerOf {
             store: peer,
@@ -225,6 +274,23 @@ mod stores {
         };
         (Arc::new(ours), Arc::new(peer), cleanup)
     }
+}
+
+/// fred's TLS settings: rustls on ring (ours too), trusting the authority in `ca`.
+#[allow(deprecated)] // ring's provider, as ours
+fn fred_tls(ca: &str) -> fred::types::config::TlsConnector {
+    use portable_sessions::rustls::{self, pki_types::pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+        .into()
 }
 
 /// Runs a body written for both modes: passes a blocking call's value through, or

@@ -311,6 +311,17 @@ impl Mux {
         }
     }
 
+    /// `true` if a new command waits for the reader to write it, with the others
+    /// queued meanwhile, instead of going out at once: over TLS while a reply is
+    /// awaited. Redis takes one TLS record from a connection per turn of its event
+    /// loop, so commands written one record each are served one a turn; written
+    /// together they are served together (16 callers of one connection: 7.5 to 10 µs
+    /// an operation instead of 10 to 13 µs, async mode). In plain text it reads all
+    /// that came at once, and writing at once is faster (see `call`).
+    fn defers(&self, state: &State) -> bool {
+        self.socket.is_encrypted() && state.reader.is_some()
+    }
+
     fn timed_out(&self) -> RespError {
         RespError::Io(
             self.socket
@@ -335,7 +346,9 @@ impl Mux {
             return Err(error.duplicate());
         }
         let (ticket, due) = self.enqueue(&mut state, args, Some(std::thread::current()));
-        let state = self.flush(state, ticket);
+        if !self.defers(&state) {
+            state = self.flush(state, ticket);
+        }
         let answer = self.wait(state, ticket, due)?;
         answer.map_err(RespError::Server)
     }
@@ -433,6 +446,10 @@ impl Mux {
                 Err(failure) => self.break_with(&mut state, RespError::Io(failure), &mut wake),
             }
             state.scratch = scratch;
+            // Commands held back while we read (see `defers`) go out now, together.
+            if !state.out.is_empty() && state.writer.is_none() && state.broken.is_none() {
+                state = self.flush(state, ticket);
+            }
             if matches!(state.call_mut(ticket), Some(Call::Waiting(_))) && state.broken.is_none() {
                 // Ours has not come: read on.
                 state.reader = None;
@@ -512,7 +529,9 @@ impl Mux {
             // server then waits for the batch, and under load each operation took
             // longer (6.2 to 8.7 µs instead of 4.6 to 5.2 µs with 16 callers).
             let mut wake = Vec::new();
-            self.write_queued(&mut state, None, &mut wake);
+            if !self.defers(&state) {
+                self.write_queued(&mut state, None, &mut wake);
+            }
             drop(state);
             wake_all(wake);
             ticket
@@ -524,6 +543,16 @@ impl Mux {
         };
         let answer = std::future::poll_fn(|cx| pending.poll(cx)).await?;
         answer.map_err(RespError::Server)
+    }
+
+    /// Hands the reading on to the next caller waiting; with none left, writes what
+    /// was held back for the reader (see `defers`), since no reader will.
+    fn pass_reading_on(&self, state: &mut State, wake: &mut Vec<Waiter>) {
+        let before = wake.len();
+        state.pass_reading_on(wake);
+        if wake.len() == before {
+            self.write_queued(state, None, wake);
+        }
     }
 
     /// Writes what is queued, as far as the socket takes it without waiting. With a
@@ -675,7 +704,7 @@ impl Pending<'_> {
         if result.is_some() {
             self.done = true;
             if state.reader == Some(self.ticket) {
-                state.pass_reading_on(&mut wake);
+                self.mux.pass_reading_on(&mut state, &mut wake);
             }
         }
         drop(state);
@@ -699,7 +728,7 @@ impl Drop for Pending<'_> {
         // Reading for all, or perhaps just handed the reading (woken, and dropped
         // before it could take it up): another caller reads next.
         if state.reader.is_none() || state.reader == Some(self.ticket) {
-            state.pass_reading_on(&mut wake);
+            self.mux.pass_reading_on(&mut state, &mut wake);
         }
         drop(state);
         wake_all(wake);

@@ -300,6 +300,206 @@ mod postgres {
         Ok(())
     }
 
+    /// Reads the client's SSLRequest and agrees to TLS with `S`.
+    fn agree_to_tls(stream: &mut Conn) -> std::io::Result<()> {
+        stream.read_some(8)?;
+        stream.write_all(b"S")
+    }
+
+    /// Bytes sent after the `S` came unencrypted, where anyone could have put them:
+    /// the handshake is refused.
+    #[test]
+    fn bytes_before_the_handshake_are_refused() {
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            stream.read_some(8)?;
+            // One write, so that the client reads the `S` and what follows at once.
+            stream.write_all(b"SR\0\0\0\x08\0\0\0\0")
+        });
+        fails_promptly("data after the S", "before the TLS handshake", || {
+            load(&format!("postgres://u@{}/d?sslmode=require", server.addr))
+        });
+    }
+
+    /// A handshake the server never finishes is due within the timeout.
+    #[test]
+    fn a_handshake_never_finished_is_due_within_the_timeout() {
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            agree_to_tls(stream)?;
+            stream.read_some(1)?;
+            std::thread::sleep(Duration::from_secs(10));
+            Ok(())
+        });
+        let started = Instant::now();
+        let url = format!("postgres://u@{}/d?sslmode=require", server.addr);
+        let err = load_within(&url, Duration::from_millis(500)).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(err.contains("starting TLS"), "{err}");
+    }
+
+    /// A TLS server that sends session tickets without end, and never a byte of
+    /// data: the client stops at 64 KiB of them instead of spinning on them.
+    #[test]
+    #[allow(deprecated)] // ring's provider, as the stores'
+    fn records_without_data_are_bounded() {
+        let server = FakeServer::start(LOOPBACK, |stream| {
+            use portable_sessions::rustls;
+            agree_to_tls(stream)?;
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], key)
+                .unwrap();
+            config.send_tls13_tickets = 2_000;
+            let mut conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            let mut socket = stream.stream.try_clone()?;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut socket)?;
+            }
+            while conn.wants_write() {
+                conn.write_tls(&mut socket)?;
+            }
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(())
+        });
+        // rustls refuses a flight this large itself; sent a ticket at a time, the
+        // store's own bound ends it.
+        let started = Instant::now();
+        let url = format!("postgres://u@{}/d?sslmode=require", server.addr);
+        let err = load(&url).expect_err("2,000 session tickets");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.contains("without data") || err.contains("message buffer full"),
+            "{err}"
+        );
+    }
+
+    /// A certificate authority, and a certificate it signed for this machine's
+    /// network address and its key, made once per run for the TLS servers below.
+    #[allow(deprecated)] // ring's provider, as the stores'
+    fn tls_server() -> &'static (String, Arc<portable_sessions::rustls::ServerConfig>) {
+        use portable_sessions::rustls;
+        static SERVER: std::sync::OnceLock<(String, Arc<rustls::ServerConfig>)> =
+            std::sync::OnceLock::new();
+        SERVER.get_or_init(|| {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = ca.self_signed(&ca_key).unwrap();
+            let mut names = vec!["localhost".to_owned()];
+            names.extend(network_address().map(|ip| ip.to_string()));
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca, &ca_key)
+                .unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], key)
+                .unwrap();
+            (ca.pem(), Arc::new(config))
+        })
+    }
+
+    /// Over TLS, whether verified or not, a server on another machine asks for the
+    /// password in clear text: it goes only to a server whose certificate was
+    /// checked, since over TLS to whoever answers (`sslmode=require`) anyone on the
+    /// path could be answering.
+    #[test]
+    fn a_password_goes_over_tls_only_to_a_verified_server() {
+        fn asks_in_clear_over_tls(stream: &mut Conn) -> std::io::Result<()> {
+            use portable_sessions::rustls;
+            agree_to_tls(stream)?;
+            let conn = rustls::ServerConnection::new(tls_server().1.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, stream.stream.try_clone()?);
+            let mut len = [0u8; 4];
+            tls.read_exact(&mut len)?;
+            let mut startup = vec![0; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+            tls.read_exact(&mut startup)?;
+            tls.write_all(&auth(3, b""))?;
+            let mut reply = [0u8; 256];
+            let n = tls.read(&mut reply)?;
+            stream.seen.lock().unwrap().extend_from_slice(&reply[..n]);
+            let mut error = b"SFATAL\0C28P01\0Mpassword authentication failed\0".to_vec();
+            error.push(0);
+            tls.write_all(&message(b'E', &error))?;
+            tls.flush()
+        }
+        let Some(ip) = remote_address() else { return };
+        let server = FakeServer::start(ip, asks_in_clear_over_tls);
+        let url = format!("postgres://app:s3cret@{}/db", server.addr);
+        let err = load(&format!("{url}?sslmode=require")).unwrap_err();
+        assert!(err.contains("not verified"), "{err}");
+        let seen = String::from_utf8_lossy(&server.received()).into_owned();
+        assert!(
+            !seen.contains("s3cret"),
+            "the password never went out: {seen}"
+        );
+
+        let dir = common::TempDir::new("hostile-ca");
+        let ca = dir.0.join("ca.crt");
+        std::fs::write(&ca, &tls_server().0).unwrap();
+        let verified = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+        let err = load(&verified).unwrap_err();
+        assert!(err.contains("password authentication failed"), "{err}");
+        let seen = String::from_utf8_lossy(&server.received()).into_owned();
+        assert!(
+            seen.contains("s3cret"),
+            "sent to the verified server: {seen}"
+        );
+    }
+
+    /// Answers an SSLRequest with `answer` and ends that connection; answers a
+    /// startup message with an error that says plain text reached the server.
+    fn tls_then_plain(stream: &mut Conn, answer: &[u8]) -> std::io::Result<()> {
+        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let got = stream.read_some(8)?;
+        if got[..8] == SSL_REQUEST {
+            return stream.write_all(answer);
+        }
+        let mut error = b"SFATAL\0C28000\0Mrole reached in plain text\0".to_vec();
+        error.push(0);
+        stream.write_all(&message(b'E', &error))
+    }
+
+    /// libpq's fallbacks: `prefer` goes on without TLS when the handshake fails;
+    /// `allow`, refused without TLS, tries with it, and reports the first refusal
+    /// when that fails too; `require` never goes without.
+    #[test]
+    fn prefer_and_allow_fall_back_as_in_libpq() {
+        // `S`, then the connection ends: the handshake fails.
+        let server = FakeServer::start(LOOPBACK, |stream| tls_then_plain(stream, b"S"));
+        let url = |mode: &str| format!("postgres://u@{}/d?sslmode={mode}", server.addr);
+        let err = load(&url("prefer")).unwrap_err();
+        assert!(err.contains("role reached in plain text"), "{err}");
+        let err = load(&url("require")).unwrap_err();
+        assert!(err.contains("starting TLS"), "{err}");
+
+        let server = FakeServer::start(LOOPBACK, |stream| tls_then_plain(stream, b"N"));
+        let url = format!("postgres://u@{}/d?sslmode=allow", server.addr);
+        let err = load(&url).unwrap_err();
+        assert!(err.contains("role reached in plain text"), "{err}");
+    }
+
     /// A reply that trickles in a byte at a time is due within the timeout all the
     /// same.
     #[test]

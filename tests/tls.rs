@@ -295,6 +295,7 @@ impl PgTls {
         // Written by the server's user (the directory is theirs).
         let hba = "local all all trust\n\
                    hostssl mtls all 127.0.0.1/32 trust clientcert=verify-ca\n\
+                   hostssl clear all 127.0.0.1/32 password\n\
                    hostssl all all 127.0.0.1/32 trust\n";
         write_as_postgres(&data.join("pg_hba.conf"), hba);
         let mut server = Self {
@@ -307,6 +308,8 @@ impl PgTls {
         server.child = Some(child);
         server.wait_ready();
         server.psql("CREATE DATABASE mtls");
+        server.psql("CREATE DATABASE clear");
+        server.psql("ALTER USER postgres PASSWORD 'sesame'");
         server
     }
 
@@ -478,16 +481,25 @@ async fn redis_verifies_the_server() {
     let other = pki.path("other-ca.crt").display().to_string();
     let report = first_error(redis(&server.url(&format!("cacert={other}")))).await;
     assert_says(&report, "not signed by a trusted authority");
-    // The system's roots do not hold the test authority either.
+    // The system's roots do not hold the test authority either (a system with none
+    // fails as the store is made).
     let report = first_error(redis(&server.url(""))).await;
-    assert_says(&report, "not signed by a trusted authority");
+    assert!(
+        report.contains("not signed by a trusted authority")
+            || report.contains("no trusted root certificates"),
+        "{report}"
+    );
     // Only asked for by name, verification is skipped.
     round_trip(&redis(&server.url(&format!("cacert={other}&insecure=true"))).unwrap()).await;
 
-    // Plain text to a TLS port gets no answer it can read.
+    // Plain text to a TLS port: the server drops the connection.
     let plain = format!("redis://127.0.0.1:{}", server.port);
     let report = first_error(redis(&plain)).await;
-    assert_says(&report, "127.0.0.1");
+    assert!(
+        report.contains("reading from 127.0.0.1")
+            && (report.contains("closed") || report.contains("reset")),
+        "{report}"
+    );
 
     let expired = RedisTls::start(&pki, "expired", false);
     let report = first_error(redis(&expired.url(&format!("cacert={ca}")))).await;
@@ -584,7 +596,29 @@ async fn postgres_verifies_the_server() {
         "sslmode=verify-full",
     )))
     .await;
+    assert!(
+        report.contains("not signed by a trusted authority")
+            || report.contains("no trusted root certificates"),
+        "{report}"
+    );
+    // require with a root file checks the chain, as verify-ca.
+    let require_other = format!("sslmode=require&sslrootcert={other}");
+    let report = first_error(postgres(&server.url(
+        "127.0.0.1",
+        "postgres",
+        &require_other,
+    )))
+    .await;
     assert_says(&report, "not signed by a trusted authority");
+
+    // A server that asks for the password in clear text gets it over TLS (that it
+    // does not over TLS to an unverified server on another machine is in
+    // hostile_servers.rs: here the server is on loopback).
+    let clear = format!(
+        "postgres://postgres:sesame@127.0.0.1:{}/clear?{full}",
+        server.port
+    );
+    round_trip(&postgres(&clear).unwrap()).await;
 
     let report = first_error(postgres(&server.url(
         "127.0.0.1",
@@ -668,6 +702,7 @@ tests_in_both_modes!(
     postgres_verifies_the_server,
     postgres_reconnects_over_tls_after_a_restart,
     a_whole_client_config_can_be_given,
+    a_tls_configuration_given_later_takes_connections_of_its_own,
 );
 
 /// Sixteen callers pipelining reads, writes and refused updates on one TLS
@@ -734,25 +769,46 @@ fn a_command_held_for_the_reader_goes_out_when_its_caller_is_dropped() {
     });
 }
 
+/// A whole rustls configuration trusting the authority in `ca`.
 #[allow(deprecated)] // ring's provider: see src/stores/tls.rs
-#[maybe_async::maybe_async]
-async fn a_whole_client_config_can_be_given() {
+fn client_config(ca: &Path) -> portable_sessions::rustls::ClientConfig {
     use portable_sessions::rustls::{self, pki_types::pem::PemObject};
-    let pki = Pki::new();
-    let server = RedisTls::start(&pki, "server", false);
     let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(pki.path("ca.crt")).unwrap();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+}
+
+#[maybe_async::maybe_async]
+async fn a_whole_client_config_can_be_given() {
+    let pki = Pki::new();
+    let server = RedisTls::start(&pki, "server", false);
+    let config = client_config(&pki.path("ca.crt"));
     // A plain URL: the configuration given turns TLS on.
     let url = format!("redis://127.0.0.1:{}", server.port);
     let store = redis(&url).unwrap().with_tls_config(config).unwrap();
     round_trip(&store).await;
+}
+
+/// A store given a TLS configuration after it connected never sends another byte
+/// over the plain connection it had: it connects again, over TLS (which the plain
+/// shared server refuses).
+#[maybe_async::maybe_async]
+async fn a_tls_configuration_given_later_takes_connections_of_its_own() {
+    let pki = Pki::new();
+    let plain = common::shared_redis("tls-later");
+    round_trip(&plain).await;
+    let tls = plain
+        .clone()
+        .with_tls_config(client_config(&pki.path("ca.crt")))
+        .unwrap();
+    let report = first_error(Ok(tls)).await;
+    assert_says(&report, "starting TLS");
+    round_trip(&plain).await;
 }

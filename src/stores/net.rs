@@ -173,8 +173,16 @@ impl Socket {
     }
 
     /// `true` once the connection runs over TLS.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn is_encrypted(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// `true` once the connection runs over TLS with a server whose certificate was
+    /// checked: who reads what is sent is known.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn is_verified(&self) -> bool {
+        self.tls.as_ref().is_some_and(|tls| tls.is_verified())
     }
 
     pub(crate) fn failure(&self, what: &'static str, source: io::Error) -> IoFailure {
@@ -251,11 +259,8 @@ impl Socket {
         timeout: Option<Duration>,
     ) -> std::result::Result<usize, IoFailure> {
         let fail = |err| self.failure("reading from", err);
-        if let Some(tls) = &self.tls {
-            if let Some(n) = tls.take_plain(buf).map_err(fail)? {
-                return Ok(n);
-            }
-        }
+        // Set even when buffered plaintext answers at once: the caller keeps track of
+        // the timeout it set.
         let set = match timeout.map(clamp_timeout) {
             None => Ok(()),
             Some(timeout) => match &self.stream {
@@ -264,6 +269,11 @@ impl Socket {
                 Stream::Unix(s) => s.set_read_timeout(Some(timeout)),
             },
         };
+        if let Some(tls) = &self.tls {
+            if let Some(n) = tls.take_plain(buf).map_err(fail)? {
+                return set.map(|()| n).map_err(fail);
+            }
+        }
         let n = match set.and_then(|()| read_some(&self.stream, buf)) {
             Ok(0) => return Err(fail(closed())),
             Ok(n) => n,
@@ -431,11 +441,21 @@ impl Socket {
             .map_err(|err| self.failure("starting TLS with", err))?;
         self.tls = Some(Box::new(session));
         self.reply_due();
+        let shaken = self.handshake().await;
+        self.deadline = None;
+        // What failed, failed starting TLS: a caller may try again without it.
+        shaken.map_err(|failure| IoFailure {
+            what: "starting TLS with",
+            ..failure
+        })
+    }
+
+    async fn handshake(&mut self) -> std::result::Result<(), IoFailure> {
         loop {
             // The handshake's messages are sealed with no plaintext.
             self.send(&[]).await?;
             if !self.tls.as_ref().is_some_and(|tls| tls.is_handshaking()) {
-                break;
+                return Ok(());
             }
             let n = self.receive_raw().await?;
             let fed = match &self.tls {
@@ -448,8 +468,6 @@ impl Socket {
                 return Err(self.failure("starting TLS with", err));
             }
         }
-        self.deadline = None;
-        Ok(())
     }
 
     /// Reads what the server sent next into [`read`](Socket::read); fails on a closed

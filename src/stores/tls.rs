@@ -88,7 +88,10 @@ impl Options {
     /// Reads the files the options name and builds the settings for the server at
     /// `address`.
     pub(crate) fn connector(&self, address: &Address) -> Result<Connector> {
-        Connector::new(self.client_config()?, address, self.server_name.as_deref())
+        let mut connector =
+            Connector::new(self.client_config()?, address, self.server_name.as_deref())?;
+        connector.verified = self.verify != Verify::Nothing;
+        Ok(connector)
     }
 
     /// Reads the files the options name and builds the connection settings.
@@ -218,11 +221,16 @@ fn roots_from(path: &Path) -> Result<RootCertStore> {
 pub(crate) struct Connector {
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
+    /// Whether the server's certificate is checked (always, for a configuration
+    /// given whole: its verifier is the caller's).
+    verified: bool,
 }
 
 impl PartialEq for Connector {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.config, &other.config) && self.name == other.name
+        Arc::ptr_eq(&self.config, &other.config)
+            && self.name == other.name
+            && self.verified == other.verified
     }
 }
 
@@ -261,7 +269,11 @@ impl Connector {
                  neither",
             )
         })?;
-        Ok(Self { config, name })
+        Ok(Self {
+            config,
+            name,
+            verified: true,
+        })
     }
 
     /// Starts a client session (nothing is sent yet).
@@ -275,8 +287,10 @@ impl Connector {
                 conn,
                 incoming: Vec::new(),
                 outgoing: Vec::new(),
+                without_data: 0,
             }),
             writing: Mutex::new(Vec::new()),
+            verified: self.verified,
         })
     }
 }
@@ -287,6 +301,8 @@ pub(crate) struct Session {
     /// Held by a writer from sealing its records to their last byte on the socket;
     /// the spare buffer they are moved out into.
     writing: Mutex<Vec<u8>>,
+    /// Whether the server's certificate was checked.
+    verified: bool,
 }
 
 struct State {
@@ -295,7 +311,17 @@ struct State {
     incoming: Vec<u8>,
     /// Ciphertext made and not yet written.
     outgoing: Vec<u8>,
+    /// Ciphertext taken in since the handshake, or since the last plaintext, that
+    /// brought none (session tickets, key updates): bounded by
+    /// [`MAX_WITHOUT_DATA`].
+    without_data: usize,
 }
+
+/// How much ciphertext a server may send after the handshake without any data in it
+/// before the connection is refused: a server sends a few session tickets, of a few
+/// hundred bytes each; one that sends them endlessly would keep a caller (and, in
+/// async mode, its executor thread) busy past every deadline.
+const MAX_WITHOUT_DATA: usize = 64 * 1024;
 
 impl State {
     /// Moves what the connection has to send into `outgoing`.
@@ -313,7 +339,10 @@ impl State {
         loop {
             match self.conn.reader().read(buf) {
                 Ok(0) if !buf.is_empty() => return Err(super::net::closed()),
-                Ok(n) => return Ok(Some(n)),
+                Ok(n) => {
+                    self.without_data = 0;
+                    return Ok(Some(n));
+                }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
                     return Err(super::net::closed())
@@ -332,12 +361,26 @@ impl State {
         let mut rest = &self.incoming[..];
         let taken = self.conn.read_tls(&mut rest)?;
         self.incoming.drain(..taken);
-        if let Err(err) = self.conn.process_new_packets() {
-            // The alert rustls queued for the server goes with the next write, if any.
-            self.drain();
-            return Err(tls_error(err, Some(&self.conn)));
+        let handshaking = self.conn.is_handshaking();
+        match self.conn.process_new_packets() {
+            Err(err) => {
+                // The alert rustls queued for the server goes with the next write, if any.
+                self.drain();
+                Err(tls_error(err, Some(&self.conn)))
+            }
+            Ok(io) if !handshaking && io.plaintext_bytes_to_read() == 0 => {
+                self.without_data += taken;
+                if self.without_data > MAX_WITHOUT_DATA {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the server sent more than 64 KiB of TLS records without data \
+                         (session tickets or key updates without end)",
+                    ));
+                }
+                Ok(())
+            }
+            Ok(_) => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -348,6 +391,11 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
+    /// `true` if the server's certificate was checked.
+    pub(crate) fn is_verified(&self) -> bool {
+        self.verified
+    }
+
     /// `true` until the handshake is done.
     pub(crate) fn is_handshaking(&self) -> bool {
         self.state.lock().conn.is_handshaking()

@@ -56,7 +56,8 @@ pub(crate) enum SslMode {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) enum RequireAuth {
     /// Not set: any method, except that a clear-text or MD5 password is never sent
-    /// over an unencrypted connection that leaves this machine.
+    /// to another machine over a connection that is unencrypted, or encrypted to a
+    /// server not verified.
     #[default]
     Default,
     /// Only these.
@@ -99,17 +100,19 @@ impl RequireAuth {
     }
 
     /// Checks that the server may use `method` (a libpq name) on a connection that
-    /// stays on this machine (`local`) or not: the error says why not.
-    pub(crate) fn check(&self, method: &str, local: bool) -> std::result::Result<(), String> {
+    /// stays on this machine or reaches a verified server (`safe`), or not: the error
+    /// says why not.
+    pub(crate) fn check(&self, method: &str, safe: bool) -> std::result::Result<(), String> {
         match self {
             // Only a list that names the method sends a password in the open: refusing
             // others (`!none`) does not.
             Self::Default | Self::Not(_)
-                if !local && (method == "password" || method == "md5") => Err(format!(
-                "the server asks for the password {}, over an unencrypted connection to \
-                 another machine: refused, since anyone on the path could {}; connect over a \
-                 Unix socket or a tunnel, or set require_auth={method},scram-sha-256 to send \
-                 it anyway",
+                if !safe && (method == "password" || method == "md5") => Err(format!(
+                "the server asks for the password {}, over a connection to another machine \
+                 that is unencrypted or whose server is not verified: refused, since anyone \
+                 on the path could {}; connect with sslmode=verify-full (or verify-ca with \
+                 sslrootcert), over a Unix socket or a tunnel, or set \
+                 require_auth={method},scram-sha-256 to send it anyway",
                 if method == "md5" {
                     "as an MD5 hash"
                 } else {
@@ -169,9 +172,9 @@ impl Config {
     /// Parses `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
     /// (or `postgresql://`). Parameters: `host` (a directory starting with `/` means a
     /// Unix socket), `port`, `user`, `password`, `dbname`, `application_name`,
-    /// `connect_timeout` (seconds), `require_auth` (as libpq's) and `sslmode`
-    /// (`disable`, `allow` or `prefer`: TLS is not supported). Any other parameter is
-    /// an error, so that a typo is not ignored.
+    /// `connect_timeout` (seconds), `require_auth` (as libpq's), and TLS's `sslmode`,
+    /// `sslrootcert`, `sslcert`, `sslkey` and `sslsni` (see [`tls_options`]). Any other
+    /// parameter is an error, so that a typo is not ignored.
     pub(crate) fn parse(url: &str) -> Result<Self> {
         let rest = url
             .strip_prefix("postgres://")
@@ -322,8 +325,9 @@ impl Config {
 /// libpq's rules for what is verified: a root file makes every mode that encrypts
 /// check the chain (`require` acts as `verify-ca`), and `sslrootcert=system` takes the
 /// system's roots and asks for `verify-full`, refusing a weaker mode named with it.
-/// Without `sslrootcert`, `verify-ca` and `verify-full` use the system's roots (where
-/// libpq would look for `~/.postgresql/root.crt`).
+/// Without `sslrootcert` (where libpq would look for `~/.postgresql/root.crt`),
+/// `verify-full` uses the system's roots, and `verify-ca` is refused: against them it
+/// would take any certificate a public authority signed.
 fn tls_options(
     sslmode: Option<(SslMode, tls::Verify)>,
     sslrootcert: Option<String>,
@@ -347,10 +351,16 @@ fn tls_options(
             let (mode, verify) = sslmode.unwrap_or((SslMode::Prefer, tls::Verify::Nothing));
             (mode, verify, tls::Roots::File(path.into()))
         }
-        None => {
-            let (mode, verify) = sslmode.unwrap_or((SslMode::Prefer, tls::Verify::Nothing));
-            (mode, verify, tls::Roots::System)
-        }
+        None => match sslmode.unwrap_or((SslMode::Prefer, tls::Verify::Nothing)) {
+            // Any certificate a public authority signed, for any name, would pass.
+            (_, tls::Verify::Chain) => {
+                return Err(invalid(
+                    "sslmode=verify-ca needs sslrootcert=PATH, the authority that signs the \
+                     server's certificate (against the system's authorities, use verify-full)",
+                ))
+            }
+            (mode, verify) => (mode, verify, tls::Roots::System),
+        },
     };
     if matches!(roots, tls::Roots::File(_)) && verify == tls::Verify::Nothing {
         verify = tls::Verify::Chain;
@@ -459,9 +469,10 @@ mod tests {
             (SslMode::Require, tls::Verify::Chain, file()),
             "require with a root file acts as verify-ca"
         );
+        assert!(Config::parse("postgres://u@h/d?sslmode=verify-ca").is_err());
         assert_eq!(
-            parse("postgres://u@h/d?sslmode=verify-ca"),
-            (SslMode::Require, tls::Verify::Chain, system.clone())
+            parse("postgres://u@h/d?sslmode=verify-ca&sslrootcert=/ca.pem"),
+            (SslMode::Require, tls::Verify::Chain, file())
         );
         assert_eq!(
             parse("postgres://u@h/d?sslrootcert=/ca.pem&sslmode=verify-full"),

@@ -113,8 +113,10 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// clear text, except that a clear-text or MD5 password is never sent over an
 /// unencrypted connection to another machine unless `require_auth` names it
 /// (libpq's option: a list of the methods allowed, `password,md5,scram-sha-256,none`,
-/// or of those refused, `!md5`). Over TLS, as in libpq, it goes to the server even
-/// where `sslmode` does not verify who that is: `verify-full` does.
+/// or of those refused, `!md5`). Over TLS it goes only to a server whose certificate
+/// was verified (`verify-ca`, `verify-full`, or `require` with `sslrootcert`): the
+/// others encrypt to whoever answers. `connect_timeout` bounds the TCP connection;
+/// the TLS handshake, as each reply, gets the store's timeout.
 /// SCRAM completes only once the server has proved it knows the password.
 ///
 /// A hostile or broken server cannot make a connection buffer more than about the
@@ -127,15 +129,15 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// TCP connections use TLS through rustls (no OpenSSL) as libpq's `sslmode` says:
 ///
 /// - `prefer` (the default): TLS if the server offers it, without verifying the
-///   server; `allow`: without TLS unless the server refuses that; `disable`: never;
+///   server, and without TLS if the handshake fails; `allow`: without TLS unless the
+///   server refuses that; `disable`: never;
 /// - `require`: TLS or no connection, without verifying the server unless
 ///   `sslrootcert` names a file (then as `verify-ca`);
-/// - `verify-ca`: the server's certificate is signed by a trusted authority;
-///   `verify-full`: and names the host connected to.
+/// - `verify-ca`: the server's certificate is signed by an authority in
+///   `sslrootcert=PATH`; `verify-full`: and names the host connected to.
 ///
-/// The authorities trusted are those in `sslrootcert=PATH`, or the system's (where
-/// libpq would read `~/.postgresql/root.crt`); `sslrootcert=system` asks for
-/// `verify-full` against the system's. `sslcert=PATH` and `sslkey=PATH` give a client
+/// `verify-full` trusts the authorities in `sslrootcert=PATH`, or the system's (where
+/// libpq would read `~/.postgresql/root.crt`; `sslrootcert=system` says so). `sslcert=PATH` and `sslkey=PATH` give a client
 /// certificate (mutual TLS); `sslsni=0` stops the host name going out as SNI
 /// (services such as Neon route by it, so it is sent by default). Over a Unix
 /// socket, as in libpq, TLS is never used. Each connection shakes hands once and is

@@ -34,6 +34,16 @@ pub(crate) enum WireError {
 }
 
 impl WireError {
+    /// `true` if TLS failed where plain text might not: the handshake failed, or
+    /// the server refused the encrypted connection (`hostnossl`).
+    fn tls_refused(&self) -> bool {
+        match self {
+            Self::Io(failure) => failure.what == "starting TLS with",
+            Self::Server(err) => err.code == NOT_AUTHORIZED,
+            Self::Protocol(_) => false,
+        }
+    }
+
     /// `true` if this is the server telling us it is going away, or the connection
     /// closing, before any reply to the request came: the server did not run it (or,
     /// if it did, the operation is one that can safely run twice), and a new
@@ -273,30 +283,36 @@ impl Conn {
 #[maybe_async::maybe_async]
 impl Conn {
     /// Connects (over TLS as `sslmode` says) and authenticates.
+    ///
+    /// As in libpq, `prefer` tries without TLS when the server refuses the handshake
+    /// or the encrypted connection (and reports that attempt's failure), and `allow`
+    /// tries with TLS when the server refuses the connection without it (and reports
+    /// the first refusal if TLS fails too).
     pub(crate) async fn connect(
         config: &Config,
         timeout: Duration,
         statement_timeout: Duration,
     ) -> Result<Self, WireError> {
         let first = Self::connect_as(config, config.sslmode, timeout, statement_timeout).await;
-        match first {
-            // `allow`: with TLS once the server refuses the connection without it.
-            Err(WireError::Server(err))
-                if config.sslmode == SslMode::Allow && err.code == NOT_AUTHORIZED =>
-            {
-                Self::connect_as(config, SslMode::Require, timeout, statement_timeout).await
+        let retry = match (&first, config.sslmode) {
+            (Err(err), SslMode::Prefer) if err.tls_refused() => SslMode::Disable,
+            (Err(WireError::Server(err)), SslMode::Allow) if err.code == NOT_AUTHORIZED => {
+                SslMode::Require
             }
-            Err(WireError::Server(err))
-                if config.sslmode == SslMode::Disable
-                    && err.code == NOT_AUTHORIZED
-                    && err.to_string().contains("no encryption") =>
+            (Err(WireError::Server(err)), SslMode::Disable)
+                if err.code == NOT_AUTHORIZED && err.message.contains("no encryption") =>
             {
-                Err(WireError::Protocol(format!(
+                return Err(WireError::Protocol(format!(
                     "{err} (the server takes this connection only over TLS, and the URL \
                      says sslmode=disable)"
-                )))
+                )));
             }
-            other => other,
+            _ => return first,
+        };
+        match Self::connect_as(config, retry, timeout, statement_timeout).await {
+            // With TLS refused, `allow`'s own refusal says more than TLS's.
+            Err(_) if retry == SslMode::Require => first,
+            retried => retried,
         }
     }
 
@@ -412,13 +428,14 @@ impl Conn {
                 ))
             })
         };
-        // A password may go over TLS (encrypted, even to a server not verified), or
-        // over a connection that stays on this machine.
-        let local = self.socket.is_local() || self.socket.is_encrypted();
+        // A password may go to a server whose certificate was checked, or over a
+        // connection that stays on this machine: not over TLS to whoever answered
+        // (`prefer`, `require`), which anyone on the path could be.
+        let safe = self.socket.is_local() || self.socket.is_verified();
         let allowed = |method: &str| {
             config
                 .require_auth
-                .check(method, local)
+                .check(method, safe)
                 .map_err(WireError::Protocol)
         };
         let mut scram: Option<sasl::ScramSha256> = None;

@@ -187,7 +187,8 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// - `sni=NAME`: the name sent as SNI and checked against the certificate, where it
 ///   is not the host connected to;
 /// - `insecure=true`: encrypt without verifying the server (anyone on the path may
-///   stand in for it; refused unless asked for by name).
+///   stand in for it, and would get the URL's password with `AUTH`; taken only as
+///   written).
 ///
 /// Each connection shakes hands once and is then pooled. Files are read when the
 /// store is made, so a missing one fails [`new`](RedisStore::new). For anything
@@ -349,6 +350,9 @@ impl RedisStore {
     /// certificate verifier, session resumption settings, protocol versions). The
     /// server is reached by the URL's host, or by its `sni` parameter.
     ///
+    /// The store value returned gets connections of its own; clones made before keep
+    /// the old settings.
+    ///
     /// # Errors
     ///
     /// Returns [`Error::Backend`] if the store connects over a Unix socket, or if the
@@ -364,6 +368,8 @@ impl RedisStore {
             &self.config.address,
             server_name,
         )?);
+        // Connections of its own: none opened before goes on without TLS.
+        self.shared = Shared::new(self.shared.max);
         Ok(self)
     }
 

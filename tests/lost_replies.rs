@@ -65,7 +65,8 @@ fn postgres(test: &str) -> Backend {
         proxy,
         through: Arc::new(through),
         direct: Arc::new(direct),
-        is_update: |request| common::proxy::contains(request, b"portable_sessions_update"),
+        // The conditional write is the one statement that starts with a CTE.
+        is_update: |request| common::proxy::contains(request, b"WITH written AS"),
         _schema: Some(schema),
     }
 }

@@ -19,6 +19,12 @@
 //! - `delete_expired`: ours only (tower-sessions' `MemoryStore` never deletes expired
 //!   records), on stores of 10,000, 100,000 and 1,000,000 sessions with 1% expired, and
 //!   with a fixed 1,000 expired: the cost follows the expired count, not the size.
+//! - With `--features postgres`: `create`, `save`, `load_hit`, `load_miss`, `delete`
+//!   of `PostgresStore` (`ours-async/postgres`) on a table of 1,000 sessions, in a
+//!   schema of its own dropped afterwards, on the server that
+//!   `PORTABLE_SESSIONS_BENCH_POSTGRES` names (a URL; by default
+//!   `postgres://postgres@127.0.0.1:5432/test`, the tests' server): one round trip
+//!   each, so mostly the server's and the loopback's cost.
 
 use std::{sync::Arc, time::Duration};
 
@@ -173,9 +179,40 @@ fn delete_expired(c: &mut Criterion) {
     group.finish();
 }
 
+/// `PostgresStore`'s operations, one round trip each, on a table of 1,000 sessions.
+#[cfg(feature = "postgres")]
+fn postgres(c: &mut Criterion) {
+    let url = std::env::var("PORTABLE_SESSIONS_BENCH_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("ps_bench_{}", std::process::id());
+    let store = portable_sessions::PostgresStore::new(&url)
+        .expect("a valid URL")
+        .with_table(&schema, "sessions")
+        .expect("valid names");
+    let filled = run(ours::Filled::new(store, 1_000, our_record));
+    for op in Op::ALL {
+        let mut group = c.benchmark_group(op.name());
+        group.bench_function(ours_name("postgres"), |b| {
+            b.iter_custom(|iters| run(filled.time(op, iters)))
+        });
+        group.finish();
+    }
+    // The store has no way to drop its table; psql does, where it is installed.
+    let dropped = std::process::Command::new("psql")
+        .args(["-X", "-q", "-d", &url, "-c"])
+        .arg(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .output();
+    if !dropped.is_ok_and(|out| out.status.success()) {
+        eprintln!("drop the benchmark's schema {schema} by hand: psql failed");
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres(_: &mut Criterion) {}
+
 criterion_group! {
     name = benches;
     config = criterion_config();
-    targets = single_threaded, load_threads, delete_expired
+    targets = single_threaded, load_threads, delete_expired, postgres
 }
 criterion_main!(benches);

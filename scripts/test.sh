@@ -9,7 +9,8 @@
 # - PostgreSQL on 127.0.0.1:5432: a cluster of its own in /tmp (user `postgres`,
 #   trust authentication for local connections, database `test`), made with the
 #   installed server's initdb, so that no system configuration is changed.
-# Tests that restart or freeze a server start their own, on Unix sockets.
+# Tests that restart or freeze a server start their own, on Unix sockets, and so do
+# the tests through PgBouncer (installed from Debian's packages where missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,10 @@ fi
 pg_bindir() { find /usr/lib/postgresql -maxdepth 2 -name bin 2>/dev/null | sort -V | tail -n 1; }
 if [ -z "$(pg_bindir)" ] || ! command -v psql >/dev/null 2>&1 || ! command -v pgrep >/dev/null 2>&1; then
     apt_install postgresql postgresql-client procps
+fi
+# PgBouncer: the PostgreSQL tests start their own, in transaction and statement mode.
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    apt_install pgbouncer
 fi
 # PostgreSQL refuses to run as root: as root, its programs run as `postgres`.
 as_postgres() {

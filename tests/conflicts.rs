@@ -1102,6 +1102,20 @@ fn concurrent_counting_is_exact_on_postgres() {
     counts_exactly(Arc::new(schema.store()));
 }
 
+/// Through PgBouncer in transaction and statement mode, whose two server connections
+/// per pool the counting requests take turns on.
+#[cfg(feature = "postgres")]
+#[test]
+fn concurrent_counting_is_exact_on_postgres_through_pgbouncer() {
+    use common::pgbouncer::{PgBouncer, PoolMode};
+    let bouncer = PgBouncer::start();
+    for mode in PoolMode::BOTH {
+        eprintln!("through PgBouncer in {} mode", mode.name());
+        let schema = common::PgSchema::new("conflicts_pgbouncer");
+        counts_exactly(Arc::new(schema.store_at(&bouncer.url(mode))));
+    }
+}
+
 #[cfg(feature = "postgres")]
 #[test]
 fn concurrent_counting_is_exact_on_memory_cached_postgres() {

@@ -56,7 +56,8 @@ fn postgres(test: &str) -> Backend {
     let proxy = LossyProxy::start(upstream, |reply| {
         common::proxy::contains(reply, b"Z\0\0\0\x05")
     });
-    let url = format!("postgres://postgres@{}/test", proxy.addr());
+    // In plain text: the proxy tells the conditional write by its SQL.
+    let url = format!("postgres://postgres@{}/test?sslmode=disable", proxy.addr());
     let through = portable_sessions::PostgresStore::new(&url)
         .unwrap()
         .with_table(&schema.0, "sessions")
@@ -65,7 +66,8 @@ fn postgres(test: &str) -> Backend {
         proxy,
         through: Arc::new(through),
         direct: Arc::new(direct),
-        is_update: |request| common::proxy::contains(request, b"portable_sessions_update"),
+        // The conditional write is the one statement that starts with a CTE.
+        is_update: |request| common::proxy::contains(request, b"WITH written AS"),
         _schema: Some(schema),
     }
 }

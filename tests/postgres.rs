@@ -27,8 +27,9 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use common::{
-    block, every_operation, is_backend, live_record, psql, wait_for, LoopTimer, PgSchema,
-    FAIL_WITHIN, TIMEOUT,
+    block, every_operation, is_backend, live_record,
+    pgbouncer::{PgBouncer, PoolMode, POOL_SIZE},
+    psql, wait_for, LoopTimer, PgSchema, FAIL_WITHIN, TIMEOUT,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -65,8 +66,26 @@ async fn a_row_under_another_key_is_refused() {
 
 #[maybe_async::maybe_async]
 async fn postgres_store_conforms() {
+    conforms_at(common::SHARED_POSTGRES).await;
+}
+
+/// Through PgBouncer in transaction and statement mode, with no setting of the
+/// store's changed: the statements travel unnamed with each operation, the statement
+/// timeout is set for each operation's own transaction, and the table is created in
+/// one transaction.
+#[maybe_async::maybe_async]
+async fn postgres_store_conforms_through_pgbouncer() {
+    let bouncer = PgBouncer::start();
+    for mode in PoolMode::BOTH {
+        eprintln!("through PgBouncer in {} mode", mode.name());
+        conforms_at(&bouncer.url(mode)).await;
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn conforms_at(url: &str) {
     let schema = PgSchema::new("conform");
-    let store = schema.store();
+    let store = schema.store_at(url);
     testing::check_store(&store).await;
     testing::check_expired_deletion(&store, Expiry::Deletes).await;
     let left = psql(&format!("SELECT count(*) FROM {}", schema.table()));
@@ -134,10 +153,24 @@ async fn a_corrupt_row_fails_only_its_own_load() {
 
 #[maybe_async::maybe_async]
 async fn expired_rows_never_load_and_are_deleted_in_batches() {
+    deletes_in_batches_at(common::SHARED_POSTGRES).await;
+}
+
+#[maybe_async::maybe_async]
+async fn expired_rows_are_deleted_in_batches_through_pgbouncer() {
+    let bouncer = PgBouncer::start();
+    for mode in PoolMode::BOTH {
+        eprintln!("through PgBouncer in {} mode", mode.name());
+        deletes_in_batches_at(&bouncer.url(mode)).await;
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn deletes_in_batches_at(url: &str) {
     let schema = PgSchema::new("expiry");
     let now = Arc::new(parking_lot::Mutex::new(OffsetDateTime::now_utc()));
     let clock = now.clone();
-    let store = schema.store().with_clock(move || *clock.lock());
+    let store = schema.store_at(url).with_clock(move || *clock.lock());
     // More than two batches of 5,000 expire; a few live on.
     let mut live = Vec::new();
     for i in 0..10_003u64 {
@@ -339,6 +372,94 @@ async fn a_statement_stuck_behind_a_lock_is_cancelled() {
     assert_eq!(loaded, Some(record));
 }
 
+/// The server cancels a statement that runs past the store's timeout, without a
+/// session setting: the timeout is set for the operation's own implicit transaction,
+/// seen by its statement, and left on no connection.
+#[maybe_async::maybe_async]
+async fn a_statement_past_the_timeout_is_cancelled_by_the_server() {
+    cancelled_at(common::SHARED_POSTGRES, None).await;
+}
+
+/// The same through PgBouncer, where a session setting would stay on a server
+/// connection that other clients get next, and a later transaction of the store may
+/// run on another one.
+#[maybe_async::maybe_async]
+async fn a_statement_past_the_timeout_is_cancelled_by_the_server_through_pgbouncer() {
+    let bouncer = PgBouncer::start();
+    for mode in PoolMode::BOTH {
+        eprintln!("through PgBouncer in {} mode", mode.name());
+        cancelled_at(&bouncer.url(mode), Some((&bouncer, mode))).await;
+    }
+}
+
+/// The version that makes a write of the test table sleep.
+const SLOW_VERSION: u64 = 4242;
+
+#[maybe_async::maybe_async]
+async fn cancelled_at(url: &str, bouncer: Option<(&PgBouncer, PoolMode)>) {
+    let schema = PgSchema::new("timeout");
+    let store = schema.store_at(url).with_timeout(TIMEOUT);
+    store.create_table().await.unwrap();
+    // A trigger sleeps in a write of version SLOW_VERSION. It notes the statement
+    // timeout it runs under, and counts its cancellations by the statement timeout
+    // (SQLSTATE 57014, query_canceled, with the timeout's message rather than a
+    // cancel request's), in sequences, which no rollback undoes.
+    psql(&format!(
+        "CREATE SEQUENCE \"{s}\".seen_ms MINVALUE 0;
+         CREATE SEQUENCE \"{s}\".cancelled;
+         CREATE FUNCTION \"{s}\".slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         DECLARE message text;
+         BEGIN
+             PERFORM setval('\"{s}\".seen_ms', (extract(epoch FROM
+                 current_setting('statement_timeout')::interval) * 1000)::bigint, true);
+             PERFORM pg_sleep(30);
+             RETURN NEW;
+         EXCEPTION WHEN query_canceled THEN
+             GET STACKED DIAGNOSTICS message = MESSAGE_TEXT;
+             IF message LIKE '%statement timeout%' THEN
+                 PERFORM nextval('\"{s}\".cancelled');
+             END IF;
+             RAISE;
+         END $$;
+         CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW
+             WHEN (NEW.version = {SLOW_VERSION}) EXECUTE FUNCTION \"{s}\".slow();",
+        s = schema.0,
+        table = schema.table(),
+    ));
+    let mut record = live_record(1);
+    store.create(&mut record).await.unwrap();
+    let mut slow = record.clone();
+    slow.version = SLOW_VERSION;
+    let started = Instant::now();
+    let saved = store.save(&slow).await;
+    let took = started.elapsed();
+    // The client gives up at the same time, so either error may come first.
+    assert!(is_backend(&saved), "{saved:?}");
+    assert!(took < FAIL_WITHIN, "took {took:?}");
+    let cancelled = format!(
+        "SELECT last_value * is_called::int FROM \"{}\".cancelled",
+        schema.0
+    );
+    wait_for("the server to cancel the statement", || {
+        psql(&cancelled) == "1"
+    });
+    let seen = psql(&format!("SELECT last_value FROM \"{}\".seen_ms", schema.0));
+    assert_eq!(seen, TIMEOUT.as_millis().to_string(), "the store's timeout");
+    // The store goes on (on a new connection: the one that timed out was closed).
+    store.save(&record).await.unwrap();
+    let loaded = store.load(&record.id).await.unwrap();
+    assert_eq!(loaded, Some(record));
+    if let Some((bouncer, mode)) = bouncer {
+        // The server connections of the pool (the most recently used first) have the
+        // server's own setting.
+        let default = psql("SHOW statement_timeout");
+        for _ in 0..POOL_SIZE * 2 {
+            let shown = bouncer.psql(mode, "SHOW statement_timeout");
+            assert_eq!(shown, default, "no setting left behind");
+        }
+    }
+}
+
 /// A PostgreSQL server of the test's own: a new cluster in a temporary directory,
 /// listening only on a Unix socket there (no other test can take its address, before
 /// it starts or while it is down for a restart), wanting a SCRAM password.
@@ -349,19 +470,18 @@ struct PgServer {
 
 const PASSWORD: &str = "sesame";
 
+/// A PostgreSQL program run as the `postgres` user when we are root (PostgreSQL
+/// refuses to run as root), as ourselves otherwise.
+fn as_server_user(program: &str) -> Command {
+    common::as_postgres_user(common::pg_bin(program))
+}
+
 impl PgServer {
     fn start() -> Self {
         let dir = common::TempDir::new("pg-server");
-        if rustix::process::getuid().is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir.0)
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
+        common::give_to_postgres_user(&dir);
         std::fs::write(dir.0.join("pw"), PASSWORD).unwrap();
-        let output = common::as_postgres_user("initdb")
+        let output = as_server_user("initdb")
             .arg("-D")
             .arg(dir.0.join("data"))
             .args([
@@ -391,7 +511,7 @@ impl PgServer {
 
     /// Starts the server on the existing cluster and waits until it answers.
     fn run(&mut self) {
-        let child = common::as_postgres_user("postgres")
+        let child = as_server_user("postgres")
             .arg("-D")
             .arg(self.dir.0.join("data"))
             .arg("-k")
@@ -586,6 +706,10 @@ tests_in_both_modes!(
     bad_urls_and_logins_are_backend_errors,
     a_terminated_connection_costs_no_error,
     a_statement_stuck_behind_a_lock_is_cancelled,
+    a_statement_past_the_timeout_is_cancelled_by_the_server,
+    a_statement_past_the_timeout_is_cancelled_by_the_server_through_pgbouncer,
+    postgres_store_conforms_through_pgbouncer,
+    expired_rows_are_deleted_in_batches_through_pgbouncer,
     a_crashed_server_gives_backend_errors_then_the_store_recovers,
     a_restart_between_operations_costs_no_error,
     a_frozen_server_times_out_then_the_store_recovers,
@@ -643,8 +767,23 @@ fn a_record_that_expires_while_its_write_waits_for_a_connection_is_gone() {
 
 #[test]
 fn processes_starting_together_create_the_table_once() {
+    create_together_at(common::SHARED_POSTGRES);
+}
+
+/// Through PgBouncer, whose two server connections per pool the eight stores share:
+/// the lock is held by one transaction, never across two.
+#[test]
+fn processes_starting_together_create_the_table_once_through_pgbouncer() {
+    let bouncer = PgBouncer::start();
+    for mode in PoolMode::BOTH {
+        eprintln!("through PgBouncer in {} mode", mode.name());
+        create_together_at(&bouncer.url(mode));
+    }
+}
+
+fn create_together_at(url: &str) {
     let schema = PgSchema::new("together");
-    let stores: Vec<_> = (0..8).map(|_| schema.store()).collect();
+    let stores: Vec<_> = (0..8).map(|_| schema.store_at(url)).collect();
     let barrier = Arc::new(std::sync::Barrier::new(stores.len()));
     let threads: Vec<_> = stores
         .into_iter()

@@ -281,7 +281,7 @@ impl PgTls {
             assert!(status.success());
         }
         let data = dir.0.join("data");
-        let output = common::as_postgres_user("initdb")
+        let output = common::as_postgres_user(common::pg_bin("initdb"))
             .arg("-D")
             .arg(&data)
             .args(["-U", "postgres", "-E", "UTF8", "--no-sync", "--auth=trust"])
@@ -315,7 +315,7 @@ impl PgTls {
 
     fn spawn(&self, pki: &Pki, port: u16) -> Child {
         let setting = |name: &str, value: &Path| format!("{name}={}", value.display());
-        common::as_postgres_user("postgres")
+        common::as_postgres_user(common::pg_bin("postgres"))
             .arg("-D")
             .arg(self.dir.0.join("data"))
             .arg("-k")

@@ -210,6 +210,38 @@ impl Drop for TempDir {
     }
 }
 
+/// A command run as the `postgres` user when we are root (PostgreSQL and PgBouncer
+/// refuse to run as root), as ourselves otherwise.
+pub fn as_postgres_user(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    if rustix::process::getuid().is_root() {
+        let mut command = std::process::Command::new("setpriv");
+        command
+            .args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(program);
+        command
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+/// Gives `dir` to the `postgres` user when we are root, so that a server run as
+/// [`as_postgres_user`] may write there.
+pub fn give_to_postgres_user(dir: &TempDir) {
+    if rustix::process::getuid().is_root() {
+        let status = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown of {} failed", dir.0.display());
+    }
+}
+
 /// The Redis server every test shares, at 127.0.0.1:6379.
 pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -278,7 +310,14 @@ impl PgSchema {
     /// A store on the shared server keeping its table in this schema.
     #[cfg(feature = "postgres")]
     pub fn store(&self) -> portable_sessions::PostgresStore {
-        portable_sessions::PostgresStore::new(SHARED_POSTGRES)
+        self.store_at(SHARED_POSTGRES)
+    }
+
+    /// A store keeping its table in this schema, connecting to `url`: the shared
+    /// server, or a pooler in front of it.
+    #[cfg(feature = "postgres")]
+    pub fn store_at(&self, url: &str) -> portable_sessions::PostgresStore {
+        portable_sessions::PostgresStore::new(url)
             .expect("a valid URL")
             .with_table(&self.0, "sessions")
             .expect("valid names")
@@ -446,6 +485,7 @@ pub async fn check_frozen_server_times_out_then_recovers<S: SessionStore>(
     assert_eq!(loaded, Some(record));
 }
 
+pub mod pgbouncer;
 pub mod proxy;
 
 /// PostgreSQL's programs: `pg_config --bindir`, or Debian's directory.
@@ -470,25 +510,6 @@ pub fn pg_bin(program: &str) -> std::path::PathBuf {
             panic!("PostgreSQL's initdb is not installed: run `bash scripts/test.sh`, which installs it")
         })
         .join(program)
-}
-
-/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run
-/// as root), as ourselves otherwise.
-pub fn as_postgres_user(program: &str) -> std::process::Command {
-    if rustix::process::getuid().is_root() {
-        let mut command = std::process::Command::new("setpriv");
-        command
-            .args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-            ])
-            .arg(pg_bin(program));
-        command
-    } else {
-        std::process::Command::new(pg_bin(program))
-    }
 }
 
 /// Two server instances, each with its own cache in front of one shared store (`a`

@@ -38,13 +38,6 @@ const INDEX_SUFFIX: &str = "_expires_at";
 /// trigger), which no number of tries fixes.
 const MAX_CREATE_ATTEMPTS: usize = 8;
 
-const LOAD: &str = "portable_sessions_load";
-const CREATE: &str = "portable_sessions_create";
-const SAVE: &str = "portable_sessions_save";
-const UPDATE: &str = "portable_sessions_update";
-const DELETE: &str = "portable_sessions_delete";
-const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
-
 /// A session store in a PostgreSQL table: sessions shared by every server process
 /// that reaches the database, and kept across restarts.
 ///
@@ -70,8 +63,8 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// - **Stolen dumps give no sessions.** Records are keyed by the SHA-256 digest of
 ///   their id and stored with the id zeroed, so the table, its WAL and its backups
 ///   hold no id that could be replayed as a cookie.
-/// - **One statement per operation**, prepared once per connection and sent with its
-///   parameters in one round trip. [`update`](SessionStore::update) compares the
+/// - **One statement per operation**, sent with its parameters in one round trip.
+///   [`update`](SessionStore::update) compares the
 ///   version and the expiry date and writes in that one statement (row locks make
 ///   concurrent updates of one session take turns, and each sees the other's
 ///   version), and tells a conflict from a missing session in the same reply.
@@ -85,8 +78,9 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 ///   (set with [`with_max_connections`](PostgresStore::with_max_connections)),
 ///   opened on demand and kept open. An operation waits at most the
 ///   [timeout](PostgresStore::with_timeout) (2 s unless set) for a free connection,
-///   to connect, and for each reply; the server is told the same limit as its
-///   `statement_timeout`, so a statement stuck behind a lock is cancelled there too.
+///   to connect, and for each reply; the server is told the same limit as the
+///   `statement_timeout` of each operation's transaction, so a statement stuck
+///   behind a lock is cancelled there too.
 /// - **Outages.** Operations fail with [`Error::Backend`] within the timeout while
 ///   the server is unreachable. A connection that failed, timed out, or whose
 ///   operation's future was dropped halfway is closed, never reused, and the next
@@ -144,6 +138,21 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 /// then pooled; files are read when the store is made. For anything else, give a
 /// whole configuration to [`with_tls_config`](PostgresStore::with_tls_config).
 ///
+/// # Connection poolers
+///
+/// The store works unchanged through a connection pooler such as PgBouncer, in any
+/// pool mode (session, transaction or statement) and any version: it relies on
+/// nothing that lasts past one transaction. Each operation sends its statement
+/// unnamed (parse, bind and execute, then sync, in one write) rather than preparing
+/// it by name once per connection, and sets the statement timeout with
+/// `set_config(..., true)` for that operation's implicit transaction alone rather
+/// than for the session (which would stay on a server connection that other clients
+/// get next). The table is created in a single transaction, under a
+/// transaction-scoped advisory lock. The price, with or without a pooler: the server
+/// parses and plans each statement anew, and runs the timeout's own, which on the
+/// machine of `benches/stores.rs` (run with `--features postgres`) makes a load
+/// about 33 µs slower (95 µs instead of 62) and a write 45 to 70 µs.
+///
 /// # Examples
 ///
 /// This needs a PostgreSQL server on `127.0.0.1:5432` that lets user `postgres` in:
@@ -173,6 +182,7 @@ const DELETE_EXPIRED: &str = "portable_sessions_delete_expired";
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Arc<Pool>,
+    statements: Arc<Statements>,
     settings: Settings,
     clock: Clock,
 }
@@ -223,8 +233,10 @@ impl PostgresStore {
             timeout: Self::DEFAULT_TIMEOUT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
         };
+        let (pool, statements) = build_pool(&settings);
         Ok(Self {
-            pool: Arc::new(build_pool(&settings)),
+            pool: Arc::new(pool),
+            statements: Arc::new(statements),
             settings,
             clock: Clock::default(),
         })
@@ -318,7 +330,9 @@ impl PostgresStore {
     }
 
     fn rebuilt(mut self) -> Self {
-        self.pool = Arc::new(build_pool(&self.settings));
+        let (pool, statements) = build_pool(&self.settings);
+        self.pool = Arc::new(pool);
+        self.statements = Arc::new(statements);
         self
     }
 }
@@ -350,7 +364,33 @@ fn literal(text: &str) -> String {
     format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-fn build_pool(settings: &Settings) -> Pool {
+/// A statement of the store: its SQL and the types of its parameters, sent with
+/// each operation (see [`Conn::push_statement`](wire::Conn::push_statement)).
+#[derive(Debug)]
+struct Statement {
+    sql: String,
+    types: &'static [postgres_protocol::Oid],
+}
+
+/// The store's statements, one per operation, on its table.
+#[derive(Debug)]
+struct Statements {
+    load: Statement,
+    create: Statement,
+    save: Statement,
+    update: Statement,
+    delete: Statement,
+    delete_expired: Statement,
+}
+
+impl wire::Conn {
+    /// Queues `statement` with `params`.
+    fn push(&mut self, statement: &Statement, params: &[Param<'_>]) -> Result<(), WireError> {
+        self.push_statement(&statement.sql, statement.types, params)
+    }
+}
+
+fn build_pool(settings: &Settings) -> (Pool, Statements) {
     let table = format!("{}.{}", ident(&settings.schema), ident(&settings.table));
     let index = ident(&format!("{}{INDEX_SUFFIX}", settings.table));
     let exists = format!(
@@ -374,22 +414,20 @@ fn build_pool(settings: &Settings) -> Pool {
     );
     let create_schema = format!("CREATE SCHEMA IF NOT EXISTS {};", ident(&settings.schema));
     use oid::{BYTEA, INT4, INT8, TIMESTAMPTZ};
-    let statements: Vec<(&'static str, String, &'static [postgres_protocol::Oid])> = vec![
-        (
-            LOAD,
+    let statement = |sql: String, types| Statement { sql, types };
+    let statements = Statements {
+        load: statement(
             format!("SELECT version, record FROM {table} WHERE key = $1 AND expires_at > $2"),
             &[BYTEA, TIMESTAMPTZ],
         ),
-        (
-            CREATE,
+        create: statement(
             format!(
                 "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (key) DO NOTHING"
             ),
             &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
         ),
-        (
-            SAVE,
+        save: statement(
             format!(
                 "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, \
@@ -397,13 +435,12 @@ fn build_pool(settings: &Settings) -> Pool {
             ),
             &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
         ),
-        (
-            // The compare and the write are one statement. The other columns are
-            // read from the statement's snapshot, before its write: whether a live
-            // row is there (a newer version, or no session), and whether that row
-            // is this very write already (its version and its token, which lead
-            // the record bytes), when the write is sent again after a lost reply.
-            UPDATE,
+        // The compare and the write are one statement. The other columns are read
+        // from the statement's snapshot, before its write: whether a live row is
+        // there (a newer version, or no session), and whether that row is this very
+        // write already (its version and its token, which lead the record bytes),
+        // when the write is sent again after a lost reply.
+        update: statement(
             format!(
                 "WITH written AS (
                      UPDATE {table} SET expires_at = $2, version = $5, record = $4
@@ -420,13 +457,8 @@ fn build_pool(settings: &Settings) -> Pool {
             ),
             &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, INT8, TIMESTAMPTZ],
         ),
-        (
-            DELETE,
-            format!("DELETE FROM {table} WHERE key = $1"),
-            &[BYTEA],
-        ),
-        (
-            DELETE_EXPIRED,
+        delete: statement(format!("DELETE FROM {table} WHERE key = $1"), &[BYTEA]),
+        delete_expired: statement(
             format!(
                 // The batch is found through the expiry index and deleted by
                 // tuple id; the second test of the date skips a row that a
@@ -438,8 +470,8 @@ fn build_pool(settings: &Settings) -> Pool {
             ),
             &[TIMESTAMPTZ, INT4],
         ),
-    ];
-    Pool::new(
+    };
+    let pool = Pool::new(
         settings.config.clone(),
         settings.timeout,
         settings.max_connections,
@@ -448,9 +480,9 @@ fn build_pool(settings: &Settings) -> Pool {
             lock,
             create,
             create_schema,
-            statements,
         },
-    )
+    );
+    (pool, statements)
 }
 
 /// Microseconds from PostgreSQL's epoch (2000-01-01 UTC) to `at`, rounded down.
@@ -498,8 +530,8 @@ impl SessionStore for PostgresStore {
             let reply = self
                 .pool
                 .call(|conn| {
-                    conn.push_execute(
-                        CREATE,
+                    conn.push(
+                        &self.statements.create,
                         &[
                             Param::Bytea(&key),
                             Param::Timestamptz(expires_at),
@@ -525,8 +557,8 @@ impl SessionStore for PostgresStore {
         let key = stored::digest(&record.id);
         self.pool
             .call(|conn| {
-                conn.push_execute(
-                    SAVE,
+                conn.push(
+                    &self.statements.save,
                     &[
                         Param::Bytea(&key),
                         Param::Timestamptz(timestamptz(record.expiry_date)),
@@ -549,8 +581,8 @@ impl SessionStore for PostgresStore {
             .call(|conn| {
                 let now = self.clock.now();
                 *read_at.lock() = Some(now);
-                conn.push_execute(
-                    LOAD,
+                conn.push(
+                    &self.statements.load,
                     &[Param::Bytea(&key), Param::Timestamptz(timestamptz(now))],
                 )
             })
@@ -575,7 +607,7 @@ impl SessionStore for PostgresStore {
     async fn delete(&self, id: &Id) -> Result<()> {
         let key = stored::digest(id);
         self.pool
-            .call(|conn| conn.push_execute(DELETE, &[Param::Bytea(&key)]))
+            .call(|conn| conn.push(&self.statements.delete, &[Param::Bytea(&key)]))
             .await?;
         Ok(())
     }
@@ -598,8 +630,8 @@ impl SessionStore for PostgresStore {
             .call(|conn| {
                 // Read once a connection is in hand, as `load` does.
                 let now = timestamptz(self.clock.now());
-                conn.push_execute(
-                    UPDATE,
+                conn.push(
+                    &self.statements.update,
                     &[
                         Param::Bytea(&key),
                         Param::Timestamptz(timestamptz(record.expiry_date)),
@@ -641,8 +673,8 @@ impl ExpiredDeletion for PostgresStore {
             let reply = self
                 .pool
                 .call(|conn| {
-                    conn.push_execute(
-                        DELETE_EXPIRED,
+                    conn.push(
+                        &self.statements.delete_expired,
                         &[Param::Timestamptz(now), Param::Int4(DELETE_BATCH)],
                     )
                 })

@@ -1,5 +1,5 @@
-//! A bounded pool of PostgreSQL connections, opened on demand, each prepared with the
-//! store's statements.
+//! A bounded pool of PostgreSQL connections, opened on demand; the first one a store
+//! opens makes sure its table exists.
 
 use std::{
     fmt,
@@ -7,11 +7,9 @@ use std::{
     time::Duration,
 };
 
-use postgres_protocol::Oid;
-
 use super::{
     config::Config,
-    wire::{Conn, Reply, WireError},
+    wire::{oid, Conn, Param, Reply, WireError},
 };
 use crate::{
     session_store::{Error, Result},
@@ -21,7 +19,16 @@ use crate::{
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
 
-/// What each new connection is prepared with, and the schema it needs.
+/// Sets the statement timeout for the rest of the implicit transaction that a
+/// request's sync ends (`is_local`): never a session setting, which a pooler in
+/// transaction or statement mode would leave on a server connection that other
+/// clients get next, and which the next transaction may not find. The server times
+/// each statement of a request afresh, from its first message, with the setting in
+/// force then, so the statement after this one runs under it (as does each statement
+/// after it in a simple query string).
+const LOCAL_TIMEOUT: &str = "SELECT set_config('statement_timeout', $1, true)";
+
+/// The schema the store needs.
 pub(crate) struct Setup {
     /// A simple query answering whether the table exists, then whether its schema
     /// does.
@@ -32,15 +39,18 @@ pub(crate) struct Setup {
     pub(crate) create_schema: String,
     /// Creates the table and its index if they are missing.
     pub(crate) create: String,
-    /// The prepared statements: name, SQL, parameter types.
-    pub(crate) statements: Vec<(&'static str, String, &'static [Oid])>,
 }
 
 pub(crate) struct Pool {
     config: Config,
     timeout: Duration,
+    /// The timeout in milliseconds, the server's `statement_timeout`: it gives up on
+    /// a statement when the client would, so that a statement stuck behind a lock
+    /// does not outlive the caller's error.
+    timeout_ms: String,
     setup: Setup,
-    /// Set once this store has seen its table: new connections then only prepare.
+    /// Set once this store has seen its table: new connections then need nothing
+    /// more.
     ready: AtomicBool,
     conns: pool::Pool<Conn>,
 }
@@ -66,6 +76,7 @@ impl Pool {
         Self {
             config,
             timeout,
+            timeout_ms: timeout.as_millis().max(1).to_string(),
             setup,
             ready: AtomicBool::new(false),
             conns: pool::Pool::new(max, timeout),
@@ -79,7 +90,9 @@ impl Pool {
 
 #[maybe_async::maybe_async]
 impl Pool {
-    /// Runs one request, built by `build` on the connection, and returns its reply.
+    /// Runs one request, built by `build` on the connection (its statements, with
+    /// no sync), under the statement timeout, and returns the reply of its last
+    /// statement: one round trip.
     ///
     /// A connection taken from the idle list may have been closed by the server
     /// meanwhile (it restarted, or an administrator ended it): if the request fails
@@ -106,7 +119,14 @@ impl Pool {
             let reused = lent.reused;
             let conn = conn_of(&mut lent);
             conn.clear_request();
+            conn.push_statement(
+                LOCAL_TIMEOUT,
+                &[oid::TEXT],
+                &[Param::Text(&self.timeout_ms)],
+            )
+            .map_err(Error::backend)?;
             build(conn).map_err(Error::backend)?;
+            conn.push_sync();
             let result = conn.exchange().await;
             match result {
                 Ok(mut reply) => {
@@ -135,42 +155,35 @@ impl Pool {
         self.ensure_table(conn_of(&mut lent)).await
     }
 
-    /// Takes an idle connection (unless `fresh`) or opens and prepares one, waiting
-    /// for a free slot at most the timeout.
+    /// Takes an idle connection (unless `fresh`) or opens one, waiting for a free
+    /// slot at most the timeout.
     async fn get(&self, fresh: bool) -> Result<Lent<'_, Conn>> {
         let mut lent = self.conns.take("PostgreSQL", fresh).await?;
         if lent.conn.is_some() {
             return Ok(lent);
         }
-        let opened = Conn::connect(&self.config, self.timeout, self.timeout).await;
+        let opened = Conn::connect(&self.config, self.timeout).await;
         lent.conn = Some(opened.map_err(Error::backend)?);
-        let conn = conn_of(&mut lent);
         if !self.ready.load(Ordering::Acquire) {
-            self.ensure_table(conn).await?;
+            self.ensure_table(conn_of(&mut lent)).await?;
         }
-        let statements: Vec<(&str, &str, &[Oid])> = self
-            .setup
-            .statements
-            .iter()
-            .map(|(name, sql, types)| (*name, sql.as_str(), *types))
-            .collect();
-        conn.push_prepare(&statements).map_err(Error::backend)?;
-        let prepared = conn.exchange().await;
-        if let Err(err) = prepared {
-            if err.code() == Some(UNDEFINED_TABLE) {
-                self.ready.store(false, Ordering::Release);
-            }
-            return Err(Error::backend(err));
-        }
-        conn.prepared = true;
         Ok(lent)
+    }
+
+    /// The simple-query form of [`LOCAL_TIMEOUT`], to lead a query string: the
+    /// string is one implicit transaction, which the setting lasts to the end of.
+    fn local_timeout(&self) -> String {
+        format!(
+            "SELECT set_config('statement_timeout', '{}', true);",
+            self.timeout_ms
+        )
     }
 
     async fn ensure_table(&self, conn: &mut Conn) -> Result<()> {
         // Look first: creating needs privileges that an application whose table was
         // made by an administrator may lack.
-        conn.push_query(&self.setup.exists)
-            .map_err(Error::backend)?;
+        let sql = format!("{}{}", self.local_timeout(), self.setup.exists);
+        conn.push_query(&sql).map_err(Error::backend)?;
         let reply = conn.exchange().await.map_err(Error::backend)?;
         let row = reply
             .rows
@@ -180,8 +193,16 @@ impl Pool {
         let is_true = |i: usize| columns.get(i).copied().flatten() == Some(b"t".as_slice());
         let (table_exists, schema_exists) = (is_true(0), is_true(1));
         if !table_exists {
-            // One simple query: one transaction, holding the lock to its end.
-            let mut sql = self.setup.lock.clone();
+            // One simple query of several statements: one implicit transaction in
+            // one round trip, holding the transaction-scoped advisory lock to its
+            // end. A pooler in transaction or statement mode keeps it on one server
+            // connection and sees no transaction left open at its end (statement
+            // mode refuses one), where a session lock taken and released in two
+            // requests could land on two server connections. Each statement is
+            // idempotent besides: a process that gets the lock after another made
+            // the table changes nothing.
+            let mut sql = self.local_timeout();
+            sql.push_str(&self.setup.lock);
             if !schema_exists {
                 sql.push_str(&self.setup.create_schema);
             }

@@ -143,6 +143,7 @@ impl std::error::Error for ServerError {}
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Param<'a> {
     Bytea(&'a [u8]),
+    Text(&'a str),
     Int4(i32),
     Int8(i64),
     /// A `timestamptz`: microseconds since 2000-01-01 UTC.
@@ -155,11 +156,12 @@ pub(crate) mod oid {
     pub(crate) const BYTEA: Oid = 17;
     pub(crate) const INT8: Oid = 20;
     pub(crate) const INT4: Oid = 23;
+    pub(crate) const TEXT: Oid = 25;
     pub(crate) const TIMESTAMPTZ: Oid = 1184;
 }
 
-/// What a request returned: its rows (binary format for prepared statements, text
-/// for simple queries) and the row count of its last command.
+/// What a request returned: the rows of its last command (binary format for
+/// statements sent with parameters, text for simple queries) and its row count.
 #[derive(Debug, Default)]
 pub(crate) struct Reply {
     pub(crate) rows: Vec<DataRowBody>,
@@ -201,9 +203,6 @@ pub(crate) struct Conn {
     /// read to the end: a connection left in this state (an error, a timeout, a
     /// dropped future) no longer knows where the server is, and is closed.
     busy: bool,
-    /// `true` once the store's statements are prepared on this connection: only then
-    /// may it go back to the pool.
-    pub(crate) prepared: bool,
 }
 
 impl fmt::Debug for Conn {
@@ -217,7 +216,7 @@ impl fmt::Debug for Conn {
 
 impl Pooled for Conn {
     fn reusable(&self) -> bool {
-        !self.busy && self.prepared
+        !self.busy
     }
 }
 
@@ -227,20 +226,28 @@ fn too_large(_: std::io::Error) -> WireError {
 }
 
 impl Conn {
-    /// Queues a bind and execute of the prepared statement `statement`, and a sync.
-    pub(crate) fn push_execute(
+    /// Queues `sql` as the unnamed statement, with the types of its parameters, and a
+    /// bind and execute of it with `params` (binary format, as are the results). No
+    /// sync: [`push_sync`](Conn::push_sync) ends the request.
+    ///
+    /// Nothing is prepared by name: each request carries its statements, so it runs
+    /// on whichever server connection a pooler such as PgBouncer hands it.
+    pub(crate) fn push_statement(
         &mut self,
-        statement: &str,
+        sql: &str,
+        types: &[Oid],
         params: &[Param<'_>],
     ) -> Result<(), WireError> {
+        frontend::parse("", sql, types.iter().copied(), &mut self.write).map_err(too_large)?;
         frontend::bind(
             "",
-            statement,
+            "",
             [1],
             params.iter().copied(),
             |param, buf| {
                 match param {
                     Param::Bytea(bytes) => buf.extend_from_slice(bytes),
+                    Param::Text(text) => buf.extend_from_slice(text.as_bytes()),
                     Param::Int4(v) => buf.extend_from_slice(&v.to_be_bytes()),
                     Param::Int8(v) => buf.extend_from_slice(&v.to_be_bytes()),
                     Param::Timestamptz(v) => buf.extend_from_slice(&v.to_be_bytes()),
@@ -251,27 +258,18 @@ impl Conn {
             &mut self.write,
         )
         .map_err(|_| WireError::Protocol("a parameter is too large".into()))?;
-        frontend::execute("", 0, &mut self.write).map_err(too_large)?;
+        frontend::execute("", 0, &mut self.write).map_err(too_large)
+    }
+
+    /// Queues a sync: the end of a request of statements, and of the implicit
+    /// transaction they ran in.
+    pub(crate) fn push_sync(&mut self) {
         frontend::sync(&mut self.write);
-        Ok(())
     }
 
     /// Queues a simple (text) query.
     pub(crate) fn push_query(&mut self, sql: &str) -> Result<(), WireError> {
         frontend::query(sql, &mut self.write).map_err(too_large)
-    }
-
-    /// Queues the preparation of `statements` (name, SQL, parameter types) and a sync.
-    pub(crate) fn push_prepare(
-        &mut self,
-        statements: &[(&str, &str, &[Oid])],
-    ) -> Result<(), WireError> {
-        for (name, sql, types) in statements {
-            frontend::parse(name, sql, types.iter().copied(), &mut self.write)
-                .map_err(too_large)?;
-        }
-        frontend::sync(&mut self.write);
-        Ok(())
     }
 
     /// Drops what was queued but not sent.
@@ -288,12 +286,8 @@ impl Conn {
     /// or the encrypted connection (and reports that attempt's failure), and `allow`
     /// tries with TLS when the server refuses the connection without it (and reports
     /// the first refusal if TLS fails too).
-    pub(crate) async fn connect(
-        config: &Config,
-        timeout: Duration,
-        statement_timeout: Duration,
-    ) -> Result<Self, WireError> {
-        let first = Self::connect_as(config, config.sslmode, timeout, statement_timeout).await;
+    pub(crate) async fn connect(config: &Config, timeout: Duration) -> Result<Self, WireError> {
+        let first = Self::connect_as(config, config.sslmode, timeout).await;
         let retry = match (&first, config.sslmode) {
             (Err(err), SslMode::Prefer) if err.tls_refused() => SslMode::Disable,
             (Err(WireError::Server(err)), SslMode::Allow) if err.code == NOT_AUTHORIZED => {
@@ -309,7 +303,7 @@ impl Conn {
             }
             _ => return first,
         };
-        match Self::connect_as(config, retry, timeout, statement_timeout).await {
+        match Self::connect_as(config, retry, timeout).await {
             // With TLS refused, `allow`'s own refusal says more than TLS's.
             Err(_) if retry == SslMode::Require => first,
             retried => retried,
@@ -320,7 +314,6 @@ impl Conn {
         config: &Config,
         sslmode: SslMode,
         timeout: Duration,
-        statement_timeout: Duration,
     ) -> Result<Self, WireError> {
         // `connect_timeout` bounds the connection; the store's timeout bounds it and
         // every later wait.
@@ -333,7 +326,6 @@ impl Conn {
             socket,
             write: BytesMut::with_capacity(1024),
             busy: true,
-            prepared: false,
         };
         // As in libpq, never over a Unix socket, which stays on this machine.
         let tcp = matches!(config.address, Address::Tcp(..));
@@ -364,15 +356,6 @@ impl Conn {
             }
         }
         conn.busy = false;
-        // The server gives up on a statement when the client would: a statement stuck
-        // behind a lock does not outlive the caller's error. A `SET` rather than a
-        // startup parameter, which connection poolers such as PgBouncer refuse.
-        let sql = format!(
-            "SET statement_timeout = {}",
-            statement_timeout.as_millis().max(1)
-        );
-        conn.push_query(&sql)?;
-        conn.exchange().await?;
         Ok(conn)
     }
 
@@ -558,19 +541,23 @@ impl Conn {
         self.busy = true;
         self.send().await?;
         let mut reply = Reply::default();
+        // The rows of the command under way; a request's earlier commands (the
+        // statement timeout's `set_config`) return rows nobody reads.
+        let mut rows = Vec::new();
         let mut error = None;
         loop {
             match self.next_message().await? {
                 Message::DataRow(row) => {
-                    if reply.rows.len() == MAX_ROWS {
+                    if rows.len() == MAX_ROWS {
                         return Err(WireError::Protocol(format!(
                             "the server sent more than the {MAX_ROWS} rows any statement \
                              here returns"
                         )));
                     }
-                    reply.rows.push(row);
+                    rows.push(row);
                 }
                 Message::CommandComplete(body) => {
+                    reply.rows = std::mem::take(&mut rows);
                     reply.affected = body
                         .tag()
                         .ok()

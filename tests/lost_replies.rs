@@ -66,8 +66,12 @@ fn postgres(test: &str) -> Backend {
         proxy,
         through: Arc::new(through),
         direct: Arc::new(direct),
-        // The conditional write is the one statement that starts with a CTE.
-        is_update: |request| common::proxy::contains(request, b"WITH written AS"),
+        // The conditional write: by its prepared statement's name, or sent whole
+        // (the one statement that starts with a CTE).
+        is_update: |request| {
+            common::proxy::contains(request, b"portable_sessions_update_")
+                || common::proxy::contains(request, b"WITH written AS")
+        },
         _schema: Some(schema),
     }
 }

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use self::{
     config::{Config, SslMode},
     pool::{Pool, Setup},
-    wire::{columns, oid, Param, WireError},
+    wire::{columns, oid, Param, Statement, WireError},
 };
 use crate::{
     lifecycle::clock::Clock,
@@ -142,16 +142,19 @@ const MAX_CREATE_ATTEMPTS: usize = 8;
 ///
 /// The store works unchanged through a connection pooler such as PgBouncer, in any
 /// pool mode (session, transaction or statement) and any version: it relies on
-/// nothing that lasts past one transaction. Each operation sends its statement
-/// unnamed (parse, bind and execute, then sync, in one write) rather than preparing
-/// it by name once per connection, and sets the statement timeout with
-/// `set_config(..., true)` for that operation's implicit transaction alone rather
-/// than for the session (which would stay on a server connection that other clients
-/// get next). The table is created in a single transaction, under a
-/// transaction-scoped advisory lock. The price, with or without a pooler: the server
-/// parses and plans each statement anew, and runs the timeout's own, which on the
-/// machine of `benches/stores.rs` (run with `--features postgres`) makes a load
-/// about 33 µs slower (95 µs instead of 62) and a write 45 to 70 µs.
+/// nothing that lasts past one transaction unless the server shows that it does.
+/// Each connection prepares the store's statements once, by names made from their
+/// SQL, and each operation binds one in a single round trip; the statement timeout
+/// is set with `set_config(..., true)` for that operation's implicit transaction
+/// alone, never for the session (a session setting would stay on a server
+/// connection that other clients get next). When a request reaches a server
+/// connection that lacks a statement, or one that has it already (what a pooler in
+/// transaction or statement mode does), nothing of it ran: the store sends every
+/// statement whole from then on (parse, bind and execute, in one write), and runs
+/// the request again. The server then parses and plans each statement anew: on
+/// `benches/stores.rs` (`--features postgres`), a load took 95 µs instead of 62.
+/// The table is created in a single transaction, under a transaction-scoped
+/// advisory lock.
 ///
 /// # Examples
 ///
@@ -364,14 +367,6 @@ fn literal(text: &str) -> String {
     format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-/// A statement of the store: its SQL and the types of its parameters, sent with
-/// each operation (see [`Conn::push_statement`](wire::Conn::push_statement)).
-#[derive(Debug)]
-struct Statement {
-    sql: String,
-    types: &'static [postgres_protocol::Oid],
-}
-
 /// The store's statements, one per operation, on its table.
 #[derive(Debug)]
 struct Statements {
@@ -381,13 +376,6 @@ struct Statements {
     update: Statement,
     delete: Statement,
     delete_expired: Statement,
-}
-
-impl wire::Conn {
-    /// Queues `statement` with `params`.
-    fn push(&mut self, statement: &Statement, params: &[Param<'_>]) -> Result<(), WireError> {
-        self.push_statement(&statement.sql, statement.types, params)
-    }
 }
 
 fn build_pool(settings: &Settings) -> (Pool, Statements) {
@@ -414,13 +402,15 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
     );
     let create_schema = format!("CREATE SCHEMA IF NOT EXISTS {};", ident(&settings.schema));
     use oid::{BYTEA, INT4, INT8, TIMESTAMPTZ};
-    let statement = |sql: String, types| Statement { sql, types };
+    let statement = |label, sql, types| Statement::new(label, sql, types);
     let statements = Statements {
         load: statement(
+            "load",
             format!("SELECT version, record FROM {table} WHERE key = $1 AND expires_at > $2"),
             &[BYTEA, TIMESTAMPTZ],
         ),
         create: statement(
+            "create",
             format!(
                 "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (key) DO NOTHING"
@@ -428,6 +418,7 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
             &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
         ),
         save: statement(
+            "save",
             format!(
                 "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, \
@@ -441,6 +432,7 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         // write already (its version and its token, which lead the record bytes),
         // when the write is sent again after a lost reply.
         update: statement(
+            "update",
             format!(
                 "WITH written AS (
                      UPDATE {table} SET expires_at = $2, version = $5, record = $4
@@ -457,8 +449,13 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
             ),
             &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, INT8, TIMESTAMPTZ],
         ),
-        delete: statement(format!("DELETE FROM {table} WHERE key = $1"), &[BYTEA]),
+        delete: statement(
+            "delete",
+            format!("DELETE FROM {table} WHERE key = $1"),
+            &[BYTEA],
+        ),
         delete_expired: statement(
+            "delete_expired",
             format!(
                 // The batch is found through the expiry index and deleted by
                 // tuple id; the second test of the date skips a row that a
@@ -480,6 +477,16 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
             lock,
             create,
             create_schema,
+            statements: [
+                &statements.load,
+                &statements.create,
+                &statements.save,
+                &statements.update,
+                &statements.delete,
+                &statements.delete_expired,
+            ]
+            .map(Statement::clone)
+            .to_vec(),
         },
     );
     (pool, statements)

@@ -9,7 +9,7 @@ use std::{
 
 use super::{
     config::Config,
-    wire::{oid, Conn, Param, Reply, WireError},
+    wire::{oid, Conn, Param, Reply, Statement, WireError},
 };
 use crate::{
     session_store::{Error, Result},
@@ -18,6 +18,11 @@ use crate::{
 
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
+/// SQLSTATE `invalid_sql_statement_name`: no prepared statement of that name on the
+/// server connection the request reached.
+const NO_SUCH_STATEMENT: &str = "26000";
+/// SQLSTATE `duplicate_prepared_statement`: the server connection already has it.
+const DUPLICATE_STATEMENT: &str = "42P05";
 
 /// Sets the statement timeout for the rest of the implicit transaction that a
 /// request's sync ends (`is_local`): never a session setting, which a pooler in
@@ -39,6 +44,9 @@ pub(crate) struct Setup {
     pub(crate) create_schema: String,
     /// Creates the table and its index if they are missing.
     pub(crate) create: String,
+    /// The operations' statements, prepared by name on each connection while that
+    /// lasts (see `Pool::named`), with the statement timeout's.
+    pub(crate) statements: Vec<Statement>,
 }
 
 pub(crate) struct Pool {
@@ -52,6 +60,19 @@ pub(crate) struct Pool {
     /// Set once this store has seen its table: new connections then need nothing
     /// more.
     ready: AtomicBool,
+    /// Whether statements are prepared by name once per connection (`true` until a
+    /// server says otherwise), or sent whole with each request. A server reached
+    /// directly keeps what a connection prepared, and a statement prepared is
+    /// neither parsed nor planned again (a load costs about two thirds of what it
+    /// does unnamed). Through a pooler in transaction or statement mode (PgBouncer
+    /// before 1.21, or without `max_prepared_statements`), a request may reach a
+    /// server connection that never saw the preparation (`26000`), or one that
+    /// another client connection prepared already (`42P05`): nothing of such a
+    /// request ran, and from then on the store sends every statement whole, and the
+    /// request runs again so.
+    named: AtomicBool,
+    /// The statement timeout's own statement (also among those prepared).
+    timeout_statement: Statement,
     conns: pool::Pool<Conn>,
 }
 
@@ -72,13 +93,17 @@ fn conn_of<'l>(lent: &'l mut Lent<'_, Conn>) -> &'l mut Conn {
 }
 
 impl Pool {
-    pub(crate) fn new(config: Config, timeout: Duration, max: usize, setup: Setup) -> Self {
+    pub(crate) fn new(config: Config, timeout: Duration, max: usize, mut setup: Setup) -> Self {
+        let timeout_statement = Statement::new("timeout", LOCAL_TIMEOUT.to_owned(), &[oid::TEXT]);
+        setup.statements.push(timeout_statement.clone());
         Self {
             config,
             timeout,
             timeout_ms: timeout.as_millis().max(1).to_string(),
             setup,
             ready: AtomicBool::new(false),
+            named: AtomicBool::new(true),
+            timeout_statement,
             conns: pool::Pool::new(max, timeout),
         }
     }
@@ -118,20 +143,36 @@ impl Pool {
             let mut lent = self.get(retried).await?;
             let reused = lent.reused;
             let conn = conn_of(&mut lent);
-            conn.clear_request();
-            conn.push_statement(
-                LOCAL_TIMEOUT,
-                &[oid::TEXT],
-                &[Param::Text(&self.timeout_ms)],
-            )
-            .map_err(Error::backend)?;
-            build(conn).map_err(Error::backend)?;
-            conn.push_sync();
-            let result = conn.exchange().await;
+            let named = self.named.load(Ordering::Acquire);
+            let result = match self.prepare(conn, named).await {
+                Ok(()) => {
+                    conn.clear_request();
+                    conn.named = named;
+                    conn.push(&self.timeout_statement, &[Param::Text(&self.timeout_ms)])
+                        .map_err(Error::backend)?;
+                    build(conn).map_err(Error::backend)?;
+                    conn.push_sync();
+                    conn.exchange().await
+                }
+                Err(err) => Err(err),
+            };
             match result {
                 Ok(mut reply) => {
                     reply.resent = resent;
                     return Ok(reply);
+                }
+                Err(err)
+                    if named
+                        && matches!(err.code(), Some(NO_SUCH_STATEMENT | DUPLICATE_STATEMENT)) =>
+                {
+                    if self.named.swap(false, Ordering::AcqRel) {
+                        log::info!(
+                            "PostgreSQL: a prepared statement was not where it was prepared \
+                             ({err}): a connection pooler in transaction or statement mode \
+                             is in between, so this store sends its statements whole from \
+                             now on"
+                        );
+                    }
                 }
                 Err(err) if err.code() == Some(UNDEFINED_TABLE) && !retried => {
                     self.ready.store(false, Ordering::Release);
@@ -168,6 +209,19 @@ impl Pool {
             self.ensure_table(conn_of(&mut lent)).await?;
         }
         Ok(lent)
+    }
+
+    /// Prepares the statements by name on `conn` if they are to be (`named`) and it
+    /// has not yet: one round trip per connection.
+    async fn prepare(&self, conn: &mut Conn, named: bool) -> std::result::Result<(), WireError> {
+        if !named || conn.prepared {
+            return Ok(());
+        }
+        conn.clear_request();
+        conn.push_prepare(&self.setup.statements)?;
+        conn.exchange().await?;
+        conn.prepared = true;
+        Ok(())
     }
 
     /// The simple-query form of [`LOCAL_TIMEOUT`], to lead a query string: the

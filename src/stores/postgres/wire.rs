@@ -203,6 +203,35 @@ pub(crate) struct Conn {
     /// read to the end: a connection left in this state (an error, a timeout, a
     /// dropped future) no longer knows where the server is, and is closed.
     busy: bool,
+    /// `true` once the store's statements are prepared by name on this connection.
+    pub(crate) prepared: bool,
+    /// How the request being built sends its statements: by name (prepared) or
+    /// whole (unnamed).
+    pub(crate) named: bool,
+}
+
+/// A statement of the store: its SQL, the types of its parameters, and the name it
+/// is prepared under: `portable_sessions_`, what it does, and a digest of the SQL,
+/// so that a server connection that knows the name (a pooler may hand one over from
+/// another client of this crate) knows this very statement.
+#[derive(Clone, Debug)]
+pub(crate) struct Statement {
+    pub(crate) name: String,
+    pub(crate) sql: String,
+    pub(crate) types: &'static [Oid],
+}
+
+impl Statement {
+    /// `label` says what it does, in at most 20 bytes (names stop at 63).
+    pub(crate) fn new(label: &str, sql: String, types: &'static [Oid]) -> Self {
+        use fmt::Write;
+        use sha2::{Digest, Sha256};
+        let mut name = format!("portable_sessions_{label}_");
+        for byte in &Sha256::digest(sql.as_bytes())[..12] {
+            let _ = write!(name, "{byte:02x}");
+        }
+        Self { name, sql, types }
+    }
 }
 
 impl fmt::Debug for Conn {
@@ -226,22 +255,31 @@ fn too_large(_: std::io::Error) -> WireError {
 }
 
 impl Conn {
-    /// Queues `sql` as the unnamed statement, with the types of its parameters, and a
-    /// bind and execute of it with `params` (binary format, as are the results). No
-    /// sync: [`push_sync`](Conn::push_sync) ends the request.
-    ///
-    /// Nothing is prepared by name: each request carries its statements, so it runs
-    /// on whichever server connection a pooler such as PgBouncer hands it.
-    pub(crate) fn push_statement(
+    /// Queues a bind and execute of `statement` with `params` (binary format, as are
+    /// the results): by its name when the request is [`named`](Conn::named), and
+    /// otherwise preceded by its SQL as the unnamed statement, so that the request
+    /// carries all it needs to run on whichever server connection a pooler such as
+    /// PgBouncer hands it. No sync: [`push_sync`](Conn::push_sync) ends the request.
+    pub(crate) fn push(
         &mut self,
-        sql: &str,
-        types: &[Oid],
+        statement: &Statement,
         params: &[Param<'_>],
     ) -> Result<(), WireError> {
-        frontend::parse("", sql, types.iter().copied(), &mut self.write).map_err(too_large)?;
+        let name = if self.named {
+            statement.name.as_str()
+        } else {
+            frontend::parse(
+                "",
+                &statement.sql,
+                statement.types.iter().copied(),
+                &mut self.write,
+            )
+            .map_err(too_large)?;
+            ""
+        };
         frontend::bind(
             "",
-            "",
+            name,
             [1],
             params.iter().copied(),
             |param, buf| {
@@ -259,6 +297,21 @@ impl Conn {
         )
         .map_err(|_| WireError::Protocol("a parameter is too large".into()))?;
         frontend::execute("", 0, &mut self.write).map_err(too_large)
+    }
+
+    /// Queues the preparation of `statements` by name, and a sync.
+    pub(crate) fn push_prepare(&mut self, statements: &[Statement]) -> Result<(), WireError> {
+        for statement in statements {
+            frontend::parse(
+                &statement.name,
+                &statement.sql,
+                statement.types.iter().copied(),
+                &mut self.write,
+            )
+            .map_err(too_large)?;
+        }
+        frontend::sync(&mut self.write);
+        Ok(())
     }
 
     /// Queues a sync: the end of a request of statements, and of the implicit
@@ -326,6 +379,8 @@ impl Conn {
             socket,
             write: BytesMut::with_capacity(1024),
             busy: true,
+            prepared: false,
+            named: false,
         };
         // As in libpq, never over a Unix socket, which stays on this machine.
         let tcp = matches!(config.address, Address::Tcp(..));

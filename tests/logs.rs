@@ -19,6 +19,37 @@ tests_in_both_modes!(
     a_session_dated_in_the_past_is_reported,
 );
 
+#[cfg(feature = "postgres")]
+#[test]
+fn a_server_reached_directly_keeps_its_prepared_statements() {
+    common::block(keeps_its_prepared_statements());
+}
+
+/// A PostgresStore on a server reached directly keeps its statements prepared: it
+/// never takes the server for a pooler that loses them (which it would report).
+#[cfg(feature = "postgres")]
+#[maybe_async::maybe_async]
+async fn keeps_its_prepared_statements() {
+    let switched = "sends its statements whole";
+    records_with(log::Level::Info, "");
+    let schema = common::PgSchema::new("logs_named");
+    let store = schema.store().with_max_connections(4);
+    let mut records = Vec::new();
+    for n in 0..40u64 {
+        let mut record = common::live_record(n);
+        store.create(&mut record).await.unwrap();
+        records.push(record);
+    }
+    for record in &records {
+        store.save(record).await.unwrap();
+        let loaded = store.load(&record.id).await.unwrap();
+        assert_eq!(loaded.as_ref(), Some(record));
+        let updated = store.update(record).await.unwrap();
+        assert!(matches!(updated, Update::Written(_)), "{updated:?}");
+    }
+    assert_eq!(records_with(log::Level::Info, switched), 0);
+}
+
 static RECORDS: Mutex<Vec<(log::Level, String)>> = Mutex::new(Vec::new());
 
 struct Capture;
@@ -40,6 +71,12 @@ impl log::Log for Capture {
 
 /// Installs the capture (once) and returns how many warnings so far contain `text`.
 fn warnings_with(text: &str) -> usize {
+    records_with(log::Level::Warn, text)
+}
+
+/// Installs the capture (once) and returns how many records of `level` so far
+/// contain `text`.
+fn records_with(level: log::Level, text: &str) -> usize {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
         log::set_logger(&Capture).unwrap();
@@ -49,7 +86,7 @@ fn warnings_with(text: &str) -> usize {
         .lock()
         .unwrap()
         .iter()
-        .filter(|(level, message)| *level == log::Level::Warn && message.contains(text))
+        .filter(|(at, message)| *at == level && message.contains(text))
         .count()
 }
 

@@ -67,10 +67,11 @@ fn postgres(test: &str) -> Backend {
         through: Arc::new(through),
         direct: Arc::new(direct),
         // The conditional write: by its prepared statement's name, or sent whole
-        // (the one statement that starts with a CTE).
+        // (the one statement that starts with a CTE), never both (a connection's
+        // preparation of its statements).
         is_update: |request| {
             common::proxy::contains(request, b"portable_sessions_update_")
-                || common::proxy::contains(request, b"WITH written AS")
+                != common::proxy::contains(request, b"WITH written AS")
         },
         _schema: Some(schema),
     }

@@ -70,9 +70,9 @@ async fn postgres_store_conforms() {
 }
 
 /// Through PgBouncer in transaction and statement mode, with no setting of the
-/// store's changed: the statements travel unnamed with each operation, the statement
-/// timeout is set for each operation's own transaction, and the table is created in
-/// one transaction.
+/// store's changed: the statements travel unnamed once a request finds a server
+/// connection without them, the statement timeout is set for each operation's own
+/// transaction, and the table is created in one transaction.
 #[maybe_async::maybe_async]
 async fn postgres_store_conforms_through_pgbouncer() {
     let bouncer = PgBouncer::start();

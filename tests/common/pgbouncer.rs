@@ -8,8 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rustix::process::{kill_process, Pid, Signal};
-
 use super::{as_postgres_user, give_to_postgres_user, TempDir};
 
 /// PgBouncer's pool modes that hand a client's transactions (or statements) to any
@@ -162,8 +160,9 @@ impl PgBouncer {
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
-        // SIGTERM: immediate shutdown, closing every connection.
-        let _ = kill_process(Pid::from_child(&self.child), Signal::TERM);
+        // SIGKILL: nothing of it is kept, and SIGTERM waits for clients to leave
+        // from PgBouncer 1.23 on.
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

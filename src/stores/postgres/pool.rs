@@ -154,7 +154,13 @@ impl Pool {
                     conn.push_sync();
                     conn.exchange().await
                 }
-                Err(err) => Err(err),
+                Err(err) => {
+                    // Statements a failed preparation made before it stopped stay on
+                    // the server: the connection is not used again, so that none is
+                    // ever prepared twice on it.
+                    lent.discard = true;
+                    Err(err)
+                }
             };
             match result {
                 Ok(mut reply) => {
@@ -212,13 +218,17 @@ impl Pool {
     }
 
     /// Prepares the statements by name on `conn` if they are to be (`named`) and it
-    /// has not yet: one round trip per connection.
+    /// has not yet: one round trip per connection, under the statement timeout
+    /// (parsing takes the table's locks, which a schema change may hold).
     async fn prepare(&self, conn: &mut Conn, named: bool) -> std::result::Result<(), WireError> {
         if !named || conn.prepared {
             return Ok(());
         }
         conn.clear_request();
-        conn.push_prepare(&self.setup.statements)?;
+        conn.named = false;
+        conn.push(&self.timeout_statement, &[Param::Text(&self.timeout_ms)])?;
+        conn.push_parses(&self.setup.statements)?;
+        conn.push_sync();
         conn.exchange().await?;
         conn.prepared = true;
         Ok(())

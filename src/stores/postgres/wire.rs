@@ -211,9 +211,9 @@ pub(crate) struct Conn {
 }
 
 /// A statement of the store: its SQL, the types of its parameters, and the name it
-/// is prepared under: `portable_sessions_`, what it does, and a digest of the SQL,
-/// so that a server connection that knows the name (a pooler may hand one over from
-/// another client of this crate) knows this very statement.
+/// is prepared under: `portable_sessions_`, what it does, and a digest of the SQL
+/// and the types, so that a server connection that knows the name (a pooler may
+/// hand one over from another client of this crate) knows this very statement.
 #[derive(Clone, Debug)]
 pub(crate) struct Statement {
     pub(crate) name: String,
@@ -227,7 +227,12 @@ impl Statement {
         use fmt::Write;
         use sha2::{Digest, Sha256};
         let mut name = format!("portable_sessions_{label}_");
-        for byte in &Sha256::digest(sql.as_bytes())[..12] {
+        let mut digest = Sha256::new();
+        digest.update(sql.as_bytes());
+        for oid in types {
+            digest.update(oid.to_be_bytes());
+        }
+        for byte in &digest.finalize()[..12] {
             let _ = write!(name, "{byte:02x}");
         }
         Self { name, sql, types }
@@ -299,8 +304,8 @@ impl Conn {
         frontend::execute("", 0, &mut self.write).map_err(too_large)
     }
 
-    /// Queues the preparation of `statements` by name, and a sync.
-    pub(crate) fn push_prepare(&mut self, statements: &[Statement]) -> Result<(), WireError> {
+    /// Queues the preparation of `statements` by name. No sync.
+    pub(crate) fn push_parses(&mut self, statements: &[Statement]) -> Result<(), WireError> {
         for statement in statements {
             frontend::parse(
                 &statement.name,
@@ -310,7 +315,6 @@ impl Conn {
             )
             .map_err(too_large)?;
         }
-        frontend::sync(&mut self.write);
         Ok(())
     }
 

@@ -481,24 +481,10 @@ impl PgServer {
         let dir = common::TempDir::new("pg-server");
         common::give_to_postgres_user(&dir);
         std::fs::write(dir.0.join("pw"), PASSWORD).unwrap();
-        let output = as_server_user("initdb")
-            .arg("-D")
-            .arg(dir.0.join("data"))
-            .args([
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--auth=scram-sha-256",
-            ])
-            .arg(format!("--pwfile={}", dir.0.join("pw").display()))
-            .output()
-            .expect("initdb runs");
-        assert!(
-            output.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        let pwfile = format!("--pwfile={}", dir.0.join("pw").display());
+        common::initdb(
+            &dir.0.join("data"),
+            &["--auth=scram-sha-256".as_ref(), pwfile.as_ref()],
         );
         let mut server = Self { dir, child: None };
         server.run();

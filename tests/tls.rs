@@ -97,14 +97,7 @@ impl Pki {
     /// Hands the files to the `postgres` user when we are root: the server refuses a
     /// key file another user owns.
     fn give_to_postgres(&self) {
-        if rustix::process::getuid().is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&self.dir.0)
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
+        common::give_to_postgres_user(&self.dir);
         for entry in std::fs::read_dir(&self.dir.0).unwrap() {
             use std::os::unix::fs::PermissionsExt;
             let path = entry.unwrap().path();
@@ -272,26 +265,9 @@ struct PgTls {
 impl PgTls {
     fn start(pki: &Pki) -> Self {
         let dir = TempDir::new("pg-tls");
-        if rustix::process::getuid().is_root() {
-            let status = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&dir.0)
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
+        common::give_to_postgres_user(&dir);
         let data = dir.0.join("data");
-        let output = common::as_postgres_user(common::pg_bin("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "-E", "UTF8", "--no-sync", "--auth=trust"])
-            .output()
-            .expect("initdb runs");
-        assert!(
-            output.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        common::initdb(&data, &["--auth=trust".as_ref()]);
         // Written by the server's user (the directory is theirs).
         let hba = "local all all trust\n\
                    hostssl mtls all 127.0.0.1/32 trust clientcert=verify-ca\n\
@@ -555,10 +531,7 @@ async fn redis_reconnects_over_tls_after_a_restart() {
     server.restart();
     // The pooled connection died with the server: the next operation finds it
     // closed and connects again, with a new handshake.
-    let mut record = live_record(3);
-    store.create(&mut record).await.unwrap();
-    let loaded = store.load(&record.id).await.unwrap();
-    assert_eq!(loaded, Some(record));
+    round_trip(&store).await;
 }
 
 #[maybe_async::maybe_async]
@@ -689,10 +662,7 @@ async fn postgres_reconnects_over_tls_after_a_restart() {
     let store = postgres(&url).unwrap();
     round_trip(&store).await;
     server.restart(&pki);
-    let mut record = live_record(3);
-    store.create(&mut record).await.unwrap();
-    let loaded = store.load(&record.id).await.unwrap();
-    assert_eq!(loaded, Some(record));
+    round_trip(&store).await;
 }
 
 tests_in_both_modes!(

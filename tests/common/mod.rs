@@ -229,6 +229,23 @@ pub fn as_postgres_user(program: impl AsRef<std::ffi::OsStr>) -> std::process::C
     }
 }
 
+/// Makes a PostgreSQL cluster in `data` (user `postgres`, UTF-8, no fsync), with
+/// initdb's `extra` arguments (authentication, a password file).
+pub fn initdb(data: &std::path::Path, extra: &[&std::ffi::OsStr]) {
+    let output = as_postgres_user(pg_bin("initdb"))
+        .arg("-D")
+        .arg(data)
+        .args(["-U", "postgres", "-E", "UTF8", "--no-sync"])
+        .args(extra)
+        .output()
+        .expect("initdb runs");
+    assert!(
+        output.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Gives `dir` to the `postgres` user when we are root, so that a server run as
 /// [`as_postgres_user`] may write there.
 pub fn give_to_postgres_user(dir: &TempDir) {

@@ -9,7 +9,6 @@
 mod common;
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration as StdDuration, Instant},
@@ -107,53 +106,6 @@ impl Pki {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago. A server that then fails to
-/// take it is started again on another (see [`start_on_a_free_port`]).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs `spawn` on free ports until its server listens: a port taken by another
-/// program between the probe and the server's bind makes the server exit, and the
-/// next try takes another port. Never connects to a port the child did not take.
-fn start_on_a_free_port(what: &str, mut spawn: impl FnMut(u16) -> Child) -> (u16, Child) {
-    for _ in 0..5 {
-        let port = free_port();
-        let mut child = spawn(port);
-        if wait_listening(what, port, &mut child) {
-            return (port, child);
-        }
-    }
-    panic!("{what} could not take a free port in five tries");
-}
-
-/// Waits until the child listens on `port` (`true`) or exits (`false`).
-fn wait_listening(what: &str, port: u16, child: &mut Child) -> bool {
-    let deadline = Instant::now() + StdDuration::from_secs(20);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            // The child is still the one listening: a bind that failed ends it.
-            std::thread::sleep(StdDuration::from_millis(20));
-            if let Ok(Some(_)) = child.try_wait() {
-                return false;
-            }
-            return true;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not listen on 127.0.0.1:{port} within 20 s"
-        );
-        std::thread::sleep(StdDuration::from_millis(10));
-    }
-}
-
 /// A `redis-server` listening with TLS only, on 127.0.0.1.
 struct RedisTls {
     port: u16,
@@ -182,7 +134,8 @@ impl RedisTls {
             "--tls-auth-clients".into(),
             if auth_clients { "yes" } else { "no" }.into(),
         ];
-        let (port, child) = start_on_a_free_port("redis-server", |port| Self::spawn(&args, port));
+        let (port, child) =
+            common::start_on_a_free_port("redis-server", |port| Self::spawn(&args, port));
         Self { port, child, args }
     }
 
@@ -229,7 +182,7 @@ impl RedisTls {
         self.child.wait().unwrap();
         for _ in 0..50 {
             self.child = Self::spawn(&self.args, self.port);
-            if wait_listening("redis-server", self.port, &mut self.child) {
+            if common::wait_listening("redis-server", self.port, &mut self.child) {
                 return;
             }
             std::thread::sleep(StdDuration::from_millis(100));
@@ -279,7 +232,8 @@ impl PgTls {
             port: 0,
             child: None,
         };
-        let (port, child) = start_on_a_free_port("postgres", |port| server.spawn(pki, port));
+        let (port, child) =
+            common::start_on_a_free_port("postgres", |port| server.spawn(pki, port));
         server.port = port;
         server.child = Some(child);
         server.wait_ready();
@@ -359,7 +313,7 @@ impl PgTls {
         let pid_file = self.dir.0.join("data").join("postmaster.pid");
         for _ in 0..100 {
             let mut child = self.spawn(pki, self.port);
-            if wait_listening("postgres", self.port, &mut child) {
+            if common::wait_listening("postgres", self.port, &mut child) {
                 self.child = Some(child);
                 self.wait_ready();
                 return;

@@ -686,3 +686,53 @@ pub fn created(store: &portable_sessions::RedisStore, n: u64) -> Vec<Record> {
         })
         .collect()
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago. A server that then fails to
+/// take it is started again on another (see [`start_on_a_free_port`]).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `spawn` on free ports until its server listens: a port taken by another
+/// program between the probe and the server's bind makes the server exit, and the
+/// next try takes another port. Never connects to a port the child did not take.
+pub fn start_on_a_free_port(
+    what: &str,
+    mut spawn: impl FnMut(u16) -> std::process::Child,
+) -> (u16, std::process::Child) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn(port);
+        if wait_listening(what, port, &mut child) {
+            return (port, child);
+        }
+    }
+    panic!("{what} could not take a free port in five tries");
+}
+
+/// Waits until the child listens on `port` (`true`) or exits (`false`).
+pub fn wait_listening(what: &str, port: u16, child: &mut std::process::Child) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // The child is still the one listening: a bind that failed ends it.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            return true;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on 127.0.0.1:{port} within 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

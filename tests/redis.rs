@@ -53,120 +53,6 @@ fn keys(conn: &mut redis::Connection, prefix: &str) -> Vec<String> {
         .unwrap()
 }
 
-/// A `redis-server` of the test's own on a free TCP port of 127.0.0.1 (replicas
-/// reach their primary over TCP), without persistence; a replica of `primary` if
-/// given.
-struct RedisTcp {
-    port: u16,
-    child: Child,
-}
-
-impl RedisTcp {
-    fn start(primary: Option<u16>) -> Self {
-        let (port, child) = common::start_on_a_free_port("redis-server", |port| {
-            let mut command = Command::new("redis-server");
-            command
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                // A replica's first sync starts at once, not 5 s later.
-                .args(["--repl-diskless-sync-delay", "0"]);
-            if let Some(primary) = primary {
-                command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
-            }
-            command
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server runs")
-        });
-        Self { port, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill_process(Pid::from_child(&self.child), signal).unwrap();
-    }
-
-    /// How many replicas of the server are in sync (`state=online` in `INFO
-    /// replication`): those that acknowledge writes.
-    fn replicas(&self) -> usize {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query(&mut raw(&self.url()))
-            .unwrap();
-        info.lines()
-            .filter(|line| line.starts_with("slave") && line.contains("state=online"))
-            .count()
-    }
-}
-
-impl Drop for RedisTcp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `wait_replicas=1`: each write goes with a `WAIT` in the same round trip, and
-/// fails, saying so, when no replica acknowledges it in time (a frozen replica);
-/// asking for more replicas than there are fails every write. Reads never wait.
-#[maybe_async::maybe_async]
-async fn writes_wait_for_their_replicas() {
-    let primary = RedisTcp::start(None);
-    let replica = RedisTcp::start(Some(primary.port));
-    wait_for("the replica to connect", || primary.replicas() == 1);
-    wait_for("the replica to acknowledge a write", || {
-        let mut conn = raw(&primary.url());
-        redis::cmd("SET")
-            .arg("probe")
-            .arg(1)
-            .exec(&mut conn)
-            .unwrap();
-        let acked: i64 = redis::cmd("WAIT").arg(1).arg(100).query(&mut conn).unwrap();
-        acked == 1
-    });
-    let url = format!("{}?wait_replicas=1", primary.url());
-    let store = RedisStore::new(&url)
-        .unwrap()
-        .with_timeout(StdDuration::from_secs(1));
-    testing::check_store(&store).await;
-    testing::check_update(&store).await;
-
-    let mut kept = live_record(1);
-    store.create(&mut kept).await.unwrap();
-    replica.signal(Signal::STOP);
-    let started = Instant::now();
-    let mut record = live_record(2);
-    let created = store.create(&mut record).await;
-    assert!(is_backend(&created), "{created:?}");
-    let report = created.unwrap_err().report();
-    assert!(report.contains("reached 0 of the 1 replicas"), "{report}");
-    assert!(
-        started.elapsed() < StdDuration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
-    // On the primary all the same, and reads do not wait.
-    let loaded = store.load(&record.id).await.unwrap();
-    assert_eq!(loaded, Some(record.clone()));
-    let updated = store.update(&kept).await.unwrap_err().report();
-    assert!(updated.contains("replicas"), "{updated}");
-    replica.signal(Signal::CONT);
-    store.save(&record).await.unwrap();
-    store.delete(&record.id).await.unwrap();
-
-    let two = RedisStore::new(&primary.url())
-        .unwrap()
-        .with_wait_replicas(2)
-        .with_timeout(StdDuration::from_secs(1));
-    let report = two.save(&kept).await.unwrap_err().report();
-    assert!(report.contains("reached 1 of the 2 replicas"), "{report}");
-}
-
 /// A `redis-server` of the test's own, without persistence, listening only on a Unix
 /// socket in a temporary directory of its own: no other test (or program) can take
 /// its address, before it starts or while it is down for a restart.
@@ -675,7 +561,6 @@ tests_in_both_modes!(
     a_killed_server_gives_backend_errors_then_the_store_recovers,
     a_restart_between_operations_costs_no_error,
     a_frozen_server_times_out_then_the_store_recovers,
-    writes_wait_for_their_replicas,
 );
 
 #[test]

@@ -22,8 +22,6 @@ pub(crate) struct Config {
     pub(crate) insecure_auth: bool,
     /// TLS (`rediss://`), with its parameters.
     pub(crate) tls: Option<tls::Options>,
-    /// `wait_replicas=N`: each write waits until N replicas hold it.
-    pub(crate) wait_replicas: u32,
 }
 
 impl fmt::Debug for Config {
@@ -36,7 +34,6 @@ impl fmt::Debug for Config {
             .field("db", &self.db)
             .field("insecure_auth", &self.insecure_auth)
             .field("tls", &self.tls)
-            .field("wait_replicas", &self.wait_replicas)
             .finish()
     }
 }
@@ -83,7 +80,6 @@ impl Config {
                         db: 0,
                         insecure_auth: false,
                         tls: None,
-                        wait_replicas: 0,
                     }
                 }
                 #[cfg(not(unix))]
@@ -118,11 +114,6 @@ impl Config {
                         _ => return Err(invalid("insecure_auth takes true or false")),
                     }
                 }
-                "wait_replicas" => {
-                    config.wait_replicas = value
-                        .parse()
-                        .map_err(|_| invalid("wait_replicas is not a number of replicas"))?;
-                }
                 "cacert" | "cert" | "key" | "sni" | "insecure" => {
                     let Some(tls) = &mut config.tls else {
                         return Err(invalid(format_args!(
@@ -147,7 +138,7 @@ impl Config {
                 _ => {
                     return Err(invalid(
                         "unknown parameter (known: db, user, pass, password, insecure_auth, \
-                         wait_replicas, and with rediss:// cacert, cert, key, sni, insecure)",
+                         and with rediss:// cacert, cert, key, sni, insecure)",
                     ))
                 }
             }
@@ -214,7 +205,6 @@ impl Config {
             db,
             insecure_auth: false,
             tls: None,
-            wait_replicas: 0,
         })
     }
 }
@@ -268,15 +258,6 @@ mod tests {
             .tls
             .unwrap();
         assert_eq!(tls.verify, tls::Verify::Nothing);
-    }
-
-    #[test]
-    fn wait_replicas_is_a_count() {
-        assert_eq!(Config::parse("redis://h").unwrap().wait_replicas, 0);
-        let config = Config::parse("redis://h?wait_replicas=2").unwrap();
-        assert_eq!(config.wait_replicas, 2);
-        assert!(Config::parse("redis://h?wait_replicas=-1").is_err());
-        assert!(Config::parse("redis://h?wait_replicas=all").is_err());
     }
 
     #[test]

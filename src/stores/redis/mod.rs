@@ -195,26 +195,6 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// else (another crypto provider, pinned certificates, protocol versions), give a
 /// whole configuration to [`with_tls_config`](RedisStore::with_tls_config).
 ///
-/// # Writes that survive a failover
-///
-/// Redis replicates asynchronously: a write the primary acknowledged, a logout above
-/// all, is lost if the primary fails before a replica has it, and the session comes
-/// back. With `wait_replicas=N` in the URL (or
-/// [`with_wait_replicas`](RedisStore::with_wait_replicas)), each write (`create`,
-/// `save`, `delete`, `update`) is followed by `WAIT N` in the same round trip, and
-/// succeeds only once N replicas have acknowledged it, within three quarters of the
-/// timeout.
-///
-/// - What it guarantees: a write that returned `Ok` was in the memory of N replicas,
-///   so a failover that promotes one of them keeps it (Sentinel and Cluster promote
-///   the replica that has replicated the most).
-/// - What it does not: a write that failed this way is on the primary and may or may
-///   not survive (the error says so); a replica that restarts without persistence
-///   forgets it; reads are not made to wait, so a read on a replica may not see it.
-/// - What it costs: the replicas' acknowledgement on each write (on this machine's
-///   loopback, a few tens of microseconds), and while it waits, the commands
-///   pipelined behind it on the same connection wait too.
-///
 /// # Examples
 ///
 /// Two store values standing in for two server processes share sessions (this needs a
@@ -393,16 +373,6 @@ impl RedisStore {
         Ok(self)
     }
 
-    /// Returns the store making each write wait until `replicas` replicas hold it
-    /// (as the URL's `wait_replicas=N` does; 0, the default, waits for none): a
-    /// `WAIT` goes with each write in the same round trip, and a write that fewer
-    /// replicas acknowledge within three quarters of the timeout fails with
-    /// [`Error::Backend`]. See [Writes that survive a failover](RedisStore#writes-that-survive-a-failover).
-    pub fn with_wait_replicas(mut self, replicas: u32) -> Self {
-        Arc::make_mut(&mut self.config).wait_replicas = replicas;
-        self
-    }
-
     /// Returns the store putting its keys under `prefix`, so that several
     /// applications (or tests) can share one Redis database.
     pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -510,7 +480,7 @@ impl SessionStore for RedisStore {
             // its id must still be one that no other session holds.
             for _ in 0..MAX_CREATE_ATTEMPTS {
                 let key = self.key(&record.id);
-                let reply = self.read(&[b"EXISTS", key.as_bytes()]).await?;
+                let reply = self.call(&[b"EXISTS", key.as_bytes()]).await?;
                 match reply {
                     Reply::Int(0) => return Ok(()),
                     Reply::Int(_) => record.id = random_id()?,
@@ -525,7 +495,7 @@ impl SessionStore for RedisStore {
             let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
             let key = self.key(&record.id);
             let reply = self
-                .write(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
+                .call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
                 .await?;
             match reply {
                 Reply::Status(_) => return Ok(()),
@@ -543,11 +513,11 @@ impl SessionStore for RedisStore {
             Some(ttl) => {
                 let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
                 let ttl = ttl.to_string();
-                self.write(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
+                self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
                     .await?;
             }
             None => {
-                self.write(&[b"DEL", key.as_bytes()]).await?;
+                self.call(&[b"DEL", key.as_bytes()]).await?;
             }
         }
         Ok(())
@@ -555,7 +525,7 @@ impl SessionStore for RedisStore {
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
         let key = self.key(id);
-        let reply = self.read(&[b"GET", key.as_bytes()]).await?;
+        let reply = self.call(&[b"GET", key.as_bytes()]).await?;
         let bytes = match reply {
             Reply::Nil => return Ok(None),
             Reply::Bulk(bytes) => bytes,
@@ -567,7 +537,7 @@ impl SessionStore for RedisStore {
 
     async fn delete(&self, id: &Id) -> Result<()> {
         let key = self.key(id);
-        self.write(&[b"DEL", key.as_bytes()]).await?;
+        self.call(&[b"DEL", key.as_bytes()]).await?;
         Ok(())
     }
 
@@ -606,20 +576,16 @@ impl SessionStore for RedisStore {
             };
             let sent = match self.shared.script_sha.get() {
                 Some(sha) => {
-                    let by_digest = self.run_on(&mux, &args.call(b"EVALSHA", sha), true).await;
+                    let by_digest = mux.call(&args.call(b"EVALSHA", sha)).await;
                     match by_digest {
                         // The server has forgotten the script: send it whole.
                         Err(err) if err.is_no_script() => {
-                            self.run_on(&mux, &args.call(b"EVAL", UPDATE_SCRIPT), true)
-                                .await
+                            mux.call(&args.call(b"EVAL", UPDATE_SCRIPT)).await
                         }
                         other => other,
                     }
                 }
-                None => {
-                    self.run_on(&mux, &args.call(b"EVAL", UPDATE_SCRIPT), true)
-                        .await
-                }
+                None => mux.call(&args.call(b"EVAL", UPDATE_SCRIPT)).await,
             };
             match sent {
                 // A shared connection the server closed before the reply (it
@@ -660,7 +626,6 @@ impl fmt::Debug for RedisStore {
             .field("server", &format_args!("{}", self.config.address))
             .field("db", &self.config.db)
             .field("tls", &self.tls.is_some())
-            .field("wait_replicas", &self.config.wait_replicas)
             .field("key_prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("max_connections", &self.shared.max)
@@ -670,49 +635,10 @@ impl fmt::Debug for RedisStore {
 
 #[maybe_async::maybe_async]
 impl RedisStore {
-    /// Runs one command that reads and returns its reply; an error reply is an
-    /// error.
-    async fn read(&self, args: &[&[u8]]) -> Result<Reply> {
-        Ok(self.call_raw(args, false).await?)
-    }
-
-    /// Runs one command that writes, as [`run_on`](RedisStore::run_on) does.
-    async fn write(&self, args: &[&[u8]]) -> Result<Reply> {
-        Ok(self.call_raw(args, true).await?)
-    }
-
-    /// Runs one command on `mux` and returns its reply; an error reply is an error.
-    /// A command that writes is followed, with `wait_replicas`, by a `WAIT` in the
-    /// same round trip, and fails if fewer replicas than asked for acknowledge it
-    /// within three quarters of the timeout (the write stays on the primary).
-    async fn run_on(
-        &self,
-        mux: &Mux,
-        args: &[&[u8]],
-        writes: bool,
-    ) -> std::result::Result<Reply, RespError> {
-        let wanted = self.config.wait_replicas;
-        if !writes || wanted == 0 {
-            return mux.call(args).await;
-        }
-        // Its reply is due, as every reply, within the timeout: WAIT gives up first.
-        let within_ms = u64::try_from(self.timeout.as_millis() * 3 / 4)
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let (wanted_text, within_text) = (wanted.to_string(), within_ms.to_string());
-        let wait: [&[u8]; 3] = [b"WAIT", wanted_text.as_bytes(), within_text.as_bytes()];
-        let (written, waited) = mux.call_then(args, &wait).await?;
-        let reply = written.map_err(RespError::Server)?;
-        match waited {
-            Ok(Reply::Int(acked)) if acked >= i64::from(wanted) => Ok(reply),
-            Ok(Reply::Int(acked)) => Err(RespError::Replicas {
-                acked,
-                wanted,
-                within_ms,
-            }),
-            Ok(other) => Err(RespError::Protocol(format!("WAIT answered {other:?}"))),
-            Err(message) => Err(RespError::Server(message)),
-        }
+    /// Runs one command and returns its reply; an error reply is an error.
+    async fn call(&self, args: &[&[u8]]) -> Result<Reply> {
+        let reply = self.call_raw(args).await?;
+        Ok(reply)
     }
 
     /// Runs one command, pipelined on a shared connection.
@@ -728,15 +654,11 @@ impl RedisStore {
     /// `SET` are idempotent; a `SET NX` whose first copy did land finds its key taken,
     /// so `create` draws another id (the first copy expires with its TTL). `update`
     /// does its own retry, which recognises its own first copy.
-    async fn call_raw(
-        &self,
-        args: &[&[u8]],
-        writes: bool,
-    ) -> std::result::Result<Reply, RespError> {
+    async fn call_raw(&self, args: &[&[u8]]) -> std::result::Result<Reply, RespError> {
         let mut retried = false;
         loop {
             let (mux, opened) = self.connection().await?;
-            let result = self.run_on(&mux, args, writes).await;
+            let result = mux.call(args).await;
             match result {
                 Err(err) if !opened && !retried && err.closed_before_reply() => {
                     self.shared.retire(&mux);

@@ -56,9 +56,6 @@ type Waiter = std::task::Waker;
 enum Call {
     /// Sent or queued; its caller waits for the reply.
     Waiting(Option<Waiter>),
-    /// Sent or queued ahead of the next command, whose caller takes this reply with
-    /// its own (see `Mux::call_then`): no one waits on it alone.
-    Held,
     /// The reply came; its caller has not taken it yet.
     Answered(Answer),
     /// Its caller gave up (a dropped future, a timeout); the reply is still to come,
@@ -139,7 +136,7 @@ impl State {
     fn abandon(&mut self, ticket: u64) {
         if let Some(call) = self.call_mut(ticket) {
             match call {
-                Call::Waiting(_) | Call::Held => *call = Call::Abandoned,
+                Call::Waiting(_) => *call = Call::Abandoned,
                 Call::Answered(_) => *call = Call::Done,
                 Call::Abandoned | Call::Done => {}
             }
@@ -158,7 +155,6 @@ impl State {
                 *call = Call::Answered(answer);
                 wake.extend(waiter);
             }
-            Call::Held => *call = Call::Answered(answer),
             Call::Abandoned => {}
             Call::Answered(_) | Call::Done => unreachable!("answered twice"),
         }
@@ -311,25 +307,6 @@ impl Mux {
         (ticket, due)
     }
 
-    /// Queues a command whose reply the caller of the command queued next takes with
-    /// its own, and returns its ticket.
-    fn hold(&self, state: &mut State, args: &[&[u8]]) -> u64 {
-        encode(&mut state.out, args);
-        let ticket = state.next_ticket();
-        state.calls.push_back((Call::Held, due_after(self.timeout)));
-        state.idle_since = None;
-        ticket
-    }
-
-    /// Takes the reply of `held`, once the command after it has its own: replies come
-    /// in order.
-    fn take_held(&self, held: u64) -> Result<Answer, RespError> {
-        self.state
-            .lock()
-            .take(held)
-            .ok_or_else(|| RespError::Protocol("a reply came before the one ahead of it".into()))
-    }
-
     /// Breaks the connection: every caller waiting fails with `error`, and the socket
     /// is shut down, so that a caller blocked reading it returns at once.
     fn break_with(&self, state: &mut State, error: RespError, wake: &mut Vec<Waiter>) {
@@ -381,32 +358,6 @@ impl Mux {
         }
         let answer = self.wait(state, ticket, due)?;
         answer.map_err(RespError::Server)
-    }
-
-    /// Sends two commands one right behind the other, on this connection, and
-    /// returns both replies, each an error reply or not: for a command that must
-    /// follow another on the same connection (`WAIT` after a write).
-    pub(crate) fn call_then(
-        &self,
-        first: &[&[u8]],
-        then: &[&[u8]],
-    ) -> Result<(Answer, Answer), RespError> {
-        let mut state = self.state.lock();
-        if let Some(error) = &state.broken {
-            return Err(error.duplicate());
-        }
-        let held = self.hold(&mut state, first);
-        let (ticket, due) = self.enqueue(&mut state, then, Some(std::thread::current()));
-        if !self.defers(&state) {
-            state = self.flush(state, ticket);
-        }
-        match self.wait(state, ticket, due) {
-            Ok(answer) => Ok((self.take_held(held)?, answer)),
-            Err(err) => {
-                self.state.lock().abandon(held);
-                Err(err)
-            }
-        }
     }
 
     /// Writes what is queued, unless a caller is writing already (it writes ours
@@ -595,45 +546,10 @@ impl Mux {
         let mut pending = Pending {
             mux: self,
             ticket,
-            held: None,
             done: false,
         };
         let answer = std::future::poll_fn(|cx| pending.poll(cx)).await?;
         answer.map_err(RespError::Server)
-    }
-
-    /// Sends two commands one right behind the other, on this connection, and
-    /// returns both replies, each an error reply or not: for a command that must
-    /// follow another on the same connection (`WAIT` after a write). Dropped before
-    /// the replies, both commands still run, as [`call`](Mux::call)'s does.
-    pub(crate) async fn call_then(
-        &self,
-        first: &[&[u8]],
-        then: &[&[u8]],
-    ) -> Result<(Answer, Answer), RespError> {
-        let (held, ticket) = {
-            let mut state = self.state.lock();
-            if let Some(error) = &state.broken {
-                return Err(error.duplicate());
-            }
-            let held = self.hold(&mut state, first);
-            let (ticket, _) = self.enqueue(&mut state, then, None);
-            let mut wake = Vec::new();
-            if !self.defers(&state) {
-                self.write_queued(&mut state, None, &mut wake);
-            }
-            drop(state);
-            wake_all(wake);
-            (held, ticket)
-        };
-        let mut pending = Pending {
-            mux: self,
-            ticket,
-            held: Some(held),
-            done: false,
-        };
-        let answer = std::future::poll_fn(|cx| pending.poll(cx)).await?;
-        Ok((self.take_held(held)?, answer))
     }
 
     /// Hands the reading on to the next caller waiting; with none left, writes what
@@ -757,9 +673,6 @@ impl Mux {
 struct Pending<'a> {
     mux: &'a Mux,
     ticket: u64,
-    /// The command ahead of this one whose reply its caller takes too, if any: given
-    /// up with it.
-    held: Option<u64>,
     done: bool,
 }
 
@@ -778,9 +691,6 @@ impl Pending<'_> {
             if let Some(error) = &state.broken {
                 let error = error.duplicate();
                 state.abandon(self.ticket);
-                if let Some(held) = self.held {
-                    state.abandon(held);
-                }
                 break Some(Err(error));
             }
             match state.reader {
@@ -822,9 +732,6 @@ impl Drop for Pending<'_> {
         let mut wake = Vec::new();
         let mut state = self.mux.state.lock();
         state.abandon(self.ticket);
-        if let Some(held) = self.held {
-            state.abandon(held);
-        }
         // Reading for all, or perhaps just handed the reading (woken, and dropped
         // before it could take it up): another caller reads next.
         if state.reader.is_none() || state.reader == Some(self.ticket) {
@@ -943,39 +850,6 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(200));
             }
             for (n, caller) in callers {
-                assert_eq!(caller.join().unwrap().unwrap(), bulk(n));
-            }
-        });
-        assert!(matches!(mux.standing(), Standing::InFlight(0)));
-    }
-
-    /// Two commands sent together by one caller, beside another caller's: each reply
-    /// reaches its own, an error reply to the first included, and nothing is left
-    /// in flight.
-    #[test]
-    fn a_command_and_the_one_after_it_reach_their_caller_together() {
-        let mut scripted = scripted(Duration::from_secs(5));
-        let (mux, server) = (&scripted.mux, &mut scripted.server);
-        std::thread::scope(|scope| {
-            let pair = scope.spawn(|| {
-                #[cfg(feature = "sync")]
-                let answers = mux.call_then(&[b"GET", b"1"], &[b"GET", b"2"]);
-                #[cfg(not(feature = "sync"))]
-                let answers =
-                    futures_lite::future::block_on(mux.call_then(&[b"GET", b"1"], &[b"GET", b"2"]));
-                answers
-            });
-            let mut expected = get("1");
-            expected.extend(get("2"));
-            receive(server, &expected);
-            let other = start_callers(scope, mux, server, &["3"]);
-            server
-                .write_all(b"-ERR no\r\n$1\r\n2\r\n$1\r\n3\r\n")
-                .unwrap();
-            let (first, then) = pair.join().unwrap().unwrap();
-            assert_eq!(first, Err("ERR no".to_owned()));
-            assert_eq!(then, Ok(bulk("2")));
-            for (n, caller) in other {
                 assert_eq!(caller.join().unwrap().unwrap(), bulk(n));
             }
         });

@@ -45,13 +45,6 @@ pub(crate) enum RespError {
     Server(String),
     /// The server sent something that is not RESP, or not what the command answers.
     Protocol(String),
-    /// A write reached fewer replicas than `wait_replicas` asks for within the time
-    /// `WAIT` had.
-    Replicas {
-        acked: i64,
-        wanted: u32,
-        within_ms: u64,
-    },
 }
 
 impl RespError {
@@ -71,15 +64,6 @@ impl RespError {
             }),
             Self::Server(message) => Self::Server(message.clone()),
             Self::Protocol(what) => Self::Protocol(what.clone()),
-            Self::Replicas {
-                acked,
-                wanted,
-                within_ms,
-            } => Self::Replicas {
-                acked: *acked,
-                wanted: *wanted,
-                within_ms: *within_ms,
-            },
         }
     }
 
@@ -95,16 +79,6 @@ impl fmt::Display for RespError {
             Self::Io(failure) => write!(f, "Redis: {failure}"),
             Self::Server(message) => write!(f, "Redis answered: {message}"),
             Self::Protocol(what) => write!(f, "Redis protocol error: {what}"),
-            Self::Replicas {
-                acked,
-                wanted,
-                within_ms,
-            } => write!(
-                f,
-                "Redis: the write reached {acked} of the {wanted} replicas wait_replicas asks \
-                 for within {within_ms} ms: it is on the primary, and a failover before the \
-                 replicas have it would lose it"
-            ),
         }
     }
 }

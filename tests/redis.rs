@@ -7,7 +7,7 @@
 mod common;
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -87,18 +87,7 @@ impl RedisServer {
         if let Some(password) = password {
             command.args(["--requirepass", password]);
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot run `redis-server` ({err}): these tests start their own servers. \
-                     Install it (Debian: apt-get install redis-server), or run \
-                     `bash scripts/test.sh`, which does"
-                )
-            });
+        let child = common::spawn_redis_server(&mut command);
         let mut server = Self {
             dir,
             password,

@@ -140,19 +140,11 @@ impl RedisTls {
     }
 
     fn spawn(args: &[String], port: u16) -> Child {
-        Command::new("redis-server")
-            .args(args)
-            .args(["--tls-port", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot run `redis-server` ({err}): install it (Debian: apt-get install \
-                     redis-server), or run `bash scripts/test.sh`, which does"
-                )
-            })
+        common::spawn_redis_server(
+            Command::new("redis-server")
+                .args(args)
+                .args(["--tls-port", &port.to_string()]),
+        )
     }
 
     fn url(&self, query: &str) -> String {

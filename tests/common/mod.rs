@@ -736,3 +736,21 @@ pub fn wait_listening(what: &str, port: u16, child: &mut std::process::Child) ->
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// Starts `command` (a `redis-server` and its arguments) with its output discarded,
+/// saying how to install the server when it is missing.
+pub fn spawn_redis_server(command: &mut std::process::Command) -> std::process::Child {
+    use std::process::Stdio;
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot run `redis-server` ({err}): these tests start their own servers. \
+                 Install it (Debian: apt-get install redis-server), or run \
+                 `bash scripts/test.sh`, which does"
+            )
+        })
+}

@@ -500,6 +500,126 @@ mod postgres {
         assert!(err.contains("role reached in plain text"), "{err}");
     }
 
+    /// One request's messages, tag and body, up to its end: a Sync, or a simple
+    /// Query (which is a request alone). `buf` keeps what was read past it.
+    fn request(stream: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<Vec<(u8, Vec<u8>)>> {
+        let mut messages = Vec::new();
+        loop {
+            let mut fill = |buf: &mut Vec<u8>, n: usize| -> std::io::Result<()> {
+                while buf.len() < n {
+                    let more = stream.read_some(1)?;
+                    if more.is_empty() {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    buf.extend(more);
+                }
+                Ok(())
+            };
+            fill(buf, 5)?;
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            fill(buf, 1 + len)?;
+            let tag = buf[0];
+            let body = buf[5..1 + len].to_vec();
+            buf.drain(..1 + len);
+            messages.push((tag, body));
+            if tag == b'S' || tag == b'Q' {
+                return Ok(messages);
+            }
+        }
+    }
+
+    /// A data row of text columns.
+    fn row(columns: &[&[u8]]) -> Vec<u8> {
+        let mut body = (columns.len() as i16).to_be_bytes().to_vec();
+        for column in columns {
+            body.extend_from_slice(&(column.len() as i32).to_be_bytes());
+            body.extend_from_slice(column);
+        }
+        message(b'D', &body)
+    }
+
+    /// A server whose server connections do not keep what a connection prepared, as
+    /// a pooler in transaction mode hands each request another: it answers a bind of
+    /// a statement prepared by name with `26000` (no such statement), and any other
+    /// request as done. It notes each request's kind among what it received.
+    fn forgets_prepared_statements(stream: &mut Conn) -> std::io::Result<()> {
+        startup(stream)?;
+        stream.write_all(&auth(0, b""))?;
+        stream.write_all(&message(b'Z', b"I"))?;
+        let mut buf = Vec::new();
+        loop {
+            let messages = request(stream, &mut buf)?;
+            let named_bind = messages.iter().any(|(tag, body)| {
+                // A bind's body: the portal's name, then the statement's.
+                let mut names = body.split(|&b| b == 0);
+                *tag == b'B' && names.nth(1).is_some_and(|name| !name.is_empty())
+            });
+            let named_parse = messages
+                .iter()
+                .any(|(tag, body)| *tag == b'P' && body[0] != 0);
+            let kind: &[u8] = match (messages[0].0, named_parse, named_bind) {
+                (b'Q', ..) => b"[query]",
+                (_, true, _) => b"[prepare]",
+                (_, false, true) => b"[named]",
+                _ => b"[unnamed]",
+            };
+            stream.seen.lock().unwrap().extend_from_slice(kind);
+            let mut reply = Vec::new();
+            if kind == b"[query]" {
+                // The table's check: it and its schema exist.
+                reply.extend(row(&[b""]));
+                reply.extend(message(b'C', b"SELECT 1\0"));
+                reply.extend(row(&[b"t", b"t"]));
+                reply.extend(message(b'C', b"SELECT 1\0"));
+            } else if kind == b"[named]" {
+                let mut error = b"SERROR\0C26000\0Mprepared statement does not exist\0".to_vec();
+                error.push(0);
+                reply.extend(message(b'E', &error));
+            } else {
+                for (tag, _) in &messages {
+                    match tag {
+                        b'P' => reply.extend(message(b'1', b"")),
+                        b'B' => reply.extend(message(b'2', b"")),
+                        b'E' => reply.extend(message(b'C', b"DELETE 1\0")),
+                        _ => {}
+                    }
+                }
+            }
+            reply.extend(message(b'Z', b"I"));
+            stream.write_all(&reply)?;
+        }
+    }
+
+    /// A request that finds its prepared statement missing ran nothing, and runs
+    /// again with its statements whole; the store sends them whole from then on.
+    #[test]
+    fn statements_go_whole_once_a_server_lacks_a_prepared_one() {
+        let server = FakeServer::start(LOOPBACK, forgets_prepared_statements);
+        let url = format!("postgres://u@{}/d?sslmode=disable", server.addr);
+        let store = PostgresStore::new(&url)
+            .unwrap()
+            .with_timeout(Duration::from_secs(5));
+        common::block(store.delete(&Id::default())).unwrap();
+        common::block(store.delete(&Id::default())).unwrap();
+        let seen = server.received();
+        let kinds: Vec<&str> = ["[query]", "[prepare]", "[named]", "[unnamed]"]
+            .into_iter()
+            .flat_map(|kind| {
+                seen.windows(kind.len())
+                    .enumerate()
+                    .filter(move |(_, w)| *w == kind.as_bytes())
+                    .map(move |(at, _)| (at, kind))
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_values()
+            .collect();
+        assert_eq!(
+            kinds,
+            ["[query]", "[prepare]", "[named]", "[unnamed]", "[unnamed]"],
+            "prepared and refused once, then whole"
+        );
+    }
+
     /// A reply that trickles in a byte at a time is due within the timeout all the
     /// same.
     #[test]

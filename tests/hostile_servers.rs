@@ -281,11 +281,13 @@ mod postgres {
         message(b'R', &body)
     }
 
+    /// A frontend's SSLRequest: its length (8) and code (80877103).
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
     /// Reads the startup message (its length first), after declining TLS (`N`) if the
     /// client asks for it first, as a server without TLS does.
     fn startup(stream: &mut Conn) -> std::io::Result<()> {
         let mut got = stream.read_some(8)?;
-        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
         if got.len() >= 8 && got[..8] == SSL_REQUEST {
             stream.write_all(b"N")?;
             got.drain(..8);
@@ -471,7 +473,6 @@ mod postgres {
     /// Answers an SSLRequest with `answer` and ends that connection; answers a
     /// startup message with an error that says plain text reached the server.
     fn tls_then_plain(stream: &mut Conn, answer: &[u8]) -> std::io::Result<()> {
-        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
         let got = stream.read_some(8)?;
         if got[..8] == SSL_REQUEST {
             return stream.write_all(answer);

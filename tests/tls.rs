@@ -270,26 +270,7 @@ impl PgTls {
     }
 
     fn psql(&self, sql: &str) -> String {
-        let output = common::psql_command()
-            .arg("-h")
-            .arg(&self.dir.0)
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args(["-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            output.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        common::psql_at(&self.dir.0, self.port, "postgres", sql)
     }
 
     fn url(&self, host: &str, db: &str, query: &str) -> String {

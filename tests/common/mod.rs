@@ -288,7 +288,17 @@ pub const SHARED_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// Runs `sql` on the shared PostgreSQL server through `psql` and returns its
 /// unaligned output, one row per line.
 pub fn psql(sql: &str) -> String {
-    let output = psql_command()
+    psql_at("127.0.0.1", 5432, "test", sql)
+}
+
+/// Runs `sql` as `postgres` on database `db` of the server at `host` (a name, an
+/// address, or the directory of its Unix socket) and `port`, through `psql`, and
+/// returns its unaligned output, one row per line.
+pub fn psql_at(host: impl AsRef<std::ffi::OsStr>, port: u16, db: &str, sql: &str) -> String {
+    let output = std::process::Command::new("psql")
+        .arg("-h")
+        .arg(host)
+        .args(["-p", &port.to_string(), "-U", "postgres", "-d", db, "-X"])
         .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
         .unwrap_or_else(|err| {

@@ -4,7 +4,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -138,23 +138,7 @@ impl PgBouncer {
     /// Runs `sql` through the pool in `mode` with `psql`, and returns its unaligned
     /// output.
     pub fn psql(&self, mode: PoolMode, sql: &str) -> String {
-        let output = Command::new("psql")
-            .arg("-h")
-            .arg(&self.dir.0)
-            .args(["-p", &PORT.to_string(), "-U", "postgres", "-d"])
-            .arg(mode.database())
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            output.status.success(),
-            "psql through PgBouncer failed on {sql:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout)
-            .unwrap()
-            .trim_end()
-            .to_owned()
+        super::psql_at(&self.dir.0, PORT, &mode.database(), sql)
     }
 }
 

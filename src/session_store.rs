@@ -5,7 +5,7 @@ use std::fmt::Debug;
 use crate::{
     lifecycle::deletion::{DeletionSchedule, DeletionSummary},
     lifecycle::timer::Timer,
-    session::{Id, Record},
+    session::{Ending, Handle, Id, OwnedSession, Owner, Record},
 };
 
 /// A boxed error as kept inside [`Error`]: any error type, or a message.
@@ -88,6 +88,16 @@ impl Error {
     pub fn is_session_finished(&self) -> bool {
         match self {
             Self::Backend(source) => source.is::<SessionFinished>(),
+            _ => false,
+        }
+    }
+
+    /// Returns `true` if this is an [`Unsupported`]: the store does not keep an
+    /// owner index, so it cannot store a session's owner, list an owner's sessions
+    /// or end them.
+    pub fn is_unsupported(&self) -> bool {
+        match self {
+            Self::Backend(source) => source.is::<Unsupported>(),
             _ => false,
         }
     }
@@ -231,6 +241,35 @@ pub struct SessionGone;
 #[error("the session's request is finished: it can no longer be changed")]
 pub struct SessionFinished;
 
+/// The error inside [`Error::Backend`] when a store is asked for what it does not
+/// implement: an owner's sessions ([`SessionStore::list_owned`],
+/// [`SessionStore::end_owned`]), or a session with an owner, from a store whose
+/// [`supports_owners`](SessionStore::supports_owners) is `false`.
+///
+/// ```
+/// use portable_sessions::session_store::{Error, Unsupported};
+///
+/// let err = Error::backend(Unsupported { store: "MyStore", what: "owners" });
+/// assert!(err.is_unsupported());
+/// assert_eq!(std::error::Error::source(&err).unwrap().to_string(), "MyStore does not support owners");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{store} does not support {what}")]
+pub struct Unsupported {
+    /// The store's type name.
+    pub store: &'static str,
+    /// What it was asked for.
+    pub what: &'static str,
+}
+
+/// The [`Unsupported`] error for a store of type `S` that keeps no owner index.
+fn no_owners<S: ?Sized>() -> Error {
+    Error::backend(Unsupported {
+        store: std::any::type_name::<S>(),
+        what: "session owners (listing and ending an owner's sessions)",
+    })
+}
+
 /// Keeps session records: the interface that every backend implements.
 ///
 /// In async mode (the default) the methods are `async` and the trait is an
@@ -272,6 +311,28 @@ pub struct SessionFinished;
 /// not carry it, and an atomic compare needs it where the backend can read it.
 /// [`testing::check_store`](crate::testing) checks all of this, and fails for a store
 /// that still uses the fallback.
+///
+/// # A user's sessions
+///
+/// A record can name its owner ([`Record::ownership`]: the user it belongs to).
+/// A store that keeps an index of owners says so with
+/// [`supports_owners`](SessionStore::supports_owners) and implements
+/// [`list_owned`](SessionStore::list_owned) and
+/// [`end_owned`](SessionStore::end_owned); the provided ones fail with
+/// [`Unsupported`], and a [`Session`](crate::session::Session) refuses to set an
+/// owner on such a store. A store that supports owners must:
+///
+/// - file a record under its owner in the same atomic step that writes it (`create`,
+///   `save`, `update`), and out of the old owner's entry when `update` or `save`
+///   changes or drops the owner (a [`cycle_id`](crate::session::Session::cycle_id)
+///   leaves a marker without an owner under the old id);
+/// - list only live records (expired ones are skipped, and may be pruned from the
+///   index then), at a cost that follows the owner's session count, never a scan;
+/// - end sessions for good: `end_owned` deletes each record it ends (a later
+///   `update` of it is [`Update::Gone`]), and never one whose owner is another;
+/// - drop index entries with their records on `delete` and `delete_expired`.
+///
+/// [`testing::check_owners`](crate::testing) checks all of this.
 ///
 /// The crate-level docs show a complete implementation.
 #[maybe_async::maybe_async]
@@ -319,6 +380,31 @@ pub trait SessionStore: Debug + Send + Sync + 'static {
     /// `false` (the default) while it is the provided, non-atomic fallback.
     fn atomic_update(&self) -> bool {
         false
+    }
+
+    /// Returns `true` if this store keeps an index of owners: it stores records with
+    /// an [`ownership`](Record::ownership) and implements
+    /// [`list_owned`](SessionStore::list_owned) and
+    /// [`end_owned`](SessionStore::end_owned). `false` by default.
+    fn supports_owners(&self) -> bool {
+        false
+    }
+
+    /// Returns `owner`'s live sessions, in no particular order.
+    ///
+    /// The provided one fails with [`Unsupported`].
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        let _ = owner;
+        Err(no_owners::<Self>())
+    }
+
+    /// Ends (deletes) the sessions of `owner` that `ending` names, and returns their
+    /// handles. Sessions of other owners are never touched, whatever the handle.
+    ///
+    /// The provided one fails with [`Unsupported`].
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        let _ = (owner, ending);
+        Err(no_owners::<Self>())
     }
 }
 
@@ -440,6 +526,18 @@ impl<S: SessionStore + ?Sized> SessionStore for std::sync::Arc<S> {
 
     fn atomic_update(&self) -> bool {
         (**self).atomic_update()
+    }
+
+    fn supports_owners(&self) -> bool {
+        (**self).supports_owners()
+    }
+
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        (**self).list_owned(owner).await
+    }
+
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        (**self).end_owned(owner, ending).await
     }
 }
 

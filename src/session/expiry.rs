@@ -155,6 +155,7 @@ pub struct SessionConfig {
     expiry: Expiry,
     max_lifetime: Option<Duration>,
     session_end_ttl: Duration,
+    owner_limit: Option<usize>,
     clock: Clock,
 }
 
@@ -187,8 +188,26 @@ impl SessionConfig {
             expiry,
             max_lifetime: None,
             session_end_ttl: Self::DEFAULT_SESSION_END_TTL,
+            owner_limit: None,
             clock: Clock::default(),
         }
+    }
+
+    /// Caps how many live sessions one owner has: when a session gets an owner
+    /// ([`Session::set_owner`](crate::session::Session::set_owner), at login), the
+    /// write is followed by ending that owner's oldest sessions (by when they got
+    /// the owner) beyond `limit`, the new one included in the count. Two logins at
+    /// once leave at most `limit`: each ends what is beyond the limit once its own
+    /// session is written, so the later one sees both. A `limit` of 0 counts as 1.
+    pub fn with_owner_limit(mut self, limit: usize) -> Self {
+        self.owner_limit = Some(limit.max(1));
+        self
+    }
+
+    /// The cap on an owner's live sessions, if any; see
+    /// [`with_owner_limit`](Self::with_owner_limit).
+    pub fn owner_limit(&self) -> Option<usize> {
+        self.owner_limit
     }
 
     /// Sets the expiry policy.
@@ -376,6 +395,7 @@ impl fmt::Debug for SessionConfig {
             .field("expiry", &self.expiry)
             .field("max_lifetime", &self.max_lifetime)
             .field("session_end_ttl", &self.session_end_ttl)
+            .field("owner_limit", &self.owner_limit)
             .field("clock", &self.clock)
             .finish()
     }

@@ -10,7 +10,7 @@ use crate::{
         created_at, encode_policy, has_no_user_values, is_reserved, set_created_at, Expiry,
         SessionConfig, CREATED_KEY, EXPIRY_KEY, MOVED_KEY,
     },
-    session::{encode_value, random_id, Id, Record},
+    session::{encode_value, random_id, Ending, Handle, Id, OwnedSession, Owner, Ownership, Record},
     session_store::{
         Error, Result, SessionFinished, SessionGone, SessionStore, Update, WriteConflict,
     },
@@ -152,6 +152,9 @@ struct Loaded {
     /// An id the request carried named a record this build cannot read (corrupt,
     /// or of a newer format during a rolling deploy): its cookie is never removed.
     unreadable: bool,
+    /// This request gave the session an owner: once written, the owner's sessions
+    /// beyond the configured limit are ended.
+    limit_due: bool,
 }
 
 /// A pending move to a new id.
@@ -189,6 +192,16 @@ impl Loaded {
             rotation.since.set(key, value.clone());
         }
         self.changes.set(key, value);
+        self.modified = true;
+    }
+
+    /// Records this request's change of the session's owner.
+    fn change_owner(&mut self, ownership: Option<Ownership>) {
+        if let Some(rotation) = &mut self.rotation {
+            rotation.since.ownership = Some(ownership.clone());
+        }
+        self.record.ownership = ownership.clone();
+        self.changes.ownership = Some(ownership);
         self.modified = true;
     }
 
@@ -237,6 +250,8 @@ struct Changes {
     cleared: bool,
     /// Each key set (`Some`) or removed (`None`), last change only.
     keys: BTreeMap<String, Option<Vec<u8>>>,
+    /// The owner set (`Some(Some)`) or taken away (`Some(None)`).
+    ownership: Option<Option<Ownership>>,
 }
 
 impl Changes {
@@ -253,6 +268,13 @@ impl Changes {
     /// Applies the changes over `base`, a newer version of the record: keys this
     /// request did not touch keep their values there.
     fn apply(&self, mut base: Record) -> Record {
+        if let Some(ownership) = &self.ownership {
+            base.ownership = match (ownership, base.ownership.take()) {
+                // The same owner already: it keeps the date it got it.
+                (Some(new), Some(old)) if new.owner == old.owner => Some(old),
+                (new, _) => new.clone(),
+            };
+        }
         if self.cleared {
             let user: Vec<String> = base
                 .keys()
@@ -348,6 +370,7 @@ impl Session {
             loaded_policy: None,
             rotation: None,
             unreadable: false,
+            limit_due: false,
         })
     }
 
@@ -414,6 +437,7 @@ impl Session {
             gone: false,
             rotation: None,
             unreadable: false,
+            limit_due: false,
         })
     }
 
@@ -422,6 +446,9 @@ impl Session {
     /// a record that never loads.
     fn stamp_expiry(&self, record: &mut Record, now: OffsetDateTime) -> Result<()> {
         record.expiry_date = self.inner.config.write_date(record, now)?;
+        if let Some(ownership) = &mut record.ownership {
+            ownership.written_at = now;
+        }
         if record.expiry_date <= now {
             let policy = self.inner.config.policy(record);
             log::warn!(
@@ -536,6 +563,28 @@ impl Session {
     /// over it rather than losing them. Only [`flush`](Self::flush) and
     /// [`delete`](Self::delete) end a session for every request.
     async fn write(&self, loaded: &mut Loaded, recompute: &mut Recompute<'_>) -> Result<()> {
+        self.write_record(loaded, recompute).await?;
+        if let (true, Some(limit)) = (loaded.limit_due, self.inner.config.owner_limit()) {
+            if let Some(ownership) = &loaded.record.ownership {
+                let owner = ownership.owner.clone();
+                let ended = self
+                    .inner
+                    .store
+                    .end_owned(&owner, Ending::AllButNewest(limit))
+                    .await?;
+                loaded.limit_due = false;
+                // This very session was the oldest of a race of logins: it is over.
+                if ended.contains(&Handle::of(&loaded.record.id)) {
+                    loaded.gone();
+                }
+            }
+            loaded.limit_due = false;
+        }
+        Ok(())
+    }
+
+    /// [`write`](Self::write) without the owner limit.
+    async fn write_record(&self, loaded: &mut Loaded, recompute: &mut Recompute<'_>) -> Result<()> {
         if loaded.gone {
             return Err(gone());
         }
@@ -1274,6 +1323,171 @@ impl Session {
         Ok(())
     }
 
+    /// Names the user this session belongs to, typically at login, next to
+    /// [`cycle_id`](Self::cycle_id). The owner is stored with the record, in the
+    /// same write, and filed in the store's index of owners, so that
+    /// [`owner_sessions`](Self::owner_sessions) lists this session and
+    /// [`end_other_sessions`](Self::end_other_sessions) and
+    /// [`end_all_sessions`](Self::end_all_sessions) can end it. With an
+    /// [owner limit](SessionConfig::with_owner_limit), the owner's oldest sessions
+    /// beyond it are ended once this one is written.
+    ///
+    /// Setting the owner the session already has changes nothing (it keeps the date
+    /// it got it).
+    ///
+    /// # Errors
+    ///
+    /// An [`Unsupported`](crate::session_store::Unsupported) error when the store
+    /// keeps no owner index, a [`SessionFinished`] once the request is finished, a
+    /// [`SessionGone`] when another request ended the session, or the store's error
+    /// if loading the session fails.
+    pub async fn set_owner(&self, owner: &Owner) -> Result<()> {
+        self.change_owner(Some(owner)).await
+    }
+
+    /// Takes the session's owner away: it is no longer listed or ended with the
+    /// owner's sessions. A logout usually ends the session instead
+    /// ([`flush`](Self::flush)).
+    ///
+    /// # Errors
+    ///
+    /// As for [`set_owner`](Self::set_owner).
+    pub async fn clear_owner(&self) -> Result<()> {
+        self.change_owner(None).await
+    }
+
+    async fn change_owner(&self, owner: Option<&Owner>) -> Result<()> {
+        if owner.is_some() && !self.inner.store.supports_owners() {
+            return Err(unsupported_owners(&self.inner.store));
+        }
+        let mut state = self.inner.state.lock().await;
+        let loaded = self.changeable(&mut state).await?;
+        let current = loaded.record.ownership.as_ref().map(|o| &o.owner);
+        if current == owner {
+            return Ok(());
+        }
+        let now = self.inner.config.now();
+        let ownership = owner.map(|owner| Ownership::new(owner.clone(), now));
+        loaded.limit_due = ownership.is_some();
+        loaded.change_owner(ownership);
+        Ok(())
+    }
+
+    /// The user this session belongs to, if [`set_owner`](Self::set_owner) named
+    /// one.
+    ///
+    /// # Errors
+    ///
+    /// The store's error if loading the session fails.
+    pub async fn owner(&self) -> Result<Option<Owner>> {
+        let mut state = self.inner.state.lock().await;
+        let loaded = self.loaded(&mut state).await?;
+        Ok(loaded.record.ownership.as_ref().map(|o| o.owner.clone()))
+    }
+
+    /// The live sessions of this session's owner, this one marked
+    /// ([`OwnedSession::is_current`]); none when the session has no owner. Each
+    /// gives a [`Handle`] to end it with, never its id.
+    ///
+    /// # Errors
+    ///
+    /// An [`Unsupported`](crate::session_store::Unsupported) error when the store
+    /// keeps no owner index, or the store's error.
+    pub async fn owner_sessions(&self) -> Result<Vec<OwnedSession>> {
+        let (owner, current) = {
+            let mut state = self.inner.state.lock().await;
+            let loaded = self.loaded(&mut state).await?;
+            let Some(ownership) = &loaded.record.ownership else {
+                return Ok(Vec::new());
+            };
+            (ownership.owner.clone(), Handle::of(&loaded.record.id))
+        };
+        let mut listed = self.inner.store.list_owned(&owner).await?;
+        for session in &mut listed {
+            let is_current = session.handle() == current;
+            session.mark_current(is_current);
+        }
+        Ok(listed)
+    }
+
+    /// Ends one of this session's owner's sessions, by the handle a listing gave:
+    /// "sign out that device". Returns `false` when the owner has no live session
+    /// with that handle (it ended already, or the handle is another owner's: a
+    /// handle never reaches another user's sessions). Ending this very session is a
+    /// [`flush`](Self::flush).
+    ///
+    /// Requests of the ended session still in flight can no longer write it, nor
+    /// send a cookie that would bring it back.
+    ///
+    /// # Errors
+    ///
+    /// An [`Unsupported`](crate::session_store::Unsupported) error when the store
+    /// keeps no owner index, a [`SessionFinished`] once the request is finished, or
+    /// the store's error.
+    pub async fn end_session(&self, handle: Handle) -> Result<bool> {
+        let ended = self.end_owned(Some(handle)).await?;
+        Ok(!ended.is_empty())
+    }
+
+    /// Ends every session of this session's owner except this one: "sign out the
+    /// other devices", after a password change say. Returns how many it ended.
+    ///
+    /// Final for the ended sessions' requests in flight: they can neither write
+    /// their session nor send a cookie that would bring it back. A login of the
+    /// same owner that completes after this started is a new session and stays.
+    ///
+    /// # Errors
+    ///
+    /// As for [`end_session`](Self::end_session).
+    pub async fn end_other_sessions(&self) -> Result<usize> {
+        Ok(self.end_owned(None).await?.len())
+    }
+
+    /// Ends every session of this session's owner, this one included (which is then
+    /// as after a [`flush`](Self::flush): empty, under a fresh id, its cookie
+    /// removed): "sign out everywhere". Returns how many it ended.
+    ///
+    /// # Errors
+    ///
+    /// As for [`end_session`](Self::end_session).
+    pub async fn end_all_sessions(&self) -> Result<usize> {
+        let mut state = self.inner.state.lock().await;
+        self.check_open()?;
+        let loaded = self.loaded(&mut state).await?;
+        let Some(ownership) = &loaded.record.ownership else {
+            return Ok(0);
+        };
+        let owner = ownership.owner.clone();
+        let ended = self.inner.store.end_owned(&owner, Ending::All).await?;
+        // This session too, even if its owner was not written yet.
+        if loaded.stored && !ended.contains(&Handle::of(&loaded.record.id)) {
+            self.inner.store.delete(&loaded.record.id).await?;
+        }
+        *state = Some(self.fresh(self.inner.config.now())?);
+        Ok(ended.len())
+    }
+
+    /// Ends the owner's session with `handle` (`Some`), or all but this one.
+    async fn end_owned(&self, handle: Option<Handle>) -> Result<Vec<Handle>> {
+        let mut state = self.inner.state.lock().await;
+        self.check_open()?;
+        let loaded = self.loaded(&mut state).await?;
+        let Some(ownership) = &loaded.record.ownership else {
+            return Ok(Vec::new());
+        };
+        let owner = ownership.owner.clone();
+        let current = Handle::of(&loaded.record.id);
+        let ending = match handle {
+            Some(handle) => Ending::One(handle),
+            None => Ending::AllBut(current),
+        };
+        let ended = self.inner.store.end_owned(&owner, ending).await?;
+        if ended.contains(&current) {
+            *state = Some(self.fresh(self.inner.config.now())?);
+        }
+        Ok(ended)
+    }
+
     /// Ends the request: writes the session if it changed (or, with `refresh`, if
     /// writing would move its sliding expiry forward by at least that fraction of the
     /// window), and says what to do with the client's cookie. Once it succeeded,
@@ -1360,6 +1574,15 @@ impl Session {
             CookieAction::Keep
         })
     }
+}
+
+/// The error for an owner set over a store that keeps no owner index.
+fn unsupported_owners(store: &Arc<dyn SessionStore>) -> Error {
+    log::debug!(target: "portable_sessions::session", "{store:?} keeps no owner index");
+    Error::backend(crate::session_store::Unsupported {
+        store: "this session store",
+        what: "session owners (it keeps no owner index)",
+    })
 }
 
 /// Refuses the keys this crate reserves.

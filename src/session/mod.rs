@@ -11,12 +11,14 @@
 //! - `codec`: the values' layout in one buffer, edited in place;
 //! - `shape`: each value's shape tag;
 //! - `expiry`: the policies and the dates they give;
-//! - `handle`: the request's [`Session`].
+//! - `handle`: the request's [`Session`];
+//! - `owner`: a session's [`Owner`], and listing and ending an owner's sessions.
 
 mod codec;
 pub(crate) mod expiry;
 pub(crate) mod handle;
 mod id;
+mod owner;
 mod random;
 mod record;
 mod shape;
@@ -29,5 +31,6 @@ pub use self::{
     expiry::{Expiry, SessionConfig},
     handle::Session,
     id::{Id, ParseIdError},
+    owner::{Ending, Handle, OwnedSession, Owner, Ownership, ParseHandleError},
     record::Record,
 };

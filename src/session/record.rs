@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use crate::{
     session::{
         codec::{Append, Data},
-        shape, Id,
+        shape, Id, Owner, Ownership,
     },
     session_store::{Error, Result},
 };
@@ -69,6 +69,11 @@ pub struct Record {
     ///
     /// [`SessionStore::update`]: crate::SessionStore::update
     pub version: u64,
+    /// The session's owner, when it has one, with when it got it and when it was last
+    /// written: stores that keep an owner index
+    /// ([`SessionStore::supports_owners`](crate::SessionStore::supports_owners)) file
+    /// the record under it, in the same write. The record codec carries it.
+    pub ownership: Option<Ownership>,
     data: Data,
 }
 
@@ -87,6 +92,16 @@ impl Record {
     /// tags. [`decode_with_id`](Record::decode_with_id) also reads version 2, whose
     /// values have none.
     pub const FORMAT_VERSION_WITHOUT_ID: u8 = 4;
+
+    /// The format version of [`encode`](Record::encode)'s output for a record with an
+    /// [`ownership`](Record::ownership): after the expiry date, the owner, when it
+    /// got it and when it was last written. Records without one keep
+    /// [`FORMAT_VERSION`](Record::FORMAT_VERSION), byte for byte.
+    pub const FORMAT_VERSION_OWNED: u8 = 5;
+
+    /// [`FORMAT_VERSION_OWNED`](Record::FORMAT_VERSION_OWNED) without the id, for
+    /// [`encode_without_id`](Record::encode_without_id).
+    pub const FORMAT_VERSION_OWNED_WITHOUT_ID: u8 = 6;
 
     /// [`FORMAT_VERSION`](Record::FORMAT_VERSION) before values had shape tags.
     pub(crate) const LEGACY_FORMAT_VERSION: u8 = 1;
@@ -117,6 +132,7 @@ impl Record {
             id,
             expiry_date,
             version,
+            ownership: None,
             data: values.map_or_else(Data::default, Data::Shared),
         }
     }
@@ -138,6 +154,7 @@ impl Record {
             id,
             expiry_date,
             version: 0,
+            ownership: None,
             data: Data::default(),
         }
     }
@@ -282,12 +299,18 @@ impl Record {
     fn encode_as(&self, id: Option<Id>, prefix: &[u8]) -> Result<Vec<u8>> {
         let mut head = [0u8; 1 + 16 + MAX_I128_VARINT_LEN];
         let mut head_len = 1;
+        let owned = self.ownership.is_some();
         match id {
             Some(id) => {
-                head[0] = Self::FORMAT_VERSION;
+                head[0] = if owned {
+                    Self::FORMAT_VERSION_OWNED
+                } else {
+                    Self::FORMAT_VERSION
+                };
                 head[1..17].copy_from_slice(&id.to_bytes());
                 head_len += 16;
             }
+            None if owned => head[0] = Self::FORMAT_VERSION_OWNED_WITHOUT_ID,
             None => head[0] = Self::FORMAT_VERSION_WITHOUT_ID,
         }
         let expiry = postcard::to_slice(
@@ -296,6 +319,17 @@ impl Record {
         )
         .map_err(Error::encode)?;
         head_len += expiry.len();
+        // The ownership, when there is one: the owner, then its two dates.
+        let ownership = match &self.ownership {
+            None => Vec::new(),
+            Some(ownership) => postcard::to_allocvec(&(
+                ownership.owner.as_str(),
+                ownership.created_at.unix_timestamp_nanos(),
+                ownership.written_at.unix_timestamp_nanos(),
+            ))
+            .map_err(Error::encode)?,
+        };
+        head_len += ownership.len();
         // No values is no bytes in memory, and a zero count on the wire.
         let values: &[u8] = if self.data.bytes().is_empty() {
             &[0]
@@ -311,7 +345,8 @@ impl Record {
         }
         let mut bytes = Vec::with_capacity(prefix.len() + len);
         bytes.extend_from_slice(prefix);
-        bytes.extend_from_slice(&head[..head_len]);
+        bytes.extend_from_slice(&head[..head_len - ownership.len()]);
+        bytes.extend_from_slice(&ownership);
         bytes.extend_from_slice(values);
         Ok(bytes)
     }
@@ -350,17 +385,22 @@ impl Record {
                 Self::MAX_ENCODED_LEN
             )));
         }
-        let (expected, legacy) = match known_id {
-            None => (Self::FORMAT_VERSION, Self::LEGACY_FORMAT_VERSION),
+        let (expected, legacy, owned) = match known_id {
+            None => (
+                Self::FORMAT_VERSION,
+                Self::LEGACY_FORMAT_VERSION,
+                Self::FORMAT_VERSION_OWNED,
+            ),
             Some(_) => (
                 Self::FORMAT_VERSION_WITHOUT_ID,
                 Self::LEGACY_FORMAT_VERSION_WITHOUT_ID,
+                Self::FORMAT_VERSION_OWNED_WITHOUT_ID,
             ),
         };
         let Some((&version, mut rest)) = bytes.split_first() else {
             return Err(Error::decode("encoded record is empty"));
         };
-        if version != expected && version != legacy {
+        if version != expected && version != legacy && version != owned {
             return Err(Error::decode(format!(
                 "record format version {version} where {expected} was expected"
             )));
@@ -375,10 +415,22 @@ impl Record {
                 Id::from_bytes(*id)
             }
         };
-        let (expiry_nanos, values) =
+        let (expiry_nanos, mut values) =
             postcard::take_from_bytes::<i128>(rest).map_err(Error::decode)?;
         let expiry_date =
             OffsetDateTime::from_unix_timestamp_nanos(expiry_nanos).map_err(Error::decode)?;
+        let mut ownership = None;
+        if version == owned {
+            let ((owner, created, written), after) =
+                postcard::take_from_bytes::<(&str, i128, i128)>(values).map_err(Error::decode)?;
+            values = after;
+            let date = |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(Error::decode);
+            ownership = Some(Ownership {
+                owner: Owner::new(owner).map_err(|err| Error::decode(err.report()))?,
+                created_at: date(created)?,
+                written_at: date(written)?,
+            });
+        }
         let data = if version == legacy {
             Data::decode_untagged(values)?
         } else {
@@ -388,6 +440,7 @@ impl Record {
             id,
             expiry_date,
             version: 0,
+            ownership,
             data,
         })
     }
@@ -424,6 +477,7 @@ impl fmt::Debug for Record {
             .field("id", &self.id)
             .field("expiry_date", &self.expiry_date)
             .field("version", &self.version)
+            .field("owner", &self.ownership.as_ref().map(|o| &o.owner))
             .field("keys", &self.keys().collect::<Vec<_>>())
             .finish()
     }

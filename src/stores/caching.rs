@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    session::{Id, Record},
+    session::{Ending, Handle, Id, OwnedSession, Owner, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stores::memory::IdHasherBuilder,
 };
@@ -757,6 +757,49 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
             (Err(err), _) | (Ok(()), Err(err)) => Err(err),
             (Ok(()), Ok(())) => Ok(()),
         }
+    }
+
+    /// When both the store and the cache keep an owner index.
+    fn supports_owners(&self) -> bool {
+        self.store.supports_owners() && self.cache.supports_owners()
+    }
+
+    /// The store's listing: the store holds the truth.
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        self.store.list_owned(owner).await
+    }
+
+    /// Ends the sessions in the store, and evicts every cached session of `owner`
+    /// (the ended ones, and the others too: they load again from the store), with
+    /// every stripe lock held, so that no fill can bring an ended session back into
+    /// the cache meanwhile. Writes and fills of this process wait for it: an ending
+    /// is rare, and one store call long.
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        let mut stripes = Vec::with_capacity(self.shared.stripes.len());
+        for stripe in self.shared.stripes.iter() {
+            stripes.push(stripe.lock.lock().await);
+        }
+        // Before too: were this call dropped after the store step, no ended
+        // session would be left in the cache.
+        self.evict_owned(owner).await?;
+        let ended = self.store.end_owned(owner, ending).await;
+        let evicted = self.evict_owned(owner).await;
+        drop(stripes);
+        let ended = ended?;
+        evicted?;
+        Ok(ended)
+    }
+}
+
+#[maybe_async::maybe_async]
+impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store> {
+    /// Drops every cached session of `owner`; called with every stripe lock held.
+    async fn evict_owned(&self, owner: &Owner) -> Result<()> {
+        let evicted = self.cache.end_owned(owner, Ending::All).await;
+        if let Err(err) = &evicted {
+            self.report(CacheOp::Evict, None, err);
+        }
+        evicted.map(drop)
     }
 }
 

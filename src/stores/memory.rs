@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use crate::{
     lifecycle::clock::Clock,
-    session::{random_id, Id, Record},
+    session::{random_id, Ending, Handle, Id, OwnedSession, Owner, Ownership, Record},
     session_store::{ExpiredDeletion, Result, SessionStore, Update},
 };
 
@@ -33,6 +33,9 @@ const SHARDS: usize = 64;
 ///   number of expired records, not to the size of the store. (Entries that deletes
 ///   and expiry changes leave behind are dropped as they come due, and all at once
 ///   before they outnumber the records.)
+/// - A user's sessions: each shard also keeps its owned records' ids by owner,
+///   written under the same lock as the records, so listing and ending an owner's
+///   sessions visit that owner's entries in each shard, never every record.
 ///
 /// Sessions are lost when the process ends and are not shared between processes;
 /// use a persistent store for that, possibly behind a
@@ -89,6 +92,7 @@ impl Padded {
         Self(RwLock::new(Shard {
             records: HashMap::with_hasher(IdHasherBuilder::random()),
             expiries: BinaryHeap::new(),
+            owners: HashMap::new(),
         }))
     }
 }
@@ -102,9 +106,37 @@ struct Shard {
     /// the records. That keeps writes at a push (cheap: new expiries are mostly the
     /// latest) instead of a search tree's insert and remove.
     expiries: BinaryHeap<Reverse<(i64, Id)>>,
+    /// The ids of the owned records in `records`, by owner: changed with them, under
+    /// the same lock.
+    owners: HashMap<Owner, Vec<Id>>,
 }
 
 impl Shard {
+    /// Moves `id` from `old`'s entry to `new`'s, when the owner changed.
+    fn refile(&mut self, id: Id, old: Option<&Owner>, new: Option<&Owner>) {
+        if old == new {
+            return;
+        }
+        if let Some(old) = old {
+            if let Entry::Occupied(mut ids) = self.owners.entry(old.clone()) {
+                ids.get_mut().retain(|owned| *owned != id);
+                if ids.get().is_empty() {
+                    ids.remove();
+                }
+            }
+        }
+        if let Some(new) = new {
+            self.owners.entry(new.clone()).or_default().push(id);
+        }
+    }
+
+    /// Removes `id`'s record, and its owner's entry; returns the record's slot.
+    fn remove(&mut self, id: &Id) -> Option<Slot> {
+        let slot = self.records.remove(id)?;
+        self.refile(*id, slot.owner(), None);
+        Some(slot)
+    }
+
     /// Adds `id`'s new expiry to the index.
     fn index(&mut self, expiry: i64, id: Id) {
         self.expiries.push(Reverse((expiry, id)));
@@ -139,20 +171,17 @@ impl Shard {
             };
             // A stale entry (the record is gone, or now expires at another time) is
             // just dropped.
-            if let Entry::Occupied(slot) = self.records.entry(id) {
-                if slot.get().expiry == at {
-                    slot.remove();
-                    deleted += 1;
-                }
+            if self.records.get(&id).is_some_and(|slot| slot.expiry == at) {
+                self.remove(&id);
+                deleted += 1;
             }
         }
         deleted
     }
 }
 
-/// A stored record, without its id (the table's key). 48 bytes, so that with its key
-/// a table entry fills one cache line: a load of a random id from a big store misses
-/// the cache on the entry and on the values' reference count, and on nothing else.
+/// A stored record, without its id (the table's key). 56 bytes: with its key, a
+/// table entry just over one cache line (the owner, when there is one, is boxed).
 struct Slot {
     /// `expiry_date` in Unix nanoseconds (see [`nanos`]): compared on every load, and
     /// much cheaper to compare than a date with an offset.
@@ -160,6 +189,7 @@ struct Slot {
     version: u64,
     expiry_date: OffsetDateTime,
     values: Option<Arc<[u8]>>,
+    ownership: Option<Box<Ownership>>,
 }
 
 impl Slot {
@@ -169,11 +199,19 @@ impl Slot {
             version: record.version,
             expiry_date: record.expiry_date,
             values: record.shared_values(),
+            ownership: record.ownership.clone().map(Box::new),
         }
     }
 
     fn record(&self, id: Id) -> Record {
-        Record::from_parts(id, self.expiry_date, self.version, self.values.clone())
+        let mut record =
+            Record::from_parts(id, self.expiry_date, self.version, self.values.clone());
+        record.ownership = self.ownership.as_deref().cloned();
+        record
+    }
+
+    fn owner(&self) -> Option<&Owner> {
+        self.ownership.as_ref().map(|o| &o.owner)
     }
 }
 
@@ -275,8 +313,10 @@ impl MemoryStore {
             let shard = &mut *guard;
             match shard.records.entry(record.id) {
                 Entry::Vacant(vacant) => {
+                    let owner = slot.owner().cloned();
                     vacant.insert(slot);
                     shard.index(expiry, record.id);
+                    shard.refile(record.id, None, owner.as_ref());
                     return Ok(());
                 }
                 Entry::Occupied(_) => {
@@ -290,11 +330,15 @@ impl MemoryStore {
     fn save_now(&self, record: &Record) {
         let slot = Slot::of(record);
         let expiry = slot.expiry;
+        let owner = record.ownership.as_ref().map(|o| &o.owner);
         let mut guard = self.shard(&record.id).write();
         let shard = &mut *guard;
-        match shard.records.insert(record.id, slot) {
-            Some(old) if old.expiry == expiry => {}
-            _ => shard.index(expiry, record.id),
+        let old = shard.records.insert(record.id, slot);
+        if old.as_ref().is_none_or(|old| old.expiry != expiry) {
+            shard.index(expiry, record.id);
+        }
+        if old.as_ref().is_some_and(|old| old.ownership.is_some()) || owner.is_some() {
+            shard.refile(record.id, old.as_ref().and_then(Slot::owner), owner);
         }
     }
 
@@ -322,6 +366,10 @@ impl MemoryStore {
         if old.expiry != expiry {
             shard.index(expiry, record.id);
         }
+        if old.ownership.is_some() || record.ownership.is_some() {
+            let owner = record.ownership.as_ref().map(|o| &o.owner);
+            shard.refile(record.id, old.owner(), owner);
+        }
         Update::Written(version)
     }
 
@@ -337,9 +385,68 @@ impl MemoryStore {
 
     fn delete_now(&self, id: &Id) {
         let mut shard = self.shard(id).write();
-        if shard.records.remove(id).is_some() {
+        if shard.remove(id).is_some() {
             shard.compact_if_stale();
         }
+    }
+
+    /// The ids, handles and creation dates of `owner`'s live records.
+    fn owned_now(&self, owner: &Owner) -> Vec<(Id, Handle, OffsetDateTime)> {
+        let mut owned = Vec::new();
+        for padded in self.inner.shards.iter() {
+            let shard = padded.0.read();
+            let Some(ids) = shard.owners.get(owner) else {
+                continue;
+            };
+            for id in ids {
+                if let Some(slot) = shard.records.get(id) {
+                    if let (false, Some(ownership)) = (self.has_passed(slot.expiry), &slot.ownership) {
+                        owned.push((*id, Handle::of(id), ownership.created_at));
+                    }
+                }
+            }
+        }
+        owned
+    }
+
+    fn list_now(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        let mut listed = Vec::new();
+        for padded in self.inner.shards.iter() {
+            let records: Vec<Record> = {
+                let shard = padded.0.read();
+                let Some(ids) = shard.owners.get(owner) else {
+                    continue;
+                };
+                ids.iter()
+                    .filter_map(|id| shard.records.get(id).map(|slot| (id, slot)))
+                    .filter(|(_, slot)| !self.has_passed(slot.expiry))
+                    .map(|(id, slot)| slot.record(*id))
+                    .collect()
+            };
+            for record in records {
+                listed.push(OwnedSession::new(Handle::of(&record.id), record)?);
+            }
+        }
+        Ok(listed)
+    }
+
+    /// Deletes the records of `owner` that `ending` names: those still `owner`'s
+    /// when their shard's lock is taken.
+    fn end_now(&self, owner: &Owner, ending: Ending) -> Vec<Handle> {
+        let owned = self.owned_now(owner);
+        let picked = ending.pick(owned.iter().map(|(_, h, at)| (*h, *at)).collect());
+        let mut ended = Vec::with_capacity(picked.len());
+        for (id, handle, _) in owned {
+            if !picked.contains(&handle) {
+                continue;
+            }
+            let mut shard = self.shard(&id).write();
+            let still = shard.records.get(&id).and_then(Slot::owner) == Some(owner);
+            if still && shard.remove(&id).is_some() {
+                ended.push(handle);
+            }
+        }
+        ended
     }
 
     fn delete_expired_now(&self) -> usize {
@@ -389,6 +496,19 @@ impl SessionStore for MemoryStore {
 
     fn atomic_update(&self) -> bool {
         true
+    }
+
+    fn supports_owners(&self) -> bool {
+        true
+    }
+
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        self.list_now(owner)
+    }
+
+    /// Deletes each record ended under its shard's lock, if it is still `owner`'s.
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        Ok(self.end_now(owner, ending))
     }
 }
 

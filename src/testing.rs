@@ -16,6 +16,9 @@
 //! # #[maybe_async::async_impl] fn main() { futures_lite::future::block_on(run()) }
 //! ```
 //!
+//! A store that keeps an index of owners
+//! ([`supports_owners`](SessionStore::supports_owners)) runs [`check_owners`] too.
+//!
 //! [`check_store`] includes [`check_update`], the conditional write's rules and a run
 //! of concurrent writers; it fails for a store that still uses the provided,
 //! non-atomic [`SessionStore::update`].
@@ -32,7 +35,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use crate::{
-    session::{Id, Record},
+    session::{Ending, Handle, Id, OwnedSession, Owner, Ownership, Record},
     session_store::{Error, Update},
     ExpiredDeletion, SessionStore,
 };
@@ -623,4 +626,191 @@ async fn run_writers<S: SessionStore + ?Sized>(store: &S, id: Id) {
             }
         });
     });
+}
+
+/// Checks a store's index of owners (see
+/// [A user's sessions](SessionStore#a-users-sessions)): a record's
+/// [`ownership`](Record::ownership) round trips through every write; an owner's
+/// listing holds exactly its live records (under their [`Handle`]s, with their dates
+/// and values), follows an owner changed or taken away by `update` or `save`, and
+/// drops records that are deleted or expired; [`end_owned`](SessionStore::end_owned)
+/// ends exactly what its [`Ending`] names, never another owner's session, and an
+/// ended session is gone for `load` and `update`. Owners are named at random, so a
+/// store that other tests use at the same time is fine.
+///
+/// # Panics
+///
+/// Panics, naming the broken rule, if the store breaks one, returns an error, or
+/// does not [`support_owners`](SessionStore::supports_owners).
+#[maybe_async::maybe_async]
+pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
+    assert!(
+        store.supports_owners(),
+        "{store:?} does not support owners: SessionStore::supports_owners is false"
+    );
+    // Names that quoting, pattern characters and non-ASCII text must not confuse.
+    let alice = owner(&format!("alice '%_\\ ü {}", Id::default()));
+    let bob = owner(&format!("bob {}", Id::default()));
+    let base = truncate_to_millis(OffsetDateTime::now_utc());
+    let owned_by = |who: &Owner, seconds: i64, device: &str| {
+        let mut record = record_with_values(in_an_hour());
+        let at = base + Duration::seconds(seconds);
+        record.ownership = Some(Ownership {
+            owner: who.clone(),
+            created_at: at,
+            written_at: at + Duration::milliseconds(5),
+        });
+        insert(&mut record, "device", device);
+        record
+    };
+
+    // Filed by each kind of write: create, save, and an update that sets the owner.
+    let mut first = owned_by(&alice, 0, "laptop");
+    ok(store.create(&mut first).await, "create with an owner");
+    let second = owned_by(&alice, 1, "phone");
+    ok(store.save(&second).await, "save with an owner");
+    let mut third = record_with_values(in_an_hour());
+    ok(store.create(&mut third).await, "create without an owner");
+    let mut third_owned = owned_by(&alice, 2, "tablet");
+    third_owned.id = third.id;
+    third_owned.version = third.version;
+    let written = ok(store.update(&third_owned).await, "update setting an owner");
+    same(written, Update::Written(third.version + 1), "update setting an owner writes");
+    third_owned.version += 1;
+    let mut bobs = owned_by(&bob, 0, "desktop");
+    ok(store.create(&mut bobs).await, "create with another owner");
+    let mut nobody = record_with_values(in_an_hour());
+    ok(store.create(&mut nobody).await, "create without an owner");
+
+    let loaded = ok(store.load(&first.id).await, "load").expect("created");
+    same(&loaded.ownership, &first.ownership, "load gives back the ownership create stored");
+    let loaded = ok(store.load(&third.id).await, "load").expect("updated");
+    same(&loaded, &third_owned, "load gives back the ownership update stored");
+    let loaded = ok(store.load(&nobody.id).await, "load").expect("created");
+    same(loaded.ownership, None, "a record without an owner loads without one");
+
+    let listed = listing(store, &alice).await;
+    same(
+        listed.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+        handles(&[&first, &second, &third_owned]),
+        "list_owned gives exactly the owner's live records, by handle",
+    );
+    for (handle, session) in &listed {
+        let record = [&first, &second, &third_owned]
+            .into_iter()
+            .find(|r| Handle::of(&r.id) == *handle)
+            .expect("listed");
+        let ownership = record.ownership.as_ref().expect("owned");
+        same(session.owner(), &alice, "a listed session names its owner");
+        same(session.created_at(), ownership.created_at, "a listing gives created_at");
+        same(session.written_at(), ownership.written_at, "a listing gives written_at");
+        same(session.expiry_date(), record.expiry_date, "a listing gives the expiry date");
+        let device: Option<String> = ok(session.get("device"), "OwnedSession::get");
+        same(device, value(record, "device"), "a listing gives the record's values");
+        same(session.is_current(), false, "a store's listing marks no session current");
+    }
+    same(
+        listing(store, &bob).await.len(),
+        1,
+        "another owner's listing holds only its own",
+    );
+
+    // Ending never reaches another owner's session.
+    let ended = ok(
+        store.end_owned(&alice, Ending::One(Handle::of(&bobs.id))).await,
+        "end_owned",
+    );
+    same(ended, Vec::new(), "end_owned never ends another owner's session");
+    let kept = ok(store.load(&bobs.id).await, "load");
+    same(kept.is_some(), true, "end_owned never ends another owner's session");
+
+    // Moving: update to another owner, and to none (a login's marker).
+    let mut moved = third_owned.clone();
+    moved.ownership.as_mut().expect("owned").owner = bob.clone();
+    let written = ok(store.update(&moved).await, "update changing the owner");
+    same(written, Update::Written(moved.version + 1), "update changing the owner writes");
+    moved.version += 1;
+    same(
+        listing(store, &alice).await.len(),
+        2,
+        "update to another owner takes the record out of the old owner's listing",
+    );
+    same(
+        listing(store, &bob).await.len(),
+        2,
+        "update to another owner files the record under the new one",
+    );
+    let mut unowned = moved.clone();
+    unowned.ownership = None;
+    let written = ok(store.update(&unowned).await, "update taking the owner away");
+    same(written, Update::Written(moved.version + 1), "update taking the owner away writes");
+    same(
+        listing(store, &bob).await.len(),
+        1,
+        "update without an owner takes the record out of the listing",
+    );
+
+    // Expired and deleted records are not listed.
+    let mut lapsed = second.clone();
+    lapsed.expiry_date = an_hour_ago();
+    ok(store.save(&lapsed).await, "save of an expired record");
+    same(
+        listing(store, &alice).await.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+        handles(&[&first]),
+        "an expired record is not listed",
+    );
+    ok(store.delete(&first.id).await, "delete");
+    same(listing(store, &alice).await.len(), 0, "a deleted record is not listed");
+
+    // Each ending.
+    let mut sessions = Vec::new();
+    for seconds in 0..4 {
+        let mut record = owned_by(&alice, seconds, "device");
+        ok(store.create(&mut record).await, "create with an owner");
+        sessions.push(record);
+    }
+    let handle = |i: usize| Handle::of(&sessions[i].id);
+    let ended = ok(store.end_owned(&alice, Ending::One(handle(0))).await, "end_owned One");
+    same(ended, vec![handle(0)], "Ending::One ends the session with that handle");
+    let gone = ok(store.update(&sessions[0]).await, "update of an ended session");
+    same(gone, Update::Gone, "an ended session is gone for update, never revived");
+    same(ok(store.load(&sessions[0].id).await, "load"), None, "an ended session does not load");
+    let ended = ok(
+        store.end_owned(&alice, Ending::AllButNewest(2)).await,
+        "end_owned AllButNewest",
+    );
+    same(ended, vec![handle(1)], "Ending::AllButNewest ends the oldest beyond the limit");
+    let mut ended = ok(store.end_owned(&alice, Ending::AllBut(handle(3))).await, "end_owned AllBut");
+    ended.sort();
+    same(ended, vec![handle(2)], "Ending::AllBut ends all but that one");
+    let ended = ok(store.end_owned(&alice, Ending::All).await, "end_owned All");
+    same(ended, vec![handle(3)], "Ending::All ends every session of the owner");
+    same(listing(store, &alice).await.len(), 0, "nothing is listed after Ending::All");
+    same(listing(store, &bob).await.len(), 1, "Ending::All leaves other owners alone");
+    let ended = ok(store.end_owned(&alice, Ending::All).await, "end_owned All");
+    same(ended, Vec::new(), "ending what is already ended ends nothing");
+
+    for id in [bobs.id, nobody.id, third.id] {
+        ok(store.delete(&id).await, "delete");
+    }
+    same(listing(store, &bob).await.len(), 0, "a deleted record is not listed");
+}
+
+fn owner(name: &str) -> Owner {
+    ok(Owner::new(name), "Owner::new")
+}
+
+fn handles(records: &[&Record]) -> Vec<Handle> {
+    let mut handles: Vec<Handle> = records.iter().map(|r| Handle::of(&r.id)).collect();
+    handles.sort();
+    handles
+}
+
+/// `owner`'s listing, sorted by handle.
+#[maybe_async::maybe_async]
+async fn listing<S: SessionStore + ?Sized>(store: &S, owner: &Owner) -> Vec<(Handle, OwnedSession)> {
+    let listed = ok(store.list_owned(owner).await, "list_owned");
+    let mut listed: Vec<_> = listed.into_iter().map(|s| (s.handle(), s)).collect();
+    listed.sort_by_key(|(h, _)| *h);
+    listed
 }

@@ -15,6 +15,7 @@ use portable_sessions::{
 async fn memory_store_conforms() {
     let store = MemoryStore::new();
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Deletes).await;
     assert!(store.is_empty(), "the suite cleans up after itself");
 }
@@ -23,6 +24,7 @@ async fn memory_store_conforms() {
 async fn caching_store_conforms() {
     let store = CachingSessionStore::new(MemoryStore::new(), MemoryStore::new());
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Deletes).await;
     assert!(store.cache().is_empty() && store.store().is_empty());
 }

@@ -50,6 +50,7 @@ async fn sqlite_store_conforms() {
     let dir = TempDir::new("conform");
     let store = SqliteStore::open(dir.db()).unwrap();
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Deletes).await;
 }
 
@@ -58,6 +59,7 @@ async fn caching_sqlite_store_conforms() {
     let dir = TempDir::new("conform-cached");
     let store = CachingSessionStore::new(MemoryStore::new(), SqliteStore::open(dir.db()).unwrap());
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Deletes).await;
     assert!(store.cache().is_empty(), "the suite cleans up the cache");
 }
@@ -237,7 +239,49 @@ async fn two_caches_over_one_sqlite_file_see_each_others_logouts() {
     common::check_two_caches_over_one_store(a, b).await;
 }
 
+/// A table made before owners (and versions) existed gets its columns and the owner
+/// index, keeps its rows, and then files owned records.
+#[maybe_async::maybe_async]
+async fn a_table_from_before_owners_is_migrated() {
+    let dir = TempDir::new("migrate-owner");
+    let old = live_record(3);
+    {
+        let conn = raw_connection(&dir.db());
+        conn.execute_batch(
+            "CREATE TABLE portable_sessions (
+                 key BLOB PRIMARY KEY NOT NULL,
+                 expires_at INTEGER NOT NULL,
+                 record BLOB NOT NULL
+             ) WITHOUT ROWID;",
+        )
+        .unwrap();
+        let expires_at = i64::try_from(old.expiry_date.unix_timestamp_nanos()).unwrap();
+        conn.execute(
+            "INSERT INTO portable_sessions (key, expires_at, record) VALUES (?1, ?2, ?3)",
+            rusqlite::params![key_of(&old.id), expires_at, old.encode_without_id().unwrap()],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(dir.db()).unwrap();
+    let loaded = store.load(&old.id).await.unwrap().expect("the old row");
+    assert_eq!(loaded, old);
+    let index: bool = raw_connection(&dir.db())
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'portable_sessions_owner')",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert!(index, "the owner index is made");
+    testing::check_owners(&store).await;
+    // Opening again changes nothing.
+    drop(store);
+    let store = SqliteStore::open(dir.db()).unwrap();
+    assert_eq!(store.load(&old.id).await.unwrap().as_ref(), Some(&old));
+}
+
 tests_in_both_modes!(
+    a_table_from_before_owners_is_migrated,
     two_caches_over_one_sqlite_file_see_each_others_logouts,
     sqlite_store_conforms,
     caching_sqlite_store_conforms,

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use crate::{
     lifecycle::clock::Clock,
-    session::{random_id, Id, Record},
+    session::{random_id, Ending, Handle, Id, OwnedSession, Owner, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stores::stored,
 };
@@ -30,9 +30,16 @@ CREATE TABLE IF NOT EXISTS portable_sessions (
     key BLOB PRIMARY KEY NOT NULL,
     expires_at INTEGER NOT NULL,
     record BLOB NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    owner TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (expires_at);
+";
+
+/// The owner index: made after the `owner` column is added to an older table.
+const OWNER_INDEX: &str = "
+CREATE INDEX IF NOT EXISTS portable_sessions_owner ON portable_sessions (owner)
+    WHERE owner IS NOT NULL;
 ";
 
 /// A session store in an SQLite database file: sessions survive restarts, and several
@@ -42,7 +49,12 @@ CREATE INDEX IF NOT EXISTS portable_sessions_expires_at ON portable_sessions (ex
 ///   (a 32-byte key, the expiry date in Unix nanoseconds with an index on it, the
 ///   encoded record, and its version), if it is not there yet: opening is idempotent,
 ///   and the table can live in a database file the program also uses for other
-///   things. A table made before versions existed gets its `version` column added.
+///   things. A table made before versions existed gets its `version` column added,
+///   and one made before owners existed its `owner` column (with a partial index
+///   on it).
+/// - **A user's sessions.** A record's owner is written to the indexed `owner`
+///   column by the same statement that writes the record, so listing an owner's
+///   sessions is one indexed query, and ending them one write transaction.
 /// - **Conditional writes.** [`update`](SessionStore::update) is one `UPDATE`
 ///   statement that compares the version and the expiry date and writes in the same
 ///   step.
@@ -144,6 +156,8 @@ impl SqliteStore {
         }
         conn.execute_batch(SCHEMA).map_err(Error::backend)?;
         add_version_column(&conn).map_err(Error::backend)?;
+        add_column(&conn, "owner", "TEXT").map_err(Error::backend)?;
+        conn.execute_batch(OWNER_INDEX).map_err(Error::backend)?;
         let max = std::thread::available_parallelism()
             .map_or(2, usize::from)
             .clamp(2, 8);
@@ -221,21 +235,31 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 /// Adds the `version` column to a table made before versions existed; its rows start
 /// at version 0.
 fn add_version_column(conn: &Connection) -> rusqlite::Result<()> {
-    let has_version: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('portable_sessions') WHERE name = 'version')",
-        [],
+    add_column(conn, "version", "INTEGER NOT NULL DEFAULT 0")
+}
+
+/// Adds column `name` of type `kind` to the table if it is missing.
+fn add_column(conn: &Connection, name: &str, kind: &str) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('portable_sessions') WHERE name = ?1)",
+        [name],
         |row| row.get(0),
     )?;
-    if !has_version {
+    if !has {
         // Another process may add it at the same moment: a duplicate column is fine.
-        match conn.execute_batch(
-            "ALTER TABLE portable_sessions ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
-        ) {
+        match conn.execute_batch(&format!(
+            "ALTER TABLE portable_sessions ADD COLUMN {name} {kind}"
+        )) {
             Err(err) if err.to_string().contains("duplicate column") => {}
             other => other?,
         }
     }
     Ok(())
+}
+
+/// The owner column's value for `record`.
+fn column_owner(record: &Record) -> Option<&str> {
+    record.ownership.as_ref().map(|o| o.owner.as_str())
 }
 
 /// The version as stored: SQLite integers are signed, so the `u64` is kept as the
@@ -263,8 +287,8 @@ fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
     let expires_at = column_time(record.expiry_date);
     let mut insert = conn
         .prepare_cached(
-            "INSERT INTO portable_sessions (key, expires_at, record, version)
-             VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO portable_sessions (key, expires_at, record, version, owner)
+             VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (key) DO NOTHING",
         )
         .map_err(Error::backend)?;
@@ -272,7 +296,7 @@ fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
     loop {
         let key = stored::digest(&record.id);
         if insert
-            .execute(params![&key[..], expires_at, &bytes, version])
+            .execute(params![&key[..], expires_at, &bytes, version, column_owner(record)])
             .map_err(Error::backend)?
             == 1
         {
@@ -286,16 +310,18 @@ fn save_row(conn: &Connection, record: &Record) -> Result<()> {
     let bytes = stored::encode(record)?;
     let key = stored::digest(&record.id);
     conn.prepare_cached(
-        "INSERT INTO portable_sessions (key, expires_at, record, version) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO portable_sessions (key, expires_at, record, version, owner)
+         VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at,
-             record = excluded.record, version = excluded.version",
+             record = excluded.record, version = excluded.version, owner = excluded.owner",
     )
     .and_then(|mut upsert| {
         upsert.execute(params![
             &key[..],
             column_time(record.expiry_date),
             &bytes,
-            column_version(record.version)
+            column_version(record.version),
+            column_owner(record)
         ])
     })
     .map_err(Error::backend)?;
@@ -310,7 +336,7 @@ fn update_row(conn: &Connection, record: &Record, now: OffsetDateTime) -> Result
     // One statement: the compare and the write are atomic.
     let changed = conn
         .prepare_cached(
-            "UPDATE portable_sessions SET expires_at = ?1, record = ?2, version = ?3
+            "UPDATE portable_sessions SET expires_at = ?1, record = ?2, version = ?3, owner = ?7
              WHERE key = ?4 AND version = ?5 AND expires_at > ?6",
         )
         .and_then(|mut update| {
@@ -320,7 +346,8 @@ fn update_row(conn: &Connection, record: &Record, now: OffsetDateTime) -> Result
                 column_version(next),
                 &key[..],
                 expected,
-                column_time(now)
+                column_time(now),
+                column_owner(record)
             ])
         })
         .map_err(Error::backend)?;
@@ -368,6 +395,67 @@ fn delete_row(conn: &Connection, id: &Id) -> Result<()> {
         .and_then(|mut delete| delete.execute(params![&key[..]]))
         .map_err(Error::backend)?;
     Ok(())
+}
+
+/// `owner`'s live rows: each key (the handle) and record.
+fn owned_rows(conn: &Connection, owner: &Owner, now: OffsetDateTime) -> Result<Vec<(Handle, Record)>> {
+    let mut select = conn
+        .prepare_cached(
+            "SELECT key, record FROM portable_sessions WHERE owner = ?1 AND expires_at > ?2",
+        )
+        .map_err(Error::backend)?;
+    let rows = select
+        .query_map(params![owner.as_str(), column_time(now)], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })
+        .map_err(Error::backend)?;
+    let mut owned = Vec::new();
+    for row in rows {
+        let (key, bytes) = row.map_err(Error::backend)?;
+        let key: [u8; 32] = key
+            .try_into()
+            .map_err(|_| Error::decode("a session key is not 32 bytes long"))?;
+        let record = stored::decode_listed(&bytes)?;
+        if !record.is_expired_at(now) {
+            owned.push((Handle::from_bytes(key), record));
+        }
+    }
+    Ok(owned)
+}
+
+fn list_rows(conn: &Connection, owner: &Owner, now: OffsetDateTime) -> Result<Vec<OwnedSession>> {
+    owned_rows(conn, owner, now)?
+        .into_iter()
+        .map(|(handle, record)| OwnedSession::new(handle, record))
+        .collect()
+}
+
+/// Deletes the rows of `owner` that `ending` names, in one transaction.
+fn end_rows(conn: &Connection, owner: &Owner, ending: Ending, now: OffsetDateTime) -> Result<Vec<Handle>> {
+    // IMMEDIATE: the writer's lock from the start, so that the read and the deletes
+    // see one state, and another process's write waits instead of failing it.
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
+        .map_err(Error::backend)?;
+    let owned = owned_rows(&tx, owner, now)?;
+    let created = |record: &Record| record.ownership.as_ref().map(|o| o.created_at);
+    let picked = ending.pick(
+        owned
+            .iter()
+            .map(|(handle, record)| (*handle, created(record).unwrap_or(now)))
+            .collect(),
+    );
+    {
+        let mut delete = tx
+            .prepare_cached("DELETE FROM portable_sessions WHERE key = ?1 AND owner = ?2")
+            .map_err(Error::backend)?;
+        for handle in &picked {
+            delete
+                .execute(params![&handle.to_bytes()[..], owner.as_str()])
+                .map_err(Error::backend)?;
+        }
+    }
+    tx.commit().map_err(Error::backend)?;
+    Ok(picked)
 }
 
 fn delete_expired_rows(db: &Db<'_>, now: OffsetDateTime) -> Result<usize> {
@@ -449,6 +537,25 @@ impl SessionStore for SqliteStore {
 
     fn atomic_update(&self) -> bool {
         true
+    }
+
+    fn supports_owners(&self) -> bool {
+        true
+    }
+
+    /// One query on the indexed `owner` column.
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        let (owner, clock) = (owner.clone(), self.clock.clone());
+        self.with_conn(move |db| db.read(|conn| list_rows(conn, &owner, clock.now())))
+            .await
+    }
+
+    /// One write transaction: the owner's live rows are read, and those `ending`
+    /// names deleted, with no other write in between.
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        let (owner, clock) = (owner.clone(), self.clock.clone());
+        self.with_conn(move |db| db.write(|conn| end_rows(conn, &owner, ending, clock.now())))
+            .await
     }
 }
 

@@ -83,6 +83,25 @@ pub(crate) fn decode(id: &Id, bytes: &[u8]) -> Result<Record> {
     Record::decode_with_id(*id, bytes)
 }
 
+/// Decodes bytes written by [`encode`], [`encode_checked`] or [`encode_with_token`]
+/// for an owner's listing, where the id is not known (only its digest, the key the
+/// row was found under): the key check is skipped, and the record gets a zero id,
+/// which [`OwnedSession`](crate::session::OwnedSession) drops anyway.
+pub(crate) fn decode_listed(bytes: &[u8]) -> Result<Record> {
+    let truncated =
+        |what: &str| crate::session_store::Error::decode(format!("{what} is truncated"));
+    let mut bytes = match bytes.split_first() {
+        Some((&TOKEN_TAG, rest)) => rest
+            .get(TOKEN_LEN..)
+            .ok_or_else(|| truncated("a write token"))?,
+        _ => bytes,
+    };
+    if let Some((&CHECK_TAG, rest)) = bytes.split_first() {
+        bytes = rest.get(CHECK_LEN..).ok_or_else(|| truncated("a key check"))?;
+    }
+    Record::decode_with_id(Id::from_bytes([0; 16]), bytes)
+}
+
 /// The byte in front of a key check: never the first byte of an encoded record.
 pub(crate) const CHECK_TAG: u8 = 0xA8;
 

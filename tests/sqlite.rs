@@ -277,7 +277,8 @@ async fn a_table_from_before_owners_is_migrated() {
     // Opening again changes nothing.
     drop(store);
     let store = SqliteStore::open(dir.db()).unwrap();
-    assert_eq!(store.load(&old.id).await.unwrap().as_ref(), Some(&old));
+    let again = store.load(&old.id).await.unwrap();
+    assert_eq!(again.as_ref(), Some(&old));
 }
 
 tests_in_both_modes!(

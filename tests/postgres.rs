@@ -87,6 +87,7 @@ async fn conforms_at(url: &str) {
     let schema = PgSchema::new("conform");
     let store = schema.store_at(url);
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Deletes).await;
     let left = psql(&format!("SELECT count(*) FROM {}", schema.table()));
     assert_eq!(left, "0", "the suite cleans up");
@@ -97,6 +98,7 @@ async fn caching_postgres_store_conforms() {
     let schema = PgSchema::new("cached");
     let store = CachingSessionStore::new(MemoryStore::new(), schema.store());
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Deletes).await;
     assert!(store.cache().is_empty(), "the suite cleans up the cache");
 }
@@ -132,7 +134,7 @@ async fn the_table_holds_digests_not_ids() {
     ));
     assert_eq!(
         types,
-        "key bytea, expires_at timestamp with time zone, version bigint, record bytea"
+        "key bytea, expires_at timestamp with time zone, version bigint, record bytea, owner text"
     );
 }
 
@@ -265,9 +267,11 @@ async fn a_role_that_may_not_create_uses_a_table_made_for_it() {
              key bytea PRIMARY KEY,
              expires_at timestamptz NOT NULL,
              version bigint NOT NULL,
-             record bytea NOT NULL
+             record bytea NOT NULL,
+             owner text
          );
          CREATE INDEX ON {table} (expires_at);
+         CREATE INDEX ON {table} (owner) WHERE owner IS NOT NULL;
          GRANT USAGE ON SCHEMA \"{schema}\" TO {role};
          GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role};",
         schema = schema.0,
@@ -279,6 +283,37 @@ async fn a_role_that_may_not_create_uses_a_table_made_for_it() {
     let loaded = store.load(&record.id).await.unwrap();
     assert_eq!(loaded.as_ref(), Some(&record));
     testing::check_update(&store).await;
+    testing::check_owners(&store).await;
+}
+
+/// A table made before owners existed gets its `owner` column and index from the
+/// first connection, keeps its rows, and then files owned records.
+#[maybe_async::maybe_async]
+async fn a_table_from_before_owners_is_migrated() {
+    let schema = PgSchema::new("migrate_owner");
+    let table = schema.table();
+    psql(&format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+         CREATE TABLE {table} (
+             key bytea PRIMARY KEY,
+             expires_at timestamptz NOT NULL,
+             version bigint NOT NULL,
+             record bytea NOT NULL
+         );
+         CREATE INDEX ON {table} (expires_at);",
+        schema = schema.0,
+    ));
+    let store = schema.store();
+    let mut old = live_record(5);
+    store.create(&mut old).await.unwrap();
+    let loaded = store.load(&old.id).await.unwrap();
+    assert_eq!(loaded.as_ref(), Some(&old));
+    let index = psql(&format!(
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = '{}' AND indexdef LIKE '%(owner)%'",
+        schema.0
+    ));
+    assert_eq!(index, "1", "the owner index is made");
+    testing::check_owners(&store).await;
 }
 
 #[maybe_async::maybe_async]
@@ -681,6 +716,7 @@ async fn a_wrong_password_is_a_backend_error() {
 }
 
 tests_in_both_modes!(
+    a_table_from_before_owners_is_migrated,
     a_row_under_another_key_is_refused,
     postgres_store_conforms,
     caching_postgres_store_conforms,

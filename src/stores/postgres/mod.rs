@@ -15,7 +15,7 @@ use self::{
 };
 use crate::{
     lifecycle::clock::Clock,
-    session::{random_id, Id, Record},
+    session::{random_id, Ending, Handle, Id, OwnedSession, Owner, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stores::{net, stored, tls::Connector},
 };
@@ -33,6 +33,18 @@ const SCHEMA_LOCK: i64 = 0x706f_7274_7365_7373;
 /// What the expiry index's name adds to the table's.
 const INDEX_SUFFIX: &str = "_expires_at";
 
+/// What the owner index's name adds to the table's.
+const OWNER_INDEX_SUFFIX: &str = "_owner";
+
+/// The most sessions an owner's listing reads, and the most bytes of rows: a server
+/// cannot make a listing buffer more.
+const MAX_LISTED: usize = 1024;
+const MAX_LISTED_BYTES: usize = 32 << 20;
+
+/// The most sessions one ending deletes in one statement (each returns its 32-byte
+/// key).
+const MAX_ENDED: usize = 1 << 16;
+
 /// How many ids `create` draws before it gives up: a collision of random 128-bit ids
 /// never happens twice in a row, so more means the insert is being dropped (a rule or
 /// trigger), which no number of tries fixes.
@@ -49,10 +61,18 @@ const MAX_CREATE_ATTEMPTS: usize = 8;
 ///       key bytea PRIMARY KEY,            -- SHA-256 of the session id
 ///       expires_at timestamptz NOT NULL,  -- indexed
 ///       version bigint NOT NULL,          -- for conditional writes
-///       record bytea NOT NULL             -- the encoded record, without its id
+///       record bytea NOT NULL,            -- the encoded record, without its id
+///       owner text                        -- the session's owner, indexed
 ///   );
 ///   CREATE INDEX portable_sessions_expires_at ON portable_sessions (expires_at);
+///   CREATE INDEX portable_sessions_owner ON portable_sessions (owner)
+///       WHERE owner IS NOT NULL;
 ///   ```
+///
+///   A table made before owners existed gets its `owner` column and index added
+///   (`ALTER TABLE .. ADD COLUMN IF NOT EXISTS`, under the same advisory lock) by
+///   the first connection, which needs the table's owner's privileges; or run the
+///   two statements yourself.
 ///
 ///   The first connection creates the schema, table and index if the table is
 ///   missing (idempotently, serialized by an advisory lock so that processes
@@ -69,6 +89,11 @@ const MAX_CREATE_ATTEMPTS: usize = 8;
 ///   version and the expiry date and writes in that one statement (row locks make
 ///   concurrent updates of one session take turns, and each sees the other's
 ///   version), and tells a conflict from a missing session in the same reply.
+/// - **A user's sessions.** A record's owner is written to the indexed `owner`
+///   column by the same statement that writes the record. Listing is one indexed
+///   query (at most 1,024 sessions an owner); ending one session, all but one, or
+///   all is one `DELETE` statement, and ending the oldest beyond a limit is a
+///   listing followed by one `DELETE` of each, conditional on the owner.
 /// - **Expiry.** [`load`](SessionStore::load) never returns an expired row, even
 ///   before [`delete_expired`](ExpiredDeletion::delete_expired) removes it; that pass
 ///   walks the expiry index in batches of 5,000 rows, each its own statement and
@@ -384,17 +409,28 @@ struct Statements {
     update: Statement,
     delete: Statement,
     delete_expired: Statement,
+    list_owned: Statement,
+    end_one: Statement,
+    end_all_but: Statement,
 }
 
 fn build_pool(settings: &Settings) -> (Pool, Statements) {
     let table = format!("{}.{}", ident(&settings.schema), ident(&settings.table));
     let index = ident(&format!("{}{INDEX_SUFFIX}", settings.table));
+    let owner_index = ident(&format!("{}{OWNER_INDEX_SUFFIX}", settings.table));
     let exists = format!(
-        "SELECT to_regclass({}) IS NOT NULL, \
-         EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {})",
-        literal(&table),
-        literal(&settings.schema)
+        "SELECT to_regclass({table_literal}) IS NOT NULL, \
+         EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {}), \
+         EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({table_literal}) \
+                 AND attname = 'owner' AND NOT attisdropped)",
+        literal(&settings.schema),
+        table_literal = literal(&table),
     );
+    let owner_index =
+        format!("CREATE INDEX IF NOT EXISTS {owner_index} ON {table} (owner) WHERE owner IS NOT NULL;");
+    // Only for a table that lacks the column: `ALTER TABLE` takes the table's
+    // exclusive lock even when the column is there.
+    let add_owner = format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS owner text; {owner_index}");
     // One simple query: one implicit transaction, so the advisory lock holds to its
     // end. The schema is created only if missing, which needs no CREATE privilege
     // on the database when it exists.
@@ -404,12 +440,14 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
              key bytea PRIMARY KEY,
              expires_at timestamptz NOT NULL,
              version bigint NOT NULL,
-             record bytea NOT NULL
+             record bytea NOT NULL,
+             owner text
          );
-         CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);"
+         CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
+         {owner_index}"
     );
     let create_schema = format!("CREATE SCHEMA IF NOT EXISTS {};", ident(&settings.schema));
-    use oid::{BYTEA, INT4, INT8, TIMESTAMPTZ};
+    use oid::{BYTEA, INT4, INT8, TEXT, TIMESTAMPTZ};
     let statement = |label, sql, types| Statement::new(label, sql, types);
     let statements = Statements {
         load: statement(
@@ -420,19 +458,20 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         create: statement(
             "create",
             format!(
-                "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (key) DO NOTHING"
+                "INSERT INTO {table} (key, expires_at, version, record, owner) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING"
             ),
-            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
+            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, TEXT],
         ),
         save: statement(
             "save",
             format!(
-                "INSERT INTO {table} (key, expires_at, version, record) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO {table} (key, expires_at, version, record, owner) \
+                 VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, \
-                 version = EXCLUDED.version, record = EXCLUDED.record"
+                 version = EXCLUDED.version, record = EXCLUDED.record, owner = EXCLUDED.owner"
             ),
-            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA],
+            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, TEXT],
         ),
         // The compare and the write are one statement. The other columns are read
         // from the statement's snapshot, before its write: whether a live row is
@@ -443,7 +482,7 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
             "update",
             format!(
                 "WITH written AS (
-                     UPDATE {table} SET expires_at = $2, version = $5, record = $4
+                     UPDATE {table} SET expires_at = $2, version = $5, record = $4, owner = $7
                      WHERE key = $1 AND version = $3 AND expires_at > $6
                      RETURNING 1
                  )
@@ -455,7 +494,7 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
                                     substring($4 from 1 for {head}))",
                 head = 1 + stored::TOKEN_LEN
             ),
-            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, INT8, TIMESTAMPTZ],
+            &[BYTEA, TIMESTAMPTZ, INT8, BYTEA, INT8, TIMESTAMPTZ, TEXT],
         ),
         delete: statement(
             "delete",
@@ -475,6 +514,27 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
             ),
             &[TIMESTAMPTZ, INT4],
         ),
+        list_owned: statement(
+            "list_owned",
+            format!("SELECT key, record FROM {table} WHERE owner = $1 AND expires_at > $2"),
+            &[TEXT, TIMESTAMPTZ],
+        ),
+        end_one: statement(
+            "end_one",
+            format!(
+                "DELETE FROM {table} WHERE key = $1 AND owner = $2 AND expires_at > $3 \
+                 RETURNING key"
+            ),
+            &[BYTEA, TEXT, TIMESTAMPTZ],
+        ),
+        end_all_but: statement(
+            "end_all_but",
+            format!(
+                "DELETE FROM {table} WHERE owner = $1 AND key <> $2 AND expires_at > $3 \
+                 RETURNING key"
+            ),
+            &[TEXT, BYTEA, TIMESTAMPTZ],
+        ),
     };
     let pool = Pool::new(
         settings.config.clone(),
@@ -484,6 +544,7 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
             exists,
             lock,
             create,
+            add_owner,
             create_schema,
             statements: [
                 &statements.load,
@@ -492,6 +553,9 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
                 &statements.update,
                 &statements.delete,
                 &statements.delete_expired,
+                &statements.list_owned,
+                &statements.end_one,
+                &statements.end_all_but,
             ]
             .map(Statement::clone)
             .to_vec(),
@@ -525,6 +589,22 @@ fn protocol(what: &str) -> Error {
     Error::backend(WireError::Protocol(what.into()))
 }
 
+/// The `owner` column's parameter for `record`.
+fn owner_param(record: &Record) -> Param<'_> {
+    match &record.ownership {
+        Some(ownership) => Param::Text(ownership.owner.as_str()),
+        None => Param::Null,
+    }
+}
+
+/// The handle in a `key` column.
+fn handle_column(column: Option<&[u8]>) -> Result<Handle> {
+    let key: [u8; 32] = column
+        .and_then(|key| key.try_into().ok())
+        .ok_or_else(|| protocol("a session key is not 32 bytes long"))?;
+    Ok(Handle::from_bytes(key))
+}
+
 /// Reads a boolean column of a binary row.
 fn bool_column(column: Option<&[u8]>) -> Result<bool> {
     match column {
@@ -552,6 +632,7 @@ impl SessionStore for PostgresStore {
                             Param::Timestamptz(expires_at),
                             Param::Int8(version),
                             Param::Bytea(&bytes),
+                            owner_param(record),
                         ],
                     )
                 })
@@ -579,6 +660,7 @@ impl SessionStore for PostgresStore {
                         Param::Timestamptz(timestamptz(record.expiry_date)),
                         Param::Int8(column_version(record.version)),
                         Param::Bytea(&bytes),
+                        owner_param(record),
                     ],
                 )
             })
@@ -654,6 +736,7 @@ impl SessionStore for PostgresStore {
                         Param::Bytea(&bytes),
                         Param::Int8(column_version(next)),
                         Param::Timestamptz(now),
+                        owner_param(record),
                     ],
                 )
             })
@@ -676,6 +759,105 @@ impl SessionStore for PostgresStore {
 
     fn atomic_update(&self) -> bool {
         true
+    }
+
+    fn supports_owners(&self) -> bool {
+        true
+    }
+
+    /// One query on the indexed `owner` column.
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        self.owned(owner)
+            .await?
+            .into_iter()
+            .map(|(handle, record)| OwnedSession::new(handle, record))
+            .collect()
+    }
+
+    /// One `DELETE` statement, conditional on the owner, except for
+    /// [`Ending::AllButNewest`]: a listing, then one `DELETE` of each session it
+    /// ends.
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        let (one, key) = match ending {
+            Ending::One(handle) => (true, handle.to_bytes().to_vec()),
+            Ending::AllBut(handle) => (false, handle.to_bytes().to_vec()),
+            Ending::All => (false, Vec::new()),
+            Ending::AllButNewest(_) => {
+                let owned = self.owned(owner).await?;
+                let created = |record: &Record| record.ownership.as_ref().map(|o| o.created_at);
+                let now = self.clock.now();
+                let picked = ending.pick(
+                    owned
+                        .iter()
+                        .map(|(handle, record)| (*handle, created(record).unwrap_or(now)))
+                        .collect(),
+                );
+                let mut ended = Vec::with_capacity(picked.len());
+                for handle in picked {
+                    ended.extend(self.end_owned(owner, Ending::One(handle)).await?);
+                }
+                return Ok(ended);
+            }
+        };
+        let reply = self
+            .pool
+            .call(|conn| {
+                conn.allow_rows(MAX_ENDED, MAX_ENDED * 64);
+                let now = timestamptz(self.clock.now());
+                let owner = Param::Text(owner.as_str());
+                if one {
+                    let params = [Param::Bytea(&key), owner, Param::Timestamptz(now)];
+                    conn.push(&self.statements.end_one, &params)
+                } else {
+                    let params = [owner, Param::Bytea(&key), Param::Timestamptz(now)];
+                    conn.push(&self.statements.end_all_but, &params)
+                }
+            })
+            .await?;
+        reply
+            .rows
+            .iter()
+            .map(|row| {
+                let columns = columns(row).map_err(Error::backend)?;
+                handle_column(columns.first().copied().flatten())
+            })
+            .collect()
+    }
+}
+
+#[maybe_async::maybe_async]
+impl PostgresStore {
+    /// `owner`'s live rows: each key (the handle) and record.
+    async fn owned(&self, owner: &Owner) -> Result<Vec<(Handle, Record)>> {
+        let read_at = parking_lot::Mutex::new(None);
+        let reply = self
+            .pool
+            .call(|conn| {
+                conn.allow_rows(MAX_LISTED, MAX_LISTED_BYTES);
+                let now = self.clock.now();
+                *read_at.lock() = Some(now);
+                conn.push(
+                    &self.statements.list_owned,
+                    &[Param::Text(owner.as_str()), Param::Timestamptz(timestamptz(now))],
+                )
+            })
+            .await?;
+        let now = read_at.into_inner().unwrap_or_else(|| self.clock.now());
+        let mut owned = Vec::with_capacity(reply.rows.len());
+        for row in &reply.rows {
+            let columns = columns(row).map_err(Error::backend)?;
+            let handle = handle_column(columns.first().copied().flatten())?;
+            let bytes = columns
+                .get(1)
+                .copied()
+                .flatten()
+                .ok_or_else(|| protocol("a session row lacks its record"))?;
+            let record = stored::decode_listed(bytes)?;
+            if !record.is_expired_at(now) {
+                owned.push((handle, record));
+            }
+        }
+        Ok(owned)
     }
 }
 

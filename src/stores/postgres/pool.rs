@@ -40,6 +40,8 @@ pub(crate) struct Setup {
     pub(crate) exists: String,
     /// Takes the lock that serializes schema creation.
     pub(crate) lock: String,
+    /// Adds the `owner` column and its index to a table made before owners existed.
+    pub(crate) add_owner: String,
     /// Creates the schema.
     pub(crate) create_schema: String,
     /// Creates the table and its index if they are missing.
@@ -255,7 +257,15 @@ impl Pool {
             .ok_or_else(|| Error::backend(WireError::Protocol("no reply row".into())))?;
         let columns = super::wire::columns(row).map_err(Error::backend)?;
         let is_true = |i: usize| columns.get(i).copied().flatten() == Some(b"t".as_slice());
-        let (table_exists, schema_exists) = (is_true(0), is_true(1));
+        let (table_exists, schema_exists, has_owner) = (is_true(0), is_true(1), is_true(2));
+        if table_exists && !has_owner {
+            // Made before owners existed: the column and its index, under the lock.
+            let mut sql = self.local_timeout();
+            sql.push_str(&self.setup.lock);
+            sql.push_str(&self.setup.add_owner);
+            conn.push_query(&sql).map_err(Error::backend)?;
+            conn.exchange().await.map_err(Error::backend)?;
+        }
         if !table_exists {
             // One simple query of several statements: one implicit transaction in
             // one round trip, holding the transaction-scoped advisory lock to its

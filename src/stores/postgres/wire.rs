@@ -144,6 +144,8 @@ impl std::error::Error for ServerError {}
 pub(crate) enum Param<'a> {
     Bytea(&'a [u8]),
     Text(&'a str),
+    /// SQL `NULL`, of the statement's type for it.
+    Null,
     Int4(i32),
     Int8(i64),
     /// A `timestamptz`: microseconds since 2000-01-01 UTC.
@@ -208,6 +210,11 @@ pub(crate) struct Conn {
     /// How the request being built sends its statements: by name (prepared) or
     /// whole (unnamed).
     pub(crate) named: bool,
+    /// How many rows the request's reply may carry, and how many bytes in all:
+    /// [`MAX_ROWS`] and one message unless the request allows more
+    /// ([`allow_rows`](Conn::allow_rows)).
+    max_rows: usize,
+    max_row_bytes: usize,
 }
 
 /// A statement of the store: its SQL, the types of its parameters, and the name it
@@ -289,6 +296,7 @@ impl Conn {
             params.iter().copied(),
             |param, buf| {
                 match param {
+                    Param::Null => return Ok(IsNull::Yes),
                     Param::Bytea(bytes) => buf.extend_from_slice(bytes),
                     Param::Text(text) => buf.extend_from_slice(text.as_bytes()),
                     Param::Int4(v) => buf.extend_from_slice(&v.to_be_bytes()),
@@ -332,6 +340,15 @@ impl Conn {
     /// Drops what was queued but not sent.
     pub(crate) fn clear_request(&mut self) {
         self.write.clear();
+        self.max_rows = MAX_ROWS;
+        self.max_row_bytes = MAX_MESSAGE;
+    }
+
+    /// Lets the request being built read up to `rows` rows of at most `bytes` in
+    /// all: for an owner's listing, whose rows follow the owner's session count.
+    pub(crate) fn allow_rows(&mut self, rows: usize, bytes: usize) {
+        self.max_rows = rows;
+        self.max_row_bytes = bytes;
     }
 }
 
@@ -385,6 +402,8 @@ impl Conn {
             busy: true,
             prepared: false,
             named: false,
+            max_rows: MAX_ROWS,
+            max_row_bytes: MAX_MESSAGE,
         };
         // As in libpq, never over a Unix socket, which stays on this machine.
         let tcp = matches!(config.address, Address::Tcp(..));
@@ -603,20 +622,24 @@ impl Conn {
         // The rows of the command under way; a request's earlier commands (the
         // statement timeout's `set_config`) return rows nobody reads.
         let mut rows = Vec::new();
+        let mut row_bytes = 0;
         let mut error = None;
         loop {
             match self.next_message().await? {
                 Message::DataRow(row) => {
-                    if rows.len() == MAX_ROWS {
+                    row_bytes += row.buffer().len();
+                    if rows.len() == self.max_rows || row_bytes > self.max_row_bytes {
                         return Err(WireError::Protocol(format!(
-                            "the server sent more than the {MAX_ROWS} rows any statement \
-                             here returns"
+                            "the server sent more than the {} rows (or {} bytes) this \
+                             statement may return",
+                            self.max_rows, self.max_row_bytes
                         )));
                     }
                     rows.push(row);
                 }
                 Message::CommandComplete(body) => {
                     reply.rows = std::mem::take(&mut rows);
+                    row_bytes = 0;
                     reply.affected = body
                         .tag()
                         .ok()

@@ -675,7 +675,11 @@ pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
     third_owned.id = third.id;
     third_owned.version = third.version;
     let written = ok(store.update(&third_owned).await, "update setting an owner");
-    same(written, Update::Written(third.version + 1), "update setting an owner writes");
+    same(
+        written,
+        Update::Written(third.version + 1),
+        "update setting an owner writes",
+    );
     third_owned.version += 1;
     let mut bobs = owned_by(&bob, 0, "desktop");
     ok(store.create(&mut bobs).await, "create with another owner");
@@ -683,11 +687,23 @@ pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
     ok(store.create(&mut nobody).await, "create without an owner");
 
     let loaded = ok(store.load(&first.id).await, "load").expect("created");
-    same(&loaded.ownership, &first.ownership, "load gives back the ownership create stored");
+    same(
+        &loaded.ownership,
+        &first.ownership,
+        "load gives back the ownership create stored",
+    );
     let loaded = ok(store.load(&third.id).await, "load").expect("updated");
-    same(&loaded, &third_owned, "load gives back the ownership update stored");
+    same(
+        &loaded,
+        &third_owned,
+        "load gives back the ownership update stored",
+    );
     let loaded = ok(store.load(&nobody.id).await, "load").expect("created");
-    same(loaded.ownership, None, "a record without an owner loads without one");
+    same(
+        loaded.ownership,
+        None,
+        "a record without an owner loads without one",
+    );
 
     let listed = listing(store, &alice).await;
     same(
@@ -702,12 +718,32 @@ pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
             .expect("listed");
         let ownership = record.ownership.as_ref().expect("owned");
         same(session.owner(), &alice, "a listed session names its owner");
-        same(session.created_at(), ownership.created_at, "a listing gives created_at");
-        same(session.written_at(), ownership.written_at, "a listing gives written_at");
-        same(session.expiry_date(), record.expiry_date, "a listing gives the expiry date");
+        same(
+            session.created_at(),
+            ownership.created_at,
+            "a listing gives created_at",
+        );
+        same(
+            session.written_at(),
+            ownership.written_at,
+            "a listing gives written_at",
+        );
+        same(
+            session.expiry_date(),
+            record.expiry_date,
+            "a listing gives the expiry date",
+        );
         let device: Option<String> = ok(session.get("device"), "OwnedSession::get");
-        same(device, value(record, "device"), "a listing gives the record's values");
-        same(session.is_current(), false, "a store's listing marks no session current");
+        same(
+            device,
+            value(record, "device"),
+            "a listing gives the record's values",
+        );
+        same(
+            session.is_current(),
+            false,
+            "a store's listing marks no session current",
+        );
     }
     same(
         listing(store, &bob).await.len(),
@@ -717,18 +753,32 @@ pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
 
     // Ending never reaches another owner's session.
     let ended = ok(
-        store.end_owned(&alice, Ending::One(Handle::of(&bobs.id))).await,
+        store
+            .end_owned(&alice, Ending::One(Handle::of(&bobs.id)))
+            .await,
         "end_owned",
     );
-    same(ended, Vec::new(), "end_owned never ends another owner's session");
+    same(
+        ended,
+        Vec::new(),
+        "end_owned never ends another owner's session",
+    );
     let kept = ok(store.load(&bobs.id).await, "load");
-    same(kept.is_some(), true, "end_owned never ends another owner's session");
+    same(
+        kept.is_some(),
+        true,
+        "end_owned never ends another owner's session",
+    );
 
     // Moving: update to another owner, and to none (a login's marker).
     let mut moved = third_owned.clone();
     moved.ownership.as_mut().expect("owned").owner = bob.clone();
     let written = ok(store.update(&moved).await, "update changing the owner");
-    same(written, Update::Written(moved.version + 1), "update changing the owner writes");
+    same(
+        written,
+        Update::Written(moved.version + 1),
+        "update changing the owner writes",
+    );
     moved.version += 1;
     same(
         listing(store, &alice).await.len(),
@@ -743,7 +793,11 @@ pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
     let mut unowned = moved.clone();
     unowned.ownership = None;
     let written = ok(store.update(&unowned).await, "update taking the owner away");
-    same(written, Update::Written(moved.version + 1), "update taking the owner away writes");
+    same(
+        written,
+        Update::Written(moved.version + 1),
+        "update taking the owner away writes",
+    );
     same(
         listing(store, &bob).await.len(),
         1,
@@ -755,12 +809,20 @@ pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
     lapsed.expiry_date = an_hour_ago();
     ok(store.save(&lapsed).await, "save of an expired record");
     same(
-        listing(store, &alice).await.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+        listing(store, &alice)
+            .await
+            .iter()
+            .map(|(h, _)| *h)
+            .collect::<Vec<_>>(),
         handles(&[&first]),
         "an expired record is not listed",
     );
     ok(store.delete(&first.id).await, "delete");
-    same(listing(store, &alice).await.len(), 0, "a deleted record is not listed");
+    same(
+        listing(store, &alice).await.len(),
+        0,
+        "a deleted record is not listed",
+    );
 
     // Each ending.
     let mut sessions = Vec::new();
@@ -770,30 +832,79 @@ pub async fn check_owners<S: SessionStore + ?Sized>(store: &S) {
         sessions.push(record);
     }
     let handle = |i: usize| Handle::of(&sessions[i].id);
-    let ended = ok(store.end_owned(&alice, Ending::One(handle(0))).await, "end_owned One");
-    same(ended, vec![handle(0)], "Ending::One ends the session with that handle");
-    let gone = ok(store.update(&sessions[0]).await, "update of an ended session");
-    same(gone, Update::Gone, "an ended session is gone for update, never revived");
-    same(ok(store.load(&sessions[0].id).await, "load"), None, "an ended session does not load");
+    let ended = ok(
+        store.end_owned(&alice, Ending::One(handle(0))).await,
+        "end_owned One",
+    );
+    same(
+        ended,
+        vec![handle(0)],
+        "Ending::One ends the session with that handle",
+    );
+    let gone = ok(
+        store.update(&sessions[0]).await,
+        "update of an ended session",
+    );
+    same(
+        gone,
+        Update::Gone,
+        "an ended session is gone for update, never revived",
+    );
+    same(
+        ok(store.load(&sessions[0].id).await, "load"),
+        None,
+        "an ended session does not load",
+    );
     let ended = ok(
         store.end_owned(&alice, Ending::AllButNewest(2)).await,
         "end_owned AllButNewest",
     );
-    same(ended, vec![handle(1)], "Ending::AllButNewest ends the oldest beyond the limit");
-    let mut ended = ok(store.end_owned(&alice, Ending::AllBut(handle(3))).await, "end_owned AllBut");
+    same(
+        ended,
+        vec![handle(1)],
+        "Ending::AllButNewest ends the oldest beyond the limit",
+    );
+    let mut ended = ok(
+        store.end_owned(&alice, Ending::AllBut(handle(3))).await,
+        "end_owned AllBut",
+    );
     ended.sort();
-    same(ended, vec![handle(2)], "Ending::AllBut ends all but that one");
+    same(
+        ended,
+        vec![handle(2)],
+        "Ending::AllBut ends all but that one",
+    );
     let ended = ok(store.end_owned(&alice, Ending::All).await, "end_owned All");
-    same(ended, vec![handle(3)], "Ending::All ends every session of the owner");
-    same(listing(store, &alice).await.len(), 0, "nothing is listed after Ending::All");
-    same(listing(store, &bob).await.len(), 1, "Ending::All leaves other owners alone");
+    same(
+        ended,
+        vec![handle(3)],
+        "Ending::All ends every session of the owner",
+    );
+    same(
+        listing(store, &alice).await.len(),
+        0,
+        "nothing is listed after Ending::All",
+    );
+    same(
+        listing(store, &bob).await.len(),
+        1,
+        "Ending::All leaves other owners alone",
+    );
     let ended = ok(store.end_owned(&alice, Ending::All).await, "end_owned All");
-    same(ended, Vec::new(), "ending what is already ended ends nothing");
+    same(
+        ended,
+        Vec::new(),
+        "ending what is already ended ends nothing",
+    );
 
     for id in [bobs.id, nobody.id, third.id] {
         ok(store.delete(&id).await, "delete");
     }
-    same(listing(store, &bob).await.len(), 0, "a deleted record is not listed");
+    same(
+        listing(store, &bob).await.len(),
+        0,
+        "a deleted record is not listed",
+    );
 }
 
 fn owner(name: &str) -> Owner {
@@ -808,7 +919,10 @@ fn handles(records: &[&Record]) -> Vec<Handle> {
 
 /// `owner`'s listing, sorted by handle.
 #[maybe_async::maybe_async]
-async fn listing<S: SessionStore + ?Sized>(store: &S, owner: &Owner) -> Vec<(Handle, OwnedSession)> {
+async fn listing<S: SessionStore + ?Sized>(
+    store: &S,
+    owner: &Owner,
+) -> Vec<(Handle, OwnedSession)> {
     let listed = ok(store.list_owned(owner).await, "list_owned");
     let mut listed: Vec<_> = listed.into_iter().map(|s| (s.handle(), s)).collect();
     listed.sort_by_key(|(h, _)| *h);

@@ -567,10 +567,10 @@ mod postgres {
             stream.seen.lock().unwrap().extend_from_slice(kind);
             let mut reply = Vec::new();
             if kind == b"[query]" {
-                // The table's check: it and its schema exist.
+                // The table's check: it, its schema and its owner column exist.
                 reply.extend(row(&[b""]));
                 reply.extend(message(b'C', b"SELECT 1\0"));
-                reply.extend(row(&[b"t", b"t"]));
+                reply.extend(row(&[b"t", b"t", b"t"]));
                 reply.extend(message(b'C', b"SELECT 1\0"));
             } else if kind == b"[named]" {
                 let mut error = b"SERROR\0C26000\0Mprepared statement does not exist\0".to_vec();

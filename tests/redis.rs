@@ -159,6 +159,7 @@ impl Drop for RedisServer {
 async fn redis_store_conforms() {
     let store = shared_store("conform");
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Native).await;
     let left = keys(&mut raw(SHARED), store.key_prefix());
     assert!(left.is_empty(), "the suite cleans up: {left:?}");
@@ -168,6 +169,7 @@ async fn redis_store_conforms() {
 async fn caching_redis_store_conforms() {
     let store = CachingSessionStore::new(MemoryStore::new(), shared_store("conform-cached"));
     testing::check_store(&store).await;
+    testing::check_owners(&store).await;
     testing::check_expired_deletion(&store, Expiry::Native).await;
     assert!(store.cache().is_empty(), "the suite cleans up the cache");
 }

@@ -258,7 +258,11 @@ async fn a_table_from_before_owners_is_migrated() {
         let expires_at = i64::try_from(old.expiry_date.unix_timestamp_nanos()).unwrap();
         conn.execute(
             "INSERT INTO portable_sessions (key, expires_at, record) VALUES (?1, ?2, ?3)",
-            rusqlite::params![key_of(&old.id), expires_at, old.encode_without_id().unwrap()],
+            rusqlite::params![
+                key_of(&old.id),
+                expires_at,
+                old.encode_without_id().unwrap()
+            ],
         )
         .unwrap();
     }

@@ -10,7 +10,9 @@ use crate::{
         created_at, encode_policy, has_no_user_values, is_reserved, set_created_at, Expiry,
         SessionConfig, CREATED_KEY, EXPIRY_KEY, MOVED_KEY,
     },
-    session::{encode_value, random_id, Ending, Handle, Id, OwnedSession, Owner, Ownership, Record},
+    session::{
+        encode_value, random_id, Ending, Handle, Id, OwnedSession, Owner, Ownership, Record,
+    },
     session_store::{
         Error, Result, SessionFinished, SessionGone, SessionStore, Update, WriteConflict,
     },

@@ -424,7 +424,8 @@ impl Record {
             let ((owner, created, written), after) =
                 postcard::take_from_bytes::<(&str, i128, i128)>(values).map_err(Error::decode)?;
             values = after;
-            let date = |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(Error::decode);
+            let date =
+                |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(Error::decode);
             ownership = Some(Ownership {
                 owner: Owner::new(owner).map_err(|err| Error::decode(err.report()))?,
                 created_at: date(created)?,

@@ -400,7 +400,9 @@ impl MemoryStore {
             };
             for id in ids {
                 if let Some(slot) = shard.records.get(id) {
-                    if let (false, Some(ownership)) = (self.has_passed(slot.expiry), &slot.ownership) {
+                    if let (false, Some(ownership)) =
+                        (self.has_passed(slot.expiry), &slot.ownership)
+                    {
                         owned.push((*id, Handle::of(id), ownership.created_at));
                     }
                 }

@@ -296,7 +296,13 @@ fn create_row(conn: &Connection, record: &mut Record) -> Result<()> {
     loop {
         let key = stored::digest(&record.id);
         if insert
-            .execute(params![&key[..], expires_at, &bytes, version, column_owner(record)])
+            .execute(params![
+                &key[..],
+                expires_at,
+                &bytes,
+                version,
+                column_owner(record)
+            ])
             .map_err(Error::backend)?
             == 1
         {
@@ -398,7 +404,11 @@ fn delete_row(conn: &Connection, id: &Id) -> Result<()> {
 }
 
 /// `owner`'s live rows: each key (the handle) and record.
-fn owned_rows(conn: &Connection, owner: &Owner, now: OffsetDateTime) -> Result<Vec<(Handle, Record)>> {
+fn owned_rows(
+    conn: &Connection,
+    owner: &Owner,
+    now: OffsetDateTime,
+) -> Result<Vec<(Handle, Record)>> {
     let mut select = conn
         .prepare_cached(
             "SELECT key, record FROM portable_sessions WHERE owner = ?1 AND expires_at > ?2",
@@ -431,7 +441,12 @@ fn list_rows(conn: &Connection, owner: &Owner, now: OffsetDateTime) -> Result<Ve
 }
 
 /// Deletes the rows of `owner` that `ending` names, in one transaction.
-fn end_rows(conn: &Connection, owner: &Owner, ending: Ending, now: OffsetDateTime) -> Result<Vec<Handle>> {
+fn end_rows(
+    conn: &Connection,
+    owner: &Owner,
+    ending: Ending,
+    now: OffsetDateTime,
+) -> Result<Vec<Handle>> {
     // IMMEDIATE: the writer's lock from the start, so that the read and the deletes
     // see one state, and another process's write waits instead of failing it.
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)

@@ -97,7 +97,9 @@ pub(crate) fn decode_listed(bytes: &[u8]) -> Result<Record> {
         _ => bytes,
     };
     if let Some((&CHECK_TAG, rest)) = bytes.split_first() {
-        bytes = rest.get(CHECK_LEN..).ok_or_else(|| truncated("a key check"))?;
+        bytes = rest
+            .get(CHECK_LEN..)
+            .ok_or_else(|| truncated("a key check"))?;
     }
     Record::decode_with_id(Id::from_bytes([0; 16]), bytes)
 }

@@ -426,11 +426,13 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         literal(&settings.schema),
         table_literal = literal(&table),
     );
-    let owner_index =
-        format!("CREATE INDEX IF NOT EXISTS {owner_index} ON {table} (owner) WHERE owner IS NOT NULL;");
+    let owner_index = format!(
+        "CREATE INDEX IF NOT EXISTS {owner_index} ON {table} (owner) WHERE owner IS NOT NULL;"
+    );
     // Only for a table that lacks the column: `ALTER TABLE` takes the table's
     // exclusive lock even when the column is there.
-    let add_owner = format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS owner text; {owner_index}");
+    let add_owner =
+        format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS owner text; {owner_index}");
     // One simple query: one implicit transaction, so the advisory lock holds to its
     // end. The schema is created only if missing, which needs no CREATE privilege
     // on the database when it exists.
@@ -838,7 +840,10 @@ impl PostgresStore {
                 *read_at.lock() = Some(now);
                 conn.push(
                     &self.statements.list_owned,
-                    &[Param::Text(owner.as_str()), Param::Timestamptz(timestamptz(now))],
+                    &[
+                        Param::Text(owner.as_str()),
+                        Param::Timestamptz(timestamptz(now)),
+                    ],
                 )
             })
             .await?;

@@ -2,6 +2,7 @@
 
 mod config;
 mod mux;
+mod owners;
 mod resp;
 
 use std::{
@@ -21,7 +22,7 @@ use self::{
     resp::{Conn, Reply, RespError},
 };
 use crate::{
-    session::{random_id, Id, Record},
+    session::{random_id, Ending, Handle, Id, OwnedSession, Owner, Record},
     session_store::{Error, ExpiredDeletion, Result, SessionStore, Update},
     stores::{net, stored, tls::Connector},
 };
@@ -43,7 +44,13 @@ use crate::{
 /// is there, 1 for another version, 2 once written, and 3 when the stored value
 /// already is this very write (same version, expiry and token): a copy sent again
 /// after its reply was lost, whose first copy landed.
-const UPDATE_SCRIPT: &str = r"
+///
+/// For an owned record, KEYS[2] is its owner's set, and ARGV[6] to ARGV[8] the
+/// member, its score and the time in Unix milliseconds: the write files the record
+/// there too (see `owners`).
+const UPDATE_SCRIPT: &str = concat!(
+    owners::file_under_owner!(),
+    r"
 local head = redis.call('GETRANGE', KEYS[1], 0, 28)
 if head == '' then return 0 end
 local version = string.sub(head, 1, 8)
@@ -60,9 +67,38 @@ if ARGV[3] == '0' then
   redis.call('DEL', KEYS[1])
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if KEYS[2] then file(KEYS[2], ARGV[6], ARGV[7], ARGV[3], ARGV[8]) end
 end
 return 2
-";
+"
+);
+
+/// The store's server-side scripts, each sent by digest once the server told it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Update = 0,
+    WriteOwned = 1,
+    Values = 2,
+    End = 3,
+}
+
+impl Script {
+    const ALL: [Script; 4] = [
+        Script::Update,
+        Script::WriteOwned,
+        Script::Values,
+        Script::End,
+    ];
+
+    fn source(self) -> &'static str {
+        match self {
+            Self::Update => UPDATE_SCRIPT,
+            Self::WriteOwned => owners::WRITE_OWNED_SCRIPT,
+            Self::Values => owners::VALUES_SCRIPT,
+            Self::End => owners::END_SCRIPT,
+        }
+    }
+}
 
 /// The length of the version in front of every stored value.
 const VERSION_LEN: usize = 8;
@@ -250,7 +286,8 @@ struct Shared {
     /// timeout of its own in turn.
     failed: AtomicU64,
     last_failure: parking_lot::Mutex<Option<RespError>>,
-    script_sha: OnceLock<String>,
+    /// The SHA-1 digest of each [`Script`], once a server told it.
+    script_shas: [OnceLock<String>; Script::ALL.len()],
 }
 
 #[cfg(feature = "sync")]
@@ -271,7 +308,7 @@ impl Shared {
             opening: OpeningLock::default(),
             failed: AtomicU64::new(0),
             last_failure: parking_lot::Mutex::default(),
-            script_sha: OnceLock::new(),
+            script_shas: Default::default(),
         })
     }
 
@@ -429,33 +466,6 @@ fn ttl_millis(expiry: OffsetDateTime, now: OffsetDateTime) -> Option<u64> {
     Some(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
-/// The key and arguments of one call of the update script.
-struct ScriptArgs<'a> {
-    key: &'a str,
-    expected: &'a [u8],
-    value: &'a [u8],
-    ttl: &'a str,
-    secs: &'a str,
-    nanos: &'a str,
-}
-
-impl<'a> ScriptArgs<'a> {
-    /// `EVALSHA digest ...` or `EVAL source ...`.
-    fn call(&self, verb: &'a [u8], script: &'a str) -> [&'a [u8]; 9] {
-        [
-            verb,
-            script.as_bytes(),
-            b"1",
-            self.key.as_bytes(),
-            self.expected,
-            self.value,
-            self.ttl.as_bytes(),
-            self.secs.as_bytes(),
-            self.nanos.as_bytes(),
-        ]
-    }
-}
-
 /// How many ids `create` draws before it gives up: a collision of random 128-bit ids
 /// never happens twice in a row, so more means something answers for every key.
 const MAX_CREATE_ATTEMPTS: usize = 8;
@@ -494,13 +504,17 @@ impl SessionStore for RedisStore {
             // Encoded for each id drawn: the value carries its key check.
             let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
             let key = self.key(&record.id);
-            let reply = self
-                .call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
-                .await?;
+            let reply = match self.filing(record) {
+                None => {
+                    self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
+                        .await?
+                }
+                Some(filing) => self.write_owned(&key, &bytes, &ttl, b"NX", &filing).await?,
+            };
             match reply {
-                Reply::Status(_) => return Ok(()),
+                Reply::Status(_) | Reply::Int(1) => return Ok(()),
                 // The key exists: another session has this id.
-                Reply::Nil => record.id = random_id()?,
+                Reply::Nil | Reply::Int(0) => record.id = random_id()?,
                 other => return Err(unexpected("SET NX", &other)),
             }
         }
@@ -513,8 +527,16 @@ impl SessionStore for RedisStore {
             Some(ttl) => {
                 let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
                 let ttl = ttl.to_string();
-                self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
-                    .await?;
+                match self.filing(record) {
+                    None => {
+                        self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
+                            .await?;
+                    }
+                    Some(filing) => {
+                        self.write_owned(&key, &bytes, &ttl, b"ANY", &filing)
+                            .await?;
+                    }
+                }
             }
             None => {
                 self.call(&[b"DEL", key.as_bytes()]).await?;
@@ -555,6 +577,7 @@ impl SessionStore for RedisStore {
         let token = stored::write_token()?;
         let value = encode_value(record, next, &token)?;
         let (key, expected) = (self.key(&record.id), record.version.to_be_bytes());
+        let filing = self.filing(record);
         let mut resent = false;
         let reply = loop {
             let (mux, opened) = self.connection().await?;
@@ -566,27 +589,24 @@ impl SessionStore for RedisStore {
                 now.unix_timestamp().to_string(),
                 now.nanosecond().to_string(),
             );
-            let args = ScriptArgs {
-                key: &key,
-                expected: &expected,
+            let now_millis = owners::unix_millis(now);
+            let mut keys: Vec<&[u8]> = vec![key.as_bytes()];
+            let mut args: Vec<&[u8]> = vec![
+                &expected,
                 value,
-                ttl: &ttl,
-                secs: &secs,
-                nanos: &nanos,
-            };
-            let sent = match self.shared.script_sha.get() {
-                Some(sha) => {
-                    let by_digest = mux.call(&args.call(b"EVALSHA", sha)).await;
-                    match by_digest {
-                        // The server has forgotten the script: send it whole.
-                        Err(err) if err.is_no_script() => {
-                            mux.call(&args.call(b"EVAL", UPDATE_SCRIPT)).await
-                        }
-                        other => other,
-                    }
-                }
-                None => mux.call(&args.call(b"EVAL", UPDATE_SCRIPT)).await,
-            };
+                ttl.as_bytes(),
+                secs.as_bytes(),
+                nanos.as_bytes(),
+            ];
+            if let Some(filing) = &filing {
+                keys.push(filing.index.as_bytes());
+                args.extend([
+                    filing.member.as_bytes(),
+                    filing.score.as_bytes(),
+                    now_millis.as_bytes(),
+                ]);
+            }
+            let sent = self.eval_on(&mux, Script::Update, &keys, &args).await;
             match sent {
                 // A shared connection the server closed before the reply (it
                 // restarted, or dropped idle clients): once more on a new one.
@@ -609,6 +629,30 @@ impl SessionStore for RedisStore {
     fn atomic_update(&self) -> bool {
         true
     }
+
+    fn supports_owners(&self) -> bool {
+        true
+    }
+
+    /// The owner's set, then the values of its live members (one round trip for
+    /// each 256 members, or each megabyte of values); stale entries are removed.
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        self.list_owned_now(owner).await
+    }
+
+    /// A listing, then one script that deletes each session still at the version
+    /// read; read again when writes came in between.
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        self.end_owned_now(owner, ending).await
+    }
+}
+
+/// Where a write of an owned record files it: its owner's set, its member there,
+/// and its score (expiry in Unix milliseconds).
+struct Filing {
+    index: String,
+    member: String,
+    score: String,
 }
 
 /// Does nothing and returns `Ok(0)`: Redis deletes each key when its TTL runs out.
@@ -635,6 +679,86 @@ impl fmt::Debug for RedisStore {
 
 #[maybe_async::maybe_async]
 impl RedisStore {
+    /// Where a write of `record` files it, if it has an owner.
+    fn filing(&self, record: &Record) -> Option<Filing> {
+        let ownership = record.ownership.as_ref()?;
+        Some(Filing {
+            index: self.owner_key(&ownership.owner),
+            member: stored::hex_key("", &stored::digest(&record.id)),
+            score: owners::unix_millis(record.expiry_date),
+        })
+    }
+
+    /// Writes an owned record (`mode`: `NX` to create, `ANY` to save) and files it,
+    /// in one script round trip.
+    async fn write_owned(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: &str,
+        mode: &[u8],
+        filing: &Filing,
+    ) -> Result<Reply> {
+        let now = owners::unix_millis(OffsetDateTime::now_utc());
+        self.script(
+            Script::WriteOwned,
+            &[key.as_bytes(), filing.index.as_bytes()],
+            &[
+                value,
+                ttl.as_bytes(),
+                mode,
+                filing.member.as_bytes(),
+                filing.score.as_bytes(),
+                now.as_bytes(),
+            ],
+        )
+        .await
+    }
+
+    /// Runs `script` on a shared connection, once more on a new one when the
+    /// connection was closed before the reply (as [`call_raw`](Self::call_raw)).
+    async fn script(&self, script: Script, keys: &[&[u8]], args: &[&[u8]]) -> Result<Reply> {
+        let mut retried = false;
+        loop {
+            let (mux, opened) = self.connection().await?;
+            let result = self.eval_on(&mux, script, keys, args).await;
+            match result {
+                Err(err) if !opened && !retried && err.closed_before_reply() => {
+                    self.shared.retire(&mux);
+                    retried = true;
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// `EVALSHA` of `script` on `mux`, or `EVAL` with its source while its digest is
+    /// unknown or the server has forgotten it.
+    async fn eval_on(
+        &self,
+        mux: &Mux,
+        script: Script,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> std::result::Result<Reply, RespError> {
+        let count = keys.len().to_string();
+        let mut command: Vec<&[u8]> = Vec::with_capacity(3 + keys.len() + args.len());
+        command.extend([&b"EVAL"[..], script.source().as_bytes(), count.as_bytes()]);
+        command.extend_from_slice(keys);
+        command.extend_from_slice(args);
+        if let Some(sha) = self.shared.script_shas[script as usize].get() {
+            let mut by_digest = command.clone();
+            by_digest[0] = b"EVALSHA";
+            by_digest[1] = sha.as_bytes();
+            match mux.call(&by_digest).await {
+                // The server has forgotten the script: send it whole.
+                Err(err) if err.is_no_script() => {}
+                other => return other,
+            }
+        }
+        mux.call(&command).await
+    }
+
     /// Runs one command and returns its reply; an error reply is an error.
     async fn call(&self, args: &[&[u8]]) -> Result<Reply> {
         let reply = self.call_raw(args).await?;
@@ -701,30 +825,34 @@ impl RedisStore {
         }
     }
 
-    /// Opens a connection. Until the store knows the update script's digest, it loads
-    /// the script to learn it.
+    /// Opens a connection. Until the store knows its scripts' digests, it loads the
+    /// scripts to learn them, in one round trip.
     async fn open(&self) -> std::result::Result<Mux, RespError> {
         let mut conn = Conn::connect(&self.config, self.tls.as_ref(), self.timeout).await?;
-        if self.shared.script_sha.get().is_none() {
-            // Learn the update script's digest once; `update` sends the script whole
-            // until then, and whenever the server has not seen it.
-            conn.push(&[b"SCRIPT", b"LOAD", UPDATE_SCRIPT.as_bytes()]);
-            let loaded = conn.call().await;
-            match loaded {
-                Ok(Reply::Bulk(sha)) => {
-                    if let Ok(sha) = String::from_utf8(sha) {
-                        let _ = self.shared.script_sha.set(sha);
+        let unknown: Vec<Script> = Script::ALL
+            .into_iter()
+            .filter(|script| self.shared.script_shas[*script as usize].get().is_none())
+            .collect();
+        if !unknown.is_empty() {
+            // Learn the digests once; scripts are sent whole until then, and
+            // whenever the server has not seen them.
+            for script in &unknown {
+                conn.push(&[b"SCRIPT", b"LOAD", script.source().as_bytes()]);
+            }
+            for (script, loaded) in unknown.iter().zip(conn.call_all().await?) {
+                match loaded {
+                    Ok(Reply::Bulk(sha)) => {
+                        if let Ok(sha) = String::from_utf8(sha) {
+                            let _ = self.shared.script_shas[*script as usize].set(sha);
+                        }
+                    }
+                    // A server (or proxy) that refuses `SCRIPT` still runs `EVAL`:
+                    // the connection is in step, and the operation goes on.
+                    Ok(other) => log::warn!("Redis answered SCRIPT LOAD with {other:?}"),
+                    Err(message) => {
+                        log::warn!("Redis refused SCRIPT LOAD ({message}): scripts are sent whole")
                     }
                 }
-                // A server (or proxy) that refuses `SCRIPT` still runs `EVAL`: the
-                // connection is in step, and the operation goes on.
-                Ok(other) => log::warn!("Redis answered SCRIPT LOAD with {other:?}"),
-                Err(RespError::Server(message)) => {
-                    log::warn!(
-                        "Redis refused SCRIPT LOAD ({message}): updates send the script whole"
-                    );
-                }
-                Err(err) => return Err(err),
             }
         }
         Ok(Mux::new(conn.into_socket(), self.timeout))

@@ -18,10 +18,11 @@ pub(super) const MAX_BULK: usize = crate::session::Record::MAX_ENCODED_LEN + 64 
 /// The longest line (a status, an error, a number) a reply may have before its end:
 /// a line that runs on without one is refused rather than buffered.
 const MAX_LINE: usize = 64 * 1024;
-/// The most elements a reply array may have, and the deepest nesting: beyond what
-/// the commands sent here answer (none answers with an array), and small, so that
-/// an array cannot multiply the bound on one bulk string.
-const MAX_ARRAY: usize = 16;
+/// The most elements a reply array may have, and the deepest nesting: what an
+/// owner's listing asks for at once (its members, then their values), no more. An
+/// array cannot multiply the bound on one bulk string: [`MAX_REPLY`] bounds a whole
+/// reply.
+pub(super) const MAX_ARRAY: usize = 256;
 const MAX_DEPTH: usize = 2;
 /// The most bytes one reply may take in all, arrays included.
 const MAX_REPLY: usize = MAX_BULK + MAX_LINE;
@@ -299,14 +300,10 @@ impl Conn {
         Ok(conn)
     }
 
-    /// Sends the queued command and returns its reply; an error reply is
-    /// `Err(Server)`, after which the connection stays usable.
-    pub(crate) async fn call(&mut self) -> Result<Reply, RespError> {
-        let mut replies = self.exchange().await?;
-        match replies.pop() {
-            Some(reply) if replies.is_empty() => reply.map_err(RespError::Server),
-            _ => Err(RespError::Protocol("one command, not one reply".into())),
-        }
+    /// Sends the queued commands and returns the answer to each: a reply, or the
+    /// message of an error reply.
+    pub(crate) async fn call_all(&mut self) -> Result<Vec<Answer>, RespError> {
+        self.exchange().await
     }
 
     /// Sends the queued commands and reads one reply for each.

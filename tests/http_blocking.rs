@@ -27,6 +27,7 @@ fn serves_sessions_over_http_on_every_store() {
         serving(app, |addr| {
             http::check_server(addr, &*store);
             http::check_races(addr, &*store);
+            http::check_owner_sessions(addr, &*store);
             http::check_hostile_clients(addr);
         });
     });

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use portable_sessions::{
-    session::{Expiry, Session, SessionConfig},
+    session::{Expiry, Owner, Session, SessionConfig},
     session_store::Result,
     ExpiredDeletion, MemoryStore, SessionManager, SessionStore,
 };
@@ -115,8 +115,13 @@ fn reply(status: u16, body: impl Into<String>) -> Reply {
 ///   another request ended or moved the session first (a stale cookie, sent before
 ///   a login's or logout's response arrived), since the visit was not kept.
 /// - `POST /login` with a name as the body: moves the session to a new id (against
-///   session fixation) and logs that name in.
+///   session fixation) and logs that name in: the session's owner is that name.
 /// - `POST /logout`: ends the session.
+/// - `GET /sessions`: the logged-in user's live sessions, oldest first, one line
+///   each: its handle, when it logged in, was last written and expires, and
+///   `current` for the session of this request; 401 when logged out.
+/// - `POST /logout-others`: ends the user's other sessions ("sign out the other
+///   devices"); `POST /logout-everywhere` ends them all, this one included.
 ///
 /// # Errors
 ///
@@ -159,7 +164,41 @@ pub(crate) async fn route(
             }
             session.cycle_id().await?;
             session.insert("user", name).await?;
+            session.set_owner(&Owner::new(name)?).await?;
             Ok(reply(200, format!("logged in as {name}\n")))
+        }
+        ("GET", "/sessions") => {
+            if session.owner().await?.is_none() {
+                return Ok(reply(401, "not logged in\n"));
+            }
+            let mut listed = session.owner_sessions().await?;
+            listed.sort_by_key(|listed| (listed.created_at(), listed.handle()));
+            let mut body = String::new();
+            for listed in listed {
+                body.push_str(&format!(
+                    "{} created={} written={} expires={}{}\n",
+                    listed.handle(),
+                    listed.created_at().unix_timestamp(),
+                    listed.written_at().unix_timestamp(),
+                    listed.expiry_date().unix_timestamp(),
+                    if listed.is_current() { " current" } else { "" },
+                ));
+            }
+            Ok(reply(200, body))
+        }
+        ("POST", "/logout-others") => {
+            if session.owner().await?.is_none() {
+                return Ok(reply(401, "not logged in\n"));
+            }
+            let ended = session.end_other_sessions().await?;
+            Ok(reply(200, format!("ended {ended} other sessions\n")))
+        }
+        ("POST", "/logout-everywhere") => {
+            if session.owner().await?.is_none() {
+                return Ok(reply(401, "not logged in\n"));
+            }
+            let ended = session.end_all_sessions().await?;
+            Ok(reply(200, format!("ended {ended} sessions\n")))
         }
         ("POST", "/logout") => {
             session.flush().await?;

@@ -391,6 +391,135 @@ pub fn check_races(addr: SocketAddr, store: &dyn SessionStore) {
     assert_eq!(stale.set_cookie, None, "{stale:?}");
 }
 
+impl Client {
+    /// `GET path` with this `Cookie` header.
+    pub fn get_with(&self, path: &str, cookie: &str) -> Answer {
+        answer(
+            self.agent
+                .get(format!("{}{path}", self.base))
+                .header("Cookie", cookie)
+                .call(),
+        )
+    }
+
+    /// A new session logged in as `user`: its cookie.
+    pub fn log_in(&self, user: &str) -> String {
+        let anonymous = self.visit(None).cookie();
+        let login = self.post("/login", Some(&anonymous), user);
+        assert_eq!(login.status, 200, "{login:?}");
+        login.cookie()
+    }
+}
+
+/// The lines of `GET /sessions` with `cookie`: `(handle, current)` each.
+fn listed(client: &Client, cookie: &str) -> Vec<(String, bool)> {
+    let answer = client.get_with("/sessions", cookie);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    answer
+        .body
+        .lines()
+        .map(|line| {
+            let handle = line.split(' ').next().unwrap_or_default().to_owned();
+            assert_eq!(handle.len(), 64, "{line}");
+            assert!(line.contains(" created=") && line.contains(" expires="), "{line}");
+            (handle, line.ends_with(" current"))
+        })
+        .collect()
+}
+
+/// The handle of the session under `cookie`.
+fn handle_of(cookie: &str) -> String {
+    let id: Id = cookie["sid=".len()..].parse().expect("an id");
+    portable_sessions::session::Handle::of(&id).to_string()
+}
+
+/// Drives the user's-sessions routes of the `visits` application at `addr`: each
+/// login is listed under its owner (never by its id), the current one marked;
+/// "log out the others" and "log out everywhere" end exactly the user's sessions,
+/// and "everywhere" racing 30 visits in flight on the user's other cookies leaves
+/// none of them alive.
+pub fn check_owner_sessions(addr: SocketAddr, store: &dyn SessionStore) {
+    let client = Client::new(addr);
+    let devices: Vec<String> = (0..3).map(|_| client.log_in("carol")).collect();
+    let bob = client.log_in("dave");
+
+    let lines = listed(&client, &devices[1]);
+    let mut handles: Vec<String> = lines.iter().map(|(h, _)| h.clone()).collect();
+    handles.sort();
+    let mut expected: Vec<String> = devices.iter().map(|c| handle_of(c)).collect();
+    expected.sort();
+    assert_eq!(handles, expected, "each of the user's sessions, by its handle");
+    let current: Vec<&String> = lines.iter().filter(|(_, c)| *c).map(|(h, _)| h).collect();
+    assert_eq!(current, [&handle_of(&devices[1])], "the current one marked");
+    let body = client.get_with("/sessions", &devices[1]).body;
+    for cookie in &devices {
+        assert!(!body.contains(&cookie["sid=".len()..]), "no id in the listing");
+    }
+    assert_eq!(listed(&client, &bob).len(), 1, "another user's listing is their own");
+    let anonymous = client.visit(None).cookie();
+    let refused = client.get_with("/sessions", &anonymous);
+    assert_eq!(refused.status, 401, "{refused:?}");
+
+    // Log out the others: the two other devices, nothing of the other user.
+    let others = client.post("/logout-others", Some(&devices[2]), "");
+    assert_eq!(others.status, 200, "{others:?}");
+    assert_eq!(others.body, "ended 2 other sessions\n");
+    for cookie in &devices[..2] {
+        assert!(!stored(store, cookie), "an ended session is gone");
+        let visit = client.visit(Some(cookie.as_bytes()));
+        assert!(visit.body.ends_with(" user=-\n"), "{visit:?}");
+    }
+    assert!(stored_as(store, &devices[2], "carol"), "this one stays");
+    assert!(stored_as(store, &bob, "dave"), "another user's stays");
+    assert_eq!(listed(&client, &devices[2]).len(), 1);
+
+    // Log out everywhere: this one too, and its cookie is removed.
+    let again = client.log_in("carol");
+    let everywhere = client.post("/logout-everywhere", Some(&again), "");
+    assert_eq!(everywhere.status, 200, "{everywhere:?}");
+    assert_eq!(everywhere.body, "ended 2 sessions\n");
+    assert!(
+        everywhere.set_cookie.as_deref().is_some_and(|c| c.starts_with("sid=;")),
+        "{everywhere:?}"
+    );
+    for cookie in [&devices[2], &again] {
+        assert!(!stored(store, cookie), "ended everywhere");
+    }
+    assert!(stored_as(store, &bob, "dave"), "another user's stays");
+
+    // "Everywhere" racing 30 visits in flight on the user's other cookies: none of
+    // those sessions is alive afterwards, and no visit sends a cookie for a
+    // session of the user.
+    let others: Vec<String> = (0..3).map(|_| client.log_in("carol")).collect();
+    let here = client.log_in("carol");
+    let mut requests: Vec<Request> = others
+        .iter()
+        .flat_map(|cookie| visits_with(cookie, 10))
+        .collect();
+    let ending = here.clone();
+    requests.push(Box::new(move |c: &Client| {
+        c.post("/logout-everywhere", Some(&ending), "")
+    }));
+    let answers = at_once(addr, requests);
+    not_kept_or_served(&answers[..30]);
+    let ended = answers.last().expect("the ending");
+    assert_eq!(ended.status, 200, "{ended:?}");
+    assert_eq!(ended.body, "ended 4 sessions\n");
+    for cookie in others.iter().chain([&here]) {
+        assert!(!stored(store, cookie), "no session of the user survives");
+    }
+    for answer in &answers[..30] {
+        if let Some(set) = &answer.set_cookie {
+            let pair = set.split(';').next().unwrap_or_default();
+            assert!(!stored_as(store, pair, "carol"), "{answer:?}");
+        }
+    }
+    let fresh = client.log_in("carol");
+    assert_eq!(listed(&client, &fresh).len(), 1, "only the new login is listed");
+    let _ = client.post("/logout-everywhere", Some(&fresh), "");
+    let _ = client.post("/logout", Some(&bob), "");
+}
+
 /// Racing visits are served (200), or told that the session ended or moved under
 /// them (409), and then send no cookie.
 fn not_kept_or_served(answers: &[Answer]) {

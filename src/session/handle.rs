@@ -575,8 +575,13 @@ impl Session {
                     .end_owned(&owner, Ending::AllButNewest(limit))
                     .await?;
                 loaded.limit_due = false;
-                // This very session was the oldest of a race of logins: it is over.
-                if ended.contains(&Handle::of(&loaded.record.id)) {
+                // This very session was the oldest of a race of logins: it is over,
+                // and its cookie is not sent. (Ended by another login's limit, it
+                // is found gone.)
+                let mine = Handle::of(&loaded.record.id);
+                if ended.contains(&mine)
+                    || self.inner.store.load(&loaded.record.id).await?.is_none()
+                {
                     loaded.gone();
                 }
             }
@@ -1365,11 +1370,18 @@ impl Session {
         let mut state = self.inner.state.lock().await;
         let loaded = self.changeable(&mut state).await?;
         let current = loaded.record.ownership.as_ref().map(|o| &o.owner);
-        if current == owner {
-            return Ok(());
-        }
         let now = self.inner.config.now();
         let ownership = owner.map(|owner| Ownership::new(owner.clone(), now));
+        if current == owner {
+            // The owner it has. A login under way (`cycle_id` pending) still
+            // records it: if the old session turns out to be ended, the login's new
+            // session gets the owner all the same.
+            if let Some(rotation) = &mut loaded.rotation {
+                rotation.since.ownership = Some(ownership);
+                loaded.limit_due |= owner.is_some();
+            }
+            return Ok(());
+        }
         loaded.limit_due = ownership.is_some();
         loaded.change_owner(ownership);
         Ok(())

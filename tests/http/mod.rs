@@ -421,7 +421,10 @@ fn listed(client: &Client, cookie: &str) -> Vec<(String, bool)> {
         .map(|line| {
             let handle = line.split(' ').next().unwrap_or_default().to_owned();
             assert_eq!(handle.len(), 64, "{line}");
-            assert!(line.contains(" created=") && line.contains(" expires="), "{line}");
+            assert!(
+                line.contains(" created=") && line.contains(" expires="),
+                "{line}"
+            );
             (handle, line.ends_with(" current"))
         })
         .collect()
@@ -448,14 +451,24 @@ pub fn check_owner_sessions(addr: SocketAddr, store: &dyn SessionStore) {
     handles.sort();
     let mut expected: Vec<String> = devices.iter().map(|c| handle_of(c)).collect();
     expected.sort();
-    assert_eq!(handles, expected, "each of the user's sessions, by its handle");
+    assert_eq!(
+        handles, expected,
+        "each of the user's sessions, by its handle"
+    );
     let current: Vec<&String> = lines.iter().filter(|(_, c)| *c).map(|(h, _)| h).collect();
     assert_eq!(current, [&handle_of(&devices[1])], "the current one marked");
     let body = client.get_with("/sessions", &devices[1]).body;
     for cookie in &devices {
-        assert!(!body.contains(&cookie["sid=".len()..]), "no id in the listing");
+        assert!(
+            !body.contains(&cookie["sid=".len()..]),
+            "no id in the listing"
+        );
     }
-    assert_eq!(listed(&client, &bob).len(), 1, "another user's listing is their own");
+    assert_eq!(
+        listed(&client, &bob).len(),
+        1,
+        "another user's listing is their own"
+    );
     let anonymous = client.visit(None).cookie();
     let refused = client.get_with("/sessions", &anonymous);
     assert_eq!(refused.status, 401, "{refused:?}");
@@ -479,7 +492,10 @@ pub fn check_owner_sessions(addr: SocketAddr, store: &dyn SessionStore) {
     assert_eq!(everywhere.status, 200, "{everywhere:?}");
     assert_eq!(everywhere.body, "ended 2 sessions\n");
     assert!(
-        everywhere.set_cookie.as_deref().is_some_and(|c| c.starts_with("sid=;")),
+        everywhere
+            .set_cookie
+            .as_deref()
+            .is_some_and(|c| c.starts_with("sid=;")),
         "{everywhere:?}"
     );
     for cookie in [&devices[2], &again] {
@@ -515,7 +531,11 @@ pub fn check_owner_sessions(addr: SocketAddr, store: &dyn SessionStore) {
         }
     }
     let fresh = client.log_in("carol");
-    assert_eq!(listed(&client, &fresh).len(), 1, "only the new login is listed");
+    assert_eq!(
+        listed(&client, &fresh).len(),
+        1,
+        "only the new login is listed"
+    );
     let _ = client.post("/logout-everywhere", Some(&fresh), "");
     let _ = client.post("/logout", Some(&bob), "");
 }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use portable_sessions::{
-    session::{Id, Record},
+    session::{Handle, Id, Owner, Ownership, Record},
     session_store::{Error, Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
@@ -535,7 +535,67 @@ async fn two_caches_over_one_redis_see_each_others_logouts() {
     common::check_two_caches_over_one_store(a, b).await;
 }
 
+/// The owner index in Redis: one sorted set per owner, named by a digest (no user
+/// name in keys), expiring no sooner than its latest session; expired, deleted and
+/// moved entries are pruned when read, and the set goes away with its last entry.
+#[maybe_async::maybe_async]
+async fn the_owner_index_expires_with_its_sessions_and_is_pruned_when_read() {
+    let store = shared_store("owner-index");
+    let mut conn = raw(SHARED);
+    let owner = Owner::new(format!("erin {}", Id::default())).unwrap();
+    let owned = |expiry: OffsetDateTime| {
+        let mut record = live_record(1);
+        record.expiry_date = expiry;
+        record.ownership = Some(Ownership::new(owner.clone(), OffsetDateTime::now_utc()));
+        record
+    };
+    let mut brief = owned(OffsetDateTime::now_utc() + Duration::milliseconds(300));
+    let mut long = owned(OffsetDateTime::now_utc() + Duration::hours(1));
+    let mut other = owned(OffsetDateTime::now_utc() + Duration::hours(1));
+    for record in [&mut brief, &mut long, &mut other] {
+        store.create(record).await.unwrap();
+    }
+    let sets: Vec<String> = keys(&mut conn, &format!("{}owner:", store.key_prefix()));
+    assert_eq!(sets.len(), 1, "one set per owner: {sets:?}");
+    let set = &sets[0];
+    assert!(!set.contains("erin"), "no user name in keys: {set}");
+    let count = |conn: &mut redis::Connection| -> usize {
+        redis::cmd("ZCARD").arg(set).query(conn).unwrap()
+    };
+    assert_eq!(count(&mut conn), 3);
+    let ttl: i64 = redis::cmd("PTTL").arg(set).query(&mut conn).unwrap();
+    assert!(
+        ttl > 3_500_000,
+        "the set lives as long as its latest session: {ttl} ms"
+    );
+
+    // Expired, deleted, and moved to another owner: pruned when read.
+    wait_for("the brief session to expire", || {
+        OffsetDateTime::now_utc() > brief.expiry_date + Duration::milliseconds(5)
+    });
+    store.delete(&other.id).await.unwrap();
+    let listed = store.list_owned(&owner).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].handle(), Handle::of(&long.id));
+    assert_eq!(count(&mut conn), 1, "pruned when read");
+    let mut moved = long.clone();
+    moved.ownership = Some(Ownership::new(
+        Owner::new(format!("frank {}", Id::default())).unwrap(),
+        OffsetDateTime::now_utc(),
+    ));
+    let written = store.update(&moved).await.unwrap();
+    assert_eq!(written, Update::Written(1));
+    let listed = store.list_owned(&owner).await.unwrap();
+    assert!(listed.is_empty());
+    let exists: bool = redis::cmd("EXISTS").arg(set).query(&mut conn).unwrap();
+    assert!(!exists, "the emptied set is gone");
+    store.delete(&long.id).await.unwrap();
+    let left = keys(&mut conn, store.key_prefix());
+    assert_eq!(left.len(), 1, "the other owner's set: {left:?}");
+}
+
 tests_in_both_modes!(
+    the_owner_index_expires_with_its_sessions_and_is_pruned_when_read,
     a_value_under_another_key_is_refused,
     two_caches_over_one_redis_see_each_others_logouts,
     a_forgotten_script_is_sent_whole,

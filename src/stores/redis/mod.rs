@@ -80,14 +80,16 @@ enum Script {
     WriteOwned = 1,
     Values = 2,
     End = 3,
+    Members = 4,
 }
 
 impl Script {
-    const ALL: [Script; 4] = [
+    const ALL: [Script; 5] = [
         Script::Update,
         Script::WriteOwned,
         Script::Values,
         Script::End,
+        Script::Members,
     ];
 
     fn source(self) -> &'static str {
@@ -96,6 +98,7 @@ impl Script {
             Self::WriteOwned => owners::WRITE_OWNED_SCRIPT,
             Self::Values => owners::VALUES_SCRIPT,
             Self::End => owners::END_SCRIPT,
+            Self::Members => owners::MEMBERS_SCRIPT,
         }
     }
 }

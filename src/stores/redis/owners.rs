@@ -10,7 +10,8 @@
 //!   script: the member is added (or its score moved), expired members are dropped,
 //!   and the set's TTL extended. A write that changes or drops the owner, and a
 //!   `delete`, leave the old entry: a listing finds it stale (no record, another
-//!   owner, expired) and removes it. Nothing depends on keyspace notifications.
+//!   owner, expired) and removes it, with every expired member. Nothing depends on
+//!   keyspace notifications.
 //! - Ending reads the owner's live records, then deletes those its [`Ending`]
 //!   names in one script, each only if its version is still the one read: a write
 //!   that came in between (a request in flight, a login moving the id) is seen by
@@ -66,6 +67,14 @@ file(KEYS[2], ARGV[4], ARGV[5], ARGV[2], ARGV[6])
 return 1
 "
 );
+
+/// A page of an owner's live members: KEYS[1] is the set; ARGV[1] the time (Unix
+/// milliseconds), ARGV[2] the offset and ARGV[3] the page's length. The first page
+/// drops the expired members first.
+pub(super) const MEMBERS_SCRIPT: &str = r"
+if ARGV[2] == '0' then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', ARGV[2], ARGV[3])
+";
 
 /// Reads the values of KEYS, in order, as far as ARGV[1] bytes go (the first always):
 /// one nil (`false`) for each missing key. The caller asks again for the rest.
@@ -159,30 +168,26 @@ impl RedisStore {
     async fn owned(&self, owner: &Owner) -> Result<Vec<Owned>> {
         let index = self.owner_key(owner);
         let now = OffsetDateTime::now_utc();
-        let after = format!("({}", unix_millis(now));
+        let now_millis = unix_millis(now);
         let mut members: Vec<Vec<u8>> = Vec::new();
         loop {
             let offset = members.len().to_string();
             let page = MAX_ARRAY.to_string();
             let reply = self
-                .call(&[
-                    b"ZRANGEBYSCORE",
-                    index.as_bytes(),
-                    after.as_bytes(),
-                    b"+inf",
-                    b"LIMIT",
-                    offset.as_bytes(),
-                    page.as_bytes(),
-                ])
+                .script(
+                    Script::Members,
+                    &[index.as_bytes()],
+                    &[now_millis.as_bytes(), offset.as_bytes(), page.as_bytes()],
+                )
                 .await?;
             let Reply::Array(items) = reply else {
-                return Err(unexpected("ZRANGEBYSCORE", &reply));
+                return Err(unexpected("the members script", &reply));
             };
             let full = items.len() == MAX_ARRAY;
             for item in items {
                 match item {
                     Reply::Bulk(member) => members.push(member),
-                    other => return Err(unexpected("ZRANGEBYSCORE", &other)),
+                    other => return Err(unexpected("the members script", &other)),
                 }
             }
             if members.len() > MAX_LISTED {

@@ -18,7 +18,9 @@ use crate::{
 /// characters.
 ///
 /// Stores keep it beside the record and index it, so that an owner's sessions can be
-/// listed and ended without a scan of every session. Cloning it is a reference count.
+/// listed and ended without a scan of every session. A name of up to 22 bytes is
+/// kept inline (cloning it is a copy, with no allocation and no reference count to
+/// touch); a longer one is shared (cloning it is a reference count).
 ///
 /// ```
 /// use portable_sessions::session::Owner;
@@ -28,8 +30,43 @@ use crate::{
 /// assert!(Owner::new("").is_err());
 /// assert!(Owner::new("a\nb").is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Owner(Arc<str>);
+#[derive(Clone)]
+pub struct Owner(Repr);
+
+/// How many bytes of a name an [`Owner`] keeps inline.
+const INLINE: usize = 22;
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Shared(Arc<str>),
+}
+
+impl PartialEq for Owner {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for Owner {}
+
+impl std::hash::Hash for Owner {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes().hash(state);
+    }
+}
+
+impl PartialOrd for Owner {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Owner {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.bytes().cmp(other.bytes())
+    }
+}
 
 impl Owner {
     /// The longest owner name, in bytes.
@@ -58,24 +95,51 @@ impl Owner {
                 "a session owner's name holds a control character",
             ));
         }
-        Ok(Self(name.into()))
+        if name.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            // At most 22: fits.
+            let len = name.len() as u8;
+            return Ok(Self(Repr::Inline { len, bytes }));
+        }
+        Ok(Self(Repr::Shared(name.into())))
     }
 
     /// The owner's name.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // Checked to be UTF-8 when it was made: never the empty fallback.
+            Repr::Inline { .. } => std::str::from_utf8(self.bytes()).unwrap_or_default(),
+            Repr::Shared(name) => name,
+        }
+    }
+
+    /// `true` when both are the very same shared name: a cheap test of equality
+    /// that touches neither name's bytes (`false` says nothing).
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Repr::Shared(a), Repr::Shared(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(name) => name.as_bytes(),
+        }
     }
 }
 
 impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -345,5 +409,92 @@ impl Ending {
                 owned.into_iter().skip(n).map(|(h, _)| h).collect()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn short_and_long_names_compare_hash_and_print_by_their_text() {
+        for name in [
+            "a",
+            "x".repeat(22).as_str(),
+            "y".repeat(23).as_str(),
+            "üser 42",
+        ] {
+            let owner = Owner::new(name).unwrap();
+            assert_eq!(owner.as_str(), name);
+            assert_eq!(owner.to_string(), name);
+            assert_eq!(owner, owner.clone());
+            assert_eq!(format!("{owner:?}"), format!("{name:?}"));
+        }
+        let owners: HashSet<Owner> = ["b", "a", "b", &"c".repeat(40), &"c".repeat(40)]
+            .into_iter()
+            .map(|n| Owner::new(n).unwrap())
+            .collect();
+        assert_eq!(owners.len(), 3);
+        let (short, long) = (
+            Owner::new("z").unwrap(),
+            Owner::new("a".repeat(30)).unwrap(),
+        );
+        assert!(long < short, "ordered by text, whatever the form");
+        assert!(Owner::new("x".repeat(Owner::MAX_LEN)).is_ok());
+        assert!(Owner::new("x".repeat(Owner::MAX_LEN + 1)).is_err());
+        assert!(Owner::new("tab\there").is_err());
+    }
+
+    #[test]
+    fn handles_parse_only_their_own_text() {
+        let handle = Handle::from_bytes([0xab; 32]);
+        assert_eq!(handle.to_string(), "ab".repeat(32));
+        assert_eq!("ab".repeat(32).parse::<Handle>().unwrap(), handle);
+        for bad in [
+            "AB".repeat(32),
+            "ab".repeat(31),
+            "ab".repeat(33),
+            "zz".repeat(32),
+        ] {
+            assert_eq!(bad.parse::<Handle>(), Err(ParseHandleError), "{bad}");
+        }
+    }
+
+    #[test]
+    fn endings_pick_what_they_name() {
+        let at = |s: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s);
+        let h = |b: u8| Handle::from_bytes([b; 32]);
+        let owned = vec![
+            (h(1), at(30)),
+            (h(2), at(10)),
+            (h(3), at(20)),
+            (h(4), at(20)),
+        ];
+        let sorted = |mut v: Vec<Handle>| {
+            v.sort();
+            v
+        };
+        assert_eq!(Ending::One(h(2)).pick(owned.clone()), [h(2)]);
+        assert_eq!(Ending::One(h(9)).pick(owned.clone()), []);
+        assert_eq!(
+            sorted(Ending::AllBut(h(2)).pick(owned.clone())),
+            [h(1), h(3), h(4)]
+        );
+        assert_eq!(
+            sorted(Ending::All.pick(owned.clone())),
+            [h(1), h(2), h(3), h(4)]
+        );
+        // Newest first (the later handle first among equals): 1, 4, 3, 2.
+        assert_eq!(
+            sorted(Ending::AllButNewest(2).pick(owned.clone())),
+            [h(2), h(3)]
+        );
+        assert_eq!(Ending::AllButNewest(4).pick(owned.clone()), []);
+        assert_eq!(
+            sorted(Ending::AllButNewest(0).pick(owned)),
+            [h(1), h(2), h(3), h(4)]
+        );
     }
 }

@@ -180,8 +180,9 @@ impl Shard {
     }
 }
 
-/// A stored record, without its id (the table's key). 56 bytes: with its key, a
-/// table entry just over one cache line (the owner, when there is one, is boxed).
+/// A stored record, without its id (the table's key). 80 bytes: the owner and its
+/// dates are kept inline, so that a write of an owned record costs no allocation and
+/// no pointer chase beyond the entry.
 struct Slot {
     /// `expiry_date` in Unix nanoseconds (see [`nanos`]): compared on every load, and
     /// much cheaper to compare than a date with an offset.
@@ -189,29 +190,94 @@ struct Slot {
     version: u64,
     expiry_date: OffsetDateTime,
     values: Option<Arc<[u8]>>,
-    ownership: Option<Box<Ownership>>,
+    owned: Option<Owned>,
+}
+
+/// A record's ownership as a slot keeps it: its dates in Unix nanoseconds, as the
+/// record codec writes them.
+struct Owned {
+    owner: Owner,
+    created_at: i64,
+    written_at: i64,
+}
+
+impl Owned {
+    fn of(ownership: &Ownership) -> Self {
+        Self {
+            owner: ownership.owner.clone(),
+            created_at: nanos(ownership.created_at),
+            written_at: nanos(ownership.written_at),
+        }
+    }
+
+    /// The ownership a write of `new` leaves in place of `old`, and, when the owner
+    /// changed, the old one (`Some(None)`: there was none), to move the index entry.
+    /// An owner that is the very same name as before (a record read from this store
+    /// and written back) is moved over, not cloned: no reference count is touched.
+    fn replace(
+        old: Option<Owned>,
+        new: Option<&Ownership>,
+    ) -> (Option<Owned>, Option<Option<Owner>>) {
+        match (old, new) {
+            (None, None) => (None, None),
+            (Some(prev), None) => (None, Some(Some(prev.owner))),
+            (Some(prev), Some(new)) if prev.owner.same_as(&new.owner) => {
+                let owned = Self {
+                    owner: prev.owner,
+                    created_at: nanos(new.created_at),
+                    written_at: nanos(new.written_at),
+                };
+                (Some(owned), None)
+            }
+            (prev, Some(new)) => {
+                let prev = prev.map(|prev| prev.owner);
+                let moved = (prev.as_ref() != Some(&new.owner)).then_some(prev);
+                (Some(Self::of(new)), moved)
+            }
+        }
+    }
+
+    fn ownership(&self) -> Ownership {
+        let date = |nanos: i64| {
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        };
+        Ownership {
+            owner: self.owner.clone(),
+            created_at: date(self.created_at),
+            written_at: date(self.written_at),
+        }
+    }
 }
 
 impl Slot {
     fn of(record: &Record) -> Self {
+        let mut slot = Self::unowned(record);
+        slot.owned = record.ownership.as_ref().map(Owned::of);
+        slot
+    }
+
+    /// The slot of `record` without its ownership, which the write sets under the
+    /// lock (see [`Owned::replace`]).
+    fn unowned(record: &Record) -> Self {
         Self {
             expiry: nanos(record.expiry_date),
             version: record.version,
             expiry_date: record.expiry_date,
             values: record.shared_values(),
-            ownership: record.ownership.clone().map(Box::new),
+            owned: None,
         }
     }
 
     fn record(&self, id: Id) -> Record {
         let mut record =
             Record::from_parts(id, self.expiry_date, self.version, self.values.clone());
-        record.ownership = self.ownership.as_deref().cloned();
+        record.ownership = self.owned.as_ref().map(Owned::ownership);
         record
     }
 
     fn owner(&self) -> Option<&Owner> {
-        self.ownership.as_ref().map(|o| &o.owner)
+        self.owned.as_ref().map(|o| &o.owner)
     }
 }
 
@@ -328,17 +394,30 @@ impl MemoryStore {
     }
 
     fn save_now(&self, record: &Record) {
-        let slot = Slot::of(record);
+        let mut slot = Slot::unowned(record);
         let expiry = slot.expiry;
         let owner = record.ownership.as_ref().map(|o| &o.owner);
         let mut guard = self.shard(&record.id).write();
         let shard = &mut *guard;
-        let old = shard.records.insert(record.id, slot);
-        if old.as_ref().is_none_or(|old| old.expiry != expiry) {
+        // The old slot's expiry, if there was one, and the old owner when the index
+        // entry must move.
+        let (old_expiry, moved) = match shard.records.get_mut(&record.id) {
+            Some(old) => {
+                let (owned, moved) = Owned::replace(old.owned.take(), record.ownership.as_ref());
+                slot.owned = owned;
+                (Some(std::mem::replace(old, slot).expiry), moved)
+            }
+            None => {
+                slot.owned = record.ownership.as_ref().map(Owned::of);
+                shard.records.insert(record.id, slot);
+                (None, owner.is_some().then_some(None))
+            }
+        };
+        if old_expiry != Some(expiry) {
             shard.index(expiry, record.id);
         }
-        if old.as_ref().is_some_and(|old| old.ownership.is_some()) || owner.is_some() {
-            shard.refile(record.id, old.as_ref().and_then(Slot::owner), owner);
+        if let Some(moved) = moved {
+            shard.refile(record.id, moved.as_ref(), owner);
         }
     }
 
@@ -347,7 +426,7 @@ impl MemoryStore {
         // count, or a copy of values changed since they were read) and the table
         // lookup then miss the cache at the same time, not one after the other. A
         // write that is refused drops it again.
-        let mut next = Slot::of(record);
+        let mut next = Slot::unowned(record);
         next.version = record.version.wrapping_add(1);
         let expiry = next.expiry;
         let mut guard = self.shard(&record.id).write();
@@ -362,13 +441,15 @@ impl MemoryStore {
             return Update::Conflict;
         }
         let version = next.version;
+        let (owned, moved) = Owned::replace(slot.owned.take(), record.ownership.as_ref());
+        next.owned = owned;
         let old = std::mem::replace(slot, next);
         if old.expiry != expiry {
             shard.index(expiry, record.id);
         }
-        if old.ownership.is_some() || record.ownership.is_some() {
+        if let Some(moved) = moved {
             let owner = record.ownership.as_ref().map(|o| &o.owner);
-            shard.refile(record.id, old.owner(), owner);
+            shard.refile(record.id, moved.as_ref(), owner);
         }
         Update::Written(version)
     }
@@ -400,10 +481,8 @@ impl MemoryStore {
             };
             for id in ids {
                 if let Some(slot) = shard.records.get(id) {
-                    if let (false, Some(ownership)) =
-                        (self.has_passed(slot.expiry), &slot.ownership)
-                    {
-                        owned.push((*id, Handle::of(id), ownership.created_at));
+                    if let (false, Some(ownership)) = (self.has_passed(slot.expiry), &slot.owned) {
+                        owned.push((*id, Handle::of(id), ownership.ownership().created_at));
                     }
                 }
             }

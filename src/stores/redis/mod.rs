@@ -45,9 +45,8 @@ use crate::{
 /// already is this very write (same version, expiry and token): a copy sent again
 /// after its reply was lost, whose first copy landed.
 ///
-/// For an owned record, KEYS[2] is its owner's set, and ARGV[6] to ARGV[8] the
-/// member, its score and the time in Unix milliseconds: the write files the record
-/// there too (see `owners`).
+/// For an owned record, KEYS[2] is its owner's set, and ARGV[6] and ARGV[7] the
+/// member and its score: the write files the record there too (see `owners`).
 const UPDATE_SCRIPT: &str = concat!(
     owners::file_under_owner!(),
     r"
@@ -67,7 +66,7 @@ if ARGV[3] == '0' then
   redis.call('DEL', KEYS[1])
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  if KEYS[2] then file(KEYS[2], ARGV[6], ARGV[7], ARGV[3], ARGV[8]) end
+  if KEYS[2] then file(KEYS[2], ARGV[6], ARGV[7], ARGV[3], nil) end
 end
 return 2
 "
@@ -592,7 +591,6 @@ impl SessionStore for RedisStore {
                 now.unix_timestamp().to_string(),
                 now.nanosecond().to_string(),
             );
-            let now_millis = owners::unix_millis(now);
             let mut keys: Vec<&[u8]> = vec![key.as_bytes()];
             let mut args: Vec<&[u8]> = vec![
                 &expected,
@@ -603,11 +601,7 @@ impl SessionStore for RedisStore {
             ];
             if let Some(filing) = &filing {
                 keys.push(filing.index.as_bytes());
-                args.extend([
-                    filing.member.as_bytes(),
-                    filing.score.as_bytes(),
-                    now_millis.as_bytes(),
-                ]);
+                args.extend([filing.member.as_bytes(), filing.score.as_bytes()]);
             }
             let sent = self.eval_on(&mux, Script::Update, &keys, &args).await;
             match sent {

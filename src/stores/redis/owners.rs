@@ -7,8 +7,8 @@
 //!   scored by its record's expiry date in Unix milliseconds; the set itself expires
 //!   no sooner than its latest member.
 //! - Every write of an owned record (`create`, `save`, `update`) files it in the same
-//!   script: the member is added (or its score moved), expired members are dropped,
-//!   and the set's TTL extended. A write that changes or drops the owner, and a
+//!   script: the member is added (or its score moved) and the set's TTL extended;
+//!   `create` and `save` (which add entries) drop the expired members too. A write that changes or drops the owner, and a
 //!   `delete`, leave the old entry: a listing finds it stale (no record, another
 //!   owner, expired) and removes it, with every expired member. Nothing depends on
 //!   keyspace notifications.
@@ -33,12 +33,14 @@ use crate::{
 /// Files a session under its owner: the Lua function the writing scripts share.
 /// `index` is the owner's set, `member` the session's digest, `score` its expiry
 /// (Unix milliseconds), `ttl` its TTL (milliseconds) and `now` the time (Unix
-/// milliseconds), after which members are dropped.
+/// milliseconds) before which members are dropped, or `nil` to leave that to a
+/// listing and the next `create` (an `update`, the write of every request, skips
+/// it: only a new session adds an entry).
 macro_rules! file_under_owner {
     () => {
         r"
 local function file(index, member, score, ttl, now)
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  if now then redis.call('ZREMRANGEBYSCORE', index, '-inf', now) end
   redis.call('ZADD', index, score, member)
   if redis.call('PTTL', index) < tonumber(ttl) then
     redis.call('PEXPIRE', index, ttl)

@@ -18,6 +18,9 @@
 //! - [`session_store::Update`]: what a conditional write did (written, conflict, gone).
 //! - [`session::Session`]: the per-request handle on one session: typed values,
 //!   loaded on first use, written back only when changed.
+//! - [`session::Owner`]: the user a session belongs to; every built-in store lists
+//!   an owner's sessions ([`session::OwnedSession`], by [`session::Handle`], never
+//!   by id) and ends one, the others, or all ([`session::Ending`]), race-free.
 //! - [`SessionManager`]: the session cookie's round trip for any HTTP framework, with
 //!   [`session::Expiry`] and [`session::SessionConfig`] deciding when sessions end.
 //! - `SessionLayer` (feature `axum`, async mode): the round trip as a tower layer, and

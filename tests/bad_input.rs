@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use portable_sessions::{
-    session::{Id, Record},
+    session::{Id, Owner, Ownership, Record},
     session_store::Error,
 };
 use proptest::prelude::*;
@@ -214,13 +214,35 @@ fn a_value_read_as_the_wrong_type_is_a_decode_error() {
 fn unknown_versions_and_oversized_input_are_rejected() {
     let record = Record::new(OffsetDateTime::UNIX_EPOCH);
     let mut bytes = record.encode().unwrap();
-    bytes[0] = 5;
+    bytes[0] = 7;
     let err = Record::decode(&bytes).unwrap_err();
     assert!(matches!(err, Error::Decode(_)));
     assert_eq!(
         err.report(),
-        "failed to decode session data: record format version 5 where 3 was expected"
+        "failed to decode session data: record format version 7 where 3 was expected"
     );
+    // The owned format with no owner after the date, or a name that is not one.
+    bytes[0] = Record::FORMAT_VERSION_OWNED;
+    assert!(matches!(Record::decode(&bytes), Err(Error::Decode(_))));
+    let mut owned = Record::new(OffsetDateTime::UNIX_EPOCH);
+    owned.ownership = Some(Ownership::new(
+        Owner::new("alice").unwrap(),
+        OffsetDateTime::UNIX_EPOCH,
+    ));
+    let good = owned.encode().unwrap();
+    assert_eq!(Record::decode(&good).unwrap(), owned);
+    let name_at = good.windows(5).position(|w| w == b"alice").unwrap();
+    for (at, byte) in [(name_at, b'\n'), (name_at - 1, 0), (name_at - 1, 200)] {
+        let mut bad = good.clone();
+        bad[at] = byte;
+        assert!(
+            matches!(Record::decode(&bad), Err(Error::Decode(_))),
+            "{at} {byte}"
+        );
+    }
+    for len in 0..good.len() {
+        assert!(Record::decode(&good[..len]).is_err(), "truncated to {len}");
+    }
     assert!(matches!(
         Record::decode_with_id(record.id, &bytes),
         Err(Error::Decode(_))

@@ -425,9 +425,17 @@ fn owned_rows(
         let key: [u8; 32] = key
             .try_into()
             .map_err(|_| Error::decode("a session key is not 32 bytes long"))?;
-        let record = stored::decode_listed(&bytes)?;
-        if !record.is_expired_at(now) {
-            owned.push((Handle::from_bytes(key), record));
+        let handle = Handle::from_bytes(key);
+        let record = match stored::decode_listed(&bytes) {
+            Ok(record) => record,
+            Err(err) => {
+                stored::unreadable_in_listing(&handle, &err);
+                continue;
+            }
+        };
+        let mine = record.ownership.as_ref().is_some_and(|o| o.owner == *owner);
+        if mine && !record.is_expired_at(now) {
+            owned.push((handle, record));
         }
     }
     Ok(owned)
@@ -440,8 +448,53 @@ fn list_rows(conn: &Connection, owner: &Owner, now: OffsetDateTime) -> Result<Ve
         .collect()
 }
 
-/// Deletes the rows of `owner` that `ending` names, in one transaction.
+/// Deletes the rows of `owner` that `ending` names: one statement on the owner
+/// column (rows whose record cannot be read go too: the column says whose they
+/// are), or, for the oldest beyond a limit, a listing and the deletes in one
+/// transaction.
 fn end_rows(
+    conn: &Connection,
+    owner: &Owner,
+    ending: Ending,
+    now: OffsetDateTime,
+) -> Result<Vec<Handle>> {
+    let (sql, key) = match ending {
+        Ending::One(handle) => (
+            "DELETE FROM portable_sessions WHERE owner = ?1 AND expires_at > ?2 AND key = ?3
+             RETURNING key",
+            handle.to_bytes().to_vec(),
+        ),
+        Ending::AllBut(handle) => (
+            "DELETE FROM portable_sessions WHERE owner = ?1 AND expires_at > ?2 AND key <> ?3
+             RETURNING key",
+            handle.to_bytes().to_vec(),
+        ),
+        Ending::All => (
+            "DELETE FROM portable_sessions WHERE owner = ?1 AND expires_at > ?2 AND key <> ?3
+             RETURNING key",
+            Vec::new(),
+        ),
+        Ending::AllButNewest(_) => return end_oldest_rows(conn, owner, ending, now),
+    };
+    let mut delete = conn.prepare_cached(sql).map_err(Error::backend)?;
+    let rows = delete
+        .query_map(params![owner.as_str(), column_time(now), key], |row| {
+            row.get::<_, Vec<u8>>(0)
+        })
+        .map_err(Error::backend)?;
+    let mut ended = Vec::new();
+    for key in rows {
+        let key: [u8; 32] = key
+            .map_err(Error::backend)?
+            .try_into()
+            .map_err(|_| Error::decode("a session key is not 32 bytes long"))?;
+        ended.push(Handle::from_bytes(key));
+    }
+    Ok(ended)
+}
+
+/// Deletes `owner`'s oldest rows beyond the limit of `ending`, in one transaction.
+fn end_oldest_rows(
     conn: &Connection,
     owner: &Owner,
     ending: Ending,

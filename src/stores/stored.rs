@@ -104,6 +104,20 @@ pub(crate) fn decode_listed(bytes: &[u8]) -> Result<Record> {
     Record::decode_with_id(Id::from_bytes([0; 16]), bytes)
 }
 
+/// Logs a record that an owner's listing (or ending) found but could not read: it is
+/// left out, never guessed at, and stays in the store for `load` to report.
+pub(crate) fn unreadable_in_listing(
+    handle: &crate::session::Handle,
+    err: &crate::session_store::Error,
+) {
+    log::warn!(
+        target: "portable_sessions::owners",
+        "an owner's session {} cannot be read, so it is not listed: {}",
+        &handle.to_string()[..8],
+        err.report()
+    );
+}
+
 /// The byte in front of a key check: never the first byte of an encoded record.
 pub(crate) const CHECK_TAG: u8 = 0xA8;
 

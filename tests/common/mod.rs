@@ -163,6 +163,18 @@ pub async fn check_corruption_is_contained<S: SessionStore>(
 ) {
     let mut victim = live_record(1);
     let mut bystander = live_record(2);
+    // Both of one owner, where the store keeps owners: a listing leaves the
+    // unreadable one out and still lists the other.
+    let owner = portable_sessions::session::Owner::new(format!("corrupt {}", Id::default()));
+    let owner = owner.unwrap();
+    if store.supports_owners() {
+        for record in [&mut victim, &mut bystander] {
+            record.ownership = Some(portable_sessions::session::Ownership::new(
+                owner.clone(),
+                time::OffsetDateTime::now_utc(),
+            ));
+        }
+    }
     store.create(&mut victim).await.unwrap();
     store.create(&mut bystander).await.unwrap();
     for garbage in [&b""[..], b"\x01", b"\xff\xff\xff", &[0x01; 40][..]] {
@@ -174,6 +186,12 @@ pub async fn check_corruption_is_contained<S: SessionStore>(
         );
         let other = store.load(&bystander.id).await.unwrap();
         assert_eq!(other.as_ref(), Some(&bystander));
+        if store.supports_owners() {
+            let listed = store.list_owned(&owner).await.unwrap();
+            let handles: Vec<_> = listed.iter().map(|s| s.handle()).collect();
+            let expected = portable_sessions::session::Handle::of(&bystander.id);
+            assert_eq!(handles, [expected], "the readable one, and no error");
+        }
     }
     // Saving over the corrupt bytes repairs the session.
     store.save(&victim).await.unwrap();

@@ -857,8 +857,15 @@ impl PostgresStore {
                 .copied()
                 .flatten()
                 .ok_or_else(|| protocol("a session row lacks its record"))?;
-            let record = stored::decode_listed(bytes)?;
-            if !record.is_expired_at(now) {
+            let record = match stored::decode_listed(bytes) {
+                Ok(record) => record,
+                Err(err) => {
+                    stored::unreadable_in_listing(&handle, &err);
+                    continue;
+                }
+            };
+            let mine = record.ownership.as_ref().is_some_and(|o| o.owner == *owner);
+            if mine && !record.is_expired_at(now) {
                 owned.push((handle, record));
             }
         }

@@ -242,7 +242,14 @@ impl RedisStore {
                 stale.push(member_text);
                 continue;
             };
-            let (version, record) = decode_listed(&value)?;
+            let (version, record) = match decode_listed(&value) {
+                Ok(decoded) => decoded,
+                Err(err) => {
+                    // Left in the set: its owner cannot be checked.
+                    stored::unreadable_in_listing(&handle, &err);
+                    continue;
+                }
+            };
             let mine = record.ownership.as_ref().is_some_and(|o| o.owner == *owner);
             if !mine || record.is_expired_at(now) {
                 stale.push(member_text);

@@ -31,6 +31,10 @@ tests_in_both_modes!(
     two_logins_racing_a_limit_of_two_leave_two,
     two_logins_racing_a_limit_of_one_leave_the_later,
     expired_sessions_leave_the_listing_and_the_index,
+    a_session_with_only_an_owner_is_stored,
+    a_session_without_an_owner_ends_alone_everywhere,
+    a_relogin_restarted_by_the_limit_race_still_applies_the_limit,
+    a_failed_limit_step_is_not_a_failed_login,
 );
 
 fn manager_of(store: Arc<dyn SessionStore>, config: SessionConfig) -> SessionManager {
@@ -281,12 +285,14 @@ async fn a_store_without_owners_says_so() {
         .await
         .unwrap_err();
     assert!(ended.is_unsupported(), "{}", ended.report());
-    // A session without an owner lists nothing and ends nothing, without asking.
+    // Nor can a session list or end its owner's sessions there.
     let session = manager.begin([cookie.as_str()]);
     let listed = session.owner_sessions().await;
-    assert!(listed.unwrap().is_empty());
+    assert!(listed.unwrap_err().is_unsupported());
     let ended = session.end_all_sessions().await;
-    assert_eq!(ended.unwrap(), 0);
+    assert!(ended.unwrap_err().is_unsupported());
+    let others = session.end_other_sessions().await;
+    assert!(others.unwrap_err().is_unsupported());
 }
 
 /// The operations a [`GatedStore`] can hold a request in.
@@ -650,4 +656,119 @@ async fn expired_sessions_leave_the_listing_and_the_index() {
     assert!(store.is_empty());
     let old_live = live(&store, &old).await;
     assert!(!old_live);
+}
+
+/// An owner is content: a session with nothing but an owner is stored and sends its
+/// cookie.
+#[maybe_async::maybe_async]
+async fn a_session_with_only_an_owner_is_stored() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone(), config());
+    let alice = owner("alice");
+    let session = manager.begin(None::<&str>);
+    session.set_owner(&alice).await.unwrap();
+    let set = manager.finish(&session).await.unwrap();
+    let cookie = pair(&set.expect("stored, with its cookie"));
+    let listed = handles(&manager, &cookie).await;
+    assert_eq!(listed, vec![handle_of(&cookie)]);
+}
+
+/// "Everywhere" from a session that has no owner (logged in before owners were
+/// set) ends that session, and says so.
+#[maybe_async::maybe_async]
+async fn a_session_without_an_owner_ends_alone_everywhere() {
+    let store = Arc::new(MemoryStore::new());
+    let manager = manager_of(store.clone(), config());
+    let session = manager.begin(None::<&str>);
+    session.insert("user", "alice").await.unwrap();
+    let cookie = pair(&manager.finish(&session).await.unwrap().expect("stored"));
+    let session = manager.begin([cookie.as_str()]);
+    let ended = session.end_all_sessions().await.unwrap();
+    assert_eq!(ended, 1);
+    let removal = manager.finish(&session).await.unwrap().expect("a removal");
+    assert!(removal.starts_with("sid=;"), "{removal}");
+    assert!(store.is_empty());
+}
+
+/// Limit one. A user logs in again on a session already theirs (`cycle_id`, then
+/// the owner); held between creating its new record and retiring the old one, while
+/// another login of the user runs, whose limit step ends the old session. The
+/// re-login then restarts as a new session, and its limit step still runs: one
+/// session is left.
+#[maybe_async::maybe_async]
+async fn a_relogin_restarted_by_the_limit_race_still_applies_the_limit() {
+    let store = Arc::new(GatedStore::new(MemoryStore::new()));
+    let manager = manager_of(store.clone(), config().with_owner_limit(1));
+    let alice = owner("alice");
+    let cookie = log_in(&manager, &alice, "laptop").await;
+    let relogin = manager.begin([cookie.as_str()]);
+    relogin.cycle_id().await.unwrap();
+    relogin.set_owner(&alice).await.unwrap();
+    let (first, other) = store.interleave(
+        Op::Update,
+        || block(manager.finish(&relogin)),
+        || block(log_in(&manager, &alice, "phone")),
+    );
+    let first = first.unwrap();
+    let live_sessions = store.inner.len();
+    assert_eq!(live_sessions, 1, "{first:?} {other}");
+    let survivor = first.map(|set| pair(&set)).unwrap_or(other);
+    let listed = handles(&manager, &survivor).await;
+    assert_eq!(listed, vec![handle_of(&survivor)]);
+}
+
+/// A store whose `end_owned` fails: the login is written, its cookie sent, and the
+/// failure logged; the limit waits for the next login.
+#[derive(Debug, Default)]
+struct FailingEnds(MemoryStore);
+
+#[maybe_async::maybe_async]
+impl SessionStore for FailingEnds {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.0.create(record).await
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.0.save(record).await
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.0.load(id).await
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.0.delete(id).await
+    }
+
+    async fn update(&self, record: &Record) -> Result<Update> {
+        self.0.update(record).await
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
+    }
+
+    fn supports_owners(&self) -> bool {
+        true
+    }
+
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        self.0.list_owned(owner).await
+    }
+
+    async fn end_owned(&self, _: &Owner, _: Ending) -> Result<Vec<Handle>> {
+        Err(portable_sessions::session_store::Error::backend("injected"))
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn a_failed_limit_step_is_not_a_failed_login() {
+    let store = Arc::new(FailingEnds::default());
+    let manager = manager_of(store.clone(), config().with_owner_limit(1));
+    let alice = owner("alice");
+    let first = log_in(&manager, &alice, "laptop").await;
+    let second = log_in(&manager, &alice, "phone").await;
+    let first_live = live(&*store, &first).await;
+    let second_live = live(&*store, &second).await;
+    assert!(first_live && second_live, "both logins stand");
 }

@@ -477,6 +477,12 @@ impl Drop for AbandonOnDrop {
     }
 }
 
+/// Returns `true` for a record not worth storing as a new session: no values of the
+/// application's, and no owner.
+fn nothing_to_store(record: &Record) -> bool {
+    has_no_user_values(record) && record.ownership.is_none()
+}
+
 /// Returns `true` for the record that [`Session::cycle_id`] leaves under an old id.
 fn is_moved(record: &Record) -> bool {
     record.contains_key(MOVED_KEY)
@@ -567,25 +573,36 @@ impl Session {
     async fn write(&self, loaded: &mut Loaded, recompute: &mut Recompute<'_>) -> Result<()> {
         self.write_record(loaded, recompute).await?;
         if let (true, Some(limit)) = (loaded.limit_due, self.inner.config.owner_limit()) {
+            loaded.limit_due = false;
             if let Some(ownership) = &loaded.record.ownership {
                 let owner = ownership.owner.clone();
-                let ended = self
-                    .inner
-                    .store
-                    .end_owned(&owner, Ending::AllButNewest(limit))
-                    .await?;
-                loaded.limit_due = false;
-                // This very session was the oldest of a race of logins: it is over,
-                // and its cookie is not sent. (Ended by another login's limit, it
-                // is found gone.)
-                let mine = Handle::of(&loaded.record.id);
-                if ended.contains(&mine)
-                    || self.inner.store.load(&loaded.record.id).await?.is_none()
-                {
-                    loaded.gone();
+                // The login is written: a failure here leaves the limit to the next
+                // login, and is logged, never turned into a failed login.
+                if let Err(err) = self.enforce_limit(loaded, &owner, limit).await {
+                    log::warn!(
+                        target: "portable_sessions::session",
+                        "the owner limit of {limit} could not be applied after a login \
+                         (the next login applies it): {}",
+                        err.report()
+                    );
                 }
             }
-            loaded.limit_due = false;
+        }
+        Ok(())
+    }
+
+    /// Ends `owner`'s sessions beyond `limit`, after this session's login was written.
+    async fn enforce_limit(&self, loaded: &mut Loaded, owner: &Owner, limit: usize) -> Result<()> {
+        let ended = self
+            .inner
+            .store
+            .end_owned(owner, Ending::AllButNewest(limit))
+            .await?;
+        // This very session was the oldest of a race of logins: it is over, and its
+        // cookie is not sent. (Ended by another login's limit step, it is found gone.)
+        let mine = Handle::of(&loaded.record.id);
+        if ended.contains(&mine) || self.inner.store.load(&loaded.record.id).await?.is_none() {
+            loaded.gone();
         }
         Ok(())
     }
@@ -638,7 +655,7 @@ impl Session {
     /// Stores a session the store does not have yet, under its id or, on a
     /// collision, one the store draws; one without values is not worth storing.
     async fn create(&self, loaded: &mut Loaded, now: OffsetDateTime) -> Result<()> {
-        if has_no_user_values(&loaded.record) {
+        if nothing_to_store(&loaded.record) {
             loaded.modified = false;
             loaded.changes = Changes::default();
             return Ok(());
@@ -835,6 +852,8 @@ impl Session {
         recompute(&mut fresh.record)?;
         fresh.changes = since;
         fresh.modified = true;
+        // A login's new session is still a login: the owner limit applies to it.
+        fresh.limit_due = loaded.limit_due;
         // Only a new session that was stored (or had nothing to store) replaces
         // this one: on an error the move is still pending, and is tried again.
         self.create(&mut fresh, now).await?;
@@ -1314,7 +1333,7 @@ impl Session {
         let id = random_id()?;
         if !loaded.stored {
             loaded.record.id = id;
-            loaded.modified |= !has_no_user_values(&loaded.record);
+            loaded.modified |= !nothing_to_store(&loaded.record);
             return Ok(());
         }
         match &mut loaded.rotation {
@@ -1377,7 +1396,10 @@ impl Session {
             // records it: if the old session turns out to be ended, the login's new
             // session gets the owner all the same.
             if let Some(rotation) = &mut loaded.rotation {
-                rotation.since.ownership = Some(ownership);
+                rotation.since.ownership = Some(ownership.clone());
+                // And over whatever another request wrote meanwhile: a login names
+                // this session's owner.
+                loaded.changes.ownership = Some(ownership);
                 loaded.limit_due |= owner.is_some();
             }
             return Ok(());
@@ -1408,6 +1430,9 @@ impl Session {
     /// An [`Unsupported`](crate::session_store::Unsupported) error when the store
     /// keeps no owner index, or the store's error.
     pub async fn owner_sessions(&self) -> Result<Vec<OwnedSession>> {
+        if !self.inner.store.supports_owners() {
+            return Err(unsupported_owners(&self.inner.store));
+        }
         let (owner, current) = {
             let mut state = self.inner.state.lock().await;
             let loaded = self.loaded(&mut state).await?;
@@ -1461,28 +1486,45 @@ impl Session {
     /// as after a [`flush`](Self::flush): empty, under a fresh id, its cookie
     /// removed): "sign out everywhere". Returns how many it ended.
     ///
+    /// A session without an owner ends alone. Sessions logged in before the
+    /// application set owners have none, and are not found from another session:
+    /// give them their owner when one is loaded (`if logged_in && session.owner()
+    /// .await?.is_none() { session.set_owner(..) }`), or end them by the means
+    /// used before.
+    ///
     /// # Errors
     ///
     /// As for [`end_session`](Self::end_session).
     pub async fn end_all_sessions(&self) -> Result<usize> {
+        if !self.inner.store.supports_owners() {
+            return Err(unsupported_owners(&self.inner.store));
+        }
         let mut state = self.inner.state.lock().await;
         self.check_open()?;
         let loaded = self.loaded(&mut state).await?;
-        let Some(ownership) = &loaded.record.ownership else {
-            return Ok(0);
+        let ended = match &loaded.record.ownership {
+            Some(ownership) => {
+                let owner = ownership.owner.clone();
+                self.inner.store.end_owned(&owner, Ending::All).await?
+            }
+            // No owner (a session logged in before owners were set): this one ends.
+            None => Vec::new(),
         };
-        let owner = ownership.owner.clone();
-        let ended = self.inner.store.end_owned(&owner, Ending::All).await?;
         // This session too, even if its owner was not written yet.
+        let mut count = ended.len();
         if loaded.stored && !ended.contains(&Handle::of(&loaded.record.id)) {
             self.inner.store.delete(&loaded.record.id).await?;
+            count += usize::from(loaded.record.ownership.is_none());
         }
         *state = Some(self.fresh(self.inner.config.now())?);
-        Ok(ended.len())
+        Ok(count)
     }
 
     /// Ends the owner's session with `handle` (`Some`), or all but this one.
     async fn end_owned(&self, handle: Option<Handle>) -> Result<Vec<Handle>> {
+        if !self.inner.store.supports_owners() {
+            return Err(unsupported_owners(&self.inner.store));
+        }
         let mut state = self.inner.state.lock().await;
         self.check_open()?;
         let loaded = self.loaded(&mut state).await?;
@@ -1495,7 +1537,16 @@ impl Session {
             Some(handle) => Ending::One(handle),
             None => Ending::AllBut(current),
         };
-        let ended = self.inner.store.end_owned(&owner, ending).await?;
+        let mut ended = self.inner.store.end_owned(&owner, ending).await?;
+        // Ending this very session: a reply lost and sent again may not say that it
+        // was ended, so look.
+        if handle == Some(current)
+            && loaded.stored
+            && !ended.contains(&current)
+            && self.inner.store.load(&loaded.record.id).await?.is_none()
+        {
+            ended.push(current);
+        }
         if ended.contains(&current) {
             *state = Some(self.fresh(self.inner.config.now())?);
         }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use portable_sessions::{
-    session::{Handle, Id, Owner, Ownership, Record},
+    session::{Ending, Handle, Id, Owner, Ownership, Record},
     session_store::{Error, Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
@@ -592,6 +592,76 @@ async fn the_owner_index_expires_with_its_sessions_and_is_pruned_when_read() {
     store.delete(&long.id).await.unwrap();
     let left = keys(&mut conn, store.key_prefix());
     assert_eq!(left.len(), 1, "the other owner's set: {left:?}");
+}
+
+/// An owner with more sessions than one script reply carries (600): listed in full,
+/// and "all but one" then "all" end every one, over several pages; a session written
+/// all along by another thread is ended all the same; one whose record no longer
+/// decodes (its header intact) is left out of the listing but ended.
+#[test]
+fn endings_reach_every_session_of_a_big_owner_even_one_being_written() {
+    let store = shared_store("big-owner");
+    let owner = Owner::new(format!("gina {}", Id::default())).unwrap();
+    let mut records = Vec::new();
+    for n in 0..600u64 {
+        let mut record = live_record(n);
+        record.ownership = Some(Ownership::new(owner.clone(), OffsetDateTime::now_utc()));
+        block(store.create(&mut record)).unwrap();
+        records.push(record);
+    }
+    // One unreadable: its record bytes cut short, its header kept.
+    let mut conn = raw(SHARED);
+    let broken = &records[7];
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(key_of(&store, &broken.id))
+        .query(&mut conn)
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg(key_of(&store, &broken.id))
+        .arg(&value[..value.len() - 3])
+        .arg("EX")
+        .arg(3600)
+        .query(&mut conn)
+        .unwrap();
+    let listed = block(store.list_owned(&owner)).unwrap();
+    assert_eq!(listed.len(), 599, "every readable one");
+
+    let kept = Handle::of(&records[0].id);
+    let busy = records[1].clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut busy = busy;
+            let mut writes = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match block(store.update(&busy)).unwrap() {
+                    Update::Written(version) => busy.version = version,
+                    Update::Gone => return writes,
+                    Update::Conflict => panic!("the only writer conflicted"),
+                }
+                writes += 1;
+            }
+            writes
+        })
+    };
+    let ended = block(store.end_owned(&owner, Ending::AllBut(kept))).unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    assert!(writes > 0, "the writer wrote while the ending ran");
+    assert_eq!(ended.len(), 599, "all but one, the unreadable one too");
+    assert!(ended.contains(&Handle::of(&records[1].id)));
+    for record in &records[1..] {
+        let loaded = block(store.load(&record.id));
+        assert!(matches!(loaded, Ok(None)), "{loaded:?}");
+    }
+    let listed = block(store.list_owned(&owner)).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].handle(), kept);
+    let ended = block(store.end_owned(&owner, Ending::All)).unwrap();
+    assert_eq!(ended, vec![kept]);
+    let left = keys(&mut conn, store.key_prefix());
+    assert!(left.is_empty(), "{} keys left", left.len());
 }
 
 tests_in_both_modes!(

@@ -55,7 +55,7 @@ if head == '' then return 0 end
 local version = string.sub(head, 1, 8)
 if string.byte(head, 1) == 2 then
   version = string.rep('\0', 8)
-elseif string.byte(head, 9) == 3 and string.len(head) == 29 then
+elseif (string.byte(head, 9) == 3 or string.byte(head, 9) == 180) and string.len(head) == 29 then
   local secs, nanos = struct.unpack('>i8I4', head, 10)
   local now_secs, now_nanos = tonumber(ARGV[4]), tonumber(ARGV[5])
   if secs < now_secs or (secs == now_secs and nanos <= now_nanos) then return 0 end
@@ -113,21 +113,51 @@ const HEADER_TAG: u8 = 3;
 /// then nanoseconds as `u32`, big-endian) and the write's token.
 const HEADER_LEN: usize = 1 + 8 + 4 + stored::TOKEN_LEN;
 
+/// The tag of the header of an owned record: the header above, then a digest of the
+/// owner's name ([`owners::owner_digest`]), at a fixed place where the owner scripts
+/// read it without decoding the record. Far from the record format bytes (values
+/// written before the header start with one) and the tags of `stored`.
+const OWNED_HEADER_TAG: u8 = 0xB4;
+
+/// The length of an owned record's header.
+const OWNED_HEADER_LEN: usize = HEADER_LEN + owners::OWNER_DIGEST_LEN;
+
+/// Skips the header of a stored value (after its version), whichever it is.
+fn after_header(bytes: &[u8]) -> Result<&[u8]> {
+    let len = match bytes.first() {
+        Some(&HEADER_TAG) => HEADER_LEN,
+        Some(&OWNED_HEADER_TAG) => OWNED_HEADER_LEN,
+        _ => return Ok(bytes),
+    };
+    bytes
+        .get(len..)
+        .ok_or_else(|| Error::decode("stored value is shorter than its header"))
+}
+
 /// The stored value: the version (8 bytes, big-endian, so that the update script can
 /// compare it as a string), the header (the record's expiry date, for the script to
 /// judge liveness as `load` does, and the token of the write that stored it), the
 /// record's key check, then the record without its id.
 fn encode_value(record: &Record, version: u64, token: &[u8; stored::TOKEN_LEN]) -> Result<Vec<u8>> {
-    let mut head = [0u8; VERSION_LEN + HEADER_LEN + 1 + stored::CHECK_LEN];
+    let mut head = [0u8; VERSION_LEN + OWNED_HEADER_LEN + 1 + stored::CHECK_LEN];
     head[..VERSION_LEN].copy_from_slice(&version.to_be_bytes());
     head[VERSION_LEN] = HEADER_TAG;
     let expiry = record.expiry_date;
     head[VERSION_LEN + 1..VERSION_LEN + 9].copy_from_slice(&expiry.unix_timestamp().to_be_bytes());
     head[VERSION_LEN + 9..VERSION_LEN + 13].copy_from_slice(&expiry.nanosecond().to_be_bytes());
     head[VERSION_LEN + 13..VERSION_LEN + HEADER_LEN].copy_from_slice(token);
+    let mut header = HEADER_LEN;
+    if let Some(ownership) = &record.ownership {
+        head[VERSION_LEN] = OWNED_HEADER_TAG;
+        head[VERSION_LEN + HEADER_LEN..VERSION_LEN + OWNED_HEADER_LEN]
+            .copy_from_slice(&owners::owner_digest(&ownership.owner));
+        header = OWNED_HEADER_LEN;
+    }
     // Then the record's key check: a reply for another key is refused on load.
-    head[VERSION_LEN + HEADER_LEN..].copy_from_slice(&stored::tagged_key_check(&record.id));
-    record.encode_without_id_after(&head)
+    let check = VERSION_LEN + header;
+    head[check..check + 1 + stored::CHECK_LEN]
+        .copy_from_slice(&stored::tagged_key_check(&record.id));
+    record.encode_without_id_after(&head[..check + 1 + stored::CHECK_LEN])
 }
 
 fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
@@ -135,15 +165,10 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
         // Written before versions existed: the record alone, at version 0.
         return stored::decode(id, value);
     }
-    let (version, mut bytes) = value
+    let (version, bytes) = value
         .split_first_chunk::<VERSION_LEN>()
         .ok_or_else(|| Error::decode("stored value is shorter than its version"))?;
-    if bytes.first() == Some(&HEADER_TAG) {
-        bytes = bytes
-            .get(HEADER_LEN..)
-            .ok_or_else(|| Error::decode("stored value is shorter than its header"))?;
-    }
-    let mut record = stored::decode(id, bytes)?;
+    let mut record = stored::decode(id, after_header(bytes)?)?;
     record.version = u64::from_be_bytes(*version);
     Ok(record)
 }
@@ -503,8 +528,14 @@ impl SessionStore for RedisStore {
         };
         let ttl = ttl.to_string();
         for _ in 0..MAX_CREATE_ATTEMPTS {
-            // Encoded for each id drawn: the value carries its key check.
-            let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
+            // Encoded for each id drawn: the value carries its key check. An owned
+            // one carries a token too, by which a create sent again after its reply
+            // was lost knows its own first copy (and leaves no session nobody holds).
+            let token = match record.ownership {
+                Some(_) => stored::write_token()?,
+                None => [0; stored::TOKEN_LEN],
+            };
+            let bytes = encode_value(record, record.version, &token)?;
             let key = self.key(&record.id);
             let reply = match self.filing(record) {
                 None => {

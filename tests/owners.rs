@@ -35,6 +35,8 @@ tests_in_both_modes!(
     a_session_without_an_owner_ends_alone_everywhere,
     a_relogin_restarted_by_the_limit_race_still_applies_the_limit,
     a_failed_limit_step_is_not_a_failed_login,
+    a_cache_never_keeps_a_login_ended_between_its_store_and_cache_steps,
+    a_cache_serves_nothing_while_a_failed_ending_may_still_land,
 );
 
 fn manager_of(store: Arc<dyn SessionStore>, config: SessionConfig) -> SessionManager {
@@ -299,6 +301,8 @@ async fn a_store_without_owners_says_so() {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Create,
+    /// Just after a create reached the memory store.
+    Created,
     Update,
     EndOwned,
 }
@@ -374,7 +378,9 @@ impl GatedStore {
 impl SessionStore for GatedStore {
     async fn create(&self, record: &mut Record) -> Result<()> {
         self.pass(Op::Create);
-        self.inner.create(record).await
+        let created = self.inner.create(record).await;
+        self.pass(Op::Created);
+        created
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
@@ -771,4 +777,100 @@ async fn a_failed_limit_step_is_not_a_failed_login() {
     let first_live = live(&*store, &first).await;
     let second_live = live(&*store, &second).await;
     assert!(first_live && second_live, "both logins stand");
+}
+
+/// A caching store over a gated store: a login's create, held just after its store
+/// step, while "everywhere" ends that very session; the create's cache step then
+/// leaves the cache alone, and the ended session is never served.
+#[maybe_async::maybe_async]
+async fn a_cache_never_keeps_a_login_ended_between_its_store_and_cache_steps() {
+    let gated = Arc::new(GatedStore::new(MemoryStore::new()));
+    let caching = Arc::new(CachingSessionStore::new(MemoryStore::new(), gated.clone()));
+    let manager = manager_of(caching.clone(), config());
+    let alice = owner("alice");
+    let (login, ended) = gated.interleave(
+        Op::Created,
+        || block(log_in(&manager, &alice, "laptop")),
+        || block(caching.end_owned(&alice, Ending::All)).unwrap(),
+    );
+    assert_eq!(ended.len(), 1, "the login's record, ended in the store");
+    let found_live = live(&*caching, &login).await;
+    assert!(!found_live, "never served from the cache");
+    assert!(caching.cache().is_empty());
+}
+
+/// A store whose `end_owned` fails at once and lands later (a reply lost, the
+/// statement still running): the caching store serves nothing from its cache
+/// meanwhile, so a fill made in between never outlives the ending.
+#[derive(Debug, Default)]
+struct LateEnds {
+    inner: MemoryStore,
+    pending: Mutex<Option<(Owner, Ending)>>,
+}
+
+impl LateEnds {
+    #[maybe_async::maybe_async]
+    async fn land(&self) {
+        let (owner, ending) = self.pending.lock().unwrap().take().expect("an ending");
+        self.inner.end_owned(&owner, ending).await.unwrap();
+    }
+}
+
+#[maybe_async::maybe_async]
+impl SessionStore for LateEnds {
+    async fn create(&self, record: &mut Record) -> Result<()> {
+        self.inner.create(record).await
+    }
+
+    async fn save(&self, record: &Record) -> Result<()> {
+        self.inner.save(record).await
+    }
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>> {
+        self.inner.load(id).await
+    }
+
+    async fn delete(&self, id: &Id) -> Result<()> {
+        self.inner.delete(id).await
+    }
+
+    async fn update(&self, record: &Record) -> Result<Update> {
+        self.inner.update(record).await
+    }
+
+    fn atomic_update(&self) -> bool {
+        true
+    }
+
+    fn supports_owners(&self) -> bool {
+        true
+    }
+
+    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        self.inner.list_owned(owner).await
+    }
+
+    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        *self.pending.lock().unwrap() = Some((owner.clone(), ending));
+        Err(portable_sessions::session_store::Error::backend(
+            "the reply was lost",
+        ))
+    }
+}
+
+#[maybe_async::maybe_async]
+async fn a_cache_serves_nothing_while_a_failed_ending_may_still_land() {
+    let late = Arc::new(LateEnds::default());
+    let caching = Arc::new(CachingSessionStore::new(MemoryStore::new(), late.clone()));
+    let manager = manager_of(caching.clone(), config());
+    let alice = owner("alice");
+    let cookie = log_in(&manager, &alice, "laptop").await;
+    let failed = caching.end_owned(&alice, Ending::All).await;
+    assert!(failed.is_err());
+    // A load in between: the store still has the session, and would fill the cache.
+    let found_live = live(&*caching, &cookie).await;
+    assert!(found_live);
+    late.land().await;
+    let found_live = live(&*caching, &cookie).await;
+    assert!(!found_live, "the cache does not serve it");
 }

@@ -139,6 +139,10 @@ pub struct CachingSessionStore<Cache, Store> {
 
 struct Shared {
     stripes: Box<[Stripe]>,
+    /// How many owner endings have started: a `create` that saw another number
+    /// before its store step does not fill the cache (an ending may have deleted
+    /// the record since).
+    endings: std::sync::atomic::AtomicU64,
 }
 
 /// One lock of the striped lock, with the ids of its stripe whose cache entry may be
@@ -210,6 +214,9 @@ struct Residency {
     /// Ids with an abandoned write (its future dropped while the store step may
     /// still land): not cached again before this moment.
     held: HashMap<Id, Instant, IdHasherBuilder>,
+    /// The same for every id: after an owner ending whose store step may still land
+    /// (its future dropped, or the store failed), or whose eviction failed.
+    held_all: Option<Instant>,
 }
 
 struct Listed {
@@ -270,7 +277,7 @@ impl Residency {
     /// Returns `true` if the entry of `id` may be served: listed, younger than
     /// `lifetime`, and with no abandoned write that may still land. Marks it used.
     fn serve(&mut self, id: &Id, now: Instant, lifetime: Duration) -> bool {
-        if !self.held.is_empty() && self.is_held(id, now) {
+        if (self.held_all.is_some() || !self.held.is_empty()) && self.is_held(id, now) {
             return false;
         }
         let Some(listed) = self.entries.get_mut(id) else {
@@ -288,8 +295,20 @@ impl Residency {
         self.entries.remove(id);
     }
 
+    /// Serves nothing of what the cache holds, and caches nothing before `until`.
+    fn hold_all(&mut self, until: Instant) {
+        self.entries.clear();
+        self.ring.clear();
+        self.held_all = Some(until);
+    }
+
     /// Returns `true` while an abandoned write of `id` may still land.
     fn is_held(&mut self, id: &Id, now: Instant) -> bool {
+        match self.held_all {
+            Some(until) if until > now => return true,
+            Some(_) => self.held_all = None,
+            None => {}
+        }
         match self.held.get(id) {
             Some(&until) if until > now => true,
             Some(_) => {
@@ -350,6 +369,7 @@ impl<Cache, Store> CachingSessionStore<Cache, Store> {
             store,
             shared: Arc::new(Shared {
                 stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+                endings: std::sync::atomic::AtomicU64::new(0),
             }),
             on_error: None,
             lifetime: Self::DEFAULT_CACHE_LIFETIME,
@@ -505,6 +525,26 @@ impl Ordered<'_> {
 
     fn is_suspect(&self) -> bool {
         self.suspects.0.contains_key(&self.id)
+    }
+}
+
+/// Held by an owner ending: unless it is marked done, its drop keeps every cache
+/// entry from being served, and every id from being cached, for the hold.
+struct HoldAll<'a> {
+    shared: &'a Shared,
+    hold: Duration,
+    done: bool,
+}
+
+impl Drop for HoldAll<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let now = Instant::now();
+            let until = now.checked_add(self.hold).unwrap_or(now + MAX_HOLD);
+            for stripe in self.shared.stripes.iter() {
+                stripe.residency.lock().hold_all(until);
+            }
+        }
     }
 }
 
@@ -686,7 +726,15 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
 #[maybe_async::maybe_async]
 impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionStore<Cache, Store> {
     async fn create(&self, record: &mut Record) -> Result<()> {
+        let endings = self.shared.endings.load(Ordering::Acquire);
         self.store.create(record).await?;
+        let mut ordered = self.ordered(record.id).await;
+        ordered.done = true;
+        if self.shared.endings.load(Ordering::Acquire) != endings {
+            // An owner ending ran meanwhile and may have ended this very record:
+            // the store answers for it.
+            return Ok(());
+        }
         // `cache.save`, never `cache.create`: the cache must not pick another id.
         let filled = self.cache.save(record).await;
         match filled {
@@ -773,17 +821,30 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     /// (the ended ones, and the others too: they load again from the store), with
     /// every stripe lock held, so that no fill can bring an ended session back into
     /// the cache meanwhile. Writes and fills of this process wait for it: an ending
-    /// is rare, and one store call long.
+    /// is rare, and one store call long. A `create` whose store step came before,
+    /// and its cache step after, leaves the cache alone.
+    ///
+    /// When the store step fails or this call is dropped (the store step may still
+    /// land), or an eviction fails, nothing the cache holds is served, and nothing
+    /// is cached, for the abandoned-write hold: the store answers meanwhile.
     async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
         let mut stripes = Vec::with_capacity(self.shared.stripes.len());
         for stripe in self.shared.stripes.iter() {
             stripes.push(stripe.lock.lock().await);
         }
+        self.shared.endings.fetch_add(1, Ordering::AcqRel);
+        let mut guard = HoldAll {
+            shared: &self.shared,
+            hold: self.hold,
+            done: false,
+        };
         // Before too: were this call dropped after the store step, no ended
         // session would be left in the cache.
         self.evict_owned(owner).await?;
         let ended = self.store.end_owned(owner, ending).await;
         let evicted = self.evict_owned(owner).await;
+        guard.done = ended.is_ok() && evicted.is_ok();
+        drop(guard);
         drop(stripes);
         let ended = ended?;
         evicted?;

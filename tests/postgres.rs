@@ -17,7 +17,7 @@ use std::{
 };
 
 use portable_sessions::{
-    session::{Id, Record},
+    session::{Ending, Handle, Id, Owner, Ownership, Record},
     session_store::{Error, Result, Update},
     testing::{self, Expiry},
     CachingSessionStore, ExpiredDeletion, MemoryStore, PostgresStore, SessionStore,
@@ -314,6 +314,64 @@ async fn a_table_from_before_owners_is_migrated() {
     ));
     assert_eq!(index, "1", "the owner index is made");
     testing::check_owners(&store).await;
+}
+
+/// A big table from before owners: the first connection adds the column (a quick
+/// change), but leaves the index to be built without blocking writes (it logs the
+/// statement); owners work meanwhile.
+#[maybe_async::maybe_async]
+async fn a_big_table_from_before_owners_gets_the_column_and_no_blocking_index() {
+    let schema = PgSchema::new("migrate_big");
+    let table = schema.table();
+    psql(&format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+         CREATE TABLE {table} (
+             key bytea PRIMARY KEY,
+             expires_at timestamptz NOT NULL,
+             version bigint NOT NULL,
+             record bytea NOT NULL
+         );
+         INSERT INTO {table} SELECT sha256(i::text::bytea), now() + interval '1 hour', 0, '\\x04'
+             FROM generate_series(1, 120000) AS i;
+         ANALYZE {table};",
+        schema = schema.0,
+    ));
+    let store = schema.store();
+    testing::check_owners(&store).await;
+    let indexes = psql(&format!(
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = '{}' AND indexdef LIKE '%(owner)%'",
+        schema.0
+    ));
+    assert_eq!(indexes, "0", "no index built while writes would wait");
+    let column = psql(&format!(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = '{table}'::regclass AND attname = 'owner'"
+    ));
+    assert_eq!(column, "1");
+}
+
+/// An owner with more sessions than one statement ends (5,000): listed up to 1,024
+/// (those expiring last), and ended in full, all but one, then all.
+#[maybe_async::maybe_async]
+async fn an_owner_with_thousands_of_sessions_is_ended_in_batches() {
+    let schema = PgSchema::new("big_owner");
+    let store = schema.store();
+    let owner = Owner::new(format!("hana {}", Id::default())).unwrap();
+    let mut kept = None;
+    for n in 0..5000u64 {
+        let mut record = live_record(n);
+        record.ownership = Some(Ownership::new(owner.clone(), OffsetDateTime::now_utc()));
+        store.create(&mut record).await.unwrap();
+        kept = Some(Handle::of(&record.id));
+    }
+    let kept = kept.unwrap();
+    let listed = store.list_owned(&owner).await.unwrap();
+    assert_eq!(listed.len(), 1024, "a listing shows at most 1,024");
+    let ended = store.end_owned(&owner, Ending::AllBut(kept)).await.unwrap();
+    assert_eq!(ended.len(), 4999);
+    let ended = store.end_owned(&owner, Ending::All).await.unwrap();
+    assert_eq!(ended, vec![kept]);
+    let left = psql(&format!("SELECT count(*) FROM {}", schema.table()));
+    assert_eq!(left, "0");
 }
 
 #[maybe_async::maybe_async]
@@ -716,6 +774,8 @@ async fn a_wrong_password_is_a_backend_error() {
 }
 
 tests_in_both_modes!(
+    a_big_table_from_before_owners_gets_the_column_and_no_blocking_index,
+    an_owner_with_thousands_of_sessions_is_ended_in_batches,
     a_table_from_before_owners_is_migrated,
     a_row_under_another_key_is_refused,
     postgres_store_conforms,

@@ -36,14 +36,23 @@ const INDEX_SUFFIX: &str = "_expires_at";
 /// What the owner index's name adds to the table's.
 const OWNER_INDEX_SUFFIX: &str = "_owner";
 
-/// The most sessions an owner's listing reads, and the most bytes of rows: a server
-/// cannot make a listing buffer more.
+/// The most rows (as the planner estimates them) of a table made before owners
+/// existed for which the first connection builds the owner index itself.
+const SMALL_TABLE: u32 = 100_000;
+
+/// The most sessions an owner's listing shows (those expiring last), and the most
+/// bytes of rows it reads: a server cannot make a listing buffer more.
 const MAX_LISTED: usize = 1024;
 const MAX_LISTED_BYTES: usize = 32 << 20;
 
-/// The most sessions one ending deletes in one statement (each returns its 32-byte
-/// key).
-const MAX_ENDED: usize = 1 << 16;
+/// How many sessions one statement of "all" or "all but one" deletes (each returns
+/// its 32-byte key); the statement runs again until fewer come back.
+const END_BATCH: usize = 4096;
+
+/// How many sessions a page of a limit's ranking reads, and the most it ranks:
+/// beyond, the next login's limit step goes on.
+const RANK_PAGE: usize = 256;
+const MAX_RANKED: usize = 1 << 16;
 
 /// How many ids `create` draws before it gives up: a collision of random 128-bit ids
 /// never happens twice in a row, so more means the insert is being dropped (a rule or
@@ -410,6 +419,7 @@ struct Statements {
     delete: Statement,
     delete_expired: Statement,
     list_owned: Statement,
+    rank_owned: Statement,
     end_one: Statement,
     end_all_but: Statement,
 }
@@ -426,13 +436,39 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         literal(&settings.schema),
         table_literal = literal(&table),
     );
+    let owner_index_name = owner_index.clone();
     let owner_index = format!(
         "CREATE INDEX IF NOT EXISTS {owner_index} ON {table} (owner) WHERE owner IS NOT NULL;"
     );
-    // Only for a table that lacks the column: `ALTER TABLE` takes the table's
-    // exclusive lock even when the column is there.
-    let add_owner =
-        format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS owner text; {owner_index}");
+    // For a table made before owners existed, under the schema lock and a lock
+    // timeout (so that it neither waits behind a long transaction nor holds every
+    // query of the table up meanwhile): the column, added only if still missing once
+    // the lock is held (`ALTER TABLE` takes the table's exclusive lock even when the
+    // column is there), which is quick; and the index, built here only for a small
+    // table (a big one would block writes while it builds: the store logs the
+    // statement to run with CONCURRENTLY instead).
+    let add_owner = format!(
+        "SELECT set_config('lock_timeout', current_setting('statement_timeout'), true);
+         DO $portable_sessions$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                            WHERE attrelid = to_regclass({table_literal})
+                            AND attname = 'owner' AND NOT attisdropped) THEN
+                 ALTER TABLE {table} ADD COLUMN owner text;
+             END IF;
+             IF (SELECT reltuples FROM pg_class WHERE oid = to_regclass({table_literal}))
+                < {SMALL_TABLE} THEN
+                 {owner_index}
+             END IF;
+         END $portable_sessions$;",
+        table_literal = literal(&table),
+    );
+    let owner_index_missing = format!(
+        "SELECT to_regclass({}) IS NULL",
+        literal(&format!("{}.{owner_index_name}", ident(&settings.schema)))
+    );
+    let owner_index_advice = format!(
+        "CREATE INDEX CONCURRENTLY {owner_index_name} ON {table} (owner) WHERE owner IS NOT NULL"
+    );
     // One simple query: one implicit transaction, so the advisory lock holds to its
     // end. The schema is created only if missing, which needs no CREATE privilege
     // on the database when it exists.
@@ -518,8 +554,19 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         ),
         list_owned: statement(
             "list_owned",
-            format!("SELECT key, record FROM {table} WHERE owner = $1 AND expires_at > $2"),
+            format!(
+                "SELECT key, record FROM {table} WHERE owner = $1 AND expires_at > $2 \
+                 ORDER BY expires_at DESC LIMIT {MAX_LISTED}"
+            ),
             &[TEXT, TIMESTAMPTZ],
+        ),
+        rank_owned: statement(
+            "rank_owned",
+            format!(
+                "SELECT key, record FROM {table} WHERE owner = $1 AND expires_at > $2 \
+                 AND key > $3 ORDER BY key LIMIT {RANK_PAGE}"
+            ),
+            &[TEXT, TIMESTAMPTZ, BYTEA],
         ),
         end_one: statement(
             "end_one",
@@ -532,8 +579,12 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         end_all_but: statement(
             "end_all_but",
             format!(
-                "DELETE FROM {table} WHERE owner = $1 AND key <> $2 AND expires_at > $3 \
-                 RETURNING key"
+                // A batch at a time; the owner is tested again on the rows
+                // deleted, in case one was given another meanwhile.
+                "DELETE FROM {table} WHERE key IN (
+                     SELECT key FROM {table} WHERE owner = $1 AND key <> $2 AND expires_at > $3
+                     LIMIT {END_BATCH}
+                 ) AND owner = $1 RETURNING key"
             ),
             &[TEXT, BYTEA, TIMESTAMPTZ],
         ),
@@ -547,6 +598,8 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
             lock,
             create,
             add_owner,
+            owner_index_missing,
+            owner_index_advice,
             create_schema,
             statements: [
                 &statements.load,
@@ -556,6 +609,7 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
                 &statements.delete,
                 &statements.delete_expired,
                 &statements.list_owned,
+                &statements.rank_owned,
                 &statements.end_one,
                 &statements.end_all_but,
             ]
@@ -785,15 +839,7 @@ impl SessionStore for PostgresStore {
             Ending::AllBut(handle) => (false, handle.to_bytes().to_vec()),
             Ending::All => (false, Vec::new()),
             Ending::AllButNewest(_) => {
-                let owned = self.owned(owner).await?;
-                let created = |record: &Record| record.ownership.as_ref().map(|o| o.created_at);
-                let now = self.clock.now();
-                let picked = ending.pick(
-                    owned
-                        .iter()
-                        .map(|(handle, record)| (*handle, created(record).unwrap_or(now)))
-                        .collect(),
-                );
+                let picked = ending.pick(self.ranked(owner).await?);
                 let mut ended = Vec::with_capacity(picked.len());
                 for handle in picked {
                     ended.extend(self.end_owned(owner, Ending::One(handle)).await?);
@@ -801,34 +847,77 @@ impl SessionStore for PostgresStore {
                 return Ok(ended);
             }
         };
-        let reply = self
-            .pool
-            .call(|conn| {
-                conn.allow_rows(MAX_ENDED, MAX_ENDED * 64);
-                let now = timestamptz(self.clock.now());
-                let owner = Param::Text(owner.as_str());
-                if one {
-                    let params = [Param::Bytea(&key), owner, Param::Timestamptz(now)];
-                    conn.push(&self.statements.end_one, &params)
-                } else {
-                    let params = [owner, Param::Bytea(&key), Param::Timestamptz(now)];
-                    conn.push(&self.statements.end_all_but, &params)
-                }
-            })
-            .await?;
-        reply
-            .rows
-            .iter()
-            .map(|row| {
+        let mut ended = Vec::new();
+        loop {
+            let reply = self
+                .pool
+                .call(|conn| {
+                    conn.allow_rows(END_BATCH, END_BATCH * 64);
+                    let now = timestamptz(self.clock.now());
+                    let owner = Param::Text(owner.as_str());
+                    if one {
+                        let params = [Param::Bytea(&key), owner, Param::Timestamptz(now)];
+                        conn.push(&self.statements.end_one, &params)
+                    } else {
+                        let params = [owner, Param::Bytea(&key), Param::Timestamptz(now)];
+                        conn.push(&self.statements.end_all_but, &params)
+                    }
+                })
+                .await?;
+            for row in &reply.rows {
                 let columns = columns(row).map_err(Error::backend)?;
-                handle_column(columns.first().copied().flatten())
-            })
-            .collect()
+                ended.push(handle_column(columns.first().copied().flatten())?);
+            }
+            if one || reply.rows.len() < END_BATCH {
+                return Ok(ended);
+            }
+        }
     }
 }
 
 #[maybe_async::maybe_async]
 impl PostgresStore {
+    /// `owner`'s live sessions, each with when it got the owner (an unreadable one
+    /// as the oldest), a page at a time by key.
+    async fn ranked(&self, owner: &Owner) -> Result<Vec<(Handle, OffsetDateTime)>> {
+        let mut ranked = Vec::new();
+        let mut after = Vec::new();
+        while ranked.len() < MAX_RANKED {
+            let reply = self
+                .pool
+                .call(|conn| {
+                    conn.allow_rows(RANK_PAGE, MAX_LISTED_BYTES);
+                    let now = timestamptz(self.clock.now());
+                    conn.push(
+                        &self.statements.rank_owned,
+                        &[
+                            Param::Text(owner.as_str()),
+                            Param::Timestamptz(now),
+                            Param::Bytea(&after),
+                        ],
+                    )
+                })
+                .await?;
+            for row in &reply.rows {
+                let columns = columns(row).map_err(Error::backend)?;
+                let handle = handle_column(columns.first().copied().flatten())?;
+                let created = columns
+                    .get(1)
+                    .copied()
+                    .flatten()
+                    .and_then(|bytes| stored::decode_listed(bytes).ok())
+                    .and_then(|record| record.ownership)
+                    .map_or(OffsetDateTime::UNIX_EPOCH, |o| o.created_at);
+                ranked.push((handle, created));
+                after = handle.to_bytes().to_vec();
+            }
+            if reply.rows.len() < RANK_PAGE {
+                break;
+            }
+        }
+        Ok(ranked)
+    }
+
     /// `owner`'s live rows: each key (the handle) and record.
     async fn owned(&self, owner: &Owner) -> Result<Vec<(Handle, Record)>> {
         let read_at = parking_lot::Mutex::new(None);

@@ -40,8 +40,13 @@ pub(crate) struct Setup {
     pub(crate) exists: String,
     /// Takes the lock that serializes schema creation.
     pub(crate) lock: String,
-    /// Adds the `owner` column and its index to a table made before owners existed.
+    /// Adds the `owner` column (and, to a small table, its index) to a table made
+    /// before owners existed.
     pub(crate) add_owner: String,
+    /// Answers whether the owner index is missing.
+    pub(crate) owner_index_missing: String,
+    /// The statement to build the owner index without blocking writes, for the log.
+    pub(crate) owner_index_advice: String,
     /// Creates the schema.
     pub(crate) create_schema: String,
     /// Creates the table and its index if they are missing.
@@ -245,6 +250,42 @@ impl Pool {
         )
     }
 
+    /// Adds the owner column to a table made before owners existed (and its index,
+    /// to a small one); logs the statement that builds the index without blocking
+    /// writes where it was not built.
+    async fn add_owner(&self, conn: &mut Conn) -> Result<()> {
+        let mut sql = self.local_timeout();
+        sql.push_str(&self.setup.lock);
+        sql.push_str(&self.setup.add_owner);
+        conn.push_query(&sql).map_err(Error::backend)?;
+        conn.exchange().await.map_err(|err| {
+            Error::backend(format!(
+                "this version keeps each session's owner in an `owner` column, which the \
+                 sessions table lacks, and adding it failed ({err}): run `ALTER TABLE .. \
+                 ADD COLUMN owner text` as the table's owner, then `{}`",
+                self.setup.owner_index_advice
+            ))
+        })?;
+        conn.push_query(&self.setup.owner_index_missing)
+            .map_err(Error::backend)?;
+        let reply = conn.exchange().await.map_err(Error::backend)?;
+        let missing = reply
+            .rows
+            .first()
+            .and_then(|row| super::wire::columns(row).ok())
+            .is_some_and(|columns| columns.first().copied().flatten() == Some(b"t".as_slice()));
+        if missing {
+            log::warn!(
+                target: "portable_sessions::postgres",
+                "the sessions table got its `owner` column, but is too big to build its \
+                 index while writes wait: listing a user's sessions scans the table until \
+                 `{}` is run",
+                self.setup.owner_index_advice
+            );
+        }
+        Ok(())
+    }
+
     async fn ensure_table(&self, conn: &mut Conn) -> Result<()> {
         // Look first: creating needs privileges that an application whose table was
         // made by an administrator may lack.
@@ -259,12 +300,7 @@ impl Pool {
         let is_true = |i: usize| columns.get(i).copied().flatten() == Some(b"t".as_slice());
         let (table_exists, schema_exists, has_owner) = (is_true(0), is_true(1), is_true(2));
         if table_exists && !has_owner {
-            // Made before owners existed: the column and its index, under the lock.
-            let mut sql = self.local_timeout();
-            sql.push_str(&self.setup.lock);
-            sql.push_str(&self.setup.add_owner);
-            conn.push_query(&sql).map_err(Error::backend)?;
-            conn.exchange().await.map_err(Error::backend)?;
+            self.add_owner(conn).await?;
         }
         if !table_exists {
             // One simple query of several statements: one implicit transaction in

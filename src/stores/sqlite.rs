@@ -404,11 +404,13 @@ fn delete_row(conn: &Connection, id: &Id) -> Result<()> {
 }
 
 /// `owner`'s live rows: each key (the handle) and record.
+/// `owner`'s live rows: each key (the handle) and record, or `None` for a record
+/// that cannot be read (logged).
 fn owned_rows(
     conn: &Connection,
     owner: &Owner,
     now: OffsetDateTime,
-) -> Result<Vec<(Handle, Record)>> {
+) -> Result<Vec<(Handle, Option<Record>)>> {
     let mut select = conn
         .prepare_cached(
             "SELECT key, record FROM portable_sessions WHERE owner = ?1 AND expires_at > ?2",
@@ -430,12 +432,13 @@ fn owned_rows(
             Ok(record) => record,
             Err(err) => {
                 stored::unreadable_in_listing(&handle, &err);
+                owned.push((handle, None));
                 continue;
             }
         };
         let mine = record.ownership.as_ref().is_some_and(|o| o.owner == *owner);
         if mine && !record.is_expired_at(now) {
-            owned.push((handle, record));
+            owned.push((handle, Some(record)));
         }
     }
     Ok(owned)
@@ -444,7 +447,7 @@ fn owned_rows(
 fn list_rows(conn: &Connection, owner: &Owner, now: OffsetDateTime) -> Result<Vec<OwnedSession>> {
     owned_rows(conn, owner, now)?
         .into_iter()
-        .map(|(handle, record)| OwnedSession::new(handle, record))
+        .filter_map(|(handle, record)| Some(OwnedSession::new(handle, record?)))
         .collect()
 }
 
@@ -505,11 +508,17 @@ fn end_oldest_rows(
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
         .map_err(Error::backend)?;
     let owned = owned_rows(&tx, owner, now)?;
-    let created = |record: &Record| record.ownership.as_ref().map(|o| o.created_at);
+    // An unreadable record counts as the oldest: the limit ends it first.
+    let created = |record: &Option<Record>| {
+        record
+            .as_ref()
+            .and_then(|r| r.ownership.as_ref())
+            .map_or(OffsetDateTime::UNIX_EPOCH, |o| o.created_at)
+    };
     let picked = ending.pick(
         owned
             .iter()
-            .map(|(handle, record)| (*handle, created(record).unwrap_or(now)))
+            .map(|(handle, record)| (*handle, created(record)))
             .collect(),
     );
     {

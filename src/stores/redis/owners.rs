@@ -323,6 +323,8 @@ impl RedisStore {
         let index = self.owner_key(owner);
         let now = OffsetDateTime::now_utc();
         let mut owned = Vec::new();
+        // Pages by offset may overlap when writes move members meanwhile.
+        let mut seen = HashSet::new();
         let mut stale = Vec::new();
         let mut spent = 0;
         let mut offset = 0;
@@ -354,7 +356,7 @@ impl RedisStore {
                 let mine = record.ownership.as_ref().is_some_and(|o| o.owner == *owner);
                 if !mine {
                     stale.push((text, Some(handle)));
-                } else if !record.is_expired_at(now) && owned.len() < max {
+                } else if !record.is_expired_at(now) && owned.len() < max && seen.insert(handle) {
                     owned.push((handle, record));
                 }
             }

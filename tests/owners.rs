@@ -307,11 +307,28 @@ enum Op {
     EndOwned,
 }
 
+/// What a [`GatedStore`]'s `end_owned` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    /// Ends, as the memory store does.
+    Pass,
+    /// Fails, ending nothing.
+    Fail,
+    /// Fails at once, and ends later, when the test calls [`GatedStore::land`]: a
+    /// reply lost while the statement still runs.
+    Late,
+}
+
 /// A memory store that, once armed for an operation, holds the next call of it
-/// just before it reaches the memory store, until the test lets it go.
+/// just before it reaches the memory store, until the test lets it go; its
+/// `end_owned` may fail, or land late ([`Ends`]).
 #[derive(Debug)]
 struct GatedStore {
     inner: MemoryStore,
+    /// What `end_owned` does.
+    ends: Mutex<Ends>,
+    /// An ending that [`Ends::Late`] left to land later.
+    pending: Mutex<Option<(Owner, Ending)>>,
     armed: Mutex<Option<Op>>,
     holding: Mutex<bool>,
     released: Mutex<bool>,
@@ -322,6 +339,8 @@ impl GatedStore {
     fn new(inner: MemoryStore) -> Self {
         Self {
             inner,
+            ends: Mutex::new(Ends::Pass),
+            pending: Mutex::new(None),
             armed: Mutex::new(None),
             holding: Mutex::new(false),
             released: Mutex::new(false),
@@ -414,7 +433,26 @@ impl SessionStore for GatedStore {
 
     async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
         self.pass(Op::EndOwned);
-        self.inner.end_owned(owner, ending).await
+        let ends = *self.ends.lock().unwrap();
+        match ends {
+            Ends::Pass => self.inner.end_owned(owner, ending).await,
+            Ends::Fail => Err(portable_sessions::session_store::Error::backend("injected")),
+            Ends::Late => {
+                *self.pending.lock().unwrap() = Some((owner.clone(), ending));
+                Err(portable_sessions::session_store::Error::backend(
+                    "the reply was lost",
+                ))
+            }
+        }
+    }
+}
+
+impl GatedStore {
+    /// Lands the ending that [`Ends::Late`] left.
+    #[maybe_async::maybe_async]
+    async fn land(&self) {
+        let (owner, ending) = self.pending.lock().unwrap().take().expect("an ending");
+        self.inner.end_owned(&owner, ending).await.unwrap();
     }
 }
 
@@ -725,51 +763,10 @@ async fn a_relogin_restarted_by_the_limit_race_still_applies_the_limit() {
 
 /// A store whose `end_owned` fails: the login is written, its cookie sent, and the
 /// failure logged; the limit waits for the next login.
-#[derive(Debug, Default)]
-struct FailingEnds(MemoryStore);
-
-#[maybe_async::maybe_async]
-impl SessionStore for FailingEnds {
-    async fn create(&self, record: &mut Record) -> Result<()> {
-        self.0.create(record).await
-    }
-
-    async fn save(&self, record: &Record) -> Result<()> {
-        self.0.save(record).await
-    }
-
-    async fn load(&self, id: &Id) -> Result<Option<Record>> {
-        self.0.load(id).await
-    }
-
-    async fn delete(&self, id: &Id) -> Result<()> {
-        self.0.delete(id).await
-    }
-
-    async fn update(&self, record: &Record) -> Result<Update> {
-        self.0.update(record).await
-    }
-
-    fn atomic_update(&self) -> bool {
-        true
-    }
-
-    fn supports_owners(&self) -> bool {
-        true
-    }
-
-    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
-        self.0.list_owned(owner).await
-    }
-
-    async fn end_owned(&self, _: &Owner, _: Ending) -> Result<Vec<Handle>> {
-        Err(portable_sessions::session_store::Error::backend("injected"))
-    }
-}
-
 #[maybe_async::maybe_async]
 async fn a_failed_limit_step_is_not_a_failed_login() {
-    let store = Arc::new(FailingEnds::default());
+    let store = Arc::new(GatedStore::new(MemoryStore::new()));
+    *store.ends.lock().unwrap() = Ends::Fail;
     let manager = manager_of(store.clone(), config().with_owner_limit(1));
     let alice = owner("alice");
     let first = log_in(&manager, &alice, "laptop").await;
@@ -802,65 +799,10 @@ async fn a_cache_never_keeps_a_login_ended_between_its_store_and_cache_steps() {
 /// A store whose `end_owned` fails at once and lands later (a reply lost, the
 /// statement still running): the caching store serves nothing from its cache
 /// meanwhile, so a fill made in between never outlives the ending.
-#[derive(Debug, Default)]
-struct LateEnds {
-    inner: MemoryStore,
-    pending: Mutex<Option<(Owner, Ending)>>,
-}
-
-impl LateEnds {
-    #[maybe_async::maybe_async]
-    async fn land(&self) {
-        let (owner, ending) = self.pending.lock().unwrap().take().expect("an ending");
-        self.inner.end_owned(&owner, ending).await.unwrap();
-    }
-}
-
-#[maybe_async::maybe_async]
-impl SessionStore for LateEnds {
-    async fn create(&self, record: &mut Record) -> Result<()> {
-        self.inner.create(record).await
-    }
-
-    async fn save(&self, record: &Record) -> Result<()> {
-        self.inner.save(record).await
-    }
-
-    async fn load(&self, id: &Id) -> Result<Option<Record>> {
-        self.inner.load(id).await
-    }
-
-    async fn delete(&self, id: &Id) -> Result<()> {
-        self.inner.delete(id).await
-    }
-
-    async fn update(&self, record: &Record) -> Result<Update> {
-        self.inner.update(record).await
-    }
-
-    fn atomic_update(&self) -> bool {
-        true
-    }
-
-    fn supports_owners(&self) -> bool {
-        true
-    }
-
-    async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
-        self.inner.list_owned(owner).await
-    }
-
-    async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
-        *self.pending.lock().unwrap() = Some((owner.clone(), ending));
-        Err(portable_sessions::session_store::Error::backend(
-            "the reply was lost",
-        ))
-    }
-}
-
 #[maybe_async::maybe_async]
 async fn a_cache_serves_nothing_while_a_failed_ending_may_still_land() {
-    let late = Arc::new(LateEnds::default());
+    let late = Arc::new(GatedStore::new(MemoryStore::new()));
+    *late.ends.lock().unwrap() = Ends::Late;
     let caching = Arc::new(CachingSessionStore::new(MemoryStore::new(), late.clone()));
     let manager = manager_of(caching.clone(), config());
     let alice = owner("alice");

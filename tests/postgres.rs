@@ -286,12 +286,9 @@ async fn a_role_that_may_not_create_uses_a_table_made_for_it() {
     testing::check_owners(&store).await;
 }
 
-/// A table made before owners existed gets its `owner` column and index from the
-/// first connection, keeps its rows, and then files owned records.
-#[maybe_async::maybe_async]
-async fn a_table_from_before_owners_is_migrated() {
-    let schema = PgSchema::new("migrate_owner");
-    let table = schema.table();
+/// Makes the sessions table of `schema` as it was before owners existed, with
+/// `filler` rows of records nobody loads (for the planner's row estimate).
+fn table_from_before_owners(schema: &PgSchema, filler: u32) {
     psql(&format!(
         "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
          CREATE TABLE {table} (
@@ -300,14 +297,31 @@ async fn a_table_from_before_owners_is_migrated() {
              version bigint NOT NULL,
              record bytea NOT NULL
          );
-         CREATE INDEX ON {table} (expires_at);",
+         CREATE INDEX ON {table} (expires_at);
+         INSERT INTO {table} SELECT sha256(i::text::bytea), now() + interval '1 hour', 0, '\\x04'
+             FROM generate_series(1, {filler}) AS i;
+         ANALYZE {table};",
         schema = schema.0,
+        table = schema.table(),
+    ));
+}
+
+/// A table made before owners existed gets its `owner` column and index from the
+/// first connection, keeps its rows, and then files owned records.
+#[maybe_async::maybe_async]
+async fn a_table_from_before_owners_is_migrated() {
+    let schema = PgSchema::new("migrate_owner");
+    table_from_before_owners(&schema, 0);
+    let old = live_record(5);
+    psql(&format!(
+        "INSERT INTO {} VALUES ('\\x{}', now() + interval '1 hour', 0, '\\x{}')",
+        schema.table(),
+        key_hex(&old.id),
+        hex(&old.encode_without_id().unwrap()),
     ));
     let store = schema.store();
-    let mut old = live_record(5);
-    store.create(&mut old).await.unwrap();
     let loaded = store.load(&old.id).await.unwrap();
-    assert_eq!(loaded.as_ref(), Some(&old));
+    assert_eq!(loaded.as_ref(), Some(&old), "the row from before is kept");
     let index = psql(&format!(
         "SELECT count(*) FROM pg_indexes WHERE schemaname = '{}' AND indexdef LIKE '%(owner)%'",
         schema.0
@@ -323,19 +337,7 @@ async fn a_table_from_before_owners_is_migrated() {
 async fn a_big_table_from_before_owners_gets_the_column_and_no_blocking_index() {
     let schema = PgSchema::new("migrate_big");
     let table = schema.table();
-    psql(&format!(
-        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
-         CREATE TABLE {table} (
-             key bytea PRIMARY KEY,
-             expires_at timestamptz NOT NULL,
-             version bigint NOT NULL,
-             record bytea NOT NULL
-         );
-         INSERT INTO {table} SELECT sha256(i::text::bytea), now() + interval '1 hour', 0, '\\x04'
-             FROM generate_series(1, 120000) AS i;
-         ANALYZE {table};",
-        schema = schema.0,
-    ));
+    table_from_before_owners(&schema, 120_000);
     let store = schema.store();
     testing::check_owners(&store).await;
     let indexes = psql(&format!(

@@ -60,25 +60,12 @@ pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
 /// as the record with id `id`: bytes that carry a key check for another id are an
 /// error, never that other session.
 pub(crate) fn decode(id: &Id, bytes: &[u8]) -> Result<Record> {
-    let truncated =
-        |what: &str| crate::session_store::Error::decode(format!("{what} is truncated"));
-    let mut bytes = match bytes.split_first() {
-        Some((&TOKEN_TAG, rest)) => rest
-            .get(TOKEN_LEN..)
-            .ok_or_else(|| truncated("a write token"))?,
-        _ => bytes,
-    };
-    if let Some((&CHECK_TAG, rest)) = bytes.split_first() {
-        let (check, rest) = rest
-            .split_first_chunk::<CHECK_LEN>()
-            .ok_or_else(|| truncated("a key check"))?;
-        if *check != key_check(id) {
-            return Err(crate::session_store::Error::decode(
-                "the stored value carries another key's check: a reply meant for another \
-                 session (or a value copied under this key), refused",
-            ));
-        }
-        bytes = rest;
+    let (check, bytes) = split_prefix(bytes)?;
+    if check.is_some_and(|check| check != key_check(id)) {
+        return Err(crate::session_store::Error::decode(
+            "the stored value carries another key's check: a reply meant for another \
+             session (or a value copied under this key), refused",
+        ));
     }
     Record::decode_with_id(*id, bytes)
 }
@@ -88,20 +75,30 @@ pub(crate) fn decode(id: &Id, bytes: &[u8]) -> Result<Record> {
 /// row was found under): the key check is skipped, and the record gets a zero id,
 /// which [`OwnedSession`](crate::session::OwnedSession) drops anyway.
 pub(crate) fn decode_listed(bytes: &[u8]) -> Result<Record> {
+    let (_, bytes) = split_prefix(bytes)?;
+    Record::decode_with_id(Id::from_bytes([0; 16]), bytes)
+}
+
+/// Splits the write token and key check, where there are, off the front of stored
+/// bytes: the key check, if any, and the record's bytes.
+fn split_prefix(bytes: &[u8]) -> Result<(Option<[u8; CHECK_LEN]>, &[u8])> {
     let truncated =
         |what: &str| crate::session_store::Error::decode(format!("{what} is truncated"));
-    let mut bytes = match bytes.split_first() {
+    let bytes = match bytes.split_first() {
         Some((&TOKEN_TAG, rest)) => rest
             .get(TOKEN_LEN..)
             .ok_or_else(|| truncated("a write token"))?,
         _ => bytes,
     };
-    if let Some((&CHECK_TAG, rest)) = bytes.split_first() {
-        bytes = rest
-            .get(CHECK_LEN..)
-            .ok_or_else(|| truncated("a key check"))?;
+    match bytes.split_first() {
+        Some((&CHECK_TAG, rest)) => {
+            let (check, rest) = rest
+                .split_first_chunk::<CHECK_LEN>()
+                .ok_or_else(|| truncated("a key check"))?;
+            Ok((Some(*check), rest))
+        }
+        _ => Ok((None, bytes)),
     }
-    Record::decode_with_id(Id::from_bytes([0; 16]), bytes)
 }
 
 /// Logs a record that an owner's listing (or ending) found but could not read: it is

@@ -122,6 +122,12 @@ fn compare<S: SessionStore>(c: &mut Criterion, name: &str, store: S, sessions: u
     group.bench_function(format!("ours-{MODE}/update-owned"), |b| {
         b.iter_custom(|iters| run(updates(&store, &mut owned, iters)))
     });
+    group.finish();
+    paired(name, &store, &mut plain, &mut owned, sessions);
+    let mut group = c.benchmark_group(format!("listing/{name}"));
+    if sessions < BIG_STORE_SIZE {
+        group.sample_size(10);
+    }
     for n in [1, 10, 100] {
         let owner = run(owner_with(&store, n));
         group.bench_function(format!("ours-{MODE}/list-{n}"), |b| {
@@ -129,6 +135,42 @@ fn compare<S: SessionStore>(c: &mut Criterion, name: &str, store: S, sessions: u
         });
     }
     group.finish();
+}
+
+/// The writes with an owner against those without, measured in alternating rounds
+/// (so that a machine's drift over a run falls on both alike); prints the median
+/// time per write of each, and their ratio.
+fn paired<S: SessionStore>(
+    name: &str,
+    store: &S,
+    plain: &mut [OurRecord],
+    owned: &mut [OurRecord],
+    sessions: usize,
+) {
+    let batch = (sessions / 5).clamp(100, 20_000) as u64;
+    let per_write = |time: Duration| time.as_secs_f64() * 1e9 / batch as f64;
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let (mut saves_plain, mut saves_owned) = (Vec::new(), Vec::new());
+    let (mut updates_plain, mut updates_owned) = (Vec::new(), Vec::new());
+    for _ in 0..21 {
+        saves_plain.push(per_write(run(saves(store, plain, batch))));
+        saves_owned.push(per_write(run(saves(store, owned, batch))));
+        updates_plain.push(per_write(run(updates(store, plain, batch))));
+        updates_owned.push(per_write(run(updates(store, owned, batch))));
+    }
+    for (what, plain, owned) in [
+        ("save", median(saves_plain), median(saves_owned)),
+        ("update", median(updates_plain), median(updates_owned)),
+    ] {
+        eprintln!(
+            "paired conditional/{name}/ours-{MODE}/{what}: {plain:.0} ns without an owner, \
+             {owned:.0} ns with one: {:.3}x",
+            owned / plain
+        );
+    }
 }
 
 fn memory(c: &mut Criterion) {

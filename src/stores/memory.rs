@@ -2,7 +2,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{hash_map::Entry, BinaryHeap, HashMap},
+    collections::{hash_map::Entry, BinaryHeap, HashMap, HashSet},
     fmt,
     hash::{BuildHasher, Hasher},
     sync::Arc,
@@ -108,7 +108,7 @@ struct Shard {
     expiries: BinaryHeap<Reverse<(i64, Id)>>,
     /// The ids of the owned records in `records`, by owner: changed with them, under
     /// the same lock.
-    owners: HashMap<Owner, Vec<Id>>,
+    owners: HashMap<Owner, HashSet<Id, IdHasherBuilder>>,
 }
 
 impl Shard {
@@ -118,15 +118,21 @@ impl Shard {
             return;
         }
         if let Some(old) = old {
-            if let Entry::Occupied(mut ids) = self.owners.entry(old.clone()) {
-                ids.get_mut().retain(|owned| *owned != id);
-                if ids.get().is_empty() {
-                    ids.remove();
+            if let Some(ids) = self.owners.get_mut(old) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.owners.remove(old);
                 }
             }
         }
         if let Some(new) = new {
-            self.owners.entry(new.clone()).or_default().push(id);
+            // The table's seeded hasher: ids chosen by a caller cannot pile up in
+            // one bucket here either.
+            let hasher = *self.records.hasher();
+            self.owners
+                .entry(new.clone())
+                .or_insert_with(|| HashSet::with_hasher(hasher))
+                .insert(id);
         }
     }
 
@@ -515,7 +521,10 @@ impl MemoryStore {
     /// when their shard's lock is taken.
     fn end_now(&self, owner: &Owner, ending: Ending) -> Vec<Handle> {
         let owned = self.owned_now(owner);
-        let picked = ending.pick(owned.iter().map(|(_, h, at)| (*h, *at)).collect());
+        let picked: HashSet<Handle> = ending
+            .pick(owned.iter().map(|(_, h, at)| (*h, *at)).collect())
+            .into_iter()
+            .collect();
         let mut ended = Vec::with_capacity(picked.len());
         for (id, handle, _) in owned {
             if !picked.contains(&handle) {

@@ -37,6 +37,7 @@ tests_in_both_modes!(
     a_failed_limit_step_is_not_a_failed_login,
     a_cache_never_keeps_a_login_ended_between_its_store_and_cache_steps,
     a_cache_serves_nothing_while_a_failed_ending_may_still_land,
+    a_cache_never_keeps_a_login_created_during_an_ending,
 );
 
 fn manager_of(store: Arc<dyn SessionStore>, config: SessionConfig) -> SessionManager {
@@ -815,4 +816,36 @@ async fn a_cache_serves_nothing_while_a_failed_ending_may_still_land() {
     late.land().await;
     let found_live = live(&*caching, &cookie).await;
     assert!(!found_live, "the cache does not serve it");
+}
+
+/// A login whose store step runs while an ending of its owner is held inside its own
+/// store step (the caching store holds every stripe lock meanwhile): the ending then
+/// ends it, and the login's cache step, after the ending, leaves the cache alone.
+#[maybe_async::maybe_async]
+async fn a_cache_never_keeps_a_login_created_during_an_ending() {
+    let gated = Arc::new(GatedStore::new(MemoryStore::new()));
+    let caching = Arc::new(CachingSessionStore::new(MemoryStore::new(), gated.clone()));
+    let manager = manager_of(caching.clone(), config());
+    let alice = owner("alice");
+    let first = log_in(&manager, &alice, "phone").await;
+    let mut login = None;
+    let (ended, ()) = gated.interleave(
+        Op::EndOwned,
+        || block(caching.end_owned(&alice, Ending::All)).unwrap(),
+        || {
+            let manager = manager.clone();
+            let alice = alice.clone();
+            login = Some(std::thread::spawn(move || {
+                block(log_in(&manager, &alice, "laptop"))
+            }));
+            // Its store step lands; its cache step waits for the ending's locks.
+            common::wait_for("the login's store step", || gated.inner.len() == 2);
+        },
+    );
+    let login = login.unwrap().join().unwrap();
+    assert_eq!(ended.len(), 2, "the ending found the new login too");
+    let first_live = live(&*caching, &first).await;
+    let login_live = live(&*caching, &login).await;
+    assert!(!first_live && !login_live, "never served from the cache");
+    assert!(caching.cache().is_empty());
 }

@@ -377,6 +377,37 @@ impl Record {
         Self::decode_as(bytes, Some(id))
     }
 
+    /// The ownership of a record written by
+    /// [`encode_without_id`](Record::encode_without_id), read from the first bytes
+    /// of its encoding alone ([`OWNERSHIP_PREFIX_LEN`](Self::OWNERSHIP_PREFIX_LEN)
+    /// are always enough): for a store that ranks an owner's sessions without
+    /// reading their values. `None` for a record without an owner.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn peek_ownership(bytes: &[u8]) -> Result<Option<Ownership>> {
+        let Some((&version, rest)) = bytes.split_first() else {
+            return Err(Error::decode("encoded record is empty"));
+        };
+        if version != Self::FORMAT_VERSION_OWNED_WITHOUT_ID {
+            return Ok(None);
+        }
+        let (_, rest) = postcard::take_from_bytes::<i128>(rest).map_err(Error::decode)?;
+        let ((owner, created, written), _) =
+            postcard::take_from_bytes::<(&str, i128, i128)>(rest).map_err(Error::decode)?;
+        let date = |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(Error::decode);
+        Ok(Some(Ownership {
+            owner: Owner::new(owner).map_err(|err| Error::decode(err.report()))?,
+            created_at: date(created)?,
+            written_at: date(written)?,
+        }))
+    }
+
+    /// How many bytes of an owned record's encoding
+    /// [`peek_ownership`](Self::peek_ownership) needs at most: the format byte, the
+    /// expiry date, the longest owner and its two dates.
+    #[cfg(feature = "postgres")]
+    pub(crate) const OWNERSHIP_PREFIX_LEN: usize =
+        1 + MAX_I128_VARINT_LEN + 2 + Owner::MAX_LEN + 2 * MAX_I128_VARINT_LEN;
+
     fn decode_as(bytes: &[u8], known_id: Option<Id>) -> Result<Self> {
         if bytes.len() > Self::MAX_ENCODED_LEN {
             return Err(Error::decode(format!(
@@ -594,6 +625,28 @@ mod tests {
         b.insert("k", "w").unwrap();
         assert_eq!(a.get::<String>("k").unwrap().as_deref(), Some("v"));
         assert_eq!(b.get::<String>("k").unwrap().as_deref(), Some("w"));
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn the_ownership_reads_from_the_front_of_the_encoding() {
+        use crate::session::{Owner, Ownership};
+        let mut record = Record::new(OffsetDateTime::now_utc());
+        record.insert("big", &vec![7u8; 5000]).unwrap();
+        assert_eq!(
+            Record::peek_ownership(&record.encode_without_id().unwrap()).unwrap(),
+            None
+        );
+        let owner = Owner::new("x".repeat(Owner::MAX_LEN)).unwrap();
+        record.ownership = Some(Ownership::new(owner, OffsetDateTime::UNIX_EPOCH));
+        let bytes = record.encode_without_id().unwrap();
+        let front = &bytes[..Record::OWNERSHIP_PREFIX_LEN];
+        assert_eq!(Record::peek_ownership(front).unwrap(), record.ownership);
+        assert!(
+            Record::peek_ownership(&bytes[..40]).is_err(),
+            "cut inside the owner"
+        );
+        assert!(Record::peek_ownership(&[]).is_err());
     }
 
     #[test]

@@ -217,6 +217,9 @@ struct Residency {
     /// The same for every id: after an owner ending whose store step may still land
     /// (its future dropped, or the store failed), or whose eviction failed.
     held_all: Option<Instant>,
+    /// When the last such hold began: entries filled before it are never served
+    /// (they stay listed, and leave the cache as room is made, as any other).
+    held_since: Option<Instant>,
 }
 
 struct Listed {
@@ -283,6 +286,9 @@ impl Residency {
         let Some(listed) = self.entries.get_mut(id) else {
             return false;
         };
+        if self.held_since.is_some_and(|since| listed.filled <= since) {
+            return false;
+        }
         if now.saturating_duration_since(listed.filled) >= lifetime {
             self.entries.remove(id);
             return false;
@@ -295,10 +301,10 @@ impl Residency {
         self.entries.remove(id);
     }
 
-    /// Serves nothing of what the cache holds, and caches nothing before `until`.
-    fn hold_all(&mut self, until: Instant) {
-        self.entries.clear();
-        self.ring.clear();
+    /// Serves nothing of what the cache holds now, and caches nothing before
+    /// `until`.
+    fn hold_all(&mut self, now: Instant, until: Instant) {
+        self.held_since = Some(now);
         self.held_all = Some(until);
     }
 
@@ -542,9 +548,14 @@ impl Drop for HoldAll<'_> {
             let now = Instant::now();
             let until = now.checked_add(self.hold).unwrap_or(now + MAX_HOLD);
             for stripe in self.shared.stripes.iter() {
-                stripe.residency.lock().hold_all(until);
+                stripe.residency.lock().hold_all(now, until);
             }
         }
+        // Again once the store step is over (or abandoned): a create whose store
+        // step ran during the ending sees that an ending overlapped it.
+        self.shared
+            .endings
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -624,6 +635,13 @@ impl<Cache: SessionStore, Store: SessionStore> CachingSessionStore<Cache, Store>
     /// After the store step of a write: copies `written` into the cache, or evicts
     /// the entry when that fails. Either way the write is done.
     async fn follow(&self, ordered: &mut Ordered<'_>, written: &Record) {
+        if self.is_held(&ordered.id) {
+            // Not cached during a hold: evicted instead, so that nothing unlisted
+            // piles up in the cache.
+            let _ = self.evict(ordered, CacheOp::Evict).await;
+            ordered.done = true;
+            return;
+        }
         let cached = self.cache.save(written).await;
         match cached {
             Ok(()) => {
@@ -730,7 +748,7 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
         self.store.create(record).await?;
         let mut ordered = self.ordered(record.id).await;
         ordered.done = true;
-        if self.shared.endings.load(Ordering::Acquire) != endings {
+        if self.shared.endings.load(Ordering::Acquire) != endings || self.is_held(&record.id) {
             // An owner ending ran meanwhile and may have ended this very record:
             // the store answers for it.
             return Ok(());
@@ -828,6 +846,14 @@ impl<Cache: SessionStore, Store: SessionStore> SessionStore for CachingSessionSt
     /// land), or an eviction fails, nothing the cache holds is served, and nothing
     /// is cached, for the abandoned-write hold: the store answers meanwhile.
     async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        if !self.supports_owners() {
+            // Ending in the store would leave the ended sessions in a cache that
+            // cannot tell whose they are.
+            return Err(Error::backend(crate::session_store::Unsupported {
+                store: std::any::type_name::<Self>(),
+                what: "session owners (its cache or its store keeps no owner index)",
+            }));
+        }
         let mut stripes = Vec::with_capacity(self.shared.stripes.len());
         for stripe in self.shared.stripes.iter() {
             stripes.push(stripe.lock.lock().await);

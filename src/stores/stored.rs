@@ -79,6 +79,20 @@ pub(crate) fn decode_listed(bytes: &[u8]) -> Result<Record> {
     Record::decode_with_id(Id::from_bytes([0; 16]), bytes)
 }
 
+/// The ownership of a record stored as [`encode`], [`encode_checked`] or
+/// [`encode_with_token`] do, from the first
+/// [`OWNED_PREFIX_LEN`] bytes of what they store.
+#[cfg(feature = "postgres")]
+pub(crate) fn decode_ownership(bytes: &[u8]) -> Result<Option<crate::session::Ownership>> {
+    let (_, bytes) = split_prefix(bytes)?;
+    Record::peek_ownership(bytes)
+}
+
+/// How many bytes of a stored record [`decode_ownership`] needs at most.
+#[cfg(feature = "postgres")]
+pub(crate) const OWNED_PREFIX_LEN: usize =
+    1 + TOKEN_LEN + 1 + CHECK_LEN + Record::OWNERSHIP_PREFIX_LEN;
+
 /// Splits the write token and key check, where there are, off the front of stored
 /// bytes: the key check, if any, and the record's bytes.
 fn split_prefix(bytes: &[u8]) -> Result<(Option<[u8; CHECK_LEN]>, &[u8])> {

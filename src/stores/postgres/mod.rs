@@ -39,6 +39,8 @@ const OWNER_INDEX_SUFFIX: &str = "_owner";
 /// The most rows (as the planner estimates them) of a table made before owners
 /// existed for which the first connection builds the owner index itself.
 const SMALL_TABLE: u32 = 100_000;
+/// The same for a table the planner has no estimate for (never analyzed), by size.
+const SMALL_TABLE_BYTES: u64 = 64 << 20;
 
 /// The most sessions an owner's listing shows (those expiring last), and the most
 /// bytes of rows it reads: a server cannot make a listing buffer more.
@@ -48,6 +50,9 @@ const MAX_LISTED_BYTES: usize = 32 << 20;
 /// How many sessions one statement of "all" or "all but one" deletes (each returns
 /// its 32-byte key); the statement runs again until fewer come back.
 const END_BATCH: usize = 4096;
+/// The most such statements one ending runs: a bound on an ending that other
+/// logins keep feeding.
+const MAX_END_BATCHES: usize = 4096;
 
 /// How many sessions a page of a limit's ranking reads, and the most it ranks:
 /// beyond, the next login's limit step goes on.
@@ -455,8 +460,9 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
                             AND attname = 'owner' AND NOT attisdropped) THEN
                  ALTER TABLE {table} ADD COLUMN owner text;
              END IF;
-             IF (SELECT reltuples FROM pg_class WHERE oid = to_regclass({table_literal}))
-                < {SMALL_TABLE} THEN
+             IF (SELECT CASE WHEN reltuples >= 0 THEN reltuples < {SMALL_TABLE}
+                             ELSE pg_relation_size(oid) < {SMALL_TABLE_BYTES} END
+                 FROM pg_class WHERE oid = to_regclass({table_literal})) THEN
                  {owner_index}
              END IF;
          END $portable_sessions$;",
@@ -563,8 +569,9 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         rank_owned: statement(
             "rank_owned",
             format!(
-                "SELECT key, record FROM {table} WHERE owner = $1 AND expires_at > $2 \
-                 AND key > $3 ORDER BY key LIMIT {RANK_PAGE}"
+                "SELECT key, substring(record from 1 for {prefix}) FROM {table} \
+                 WHERE owner = $1 AND expires_at > $2 AND key > $3 ORDER BY key LIMIT {RANK_PAGE}",
+                prefix = stored::OWNED_PREFIX_LEN,
             ),
             &[TEXT, TIMESTAMPTZ, BYTEA],
         ),
@@ -848,6 +855,7 @@ impl SessionStore for PostgresStore {
             }
         };
         let mut ended = Vec::new();
+        let mut batches = 0;
         loop {
             let reply = self
                 .pool
@@ -868,8 +876,17 @@ impl SessionStore for PostgresStore {
                 let columns = columns(row).map_err(Error::backend)?;
                 ended.push(handle_column(columns.first().copied().flatten())?);
             }
-            if one || reply.rows.len() < END_BATCH {
+            // Until a batch finds nothing: one may come back short while more rows
+            // remain (a row it picked was ended or given another owner meanwhile).
+            if one || reply.rows.is_empty() {
                 return Ok(ended);
+            }
+            batches += 1;
+            if batches == MAX_END_BATCHES {
+                return Err(Error::backend(format!(
+                    "an owner's sessions kept coming while they were ended, \
+                     {MAX_END_BATCHES} statements of {END_BATCH}"
+                )));
             }
         }
     }
@@ -886,7 +903,7 @@ impl PostgresStore {
             let reply = self
                 .pool
                 .call(|conn| {
-                    conn.allow_rows(RANK_PAGE, MAX_LISTED_BYTES);
+                    conn.allow_rows(RANK_PAGE, RANK_PAGE * (stored::OWNED_PREFIX_LEN + 64));
                     let now = timestamptz(self.clock.now());
                     conn.push(
                         &self.statements.rank_owned,
@@ -901,12 +918,12 @@ impl PostgresStore {
             for row in &reply.rows {
                 let columns = columns(row).map_err(Error::backend)?;
                 let handle = handle_column(columns.first().copied().flatten())?;
+                // An unreadable one counts as the oldest: the limit ends it first.
                 let created = columns
                     .get(1)
                     .copied()
                     .flatten()
-                    .and_then(|bytes| stored::decode_listed(bytes).ok())
-                    .and_then(|record| record.ownership)
+                    .and_then(|bytes| stored::decode_ownership(bytes).ok().flatten())
                     .map_or(OffsetDateTime::UNIX_EPOCH, |o| o.created_at);
                 ranked.push((handle, created));
                 after = handle.to_bytes().to_vec();

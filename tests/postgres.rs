@@ -376,6 +376,37 @@ async fn an_owner_with_thousands_of_sessions_is_ended_in_batches() {
     assert_eq!(left, "0");
 }
 
+/// An owner whose sessions hold more than a listing reads (40 of 900 KB): the
+/// listing shows those that fit, the latest-expiring first, instead of failing.
+#[maybe_async::maybe_async]
+async fn a_listing_of_big_sessions_shows_what_fits() {
+    let schema = PgSchema::new("big_values");
+    let store = schema.store();
+    let owner = Owner::new(format!("ines {}", Id::default())).unwrap();
+    let mut latest = None;
+    for n in 0..40i64 {
+        let mut record = live_record(1);
+        record.expiry_date += Duration::minutes(n);
+        record.insert("blob", &vec![7u8; 900 * 1024]).unwrap();
+        record.ownership = Some(Ownership::new(owner.clone(), OffsetDateTime::now_utc()));
+        store.create(&mut record).await.unwrap();
+        latest = Some(Handle::of(&record.id));
+    }
+    let listed = store.list_owned(&owner).await.unwrap();
+    assert!(
+        (20..40).contains(&listed.len()),
+        "{} listed: as many as fit in 32 MiB",
+        listed.len()
+    );
+    assert_eq!(
+        listed[0].handle(),
+        latest.unwrap(),
+        "the latest-expiring first"
+    );
+    let ended = store.end_owned(&owner, Ending::All).await.unwrap();
+    assert_eq!(ended.len(), 40);
+}
+
 #[maybe_async::maybe_async]
 async fn bad_urls_and_logins_are_backend_errors() {
     for url in [
@@ -776,6 +807,7 @@ async fn a_wrong_password_is_a_backend_error() {
 }
 
 tests_in_both_modes!(
+    a_listing_of_big_sessions_shows_what_fits,
     a_big_table_from_before_owners_gets_the_column_and_no_blocking_index,
     an_owner_with_thousands_of_sessions_is_ended_in_batches,
     a_table_from_before_owners_is_migrated,

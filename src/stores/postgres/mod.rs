@@ -46,6 +46,9 @@ const SMALL_TABLE_BYTES: u64 = 64 << 20;
 /// bytes of rows it reads: a server cannot make a listing buffer more.
 const MAX_LISTED: usize = 1024;
 const MAX_LISTED_BYTES: usize = 32 << 20;
+/// What a listing leaves of its byte budget for the rows' framing and one record
+/// beyond the budget (the first, always listed).
+const LISTED_SLACK: usize = 2 << 20;
 
 /// How many sessions one statement of "all" or "all but one" deletes (each returns
 /// its 32-byte key); the statement runs again until fewer come back.
@@ -560,9 +563,19 @@ fn build_pool(settings: &Settings) -> (Pool, Statements) {
         ),
         list_owned: statement(
             "list_owned",
+            // The latest-expiring first, as many as fit in the byte budget (the
+            // first always: a record is at most 1 MiB, below the slack).
             format!(
-                "SELECT key, record FROM {table} WHERE owner = $1 AND expires_at > $2 \
-                 ORDER BY expires_at DESC LIMIT {MAX_LISTED}"
+                "SELECT key, record FROM (
+                     SELECT key, record, expires_at,
+                            sum(octet_length(record)) OVER (ORDER BY expires_at DESC, key)
+                                AS running
+                     FROM {table} WHERE owner = $1 AND expires_at > $2
+                     ORDER BY expires_at DESC, key LIMIT {MAX_LISTED}
+                 ) AS listed
+                 WHERE running <= {budget} OR running = octet_length(record)
+                 ORDER BY expires_at DESC, key",
+                budget = MAX_LISTED_BYTES - LISTED_SLACK,
             ),
             &[TEXT, TIMESTAMPTZ],
         ),

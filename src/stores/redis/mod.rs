@@ -114,7 +114,7 @@ const HEADER_TAG: u8 = 3;
 const HEADER_LEN: usize = 1 + 8 + 4 + stored::TOKEN_LEN;
 
 /// The tag of the header of an owned record: the header above, then a digest of the
-/// owner's name ([`owners::owner_digest`]), at a fixed place where the owner scripts
+/// owner's name (the first bytes of its SHA-256), at a fixed place where the owner scripts
 /// read it without decoding the record. Far from the record format bytes (values
 /// written before the header start with one) and the tags of `stored`.
 const OWNED_HEADER_TAG: u8 = 0xB4;
@@ -138,7 +138,12 @@ fn after_header(bytes: &[u8]) -> Result<&[u8]> {
 /// compare it as a string), the header (the record's expiry date, for the script to
 /// judge liveness as `load` does, and the token of the write that stored it), the
 /// record's key check, then the record without its id.
-fn encode_value(record: &Record, version: u64, token: &[u8; stored::TOKEN_LEN]) -> Result<Vec<u8>> {
+fn encode_value(
+    record: &Record,
+    version: u64,
+    token: &[u8; stored::TOKEN_LEN],
+    filing: Option<&Filing>,
+) -> Result<Vec<u8>> {
     let mut head = [0u8; VERSION_LEN + OWNED_HEADER_LEN + 1 + stored::CHECK_LEN];
     head[..VERSION_LEN].copy_from_slice(&version.to_be_bytes());
     head[VERSION_LEN] = HEADER_TAG;
@@ -147,10 +152,10 @@ fn encode_value(record: &Record, version: u64, token: &[u8; stored::TOKEN_LEN]) 
     head[VERSION_LEN + 9..VERSION_LEN + 13].copy_from_slice(&expiry.nanosecond().to_be_bytes());
     head[VERSION_LEN + 13..VERSION_LEN + HEADER_LEN].copy_from_slice(token);
     let mut header = HEADER_LEN;
-    if let Some(ownership) = &record.ownership {
+    if let Some(filing) = filing {
         head[VERSION_LEN] = OWNED_HEADER_TAG;
         head[VERSION_LEN + HEADER_LEN..VERSION_LEN + OWNED_HEADER_LEN]
-            .copy_from_slice(&owners::owner_digest(&ownership.owner));
+            .copy_from_slice(&filing.digest);
         header = OWNED_HEADER_LEN;
     }
     // Then the record's key check: a reply for another key is refused on load.
@@ -535,9 +540,10 @@ impl SessionStore for RedisStore {
                 Some(_) => stored::write_token()?,
                 None => [0; stored::TOKEN_LEN],
             };
-            let bytes = encode_value(record, record.version, &token)?;
             let key = self.key(&record.id);
-            let reply = match self.filing(record) {
+            let filing = self.filing(record, &key);
+            let bytes = encode_value(record, record.version, &token, filing.as_ref())?;
+            let reply = match filing {
                 None => {
                     self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
                         .await?
@@ -558,9 +564,11 @@ impl SessionStore for RedisStore {
         let key = self.key(&record.id);
         match ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) {
             Some(ttl) => {
-                let bytes = encode_value(record, record.version, &[0; stored::TOKEN_LEN])?;
+                let filing = self.filing(record, &key);
+                let token = [0; stored::TOKEN_LEN];
+                let bytes = encode_value(record, record.version, &token, filing.as_ref())?;
                 let ttl = ttl.to_string();
-                match self.filing(record) {
+                match filing {
                     None => {
                         self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
                             .await?;
@@ -608,9 +616,9 @@ impl SessionStore for RedisStore {
     async fn update(&self, record: &Record) -> Result<Update> {
         let next = record.version.wrapping_add(1);
         let token = stored::write_token()?;
-        let value = encode_value(record, next, &token)?;
         let (key, expected) = (self.key(&record.id), record.version.to_be_bytes());
-        let filing = self.filing(record);
+        let filing = self.filing(record, &key);
+        let value = encode_value(record, next, &token, filing.as_ref())?;
         let mut resent = false;
         let reply = loop {
             let (mux, opened) = self.connection().await?;
@@ -676,11 +684,13 @@ impl SessionStore for RedisStore {
 }
 
 /// Where a write of an owned record files it: its owner's set, its member there,
-/// and its score (expiry in Unix milliseconds).
+/// and its score (expiry in Unix milliseconds); and the owner's digest its header
+/// carries.
 struct Filing {
     index: String,
     member: String,
     score: String,
+    digest: [u8; owners::OWNER_DIGEST_LEN],
 }
 
 /// Does nothing and returns `Ok(0)`: Redis deletes each key when its TTL runs out.
@@ -708,12 +718,15 @@ impl fmt::Debug for RedisStore {
 #[maybe_async::maybe_async]
 impl RedisStore {
     /// Where a write of `record` files it, if it has an owner.
-    fn filing(&self, record: &Record) -> Option<Filing> {
+    /// `key` is the record's: its member is the key's digest part.
+    fn filing(&self, record: &Record, key: &str) -> Option<Filing> {
         let ownership = record.ownership.as_ref()?;
+        let (index, digest) = self.owner_keys(&ownership.owner);
         Some(Filing {
-            index: self.owner_key(&ownership.owner),
-            member: stored::hex_key("", &stored::digest(&record.id)),
+            index,
+            member: key[self.prefix.len()..].to_owned(),
             score: owners::unix_millis(record.expiry_date),
+            digest,
         })
     }
 

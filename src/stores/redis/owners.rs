@@ -138,15 +138,6 @@ return ended
 /// The length of the owner digest in an owned record's header.
 pub(super) const OWNER_DIGEST_LEN: usize = 8;
 
-/// The digest of an owner's name that an owned record's header carries.
-pub(super) fn owner_digest(owner: &Owner) -> [u8; OWNER_DIGEST_LEN] {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(owner.as_str().as_bytes());
-    let mut out = [0; OWNER_DIGEST_LEN];
-    out.copy_from_slice(&digest[..OWNER_DIGEST_LEN]);
-    out
-}
-
 /// The most sessions a listing shows (those expiring last), and the most bytes of
 /// values it reads: a server cannot make one read more.
 const MAX_LISTED: usize = 1024;
@@ -192,11 +183,17 @@ type Members = Vec<(Vec<u8>, Option<Handle>)>;
 
 #[maybe_async::maybe_async]
 impl RedisStore {
-    /// The key of `owner`'s set.
-    pub(super) fn owner_key(&self, owner: &Owner) -> String {
+    /// The key of `owner`'s set, and the digest of the name that an owned record's
+    /// header carries (its first bytes), from one SHA-256 of the name.
+    pub(super) fn owner_keys(&self, owner: &Owner) -> (String, [u8; OWNER_DIGEST_LEN]) {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(owner.as_str().as_bytes());
-        stored::hex_key(&format!("{}owner:", self.prefix), &digest)
+        let mut short = [0; OWNER_DIGEST_LEN];
+        short.copy_from_slice(&digest[..OWNER_DIGEST_LEN]);
+        (
+            stored::hex_key(&format!("{}owner:", self.prefix), &digest),
+            short,
+        )
     }
 
     /// The session key of a member.
@@ -274,8 +271,7 @@ impl RedisStore {
         mode: &str,
         members: &[(Vec<u8>, Option<Handle>)],
     ) -> Result<Vec<Handle>> {
-        let index = self.owner_key(owner);
-        let digest = owner_digest(owner);
+        let (index, digest) = self.owner_keys(owner);
         let mut ended = Vec::new();
         for chunk in members.chunks(MAX_ARRAY) {
             let now = OffsetDateTime::now_utc();
@@ -320,7 +316,7 @@ impl RedisStore {
         max: usize,
         budget: usize,
     ) -> Result<Vec<(Handle, Record)>> {
-        let index = self.owner_key(owner);
+        let (index, _) = self.owner_keys(owner);
         let now = OffsetDateTime::now_utc();
         let mut owned = Vec::new();
         // Pages by offset may overlap when writes move members meanwhile.
@@ -398,7 +394,7 @@ impl RedisStore {
         };
         // A page at a time from the front: each page's members leave the set
         // (ended, or pruned as stale), but the one kept.
-        let index = self.owner_key(owner);
+        let (index, _) = self.owner_keys(owner);
         let mut ended = Vec::new();
         for _ in 0..MAX_PAGES {
             let page = self.members(&index, 0).await?;
@@ -423,7 +419,7 @@ impl RedisStore {
     /// The oldest beyond a limit: the owner's sessions ranked by when they got the
     /// owner (an unreadable one counts as the oldest), then the end script.
     async fn end_oldest(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
-        let index = self.owner_key(owner);
+        let (index, _) = self.owner_keys(owner);
         let mut ranked = Vec::new();
         let mut seen = HashSet::new();
         let mut offset = 0;

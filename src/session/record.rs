@@ -391,14 +391,7 @@ impl Record {
             return Ok(None);
         }
         let (_, rest) = postcard::take_from_bytes::<i128>(rest).map_err(Error::decode)?;
-        let ((owner, created, written), _) =
-            postcard::take_from_bytes::<(&str, i128, i128)>(rest).map_err(Error::decode)?;
-        let date = |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(Error::decode);
-        Ok(Some(Ownership {
-            owner: Owner::new(owner).map_err(|err| Error::decode(err.report()))?,
-            created_at: date(created)?,
-            written_at: date(written)?,
-        }))
+        Ok(Some(take_ownership(rest)?.0))
     }
 
     /// How many bytes of an owned record's encoding
@@ -452,16 +445,9 @@ impl Record {
             OffsetDateTime::from_unix_timestamp_nanos(expiry_nanos).map_err(Error::decode)?;
         let mut ownership = None;
         if version == owned {
-            let ((owner, created, written), after) =
-                postcard::take_from_bytes::<(&str, i128, i128)>(values).map_err(Error::decode)?;
+            let (read, after) = take_ownership(values)?;
             values = after;
-            let date =
-                |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(Error::decode);
-            ownership = Some(Ownership {
-                owner: Owner::new(owner).map_err(|err| Error::decode(err.report()))?,
-                created_at: date(created)?,
-                written_at: date(written)?,
-            });
+            ownership = Some(read);
         }
         let data = if version == legacy {
             Data::decode_untagged(values)?
@@ -476,6 +462,20 @@ impl Record {
             data,
         })
     }
+}
+
+/// Reads the ownership that an owned record's encoding carries after its expiry
+/// date (the owner, then its two dates); returns it and the bytes after it.
+fn take_ownership(bytes: &[u8]) -> Result<(Ownership, &[u8])> {
+    let ((owner, created, written), rest) =
+        postcard::take_from_bytes::<(&str, i128, i128)>(bytes).map_err(Error::decode)?;
+    let date = |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(Error::decode);
+    let ownership = Ownership {
+        owner: Owner::new(owner).map_err(|err| Error::decode(err.report()))?,
+        created_at: date(created)?,
+        written_at: date(written)?,
+    };
+    Ok((ownership, rest))
 }
 
 /// The longest postcard varint of an `i128`.

@@ -155,7 +155,7 @@ impl SqliteStore {
             );
         }
         conn.execute_batch(SCHEMA).map_err(Error::backend)?;
-        add_version_column(&conn).map_err(Error::backend)?;
+        add_column(&conn, "version", "INTEGER NOT NULL DEFAULT 0").map_err(Error::backend)?;
         add_column(&conn, "owner", "TEXT").map_err(Error::backend)?;
         conn.execute_batch(OWNER_INDEX).map_err(Error::backend)?;
         let max = std::thread::available_parallelism()
@@ -232,13 +232,9 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Adds the `version` column to a table made before versions existed; its rows start
-/// at version 0.
-fn add_version_column(conn: &Connection) -> rusqlite::Result<()> {
-    add_column(conn, "version", "INTEGER NOT NULL DEFAULT 0")
-}
-
-/// Adds column `name` of type `kind` to the table if it is missing.
+/// Adds column `name` of type `kind` to the table if it is missing: `version` to a
+/// table made before versions existed (its rows start at version 0), `owner` to one
+/// made before owners existed.
 fn add_column(conn: &Connection, name: &str, kind: &str) -> rusqlite::Result<()> {
     let has: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM pragma_table_info('portable_sessions') WHERE name = ?1)",

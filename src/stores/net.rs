@@ -16,7 +16,7 @@ use crate::session_store::{Error, Result};
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Where a server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Address {
     /// A host name or IP address, and a port.
     Tcp(String, u16),

@@ -224,6 +224,9 @@ pub(crate) struct Connector {
     /// Whether the server's certificate is checked (always, for a configuration
     /// given whole: its verifier is the caller's).
     verified: bool,
+    /// Whether `name` was given (`sni=NAME`) rather than taken from the address: it
+    /// then stands for every server the settings reach.
+    named: bool,
 }
 
 impl PartialEq for Connector {
@@ -273,7 +276,21 @@ impl Connector {
             config,
             name,
             verified: true,
+            named: server_name.is_some(),
         })
+    }
+
+    /// The same settings for another server of the same deployment (a cluster node,
+    /// a sentinel, a primary a sentinel named): reached by its own host name or IP
+    /// address, unless a name was given for all.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn to(&self, address: &Address) -> Result<Self> {
+        if self.named {
+            return Ok(self.clone());
+        }
+        let mut connector = Self::new(Arc::clone(&self.config), address, None)?;
+        connector.verified = self.verified;
+        Ok(connector)
     }
 
     /// Starts a client session (nothing is sent yet).

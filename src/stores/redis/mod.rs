@@ -1,25 +1,25 @@
 //! [`RedisStore`]: sessions shared by many processes through Redis.
 
+mod cluster;
 mod config;
 mod mux;
 mod owners;
+mod pool;
 mod resp;
+mod router;
+mod sentinel;
 
-use std::{
-    fmt,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, OnceLock,
-    },
-    time::Duration,
-};
+use std::{fmt, sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
 
 use self::{
-    config::Config,
-    mux::{Mux, Standing},
-    resp::{Conn, Reply, RespError},
+    cluster::slot,
+    config::{Config, Kind},
+    mux::Mux,
+    pool::Settings,
+    resp::{Reply, RespError},
+    router::{Attempt, Router},
 };
 use crate::{
     session::{random_id, Ending, Handle, Id, OwnedSession, Owner, Record},
@@ -301,81 +301,12 @@ pub struct RedisStore {
     tls: Option<Connector>,
     prefix: Arc<str>,
     timeout: Duration,
-    shared: Arc<Shared>,
-}
-
-/// What clones of a store share: its connections, and the update script's SHA-1
-/// digest once a server told it.
-struct Shared {
-    /// Open connections, each shared by the operations in flight on it.
-    conns: parking_lot::Mutex<Vec<Arc<Mux>>>,
-    max: usize,
-    /// Held while a connection is opened, so that callers arriving meanwhile wait for
-    /// it rather than each opening their own.
-    opening: OpeningLock,
-    /// How many attempts to connect failed, and the last one's error: callers that
-    /// waited for an attempt that failed fail with it, instead of each waiting out a
-    /// timeout of its own in turn.
-    failed: AtomicU64,
-    last_failure: parking_lot::Mutex<Option<RespError>>,
-    /// The SHA-1 digest of each [`Script`], once a server told it.
-    script_shas: [OnceLock<String>; Script::ALL.len()],
-}
-
-#[cfg(feature = "sync")]
-type OpeningLock = parking_lot::Mutex<()>;
-#[cfg(not(feature = "sync"))]
-type OpeningLock = async_lock::Mutex<()>;
-
-/// How many commands may be in flight on one connection before another is opened
-/// (up to the store's maximum): enough to pipeline the commands of many concurrent
-/// callers on one connection, which is what makes them cheap.
-const PIPELINE_DEPTH: usize = 64;
-
-impl Shared {
-    fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            conns: parking_lot::Mutex::default(),
-            max,
-            opening: OpeningLock::default(),
-            failed: AtomicU64::new(0),
-            last_failure: parking_lot::Mutex::default(),
-            script_shas: Default::default(),
-        })
-    }
-
-    /// A connection to send a command on, if one fits: the first with room in its
-    /// pipeline, or, when no more may be opened, the least busy. Broken connections
-    /// and those idle too long are closed on the way.
-    fn pick(&self) -> Option<Arc<Mux>> {
-        let mut conns = self.conns.lock();
-        let mut least: Option<(usize, usize)> = None;
-        let mut at = 0;
-        while at < conns.len() {
-            match conns[at].standing() {
-                Standing::Retired => {
-                    conns.swap_remove(at);
-                    continue;
-                }
-                Standing::InFlight(n) if n < PIPELINE_DEPTH => return Some(Arc::clone(&conns[at])),
-                Standing::InFlight(n) => {
-                    if least.is_none_or(|(_, fewest)| n < fewest) {
-                        least = Some((at, n));
-                    }
-                }
-            }
-            at += 1;
-        }
-        if conns.len() < self.max {
-            return None;
-        }
-        least.map(|(at, _)| Arc::clone(&conns[at]))
-    }
-
-    /// Stops handing out `mux`: it failed as a connection the server closed does.
-    fn retire(&self, mux: &Arc<Mux>) {
-        self.conns.lock().retain(|conn| !Arc::ptr_eq(conn, mux));
-    }
+    max_connections: usize,
+    wait_replicas: u32,
+    /// What clones share: the connections, opened with `settings`, and where each
+    /// command goes.
+    settings: Arc<Settings>,
+    router: Arc<Router>,
 }
 
 impl RedisStore {
@@ -405,13 +336,31 @@ impl RedisStore {
             Some(options) => Some(options.connector(&config.address)?),
             None => None,
         };
+        let (timeout, max) = (Self::DEFAULT_TIMEOUT, Self::DEFAULT_MAX_CONNECTIONS);
+        let wait_replicas = config.wait_replicas;
+        let (settings, router) = connections(&config, tls.clone(), timeout, max, wait_replicas);
         Ok(Self {
             config: Arc::new(config),
             tls,
             prefix: Self::DEFAULT_KEY_PREFIX.into(),
-            timeout: Self::DEFAULT_TIMEOUT,
-            shared: Shared::new(Self::DEFAULT_MAX_CONNECTIONS),
+            timeout,
+            max_connections: max,
+            wait_replicas,
+            settings,
+            router,
         })
+    }
+
+    /// Gives the store value connections of its own, opened with its settings as they
+    /// now stand; clones made before keep theirs.
+    fn reconnect(&mut self) {
+        (self.settings, self.router) = connections(
+            &self.config,
+            self.tls.clone(),
+            self.timeout,
+            self.max_connections,
+            self.wait_replicas,
+        );
     }
 
     /// Returns the store connecting over TLS with `config`, whatever the URL's scheme:
@@ -438,7 +387,7 @@ impl RedisStore {
             server_name,
         )?);
         // Connections of its own: none opened before goes on without TLS.
-        self.shared = Shared::new(self.shared.max);
+        self.reconnect();
         Ok(self)
     }
 
@@ -457,7 +406,7 @@ impl RedisStore {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         let timeout = net::clamp_timeout(timeout);
         self.timeout = timeout;
-        self.shared = Shared::new(self.shared.max);
+        self.reconnect();
         self
     }
 
@@ -468,7 +417,20 @@ impl RedisStore {
     /// The store value returned gets connections of its own; clones made before keep
     /// the old ones.
     pub fn with_max_connections(mut self, max: usize) -> Self {
-        self.shared = Shared::new(max.max(1));
+        self.max_connections = max.max(1);
+        self.reconnect();
+        self
+    }
+
+    /// Returns the store making each write wait until `replicas` replicas hold it,
+    /// as the URL's `wait_replicas=N` does (0: no waiting). See
+    /// [Acknowledged writes](RedisStore#acknowledged-writes-wait_replicas).
+    ///
+    /// The store value returned gets connections of its own; clones made before keep
+    /// the old setting.
+    pub fn with_wait_replicas(mut self, replicas: u32) -> Self {
+        self.wait_replicas = replicas;
+        self.reconnect();
         self
     }
 
@@ -485,6 +447,27 @@ impl RedisStore {
     fn key(&self, id: &Id) -> String {
         stored::hex_key(&self.prefix, &stored::digest(id))
     }
+}
+
+/// What a store value's operations share: the settings of its connections, and
+/// where its commands go.
+fn connections(
+    config: &Config,
+    tls: Option<Connector>,
+    timeout: Duration,
+    max: usize,
+    wait_replicas: u32,
+) -> (Arc<Settings>, Arc<Router>) {
+    let settings = Arc::new(Settings {
+        auth: config.auth.clone(),
+        db: config.db,
+        timeout,
+        max,
+        wait_replicas,
+        script_shas: Default::default(),
+    });
+    let router = Arc::new(Router::new(config, tls, Arc::clone(&settings)));
+    (settings, router)
 }
 
 /// Milliseconds from `now` until `expiry`, rounded up so that Redis never drops a
@@ -543,15 +526,15 @@ impl SessionStore for RedisStore {
             let key = self.key(&record.id);
             let filing = self.filing(record, &key);
             let bytes = encode_value(record, record.version, &token, filing.as_ref())?;
-            let reply = match filing {
+            let sent = match filing {
                 None => {
-                    self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
+                    self.write(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes(), b"NX"])
                         .await?
                 }
                 Some(filing) => self.write_owned(&key, &bytes, &ttl, b"NX", &filing).await?,
             };
-            match reply {
-                Reply::Status(_) | Reply::Int(1) => return Ok(()),
+            match sent.reply {
+                Reply::Status(_) | Reply::Int(1) => return self.replicated(&sent),
                 // The key exists: another session has this id.
                 Reply::Nil | Reply::Int(0) => record.id = random_id()?,
                 other => return Err(unexpected("SET NX", &other)),
@@ -562,7 +545,7 @@ impl SessionStore for RedisStore {
 
     async fn save(&self, record: &Record) -> Result<()> {
         let key = self.key(&record.id);
-        match ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) {
+        let sent = match ttl_millis(record.expiry_date, OffsetDateTime::now_utc()) {
             Some(ttl) => {
                 let filing = self.filing(record, &key);
                 let token = [0; stored::TOKEN_LEN];
@@ -570,20 +553,18 @@ impl SessionStore for RedisStore {
                 let ttl = ttl.to_string();
                 match filing {
                     None => {
-                        self.call(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
-                            .await?;
+                        self.write(&[b"SET", key.as_bytes(), &bytes, b"PX", ttl.as_bytes()])
+                            .await?
                     }
                     Some(filing) => {
                         self.write_owned(&key, &bytes, &ttl, b"ANY", &filing)
-                            .await?;
+                            .await?
                     }
                 }
             }
-            None => {
-                self.call(&[b"DEL", key.as_bytes()]).await?;
-            }
-        }
-        Ok(())
+            None => self.write(&[b"DEL", key.as_bytes()]).await?,
+        };
+        self.replicated(&sent)
     }
 
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
@@ -600,8 +581,8 @@ impl SessionStore for RedisStore {
 
     async fn delete(&self, id: &Id) -> Result<()> {
         let key = self.key(id);
-        self.call(&[b"DEL", key.as_bytes()]).await?;
-        Ok(())
+        let sent = self.write(&[b"DEL", key.as_bytes()]).await?;
+        self.replicated(&sent)
     }
 
     /// One server-side script, one round trip: atomic.
@@ -619,9 +600,8 @@ impl SessionStore for RedisStore {
         let (key, expected) = (self.key(&record.id), record.version.to_be_bytes());
         let filing = self.filing(record, &key);
         let value = encode_value(record, next, &token, filing.as_ref())?;
-        let mut resent = false;
-        let reply = loop {
-            let (mux, opened) = self.connection().await?;
+        let mut attempt = Attempt::new(self.timeout);
+        let sent = loop {
             let now = OffsetDateTime::now_utc();
             let ttl = ttl_millis(record.expiry_date, now);
             let value: &[u8] = if ttl.is_some() { &value } else { b"" };
@@ -642,23 +622,22 @@ impl SessionStore for RedisStore {
                 keys.push(filing.index.as_bytes());
                 args.extend([filing.member.as_bytes(), filing.score.as_bytes()]);
             }
-            let sent = self.eval_on(&mux, Script::Update, &keys, &args).await;
-            match sent {
-                // A shared connection the server closed before the reply (it
-                // restarted, or dropped idle clients): once more on a new one.
-                Err(err) if !opened && !resent && err.closed_before_reply() => {
-                    self.shared.retire(&mux);
-                    resent = true;
-                }
-                other => break other?,
+            let request = Request::Script(Script::Update, &keys, &args);
+            let result = self.try_once(&mut attempt, &request, true).await;
+            match result {
+                Ok(sent) => break sent,
+                Err(err) => self.router.recover(&mut attempt, err).await?,
             }
         };
-        match reply {
+        match sent.reply {
             Reply::Int(0) => Ok(Update::Gone),
-            Reply::Int(1) if resent => Err(stored::unknown_outcome()),
+            Reply::Int(1) if attempt.resent => Err(stored::unknown_outcome()),
             Reply::Int(1) => Ok(Update::Conflict),
-            Reply::Int(2 | 3) => Ok(Update::Written(next)),
-            other => Err(unexpected("the update script", &other)),
+            Reply::Int(2 | 3) => {
+                self.replicated(&sent)?;
+                Ok(Update::Written(next))
+            }
+            ref other => Err(unexpected("the update script", other)),
         }
     }
 
@@ -666,19 +645,23 @@ impl SessionStore for RedisStore {
         true
     }
 
+    /// `false` in a cluster, where an owner's index and its sessions would sit on
+    /// different nodes.
     fn supports_owners(&self) -> bool {
-        true
+        !self.router.is_cluster()
     }
 
     /// The owner's set, then the values of its live members (one round trip for
     /// each 256 members, or each megabyte of values); stale entries are removed.
     async fn list_owned(&self, owner: &Owner) -> Result<Vec<OwnedSession>> {
+        self.owners_supported()?;
         self.list_owned_now(owner).await
     }
 
     /// A listing, then one script that deletes each session still at the version
     /// read; read again when writes came in between.
     async fn end_owned(&self, owner: &Owner, ending: Ending) -> Result<Vec<Handle>> {
+        self.owners_supported()?;
         self.end_owned_now(owner, ending).await
     }
 }
@@ -705,22 +688,33 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The address only: the URL may hold a password.
         f.debug_struct("RedisStore")
+            .field(
+                "kind",
+                &match self.config.kind {
+                    Kind::Server => "server",
+                    Kind::Cluster => "cluster",
+                    Kind::Sentinel { .. } => "sentinel",
+                },
+            )
             .field("server", &format_args!("{}", self.config.address))
             .field("db", &self.config.db)
+            .field("wait_replicas", &self.wait_replicas)
             .field("tls", &self.tls.is_some())
             .field("key_prefix", &self.prefix)
             .field("timeout", &self.timeout)
-            .field("max_connections", &self.shared.max)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
 
-#[maybe_async::maybe_async]
 impl RedisStore {
-    /// Where a write of `record` files it, if it has an owner.
-    /// `key` is the record's: its member is the key's digest part.
+    /// Where a write of `record` files it, if it has an owner (and the store keeps
+    /// owners). `key` is the record's: its member is the key's digest part.
     fn filing(&self, record: &Record, key: &str) -> Option<Filing> {
         let ownership = record.ownership.as_ref()?;
+        if self.router.is_cluster() {
+            return None;
+        }
         let (index, digest) = self.owner_keys(&ownership.owner);
         Some(Filing {
             index,
@@ -730,6 +724,79 @@ impl RedisStore {
         })
     }
 
+    fn owners_supported(&self) -> Result<()> {
+        if self.supports_owners() {
+            return Ok(());
+        }
+        Err(Error::backend(crate::session_store::Unsupported {
+            store: "RedisStore on a Redis Cluster",
+            what: "session owners (an owner's index and its sessions would sit on \
+                   different nodes)",
+        }))
+    }
+
+    /// Fails if the write was sent with `WAIT` and fewer replicas than asked for
+    /// acknowledged it.
+    fn replicated(&self, sent: &Sent) -> Result<()> {
+        let wanted = self.settings.wait_replicas;
+        match &sent.replicas {
+            None => Ok(()),
+            Some(Ok(Reply::Int(acked))) if *acked >= i64::from(wanted) => Ok(()),
+            Some(Ok(Reply::Int(acked))) => Err(Error::backend(RespError::Replicas {
+                acked: *acked,
+                wanted,
+                waited: wait_for(self.timeout),
+            })),
+            Some(Ok(other)) => Err(unexpected("WAIT", other)),
+            Some(Err(message)) => Err(Error::backend(RespError::Server(message.clone()))),
+        }
+    }
+
+    /// The key a waiting write sets just before its `WAIT`, so that the `WAIT` has
+    /// something of its own to wait for even when the write changed nothing (a `DEL`
+    /// of a key already gone: its first copy's deletion may not have reached the
+    /// replicas): on the node of `key`, in the same slot in a cluster.
+    fn marker(&self, key: &[u8]) -> String {
+        match &*self.router {
+            Router::Cluster(_) => {
+                format!("{}replicated{{{}}}", self.prefix, slot::tag(slot::of(key)))
+            }
+            _ => format!("{}replicated", self.prefix),
+        }
+    }
+}
+
+/// How long a write's `WAIT` waits for the replicas: three quarters of the timeout,
+/// so that its answer comes before the reply's own deadline.
+fn wait_for(timeout: Duration) -> Duration {
+    (timeout * 3 / 4).max(Duration::from_millis(1))
+}
+
+/// A command, or a script with its keys and arguments.
+enum Request<'a> {
+    Command(&'a [&'a [u8]]),
+    Script(Script, &'a [&'a [u8]], &'a [&'a [u8]]),
+}
+
+impl Request<'_> {
+    /// The key the command is about, which routes it: every command of the store
+    /// names its key first.
+    fn key(&self) -> &[u8] {
+        match self {
+            Self::Command(args) => args.get(1).copied().unwrap_or_default(),
+            Self::Script(_, keys, _) => keys.first().copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// What a command answered, and, for a write sent with `WAIT`, what that answered.
+struct Sent {
+    reply: Reply,
+    replicas: Option<resp::Answer>,
+}
+
+#[maybe_async::maybe_async]
+impl RedisStore {
     /// Writes an owned record (`mode`: `NX` to create, `ANY` to save) and files it,
     /// in one script round trip.
     async fn write_owned(
@@ -739,164 +806,171 @@ impl RedisStore {
         ttl: &str,
         mode: &[u8],
         filing: &Filing,
-    ) -> Result<Reply> {
+    ) -> Result<Sent> {
         let now = owners::unix_millis(OffsetDateTime::now_utc());
-        self.script(
-            Script::WriteOwned,
-            &[key.as_bytes(), filing.index.as_bytes()],
-            &[
-                value,
-                ttl.as_bytes(),
-                mode,
-                filing.member.as_bytes(),
-                filing.score.as_bytes(),
-                now.as_bytes(),
-            ],
-        )
-        .await
+        let keys: [&[u8]; 2] = [key.as_bytes(), filing.index.as_bytes()];
+        let args: [&[u8]; 6] = [
+            value,
+            ttl.as_bytes(),
+            mode,
+            filing.member.as_bytes(),
+            filing.score.as_bytes(),
+            now.as_bytes(),
+        ];
+        Ok(self
+            .run(&Request::Script(Script::WriteOwned, &keys, &args), true)
+            .await?)
     }
 
-    /// Runs `script` on a shared connection, once more on a new one when the
-    /// connection was closed before the reply (as [`call_raw`](Self::call_raw)).
+    /// Runs a script that reads or writes nothing the replicas must hold.
     async fn script(&self, script: Script, keys: &[&[u8]], args: &[&[u8]]) -> Result<Reply> {
-        let mut retried = false;
-        loop {
-            let (mux, opened) = self.connection().await?;
-            let result = self.eval_on(&mux, script, keys, args).await;
-            match result {
-                Err(err) if !opened && !retried && err.closed_before_reply() => {
-                    self.shared.retire(&mux);
-                    retried = true;
-                }
-                other => return Ok(other?),
-            }
-        }
+        let sent = self
+            .run(&Request::Script(script, keys, args), false)
+            .await?;
+        Ok(sent.reply)
     }
 
-    /// `EVALSHA` of `script` on `mux`, or `EVAL` with its source while its digest is
-    /// unknown or the server has forgotten it.
-    async fn eval_on(
-        &self,
-        mux: &Mux,
-        script: Script,
-        keys: &[&[u8]],
-        args: &[&[u8]],
-    ) -> std::result::Result<Reply, RespError> {
-        let count = keys.len().to_string();
-        let mut command: Vec<&[u8]> = Vec::with_capacity(3 + keys.len() + args.len());
-        command.extend([&b"EVAL"[..], script.source().as_bytes(), count.as_bytes()]);
-        command.extend_from_slice(keys);
-        command.extend_from_slice(args);
-        if let Some(sha) = self.shared.script_shas[script as usize].get() {
-            let mut by_digest = command.clone();
-            by_digest[0] = b"EVALSHA";
-            by_digest[1] = sha.as_bytes();
-            match mux.call(&by_digest).await {
-                // The server has forgotten the script: send it whole.
-                Err(err) if err.is_no_script() => {}
-                other => return other,
-            }
-        }
-        mux.call(&command).await
-    }
-
-    /// Runs one command and returns its reply; an error reply is an error.
+    /// Runs one command that reads; an error reply is an error.
     async fn call(&self, args: &[&[u8]]) -> Result<Reply> {
-        let reply = self.call_raw(args).await?;
-        Ok(reply)
+        let sent = self.run(&Request::Command(args), false).await?;
+        Ok(sent.reply)
     }
 
-    /// Runs one command, pipelined on a shared connection.
+    /// Runs one command that writes, waiting for replicas when the store does.
+    async fn write(&self, args: &[&[u8]]) -> Result<Sent> {
+        Ok(self.run(&Request::Command(args), true).await?)
+    }
+
+    /// Runs `request` where its key lives, trying again as
+    /// [`Router::recover`] decides.
     ///
-    /// A connection that was open before the command may have been closed by the
-    /// server meanwhile (it restarted, or dropped idle clients): if the command fails
-    /// that way before its reply, that connection is dropped and the command runs once
-    /// more on a new one.
-    ///
+    /// On one server, a command whose shared connection the server closed before the
+    /// reply (it restarted, or dropped idle clients) runs once more on a new one.
     /// The command may have run or not: a server that restarted under a busy
     /// connection ran some of the commands pipelined on it. Sent again, it runs once
     /// more at most, and were it to run twice: `GET`, `DEL`, `EXISTS` and a plain
     /// `SET` are idempotent; a `SET NX` whose first copy did land finds its key taken,
     /// so `create` draws another id (the first copy expires with its TTL). `update`
-    /// does its own retry, which recognises its own first copy.
-    async fn call_raw(&self, args: &[&[u8]]) -> std::result::Result<Reply, RespError> {
-        let mut retried = false;
+    /// recognises its own first copy.
+    async fn run(
+        &self,
+        request: &Request<'_>,
+        write: bool,
+    ) -> std::result::Result<Sent, RespError> {
+        let mut attempt = Attempt::new(self.timeout);
         loop {
-            let (mux, opened) = self.connection().await?;
-            let result = mux.call(args).await;
+            match self.try_once(&mut attempt, request, write).await {
+                Ok(sent) => return Ok(sent),
+                Err(err) => self.router.recover(&mut attempt, err).await?,
+            }
+        }
+    }
+
+    /// One try of `request`: to the node its key's slot (or an `ASK`) names, on one
+    /// of its connections; a write with `WAIT` behind it when the store waits for
+    /// replicas.
+    async fn try_once(
+        &self,
+        attempt: &mut Attempt,
+        request: &Request<'_>,
+        write: bool,
+    ) -> std::result::Result<Sent, RespError> {
+        let asked = attempt.start();
+        let asking = asked.is_some();
+        let node = match asked {
+            Some(node) => node,
+            None => self.router.route(request.key()).await?,
+        };
+        attempt.reached(&node);
+        let waits = write && self.settings.wait_replicas > 0;
+        let pool = if waits { &node.waiting } else { &node.shared };
+        let (mux, opened) = pool.connection().await?;
+        attempt.connected(&mux, opened, waits);
+        let marker = waits.then(|| self.marker(request.key()));
+        let mut by_digest = match request {
+            Request::Script(script, ..) => self.settings.script_shas[*script as usize].get(),
+            Request::Command(_) => None,
+        };
+        loop {
+            let result = self
+                .send(
+                    &mux,
+                    request,
+                    by_digest.map(String::as_str),
+                    asking,
+                    marker.as_deref(),
+                )
+                .await;
             match result {
-                Err(err) if !opened && !retried && err.closed_before_reply() => {
-                    self.shared.retire(&mux);
-                    retried = true;
-                }
+                // The server has forgotten the script: send it whole.
+                Err(err) if by_digest.is_some() && err.is_no_script() => by_digest = None,
                 other => return other,
             }
         }
     }
 
-    /// A connection to send a command on: a shared one, or a new one (then `true`)
-    /// when none fits. Callers that come while one is opened wait for it; if it fails,
-    /// they fail with the same error.
-    async fn connection(&self) -> std::result::Result<(Arc<Mux>, bool), RespError> {
-        let shared = &self.shared;
-        if let Some(mux) = shared.pick() {
-            return Ok((mux, false));
-        }
-        let failed_before = shared.failed.load(Ordering::Acquire);
-        let _opening = shared.opening.lock().await;
-        if let Some(mux) = shared.pick() {
-            return Ok((mux, false));
-        }
-        if shared.failed.load(Ordering::Acquire) != failed_before {
-            if let Some(error) = shared.last_failure.lock().as_ref() {
-                return Err(error.duplicate());
-            }
-        }
-        match self.open().await {
-            Ok(mux) => {
-                let mux = Arc::new(mux);
-                shared.conns.lock().push(Arc::clone(&mux));
-                Ok((mux, true))
-            }
-            Err(error) => {
-                *shared.last_failure.lock() = Some(error.duplicate());
-                shared.failed.fetch_add(1, Ordering::AcqRel);
-                Err(error)
-            }
-        }
-    }
-
-    /// Opens a connection. Until the store knows its scripts' digests, it loads the
-    /// scripts to learn them, in one round trip.
-    async fn open(&self) -> std::result::Result<Mux, RespError> {
-        let mut conn = Conn::connect(&self.config, self.tls.as_ref(), self.timeout).await?;
-        let unknown: Vec<Script> = Script::ALL
-            .into_iter()
-            .filter(|script| self.shared.script_shas[*script as usize].get().is_none())
-            .collect();
-        if !unknown.is_empty() {
-            // Learn the digests once; scripts are sent whole until then, and
-            // whenever the server has not seen them.
-            for script in &unknown {
-                conn.push(&[b"SCRIPT", b"LOAD", script.source().as_bytes()]);
-            }
-            for (script, loaded) in unknown.iter().zip(conn.call_all().await?) {
-                match loaded {
-                    Ok(Reply::Bulk(sha)) => {
-                        if let Ok(sha) = String::from_utf8(sha) {
-                            let _ = self.shared.script_shas[*script as usize].set(sha);
-                        }
-                    }
-                    // A server (or proxy) that refuses `SCRIPT` still runs `EVAL`:
-                    // the connection is in step, and the operation goes on.
-                    Ok(other) => log::warn!("Redis answered SCRIPT LOAD with {other:?}"),
-                    Err(message) => {
-                        log::warn!("Redis refused SCRIPT LOAD ({message}): scripts are sent whole")
-                    }
+    /// Sends `request` on `mux`: a script by its digest (`sha`) or whole; after
+    /// `ASKING` when `asking`; followed by a `SET` of `marker` and `WAIT` when
+    /// given a marker.
+    async fn send(
+        &self,
+        mux: &Mux,
+        request: &Request<'_>,
+        sha: Option<&str>,
+        asking: bool,
+        marker: Option<&str>,
+    ) -> std::result::Result<Sent, RespError> {
+        let count;
+        let mut script_command: Vec<&[u8]> = Vec::new();
+        let command: &[&[u8]] = match request {
+            Request::Command(args) => args,
+            Request::Script(script, keys, args) => {
+                count = keys.len().to_string();
+                script_command.reserve(3 + keys.len() + args.len());
+                match sha {
+                    Some(sha) => script_command.extend([&b"EVALSHA"[..], sha.as_bytes()]),
+                    None => script_command.extend([&b"EVAL"[..], script.source().as_bytes()]),
                 }
+                script_command.push(count.as_bytes());
+                script_command.extend_from_slice(keys);
+                script_command.extend_from_slice(args);
+                &script_command
             }
+        };
+        if !asking && marker.is_none() {
+            let reply = mux.call(command).await?;
+            return Ok(Sent {
+                reply,
+                replicas: None,
+            });
         }
-        Ok(Mux::new(conn.into_socket(), self.timeout))
+        let (replicas, millis) = (
+            self.settings.wait_replicas.to_string(),
+            wait_for(self.timeout).as_millis().to_string(),
+        );
+        let mut commands: Vec<&[&[u8]]> = Vec::with_capacity(4);
+        if asking {
+            commands.push(&[b"ASKING"]);
+        }
+        commands.push(command);
+        let set_marker: [&[u8]; 5];
+        let wait: [&[u8]; 3];
+        if let Some(marker) = marker {
+            set_marker = [b"SET", marker.as_bytes(), b"1", b"PX", b"60000"];
+            wait = [b"WAIT", replicas.as_bytes(), millis.as_bytes()];
+            commands.extend([&set_marker[..], &wait[..]]);
+        }
+        let mut answers = mux.call_many(&commands).await?.into_iter();
+        if asking {
+            answers.next();
+        }
+        let reply = answers
+            .next()
+            .ok_or_else(|| RespError::Protocol("a reply went missing".into()))?
+            .map_err(RespError::Server)?;
+        // The marker's reply says nothing the `WAIT`'s does not.
+        let replicas = marker.and_then(|_| answers.nth(1));
+        Ok(Sent { reply, replicas })
     }
 }
 

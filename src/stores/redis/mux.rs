@@ -56,6 +56,9 @@ type Waiter = std::task::Waker;
 enum Call {
     /// Sent or queued; its caller waits for the reply.
     Waiting(Option<Waiter>),
+    /// Sent or queued ahead of another command of the same caller, who takes this
+    /// reply with that one's (see `Mux::call_many`): no one waits on it alone.
+    Held,
     /// The reply came; its caller has not taken it yet.
     Answered(Answer),
     /// Its caller gave up (a dropped future, a timeout); the reply is still to come,
@@ -136,7 +139,7 @@ impl State {
     fn abandon(&mut self, ticket: u64) {
         if let Some(call) = self.call_mut(ticket) {
             match call {
-                Call::Waiting(_) => *call = Call::Abandoned,
+                Call::Waiting(_) | Call::Held => *call = Call::Abandoned,
                 Call::Answered(_) => *call = Call::Done,
                 Call::Abandoned | Call::Done => {}
             }
@@ -155,6 +158,7 @@ impl State {
                 *call = Call::Answered(answer);
                 wake.extend(waiter);
             }
+            Call::Held => *call = Call::Answered(answer),
             Call::Abandoned => {}
             Call::Answered(_) | Call::Done => unreachable!("answered twice"),
         }
@@ -307,6 +311,40 @@ impl Mux {
         (ticket, due)
     }
 
+    /// Queues `commands` but the last as held (their replies go to the caller of the
+    /// last), and returns the ticket of the first.
+    fn hold(&self, state: &mut State, commands: &[&[&[u8]]]) -> u64 {
+        let first = state.next_ticket();
+        for args in commands {
+            encode(&mut state.out, args);
+            state.calls.push_back((Call::Held, due_after(self.timeout)));
+        }
+        state.idle_since = None;
+        first
+    }
+
+    /// Takes the replies of the held commands `first..last`, then adds `answer`
+    /// (the reply to the last): replies come in order, so all have come.
+    fn take_held(&self, first: u64, last: u64, answer: Answer) -> Result<Vec<Answer>, RespError> {
+        let mut state = self.state.lock();
+        let mut answers = Vec::with_capacity((last - first) as usize + 1);
+        for ticket in first..last {
+            let held = state.take(ticket).ok_or_else(|| {
+                RespError::Protocol("a reply came before the one ahead of it".into())
+            })?;
+            answers.push(held);
+        }
+        answers.push(answer);
+        Ok(answers)
+    }
+
+    /// Gives up the replies of the held commands `first..last`.
+    fn abandon_held(&self, state: &mut State, first: u64, last: u64) {
+        for ticket in first..last {
+            state.abandon(ticket);
+        }
+    }
+
     /// Breaks the connection: every caller waiting fails with `error`, and the socket
     /// is shut down, so that a caller blocked reading it returns at once.
     fn break_with(&self, state: &mut State, error: RespError, wake: &mut Vec<Waiter>) {
@@ -358,6 +396,32 @@ impl Mux {
         }
         let answer = self.wait(state, ticket, due)?;
         answer.map_err(RespError::Server)
+    }
+
+    /// Sends `commands` one right behind the other, on this connection, and returns
+    /// each one's answer (a reply, or an error reply's message): for commands that
+    /// must follow each other on one connection (`ASKING` before a command, `WAIT`
+    /// after a write).
+    pub(crate) fn call_many(&self, commands: &[&[&[u8]]]) -> Result<Vec<Answer>, RespError> {
+        let Some((last, held)) = commands.split_last() else {
+            return Ok(Vec::new());
+        };
+        let mut state = self.state.lock();
+        if let Some(error) = &state.broken {
+            return Err(error.duplicate());
+        }
+        let first = self.hold(&mut state, held);
+        let (ticket, due) = self.enqueue(&mut state, last, Some(std::thread::current()));
+        if !self.defers(&state) {
+            state = self.flush(state, ticket);
+        }
+        match self.wait(state, ticket, due) {
+            Ok(answer) => self.take_held(first, ticket, answer),
+            Err(err) => {
+                self.abandon_held(&mut self.state.lock(), first, ticket);
+                Err(err)
+            }
+        }
     }
 
     /// Writes what is queued, unless a caller is writing already (it writes ours
@@ -546,10 +610,45 @@ impl Mux {
         let mut pending = Pending {
             mux: self,
             ticket,
+            held: ticket,
             done: false,
         };
         let answer = std::future::poll_fn(|cx| pending.poll(cx)).await?;
         answer.map_err(RespError::Server)
+    }
+
+    /// Sends `commands` one right behind the other, on this connection, and returns
+    /// each one's answer (a reply, or an error reply's message): for commands that
+    /// must follow each other on one connection (`ASKING` before a command, `WAIT`
+    /// after a write). Dropped before the replies, the commands still run, as
+    /// [`call`](Mux::call)'s does.
+    pub(crate) async fn call_many(&self, commands: &[&[&[u8]]]) -> Result<Vec<Answer>, RespError> {
+        let Some((last, held)) = commands.split_last() else {
+            return Ok(Vec::new());
+        };
+        let (first, ticket) = {
+            let mut state = self.state.lock();
+            if let Some(error) = &state.broken {
+                return Err(error.duplicate());
+            }
+            let first = self.hold(&mut state, held);
+            let (ticket, _) = self.enqueue(&mut state, last, None);
+            let mut wake = Vec::new();
+            if !self.defers(&state) {
+                self.write_queued(&mut state, None, &mut wake);
+            }
+            drop(state);
+            wake_all(wake);
+            (first, ticket)
+        };
+        let mut pending = Pending {
+            mux: self,
+            ticket,
+            held: first,
+            done: false,
+        };
+        let answer = std::future::poll_fn(|cx| pending.poll(cx)).await?;
+        self.take_held(first, ticket, answer)
     }
 
     /// Hands the reading on to the next caller waiting; with none left, writes what
@@ -673,6 +772,9 @@ impl Mux {
 struct Pending<'a> {
     mux: &'a Mux,
     ticket: u64,
+    /// The first of the commands ahead of this one whose replies its caller takes
+    /// too (`ticket` when none): given up with it.
+    held: u64,
     done: bool,
 }
 
@@ -691,6 +793,7 @@ impl Pending<'_> {
             if let Some(error) = &state.broken {
                 let error = error.duplicate();
                 state.abandon(self.ticket);
+                self.mux.abandon_held(&mut state, self.held, self.ticket);
                 break Some(Err(error));
             }
             match state.reader {
@@ -732,6 +835,7 @@ impl Drop for Pending<'_> {
         let mut wake = Vec::new();
         let mut state = self.mux.state.lock();
         state.abandon(self.ticket);
+        self.mux.abandon_held(&mut state, self.held, self.ticket);
         // Reading for all, or perhaps just handed the reading (woken, and dropped
         // before it could take it up): another caller reads next.
         if state.reader.is_none() || state.reader == Some(self.ticket) {
@@ -850,6 +954,42 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(200));
             }
             for (n, caller) in callers {
+                assert_eq!(caller.join().unwrap().unwrap(), bulk(n));
+            }
+        });
+        assert!(matches!(mux.standing(), Standing::InFlight(0)));
+    }
+
+    /// Three commands sent together by one caller, beside another caller's: each
+    /// reply reaches its own, an error reply to the first included, and nothing is
+    /// left in flight.
+    #[test]
+    fn commands_sent_together_reach_their_caller_together() {
+        let mut scripted = scripted(Duration::from_secs(5));
+        let (mux, server) = (&scripted.mux, &mut scripted.server);
+        let commands: [&[&[u8]]; 3] = [&[b"GET", b"1"], &[b"GET", b"2"], &[b"GET", b"3"]];
+        std::thread::scope(|scope| {
+            let together = scope.spawn(|| {
+                #[cfg(feature = "sync")]
+                let answers = mux.call_many(&commands);
+                #[cfg(not(feature = "sync"))]
+                let answers = futures_lite::future::block_on(mux.call_many(&commands));
+                answers
+            });
+            let mut expected = get("1");
+            expected.extend(get("2"));
+            expected.extend(get("3"));
+            receive(server, &expected);
+            let other = start_callers(scope, mux, server, &["4"]);
+            server
+                .write_all(b"-ERR no\r\n$1\r\n2\r\n$1\r\n3\r\n$1\r\n4\r\n")
+                .unwrap();
+            let answers = together.join().unwrap().unwrap();
+            assert_eq!(
+                answers,
+                vec![Err("ERR no".to_owned()), Ok(bulk("2")), Ok(bulk("3"))]
+            );
+            for (n, caller) in other {
                 assert_eq!(caller.join().unwrap().unwrap(), bulk(n));
             }
         });

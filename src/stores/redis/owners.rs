@@ -20,9 +20,9 @@
 //!   cannot keep a session from ending by writing it. "All" and "all but one" go
 //!   through the set a page at a time until nothing is left to end, however many
 //!   sessions the owner has.
-//! - In Redis Cluster (not supported yet) an owner's set and a session live on
-//!   different nodes: the record and its entry would be written in two steps, and a
-//!   listing would repair what a failed second step leaves.
+//! - In Redis Cluster an owner's set and its sessions live on different nodes, so
+//!   that no script could see both: a store on a cluster keeps no owners
+//!   (`supports_owners` is `false`, and the owner methods fail with `Unsupported`).
 
 use std::collections::HashSet;
 
@@ -30,14 +30,17 @@ use time::OffsetDateTime;
 
 use super::{
     after_header,
-    resp::{Reply, RespError, MAX_ARRAY, MAX_BULK},
-    RedisStore, Script, VERSION_LEN,
+    resp::{Reply, RespError, MAX_BULK},
+    RedisStore, Request, Script, VERSION_LEN,
 };
 use crate::{
     session::{Ending, Handle, OwnedSession, Owner, Record},
     session_store::{Error, Result},
     stores::stored,
 };
+
+/// How many members a script takes or gives at once: one reply's worth of values.
+const PAGE: usize = 256;
 
 /// Files a session under its owner: the Lua function the writing scripts share.
 /// `index` is the owner's set, `member` the session's digest, `score` its expiry
@@ -204,7 +207,7 @@ impl RedisStore {
     /// One page of `index`'s live members, latest expiry first, from `offset`.
     async fn members(&self, index: &str, offset: usize) -> Result<Members> {
         let now = unix_millis(OffsetDateTime::now_utc());
-        let (offset, page) = (offset.to_string(), MAX_ARRAY.to_string());
+        let (offset, page) = (offset.to_string(), PAGE.to_string());
         let reply = self
             .script(
                 Script::Members,
@@ -237,7 +240,7 @@ impl RedisStore {
         while values.len() < keys.len() && (values.is_empty() || spent < budget) {
             // One reply carries one value of the largest size, and a little more.
             let left = budget.saturating_sub(spent).min(MAX_BULK - 64 * 1024);
-            let rest = &keys[values.len()..keys.len().min(values.len() + MAX_ARRAY)];
+            let rest = &keys[values.len()..keys.len().min(values.len() + PAGE)];
             let rest: Vec<&[u8]> = rest.iter().map(|k| k.as_bytes()).collect();
             let left = left.to_string();
             let reply = self
@@ -273,7 +276,7 @@ impl RedisStore {
     ) -> Result<Vec<Handle>> {
         let (index, digest) = self.owner_keys(owner);
         let mut ended = Vec::new();
-        for chunk in members.chunks(MAX_ARRAY) {
+        for chunk in members.chunks(PAGE) {
             let now = OffsetDateTime::now_utc();
             let (secs, nanos) = (
                 now.unix_timestamp().to_string(),
@@ -285,7 +288,11 @@ impl RedisStore {
             let mut args: Vec<&[u8]> =
                 vec![mode.as_bytes(), &digest, secs.as_bytes(), nanos.as_bytes()];
             args.extend(chunk.iter().map(|(m, _)| m.as_slice()));
-            let reply = self.script(Script::End, &key_args, &args).await?;
+            // An ending is a write the replicas must hold; a pruning is not.
+            let request = Request::Script(Script::End, &key_args, &args);
+            let sent = self.run(&request, mode == "end").await?;
+            self.replicated(&sent)?;
+            let reply = sent.reply;
             let Reply::Array(positions) = reply else {
                 return Err(unexpected("the end script", &reply));
             };
@@ -327,7 +334,7 @@ impl RedisStore {
         while owned.len() < max && spent < budget {
             let page = self.members(&index, offset).await?;
             offset += page.len();
-            let full = page.len() == MAX_ARRAY;
+            let full = page.len() == PAGE;
             let keys: Vec<String> = page.iter().map(|(m, _)| self.member_key(m)).collect();
             let values = self.values(&keys, budget - spent).await?;
             let read = values.len();
@@ -398,7 +405,7 @@ impl RedisStore {
         let mut ended = Vec::new();
         for _ in 0..MAX_PAGES {
             let page = self.members(&index, 0).await?;
-            let full = page.len() == MAX_ARRAY;
+            let full = page.len() == PAGE;
             let page: Vec<_> = page
                 .into_iter()
                 .filter(|(_, handle)| keep.is_none() || *handle != keep)
@@ -412,7 +419,7 @@ impl RedisStore {
             }
         }
         Err(Error::backend(format!(
-            "an owner's sessions kept coming while they were ended, {MAX_PAGES} pages of {MAX_ARRAY}"
+            "an owner's sessions kept coming while they were ended, {MAX_PAGES} pages of {PAGE}"
         )))
     }
 
@@ -426,7 +433,7 @@ impl RedisStore {
         while ranked.len() < MAX_RANKED {
             let page = self.members(&index, offset).await?;
             offset += page.len();
-            let full = page.len() == MAX_ARRAY;
+            let full = page.len() == PAGE;
             let keys: Vec<String> = page.iter().map(|(m, _)| self.member_key(m)).collect();
             let mut values = Vec::with_capacity(keys.len());
             while values.len() < keys.len() {

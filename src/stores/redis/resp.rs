@@ -4,9 +4,9 @@ use std::fmt;
 
 use bytes::Buf;
 
-use super::config::Config;
+use super::config::Auth;
 use crate::stores::{
-    net::{IoFailure, Socket},
+    net::{Address, IoFailure, Socket},
     tls::Connector,
 };
 
@@ -18,12 +18,12 @@ pub(super) const MAX_BULK: usize = crate::session::Record::MAX_ENCODED_LEN + 64 
 /// The longest line (a status, an error, a number) a reply may have before its end:
 /// a line that runs on without one is refused rather than buffered.
 const MAX_LINE: usize = 64 * 1024;
-/// The most elements a reply array may have, and the deepest nesting: what an
-/// owner's listing asks for at once (its members, then their values), no more. An
-/// array cannot multiply the bound on one bulk string: [`MAX_REPLY`] bounds a whole
-/// reply.
-pub(super) const MAX_ARRAY: usize = 256;
-const MAX_DEPTH: usize = 2;
+/// The most elements a reply array may have, and the deepest nesting: a cluster's
+/// slot map (`CLUSTER SLOTS`: a range for each of the 16,384 slots at worst, each
+/// with its nodes and their details), no more. An array cannot multiply the bound on
+/// one bulk string: [`MAX_REPLY`] bounds a whole reply.
+const MAX_ARRAY: usize = 16_384;
+const MAX_DEPTH: usize = 4;
 /// The most bytes one reply may take in all, arrays included.
 const MAX_REPLY: usize = MAX_BULK + MAX_LINE;
 
@@ -46,6 +46,13 @@ pub(crate) enum RespError {
     Server(String),
     /// The server sent something that is not RESP, or not what the command answers.
     Protocol(String),
+    /// A write reached the primary, and fewer replicas than asked for acknowledged
+    /// it in time (`wait_replicas`).
+    Replicas {
+        acked: i64,
+        wanted: u32,
+        waited: std::time::Duration,
+    },
 }
 
 impl RespError {
@@ -65,13 +72,78 @@ impl RespError {
             }),
             Self::Server(message) => Self::Server(message.clone()),
             Self::Protocol(what) => Self::Protocol(what.clone()),
+            Self::Replicas {
+                acked,
+                wanted,
+                waited,
+            } => Self::Replicas {
+                acked: *acked,
+                wanted: *wanted,
+                waited: *waited,
+            },
         }
     }
 
     /// `true` if the server does not know the script `EVALSHA` named.
     pub(crate) fn is_no_script(&self) -> bool {
-        matches!(self, Self::Server(message) if message.starts_with("NOSCRIPT"))
+        self.server_says("NOSCRIPT")
     }
+
+    fn server_says(&self, code: &str) -> bool {
+        matches!(self, Self::Server(message)
+            if message.strip_prefix(code).is_some_and(|rest| rest.is_empty() || rest.starts_with(' ')))
+    }
+
+    /// Where a cluster node sends the command (`MOVED` or `ASK`), if it does.
+    pub(crate) fn redirect(&self) -> Option<Redirect> {
+        let Self::Server(message) = self else {
+            return None;
+        };
+        let mut words = message.split(' ');
+        let moved = match words.next()? {
+            "MOVED" => true,
+            "ASK" => false,
+            _ => return None,
+        };
+        let slot: u16 = words.next()?.parse().ok().filter(|&slot| slot < 16_384)?;
+        let (host, port) = words.next()?.rsplit_once(':')?;
+        let port = crate::stores::net::parse_port(port)?;
+        // Redis names an IPv6 node without brackets; a node it knows by no endpoint
+        // is an empty host (the one that answered, which the caller knows).
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Some(Redirect {
+            moved,
+            slot,
+            address: Address::Tcp(host, port),
+        })
+    }
+
+    /// `true` for an answer that goes away by itself: a cluster moving a slot
+    /// (`TRYAGAIN`) or without a quorum (`CLUSTERDOWN`), a server loading its data
+    /// (`LOADING`) or a replica cut off from its primary (`MASTERDOWN`).
+    pub(crate) fn is_transient(&self) -> bool {
+        ["TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN"]
+            .iter()
+            .any(|code| self.server_says(code))
+    }
+
+    /// `true` if the server is a replica now (`READONLY`): the primary moved.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.server_says("READONLY")
+    }
+}
+
+/// A cluster node's answer that a key's slot is served elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Redirect {
+    /// `MOVED` (the slot map changed for good), or `ASK` (this command only, while
+    /// the slot migrates).
+    pub(crate) moved: bool,
+    pub(crate) slot: u16,
+    pub(crate) address: Address,
 }
 
 impl fmt::Display for RespError {
@@ -80,6 +152,17 @@ impl fmt::Display for RespError {
             Self::Io(failure) => write!(f, "Redis: {failure}"),
             Self::Server(message) => write!(f, "Redis answered: {message}"),
             Self::Protocol(what) => write!(f, "Redis protocol error: {what}"),
+            Self::Replicas {
+                acked,
+                wanted,
+                waited,
+            } => write!(
+                f,
+                "Redis: the write is on the primary, but {acked} of the {wanted} replicas \
+                 asked for (wait_replicas) acknowledged it within {} ms: a failover may \
+                 lose it",
+                waited.as_millis()
+            ),
         }
     }
 }
@@ -259,11 +342,13 @@ impl Conn {
 impl Conn {
     /// Connects, authenticates and selects the database, in one round trip.
     pub(crate) async fn connect(
-        config: &Config,
+        address: &Address,
+        auth: &Auth,
+        db: u32,
         tls: Option<&Connector>,
         timeout: std::time::Duration,
     ) -> Result<Self, RespError> {
-        let mut socket = Socket::connect(&config.address, timeout)
+        let mut socket = Socket::connect(address, timeout)
             .await
             .map_err(RespError::Io)?;
         if let Some(tls) = tls {
@@ -274,23 +359,23 @@ impl Conn {
             write: Vec::with_capacity(256),
             queued: 0,
         };
-        if let Some(password) = &config.password {
-            if !conn.socket.is_local() && !conn.socket.is_encrypted() && !config.insecure_auth {
+        if let Some(password) = &auth.password {
+            if !conn.socket.is_local() && !conn.socket.is_encrypted() && !auth.insecure_auth {
                 return Err(RespError::Protocol(format!(
                     "the URL holds a password, and {} is another machine reached over \
                      plain TCP: AUTH would send the password where anyone on the path \
                      could read it; connect over a Unix socket or a tunnel, or add \
                      insecure_auth=true to the URL to send it anyway",
-                    config.address
+                    address
                 )));
             }
-            match &config.user {
+            match &auth.user {
                 Some(user) => conn.push(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
                 None => conn.push(&[b"AUTH", password.as_bytes()]),
             }
         }
-        if config.db != 0 {
-            conn.push(&[b"SELECT", config.db.to_string().as_bytes()]);
+        if db != 0 {
+            conn.push(&[b"SELECT", db.to_string().as_bytes()]);
         }
         if conn.queued > 0 {
             for reply in conn.exchange().await? {

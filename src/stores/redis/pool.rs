@@ -1,0 +1,254 @@
+//! The connections to one Redis server: shared by concurrent callers, pipelined,
+//! opened on demand and kept open.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+    time::Duration,
+};
+
+use super::{
+    config::Auth,
+    mux::{Mux, Standing},
+    resp::{Conn, Reply, RespError},
+    Script,
+};
+use crate::stores::{net::Address, tls::Connector};
+
+/// What every connection of a store is opened with, whichever server it goes to.
+pub(crate) struct Settings {
+    pub(crate) auth: Auth,
+    /// The database `SELECT`ed (0 in a cluster, where it is the only one).
+    pub(crate) db: u32,
+    pub(crate) timeout: Duration,
+    /// The most connections to one server, in each of a node's two pools.
+    pub(crate) max: usize,
+    /// How many replicas each write waits for (0: none).
+    pub(crate) wait_replicas: u32,
+    /// The SHA-1 digest of each [`Script`], once a server told it.
+    pub(crate) script_shas: [OnceLock<String>; Script::ALL.len()],
+}
+
+/// One server: its address, and its connections.
+pub(crate) struct Node {
+    pub(crate) address: Address,
+    /// Connections for every command but the writes that wait for replicas: up to
+    /// 64 commands in flight on each.
+    pub(crate) shared: Pool,
+    /// Connections for writes followed by `WAIT`, which holds up every command behind
+    /// it on its connection until the replicas answer: one write at a time on each,
+    /// so that a slow replica never stalls a read.
+    pub(crate) waiting: Pool,
+}
+
+impl Node {
+    pub(crate) fn new(
+        address: Address,
+        tls: Option<Connector>,
+        settings: &Arc<Settings>,
+    ) -> Arc<Self> {
+        let pool = |depth| Pool {
+            address: address.clone(),
+            tls: tls.clone(),
+            settings: Arc::clone(settings),
+            depth,
+            conns: parking_lot::Mutex::default(),
+            opening: OpeningLock::default(),
+            failed: AtomicU64::new(0),
+            last_failure: parking_lot::Mutex::default(),
+        };
+        Arc::new(Self {
+            shared: pool(PIPELINE_DEPTH),
+            waiting: pool(1),
+            address,
+        })
+    }
+}
+
+/// Open connections to one server, each shared by the operations in flight on it.
+pub(crate) struct Pool {
+    address: Address,
+    tls: Option<Connector>,
+    settings: Arc<Settings>,
+    /// How many commands may be in flight on one connection before another is opened.
+    depth: usize,
+    conns: parking_lot::Mutex<Vec<Arc<Mux>>>,
+    /// Held while a connection is opened, so that callers arriving meanwhile wait for
+    /// it rather than each opening their own.
+    opening: OpeningLock,
+    /// How many attempts to connect failed, and the last one's error: callers that
+    /// waited for an attempt that failed fail with it, instead of each waiting out a
+    /// timeout of its own in turn.
+    failed: AtomicU64,
+    last_failure: parking_lot::Mutex<Option<RespError>>,
+}
+
+#[cfg(feature = "sync")]
+pub(crate) type OpeningLock = parking_lot::Mutex<()>;
+#[cfg(not(feature = "sync"))]
+pub(crate) type OpeningLock = async_lock::Mutex<()>;
+
+/// How many commands may be in flight on one connection before another is opened
+/// (up to the store's maximum): enough to pipeline the commands of many concurrent
+/// callers on one connection, which is what makes them cheap.
+const PIPELINE_DEPTH: usize = 64;
+
+impl Pool {
+    /// A connection to send a command on, if one fits: the first with room in its
+    /// pipeline, or, when no more may be opened, the least busy. Broken connections
+    /// and those idle too long are closed on the way.
+    fn pick(&self) -> Option<Arc<Mux>> {
+        let mut conns = self.conns.lock();
+        let mut least: Option<(usize, usize)> = None;
+        let mut at = 0;
+        while at < conns.len() {
+            match conns[at].standing() {
+                Standing::Retired => {
+                    conns.swap_remove(at);
+                    continue;
+                }
+                Standing::InFlight(n) if n < self.depth => return Some(Arc::clone(&conns[at])),
+                Standing::InFlight(n) => {
+                    if least.is_none_or(|(_, fewest)| n < fewest) {
+                        least = Some((at, n));
+                    }
+                }
+            }
+            at += 1;
+        }
+        if conns.len() < self.settings.max {
+            return None;
+        }
+        least.map(|(at, _)| Arc::clone(&conns[at]))
+    }
+
+    /// Stops handing out `mux`: it failed as a connection the server closed does.
+    pub(crate) fn retire(&self, mux: &Arc<Mux>) {
+        self.conns.lock().retain(|conn| !Arc::ptr_eq(conn, mux));
+    }
+
+    /// Closes every connection (they still answer what is in flight on them): the
+    /// server is no longer the one to ask.
+    pub(crate) fn retire_all(&self) {
+        self.conns.lock().clear();
+    }
+}
+
+#[maybe_async::maybe_async]
+impl Pool {
+    /// A connection to send a command on: a shared one, or a new one (then `true`)
+    /// when none fits. Callers that come while one is opened wait for it; if it fails,
+    /// they fail with the same error.
+    pub(crate) async fn connection(&self) -> Result<(Arc<Mux>, bool), RespError> {
+        if let Some(mux) = self.pick() {
+            return Ok((mux, false));
+        }
+        let failed_before = self.failed.load(Ordering::Acquire);
+        let _opening = self.opening.lock().await;
+        if let Some(mux) = self.pick() {
+            return Ok((mux, false));
+        }
+        if self.failed.load(Ordering::Acquire) != failed_before {
+            if let Some(error) = self.last_failure.lock().as_ref() {
+                return Err(error.duplicate());
+            }
+        }
+        match self.open().await {
+            Ok(mux) => {
+                let mux = Arc::new(mux);
+                self.conns.lock().push(Arc::clone(&mux));
+                Ok((mux, true))
+            }
+            Err(error) => {
+                *self.last_failure.lock() = Some(error.duplicate());
+                self.failed.fetch_add(1, Ordering::AcqRel);
+                Err(error)
+            }
+        }
+    }
+
+    /// Opens a connection. Until the store knows its scripts' digests, it loads the
+    /// scripts to learn them, in one round trip.
+    async fn open(&self) -> Result<Mux, RespError> {
+        let settings = &*self.settings;
+        let mut conn = Conn::connect(
+            &self.address,
+            &settings.auth,
+            settings.db,
+            self.tls.as_ref(),
+            settings.timeout,
+        )
+        .await?;
+        let unknown: Vec<Script> = Script::ALL
+            .into_iter()
+            .filter(|script| settings.script_shas[*script as usize].get().is_none())
+            .collect();
+        if !unknown.is_empty() {
+            // Learn the digests once; scripts are sent whole until then, and
+            // whenever the server has not seen them.
+            for script in &unknown {
+                conn.push(&[b"SCRIPT", b"LOAD", script.source().as_bytes()]);
+            }
+            for (script, loaded) in unknown.iter().zip(conn.call_all().await?) {
+                match loaded {
+                    Ok(Reply::Bulk(sha)) => {
+                        if let Ok(sha) = String::from_utf8(sha) {
+                            let _ = settings.script_shas[*script as usize].set(sha);
+                        }
+                    }
+                    // A server (or proxy) that refuses `SCRIPT` still runs `EVAL`:
+                    // the connection is in step, and the operation goes on.
+                    Ok(other) => log::warn!("Redis answered SCRIPT LOAD with {other:?}"),
+                    Err(message) => {
+                        log::warn!("Redis refused SCRIPT LOAD ({message}): scripts are sent whole")
+                    }
+                }
+            }
+        }
+        Ok(Mux::new(conn.into_socket(), settings.timeout))
+    }
+}
+
+/// The nodes a store has met (cluster nodes, primaries a sentinel named), by
+/// address: a node's connections outlive a change of topology that keeps it.
+pub(crate) struct Nodes {
+    tls: Option<Connector>,
+    settings: Arc<Settings>,
+    nodes: parking_lot::Mutex<std::collections::HashMap<Address, Arc<Node>>>,
+}
+
+impl Nodes {
+    pub(crate) fn new(tls: Option<Connector>, settings: Arc<Settings>) -> Self {
+        Self {
+            tls,
+            settings,
+            nodes: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// The TLS settings for the server at `address`, if TLS is on.
+    pub(crate) fn tls_to(&self, address: &Address) -> Result<Option<Connector>, RespError> {
+        self.tls
+            .as_ref()
+            .map(|tls| tls.to(address))
+            .transpose()
+            .map_err(|err| RespError::Protocol(format!("{address}: {err}")))
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The node at `address`, met before or new.
+    pub(crate) fn get(&self, address: &Address) -> Result<Arc<Node>, RespError> {
+        let mut nodes = self.nodes.lock();
+        if let Some(node) = nodes.get(address) {
+            return Ok(Arc::clone(node));
+        }
+        let node = Node::new(address.clone(), self.tls_to(address)?, &self.settings);
+        nodes.insert(address.clone(), Arc::clone(&node));
+        Ok(node)
+    }
+}

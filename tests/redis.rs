@@ -22,7 +22,6 @@ use portable_sessions::{
     CachingSessionStore, ExpiredDeletion, MemoryStore, RedisStore, SessionStore,
 };
 use rustix::process::{kill_process, Pid, Signal};
-use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use common::{
@@ -41,9 +40,7 @@ fn raw(url: &str) -> redis::Connection {
 }
 
 fn key_of(store: &RedisStore, id: &Id) -> String {
-    let digest = Sha256::digest(id.to_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}{hex}", store.key_prefix())
+    common::redis_key(store, id)
 }
 
 fn keys(conn: &mut redis::Connection, prefix: &str) -> Vec<String> {

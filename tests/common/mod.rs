@@ -532,6 +532,18 @@ pub async fn check_frozen_server_times_out_then_recovers<S: SessionStore>(
 
 pub mod pgbouncer;
 pub mod proxy;
+#[cfg(feature = "redis")]
+pub mod redis_deployments;
+
+/// The key a `RedisStore` keeps `id`'s session under: its prefix, then the id's
+/// SHA-256 in hexadecimal.
+#[cfg(feature = "redis")]
+pub fn redis_key(store: &portable_sessions::RedisStore, id: &Id) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.to_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}{hex}", store.key_prefix())
+}
 
 /// PostgreSQL's programs: `pg_config --bindir`, or Debian's directory.
 pub fn pg_bin(program: &str) -> std::path::PathBuf {

@@ -1,0 +1,504 @@
+//! Redis deployments of the test's own, from Debian's `redis-server` and `redis-cli`:
+//! a cluster of three primaries with a replica each, and a primary with a replica
+//! watched by three sentinels. Each server takes free ports (a cluster node a second
+//! one for its bus) and a temporary directory of its own, and is killed when dropped.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{spawn_redis_server, start_on_a_free_port, wait_listening, TempDir};
+
+/// Runs `redis-cli -p PORT ARGS...` and returns what it printed.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("cannot run `redis-cli` ({err}): install redis-tools (apt-get install redis-server)")
+        });
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits up to `within` for `done`, saying `what` when it does not come.
+pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One `redis-server` process of a deployment.
+pub struct Server {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+    pub dir: TempDir,
+}
+
+impl Server {
+    /// Starts `redis-server` with `args` (and `--port`), `{dir}` replaced by its
+    /// directory, `{free}` by another free port, once `files` (name, text) are
+    /// written in its directory.
+    fn start(what: &str, args: &[String], files: &[(&str, String)]) -> Self {
+        let dir = TempDir::new(what);
+        for (name, text) in files {
+            std::fs::write(dir.0.join(name), text).unwrap();
+        }
+        let mut args: Vec<String> = args
+            .iter()
+            .map(|arg| arg.replace("{dir}", &dir.0.display().to_string()))
+            .collect();
+        let mut used = Vec::new();
+        let (port, child) = start_on_a_free_port(what, |port| {
+            let resolved: Vec<String> = args
+                .iter()
+                .map(|arg| arg.replace("{free}", &super::free_port().to_string()))
+                .collect();
+            used = resolved.clone();
+            spawn(&resolved, port)
+        });
+        args = used;
+        Self {
+            port,
+            args,
+            child: Some(child),
+            dir,
+        }
+    }
+
+    /// Kills the server with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed server again, on its port, with its files.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            let mut child = spawn(&self.args, self.port);
+            if wait_listening("redis-server", self.port, &mut child) {
+                self.child = Some(child);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server could not listen on port {} again", self.port);
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args)
+    }
+
+    /// `field:value` from `INFO`, if the server answers.
+    pub fn info(&self, section: &str, field: &str) -> Option<String> {
+        let info = self.cli(&["INFO", section]);
+        info.lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .map(|value| value.trim().to_owned())
+    }
+}
+
+fn spawn(args: &[String], port: u16) -> Child {
+    spawn_redis_server(
+        Command::new("redis-server")
+            .args(args)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]),
+    )
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Cluster: three primaries, each with a replica, failing over within about
+/// two seconds of losing a primary.
+pub struct Cluster {
+    pub nodes: Vec<Server>,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "{dir}/nodes.conf",
+            "--cluster-port",
+            "{free}",
+            "--cluster-node-timeout",
+            "1000",
+            "--cluster-replica-validity-factor",
+            "0",
+            "--dir",
+            "{dir}",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
+        let nodes: Vec<Server> = (0..6)
+            .map(|_| Server::start("redis-cluster-node", &args, &[]))
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addresses.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
+        let output = Command::new("redis-cli")
+            .args(&create)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Waits until every node serves all slots and each primary has its replica in
+    /// step.
+    pub fn wait_healthy(&self) {
+        wait_until("a healthy cluster", Duration::from_secs(30), || {
+            self.nodes.iter().filter(|n| n.child.is_some()).all(|node| {
+                let info = node.cli(&["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            }) && self.primaries().iter().all(|&port| {
+                let replicas = cli(port, &["INFO", "replication"]);
+                replicas.contains("connected_slaves:1") && replicas.contains("state=online")
+            })
+        });
+    }
+
+    /// `redis-cluster://` with every node as a seed.
+    pub fn url(&self, query: &str) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        let mut sep = '?';
+        for node in &self.nodes[1..] {
+            url.push_str(&format!("{sep}node=127.0.0.1:{}", node.port));
+            sep = '&';
+        }
+        if !query.is_empty() {
+            url.push(sep);
+            url.push_str(query);
+        }
+        url
+    }
+
+    /// The ports of the nodes that are primaries now (asked of the first live node).
+    pub fn primaries(&self) -> Vec<u16> {
+        let Some(node) = self.nodes.iter().find(|n| n.child.is_some()) else {
+            return Vec::new();
+        };
+        node.cli(&["CLUSTER", "NODES"])
+            .lines()
+            .filter(|line| line.contains("master") && !line.contains("fail"))
+            .filter_map(|line| {
+                let address = line.split(' ').nth(1)?;
+                address.split('@').next()?.rsplit(':').next()?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// The node listening on `port`.
+    pub fn node(&mut self, port: u16) -> &mut Server {
+        self.nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("a node of the cluster")
+    }
+
+    /// The id of the node on `port`.
+    pub fn id(&self, port: u16) -> String {
+        cli(port, &["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
+    /// The port of the primary serving `slot`.
+    pub fn serving(&self, slot: u16) -> u16 {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        let slots = node.cli(&["CLUSTER", "NODES"]);
+        for line in slots.lines().filter(|line| line.contains("master")) {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let served = fields[8..].iter().any(|range| {
+                let range = range.trim();
+                if range.starts_with('[') {
+                    return false;
+                }
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                let (first, last): (u16, u16) = (first.parse().unwrap(), last.parse().unwrap());
+                (first..=last).contains(&slot)
+            });
+            if served {
+                let address = fields[1].split('@').next().unwrap();
+                return address.rsplit(':').next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no primary serves slot {slot}");
+    }
+}
+
+/// A primary with one replica, watched by three sentinels as `primary`; a failover
+/// begins a second after the primary stops answering.
+pub struct Sentinels {
+    pub primary: Server,
+    pub replica: Server,
+    pub sentinels: Vec<Server>,
+}
+
+impl Sentinels {
+    pub const SERVICE: &'static str = "primary";
+
+    pub fn start() -> Self {
+        let data: Vec<String> = [
+            "--dir",
+            "{dir}",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
+        let primary = Server::start("redis-primary", &data, &[]);
+        let mut replica_args = data.clone();
+        replica_args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ]);
+        let replica = Server::start("redis-replica", &replica_args, &[]);
+        let sentinels = (0..3)
+            .map(|_| {
+                let conf = format!(
+                    "sentinel monitor {service} 127.0.0.1 {port} 2\n\
+                         sentinel down-after-milliseconds {service} 1000\n\
+                         sentinel failover-timeout {service} 10000\n\
+                         sentinel parallel-syncs {service} 1\n",
+                    service = Self::SERVICE,
+                    port = primary.port
+                );
+                let args =
+                    ["{dir}/sentinel.conf", "--sentinel", "--dir", "{dir}"].map(String::from);
+                // Sentinel rewrites its configuration file: one of its own.
+                Server::start("redis-sentinel", &args, &[("sentinel.conf", conf)])
+            })
+            .collect();
+        let deployment = Self {
+            primary,
+            replica,
+            sentinels,
+        };
+        deployment.wait_settled(deployment.primary.port);
+        deployment
+    }
+
+    /// Waits until every sentinel names `port` as the primary, knows its replica and
+    /// the other sentinels, and the replica is in step.
+    pub fn wait_settled(&self, port: u16) {
+        wait_until("settled sentinels", Duration::from_secs(60), || {
+            self.sentinels.iter().all(|sentinel| {
+                let named = sentinel.cli(&["SENTINEL", "get-master-addr-by-name", Self::SERVICE]);
+                let primary = sentinel.cli(&["SENTINEL", "master", Self::SERVICE]);
+                named.contains(&port.to_string())
+                    && field(&primary, "num-slaves") == Some("1")
+                    && field(&primary, "num-other-sentinels") == Some("2")
+                    && field(&primary, "flags") == Some("master")
+            }) && cli(port, &["INFO", "replication"]).contains("state=online")
+        });
+    }
+
+    /// `redis-sentinel://` naming every sentinel.
+    pub fn url(&self, query: &str) -> String {
+        let mut url = format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName={}",
+            self.sentinels[0].port,
+            Self::SERVICE
+        );
+        for sentinel in &self.sentinels[1..] {
+            url.push_str(&format!("&node=127.0.0.1:{}", sentinel.port));
+        }
+        if !query.is_empty() {
+            url.push('&');
+            url.push_str(query);
+        }
+        url
+    }
+
+    /// The port the sentinels name as the primary now.
+    pub fn primary_port(&self) -> u16 {
+        let named = self.sentinels[0].cli(&["SENTINEL", "get-master-addr-by-name", Self::SERVICE]);
+        named.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+
+    /// The server listening on `port`.
+    pub fn server(&mut self, port: u16) -> &mut Server {
+        if self.primary.port == port {
+            &mut self.primary
+        } else {
+            &mut self.replica
+        }
+    }
+}
+
+/// A value of `SENTINEL master`'s field-value lines.
+fn field<'a>(lines: &'a str, name: &str) -> Option<&'a str> {
+    let mut lines = lines.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == name {
+            return lines.next().map(str::trim);
+        }
+    }
+    None
+}
+
+/// Threads that keep counting in sessions of `store` (each its own sessions: load,
+/// add one to `n`, `update`), noting what each write was acknowledged with, what it
+/// tried, and how long each failure took.
+pub struct Counters {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<Tally>>,
+}
+
+/// What one counting thread saw.
+#[derive(Default)]
+pub struct Tally {
+    /// For each session, the last count a write was acknowledged with, and the
+    /// highest count a write tried.
+    pub acked: std::collections::HashMap<Id, u64>,
+    pub tried: std::collections::HashMap<Id, u64>,
+    /// How long each failed step took, and its error.
+    pub failures: Vec<(Duration, String)>,
+}
+
+use portable_sessions::{
+    session::{Id, Record},
+    session_store::Update,
+    RedisStore, SessionStore,
+};
+
+impl Counters {
+    /// Starts one thread per chunk of `records` (already created in `store`).
+    pub fn start(store: &RedisStore, records: &[Record], threads: usize) -> Self {
+        use std::sync::{
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+            Arc,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicUsize::new(0));
+        let chunk = records.len().div_ceil(threads);
+        let threads = records
+            .chunks(chunk)
+            .map(|mine| {
+                let (store, mine) = (store.clone(), mine.to_vec());
+                let (stop, written) = (Arc::clone(&stop), Arc::clone(&written));
+                std::thread::spawn(move || {
+                    let mut tally = Tally::default();
+                    while !stop.load(Ordering::Acquire) {
+                        for record in &mine {
+                            let started = Instant::now();
+                            match count_once(&store, &record.id, &mut tally) {
+                                Ok(n) => {
+                                    tally.acked.insert(record.id, n);
+                                    written.fetch_add(1, Ordering::AcqRel);
+                                }
+                                Err(err) => tally.failures.push((started.elapsed(), err)),
+                            }
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            written,
+            threads,
+        }
+    }
+
+    /// How many writes were acknowledged so far.
+    pub fn written(&self) -> usize {
+        self.written.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until `more` more writes than now are acknowledged.
+    pub fn wait_for_more(&self, more: usize, within: Duration) {
+        let target = self.written() + more;
+        wait_until("more acknowledged writes", within, || {
+            self.written() >= target
+        });
+    }
+
+    /// Stops the threads and returns what each saw, merged.
+    pub fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let mut all = Tally::default();
+        for thread in self.threads {
+            let tally = thread.join().expect("a counting thread panicked");
+            all.acked.extend(tally.acked);
+            all.tried.extend(tally.tried);
+            all.failures.extend(tally.failures);
+        }
+        all
+    }
+}
+
+/// One counting step: the count written, or why not.
+fn count_once(store: &RedisStore, id: &Id, tally: &mut Tally) -> Result<u64, String> {
+    let loaded = super::block(store.load(id)).map_err(|err| err.report())?;
+    let mut record = loaded.ok_or("the session is gone")?;
+    let n = record
+        .get::<u64>("n")
+        .map_err(|err| err.report())?
+        .unwrap_or(0)
+        + 1;
+    record.insert("n", &n).unwrap();
+    let tried = tally.tried.entry(*id).or_default();
+    *tried = (*tried).max(n);
+    match super::block(store.update(&record)).map_err(|err| err.report())? {
+        Update::Written(_) => Ok(n),
+        other => Err(format!("the update answered {other:?}")),
+    }
+}
+
+impl Tally {
+    /// Checks that every acknowledged count is in `store` (a failover lost none),
+    /// and none above what was tried; and that every failure took at most `within`.
+    pub fn check(&self, store: &RedisStore, within: Duration) {
+        assert!(!self.acked.is_empty(), "no write was acknowledged");
+        for (id, acked) in &self.acked {
+            let record = super::block(store.load(id))
+                .unwrap()
+                .unwrap_or_else(|| panic!("a session with {acked} acknowledged counts is gone"));
+            let n = record.get::<u64>("n").unwrap().unwrap_or(0);
+            assert!(n >= *acked, "an acknowledged count was lost: {n} < {acked}");
+            assert!(n <= self.tried[id], "{n} was never tried");
+        }
+        for (took, err) in &self.failures {
+            assert!(*took <= within, "a step failed after {took:?}: {err}");
+        }
+    }
+}

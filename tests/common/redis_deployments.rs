@@ -100,6 +100,11 @@ impl Server {
         cli(self.port, args)
     }
 
+    /// The process, to signal.
+    pub fn pid(&self) -> rustix::process::Pid {
+        rustix::process::Pid::from_child(self.child.as_ref().expect("a running server"))
+    }
+
     /// `field:value` from `INFO`, if the server answers.
     pub fn info(&self, section: &str, field: &str) -> Option<String> {
         let info = self.cli(&["INFO", section]);

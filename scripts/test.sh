@@ -10,7 +10,8 @@
 #   trust authentication for local connections, database `test`), made with the
 #   installed server's initdb, so that no system configuration is changed.
 # Tests that restart or freeze a server start their own, on Unix sockets, and so do
-# the tests through PgBouncer (installed from Debian's packages where missing).
+# the tests through PgBouncer (installed from Debian's packages where missing); the
+# Redis Cluster and Sentinel tests start theirs on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +30,9 @@ apt_install() {
     fi
 }
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    apt_install redis-server
+# redis-server, and redis-cli, with which the Cluster tests create their clusters.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    apt_install redis-server redis-tools
 fi
 if ! have_port 6379; then
     echo "starting redis-server on 127.0.0.1:6379"

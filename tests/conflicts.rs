@@ -1100,6 +1100,26 @@ fn concurrent_counting_is_exact_on_memory_cached_redis() {
     counts_exactly(Arc::new(store));
 }
 
+#[cfg(feature = "redis")]
+#[test]
+fn concurrent_counting_is_exact_on_a_redis_cluster() {
+    let cluster = common::redis_deployments::Cluster::start();
+    let store = portable_sessions::RedisStore::new(&cluster.url(""))
+        .unwrap()
+        .with_key_prefix(common::unique_prefix("conflicts-cluster"));
+    counts_exactly(Arc::new(store));
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn concurrent_counting_is_exact_through_redis_sentinel() {
+    let deployment = common::redis_deployments::Sentinels::start();
+    let store = portable_sessions::RedisStore::new(&deployment.url("wait_replicas=1"))
+        .unwrap()
+        .with_key_prefix(common::unique_prefix("conflicts-sentinel"));
+    counts_exactly(Arc::new(store));
+}
+
 #[cfg(feature = "postgres")]
 #[test]
 fn concurrent_counting_is_exact_on_postgres() {

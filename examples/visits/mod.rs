@@ -14,8 +14,10 @@ use time::Duration;
 
 /// The store named by the examples' second argument (with its expired-session
 /// deletion, which the examples run every minute): `memory` (the default),
-/// `sqlite:PATH` (feature `sqlite`), a `redis://` URL (feature `redis`), or a
-/// `postgres://` URL (feature `postgres`).
+/// `sqlite:PATH` (feature `sqlite`), a Redis URL (feature `redis`: `redis://`,
+/// `rediss://`, `redis+unix://`, `redis-cluster://`, `rediss-cluster://`,
+/// `redis-sentinel://`, `rediss-sentinel://`), or a `postgres://` URL (feature
+/// `postgres`).
 ///
 /// # Errors
 ///
@@ -26,15 +28,14 @@ pub(crate) fn open_store(
     match spec.unwrap_or("memory") {
         "memory" => Ok(Arc::new(MemoryStore::new())),
         spec if spec.starts_with("sqlite:") => open_sqlite(&spec["sqlite:".len()..]),
-        spec if spec.starts_with("redis://") || spec.starts_with("redis+unix://") => {
-            open_redis(spec)
-        }
+        spec if spec.starts_with("redis") || spec.starts_with("unix://") => open_redis(spec),
         spec if spec.starts_with("postgres://") || spec.starts_with("postgresql://") => {
             open_postgres(spec)
         }
         other => Err(format!(
-            "unknown store {other:?}: expected `memory`, `sqlite:PATH`, a `redis://` URL \
-             or a `postgres://` URL"
+            "unknown store {other:?}: expected `memory`, `sqlite:PATH`, a Redis URL \
+             (`redis://`, `rediss://`, `redis-cluster://`, `redis-sentinel://`, ...) or a \
+             `postgres://` URL"
         )),
     }
 }
@@ -108,6 +109,22 @@ fn reply(status: u16, body: impl Into<String>) -> Reply {
     }
 }
 
+/// The answer to a request for the user's sessions from a session without an owner:
+/// 401 when logged out, 501 when logged in on a store that keeps no owners (or
+/// before it kept them).
+#[maybe_async::maybe_async]
+async fn without_owner(session: &Session) -> Result<Option<Reply>> {
+    if session.owner().await?.is_some() {
+        return Ok(None);
+    }
+    let user = session.get::<String>("user").await?;
+    Ok(Some(match user {
+        // A store that keeps no owners, or a login from before it kept them.
+        Some(_) => reply(501, "no list of this login's sessions is kept\n"),
+        None => reply(401, "not logged in\n"),
+    }))
+}
+
 /// Serves one request on its session.
 ///
 /// - `GET /`: counts the visit, atomically (concurrent visits of one session each
@@ -119,7 +136,8 @@ fn reply(status: u16, body: impl Into<String>) -> Reply {
 /// - `POST /logout`: ends the session.
 /// - `GET /sessions`: the logged-in user's live sessions, oldest first, one line
 ///   each: its handle, when it logged in, was last written and expires, and
-///   `current` for the session of this request; 401 when logged out.
+///   `current` for the session of this request; 401 when logged out, 501 on a
+///   store that keeps no owners (Redis Cluster: the login works, without the list).
 /// - `POST /logout-others`: ends the user's other sessions ("sign out the other
 ///   devices"); `POST /logout-everywhere` ends them all, this one included.
 ///
@@ -164,12 +182,19 @@ pub(crate) async fn route(
             }
             session.cycle_id().await?;
             session.insert("user", name).await?;
-            session.set_owner(&Owner::new(name)?).await?;
+            let owned = session.set_owner(&Owner::new(name)?).await;
+            match owned {
+                Ok(()) => {}
+                // A store that keeps no owners (Redis Cluster): logged in all the
+                // same, without the list of the user's sessions.
+                Err(err) if err.is_unsupported() => {}
+                Err(err) => return Err(err),
+            }
             Ok(reply(200, format!("logged in as {name}\n")))
         }
         ("GET", "/sessions") => {
-            if session.owner().await?.is_none() {
-                return Ok(reply(401, "not logged in\n"));
+            if let Some(refused) = without_owner(session).await? {
+                return Ok(refused);
             }
             let mut listed = session.owner_sessions().await?;
             listed.sort_by_key(|listed| (listed.created_at(), listed.handle()));
@@ -187,15 +212,15 @@ pub(crate) async fn route(
             Ok(reply(200, body))
         }
         ("POST", "/logout-others") => {
-            if session.owner().await?.is_none() {
-                return Ok(reply(401, "not logged in\n"));
+            if let Some(refused) = without_owner(session).await? {
+                return Ok(refused);
             }
             let ended = session.end_other_sessions().await?;
             Ok(reply(200, format!("ended {ended} other sessions\n")))
         }
         ("POST", "/logout-everywhere") => {
-            if session.owner().await?.is_none() {
-                return Ok(reply(401, "not logged in\n"));
+            if let Some(refused) = without_owner(session).await? {
+                return Ok(refused);
             }
             let ended = session.end_all_sessions().await?;
             Ok(reply(200, format!("ended {ended} sessions\n")))

@@ -1,5 +1,5 @@
 //! The smol HTTP example (hyper on smol, async mode), end to end over real HTTP.
-#![cfg(not(feature = "sync"))]
+#![cfg(all(feature = "async-io", not(feature = "sync")))]
 
 mod common;
 mod http;

@@ -4,6 +4,8 @@
 //! run, with `wait_replicas=1`: operations fail only within the timeout, then succeed
 //! on the same store, and no acknowledged write is lost.
 #![cfg(feature = "redis")]
+// `block` is the identity in blocking mode, where the suites return `()`.
+#![cfg_attr(feature = "sync", allow(clippy::unit_arg))]
 
 mod common;
 

@@ -5,6 +5,8 @@
 //! on the same store, and no acknowledged count is lost); and what `wait_replicas`
 //! does when the replica cannot acknowledge.
 #![cfg(feature = "redis")]
+// `block` is the identity in blocking mode, where the suites return `()`.
+#![cfg_attr(feature = "sync", allow(clippy::unit_arg))]
 
 mod common;
 

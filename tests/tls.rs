@@ -59,26 +59,48 @@ impl Pki {
         std::fs::write(pki.path("other-ca.crt"), other.pem()).unwrap();
 
         let now = OffsetDateTime::now_utc();
-        let leaf = |name: &str, sans: &[&str], usage, from, until| {
-            let key = KeyPair::generate().unwrap();
-            let sans: Vec<String> = sans.iter().map(|san| san.to_string()).collect();
-            let mut params = CertificateParams::new(sans).unwrap();
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = vec![usage];
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.not_before = from;
-            params.not_after = until;
-            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-            std::fs::write(pki.path(&format!("{name}.crt")), cert.pem()).unwrap();
-            std::fs::write(pki.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
-        };
+        let leaf =
+            |name: &str, sans: &[&str], usages: Vec<ExtendedKeyUsagePurpose>, from, until| {
+                let key = KeyPair::generate().unwrap();
+                let sans: Vec<String> = sans.iter().map(|san| san.to_string()).collect();
+                let mut params = CertificateParams::new(sans).unwrap();
+                params.distinguished_name.push(DnType::CommonName, name);
+                params.extended_key_usages = usages;
+                params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+                params.not_before = from;
+                params.not_after = until;
+                let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+                std::fs::write(pki.path(&format!("{name}.crt")), cert.pem()).unwrap();
+                std::fs::write(pki.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+            };
         let server = ExtendedKeyUsagePurpose::ServerAuth;
         let names = ["127.0.0.1", "sessions.test"];
         let (day, year) = (Duration::days(1), Duration::days(365));
-        leaf("server", &names, server.clone(), now - day, now + year);
-        leaf("expired", &names, server, now - year, now - day);
         let client = ExtendedKeyUsagePurpose::ClientAuth;
-        leaf("client", &["client.test"], client, now - day, now + year);
+        leaf(
+            "server",
+            &names,
+            vec![server.clone()],
+            now - day,
+            now + year,
+        );
+        leaf(
+            "expired",
+            &names,
+            vec![server.clone()],
+            now - year,
+            now - day,
+        );
+        leaf(
+            "client",
+            &["client.test"],
+            vec![client.clone()],
+            now - day,
+            now + year,
+        );
+        // A cluster node is a client of the others too, and its bus demands a
+        // client certificate.
+        leaf("node", &names, vec![server, client], now - day, now + year);
         pki
     }
 
@@ -708,4 +730,53 @@ async fn a_tls_configuration_given_later_takes_connections_of_its_own() {
     let report = first_error(Ok(tls)).await;
     assert_says(&report, "starting TLS");
     round_trip(&plain).await;
+}
+
+/// The files a TLS-only Redis deployment of the tests' presents and trusts.
+fn deployment_tls(pki: &Pki) -> common::redis_deployments::Tls {
+    common::redis_deployments::Tls {
+        ca: pki.path("ca.crt"),
+        cert: pki.path("node.crt"),
+        key: pki.path("node.key"),
+    }
+}
+
+/// `rediss-cluster://`: every node (the seeds, and those the slot map names by IP
+/// address) verified against the URL's authority, through the conformance suite and
+/// 16 callers; without the authority, the nodes are refused.
+#[test]
+#[cfg_attr(feature = "sync", allow(clippy::unit_arg))] // block passes () on
+fn redis_cluster_over_tls() {
+    let pki = Pki::new();
+    let cluster = common::redis_deployments::Cluster::start_with(Some(deployment_tls(&pki)));
+    let ca = pki.path("ca.crt").display().to_string();
+    let store = redis(&cluster.url(&format!("cacert={ca}")))
+        .unwrap()
+        .with_key_prefix(common::unique_prefix("tls-cluster"));
+    block(testing::check_store(&store));
+    let records = common::created(&store, 32);
+    common::sixteen_callers(&store, &records);
+
+    let untrusting = redis(&cluster.url("")).unwrap();
+    let report = block(first_error(Ok(untrusting)));
+    assert_says(&report, "certificate");
+}
+
+/// `rediss-sentinel://`: the sentinels and the primary they name, over TLS, through
+/// the conformance suite with owners.
+#[test]
+#[cfg_attr(feature = "sync", allow(clippy::unit_arg))] // block passes () on
+fn redis_sentinel_over_tls() {
+    let pki = Pki::new();
+    let deployment = common::redis_deployments::Sentinels::start_with(Some(deployment_tls(&pki)));
+    let ca = pki.path("ca.crt").display().to_string();
+    let store = redis(&deployment.url(&format!("cacert={ca}")))
+        .unwrap()
+        .with_key_prefix(common::unique_prefix("tls-sentinel"));
+    block(testing::check_store(&store));
+    block(testing::check_owners(&store));
+
+    let untrusting = redis(&deployment.url("")).unwrap();
+    let report = block(first_error(Ok(untrusting)));
+    assert_says(&report, "certificate");
 }

@@ -10,9 +10,50 @@ use std::{
 
 use super::{spawn_redis_server, start_on_a_free_port, wait_listening, TempDir};
 
+/// The files of a deployment that speaks TLS alone: its authority, and the
+/// certificate and key every server presents (and uses as a client of the others).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl Tls {
+    /// `redis-cli`'s arguments to connect with it.
+    fn cli_args(&self) -> Vec<String> {
+        vec![
+            "--tls".into(),
+            "--cacert".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+
+    /// `redis-server`'s arguments to listen (on `port`), replicate and gossip with it.
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args: Vec<String> = ["--port", "0", "--tls-port"].map(String::from).to_vec();
+        args.push(port.to_string());
+        for (flag, path) in [
+            ("--tls-cert-file", &self.cert),
+            ("--tls-key-file", &self.key),
+            ("--tls-ca-cert-file", &self.ca),
+        ] {
+            args.extend([flag.to_owned(), path.display().to_string()]);
+        }
+        args.extend(["--tls-auth-clients", "no", "--tls-replication", "yes"].map(String::from));
+        args
+    }
+}
+
 /// Runs `redis-cli -p PORT ARGS...` and returns what it printed.
 pub fn cli(port: u16, args: &[&str]) -> String {
+    cli_with(None, port, args)
+}
+
+/// [`cli`], over TLS when given.
+pub fn cli_with(tls: Option<&Tls>, port: u16, args: &[&str]) -> String {
     let output = Command::new("redis-cli")
+        .args(tls.map(Tls::cli_args).unwrap_or_default())
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
@@ -38,6 +79,7 @@ pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) 
 /// One `redis-server` process of a deployment.
 pub struct Server {
     pub port: u16,
+    tls: Option<Tls>,
     args: Vec<String>,
     child: Option<Child>,
     pub dir: TempDir,
@@ -47,7 +89,7 @@ impl Server {
     /// Starts `redis-server` with `args` (and `--port`), `{dir}` replaced by its
     /// directory, `{free}` by another free port, once `files` (name, text) are
     /// written in its directory.
-    fn start(what: &str, args: &[String], files: &[(&str, String)]) -> Self {
+    fn start(what: &str, args: &[String], files: &[(&str, String)], tls: Option<&Tls>) -> Self {
         let dir = TempDir::new(what);
         for (name, text) in files {
             std::fs::write(dir.0.join(name), text).unwrap();
@@ -63,11 +105,12 @@ impl Server {
                 .map(|arg| arg.replace("{free}", &super::free_port().to_string()))
                 .collect();
             used = resolved.clone();
-            spawn(&resolved, port)
+            spawn(&resolved, port, tls)
         });
         args = used;
         Self {
             port,
+            tls: tls.cloned(),
             args,
             child: Some(child),
             dir,
@@ -86,7 +129,7 @@ impl Server {
     pub fn restart(&mut self) {
         self.kill();
         for _ in 0..50 {
-            let mut child = spawn(&self.args, self.port);
+            let mut child = spawn(&self.args, self.port, self.tls.as_ref());
             if wait_listening("redis-server", self.port, &mut child) {
                 self.child = Some(child);
                 return;
@@ -97,7 +140,7 @@ impl Server {
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        cli(self.port, args)
+        cli_with(self.tls.as_ref(), self.port, args)
     }
 
     /// The process, to signal.
@@ -114,13 +157,19 @@ impl Server {
     }
 }
 
-fn spawn(args: &[String], port: u16) -> Child {
-    spawn_redis_server(
-        Command::new("redis-server")
-            .args(args)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"]),
-    )
+fn spawn(args: &[String], port: u16, tls: Option<&Tls>) -> Child {
+    let listen = match tls {
+        Some(tls) => tls.server_args(port),
+        None => vec!["--port".into(), port.to_string()],
+    };
+    spawn_redis_server(Command::new("redis-server").args(args).args(listen).args([
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]))
 }
 
 impl Drop for Server {
@@ -133,10 +182,16 @@ impl Drop for Server {
 /// two seconds of losing a primary.
 pub struct Cluster {
     pub nodes: Vec<Server>,
+    tls: Option<Tls>,
 }
 
 impl Cluster {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A cluster whose nodes speak TLS alone, to clients and to each other.
+    pub fn start_with(tls: Option<Tls>) -> Self {
         let args: Vec<String> = [
             "--cluster-enabled",
             "yes",
@@ -157,8 +212,13 @@ impl Cluster {
         ]
         .map(String::from)
         .to_vec();
+        let mut args = args;
+        if tls.is_some() {
+            // The cluster bus too.
+            args.extend(["--tls-cluster", "yes"].map(String::from));
+        }
         let nodes: Vec<Server> = (0..6)
-            .map(|_| Server::start("redis-cluster-node", &args, &[]))
+            .map(|_| Server::start("redis-cluster-node", &args, &[], tls.as_ref()))
             .collect();
         let addresses: Vec<String> = nodes
             .iter()
@@ -167,7 +227,12 @@ impl Cluster {
         let mut create = vec!["--cluster", "create"];
         create.extend(addresses.iter().map(String::as_str));
         create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
-        let output = Command::new("redis-cli")
+        // `redis-cli --cluster create` waits for the nodes to meet, forever if they
+        // cannot: under a deadline.
+        let output = Command::new("timeout")
+            .arg("60")
+            .arg("redis-cli")
+            .args(tls.as_ref().map(Tls::cli_args).unwrap_or_default())
             .args(&create)
             .stdin(Stdio::null())
             .output()
@@ -178,7 +243,7 @@ impl Cluster {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, tls };
         cluster.wait_healthy();
         cluster
     }
@@ -191,15 +256,24 @@ impl Cluster {
                 let info = node.cli(&["CLUSTER", "INFO"]);
                 info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
             }) && self.primaries().iter().all(|&port| {
-                let replicas = cli(port, &["INFO", "replication"]);
+                let replicas = self.cli(port, &["INFO", "replication"]);
                 replicas.contains("connected_slaves:1") && replicas.contains("state=online")
             })
         });
     }
 
-    /// `redis-cluster://` with every node as a seed.
+    /// `redis-cli` on the node at `port`.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        cli_with(self.tls.as_ref(), port, args)
+    }
+
+    /// `redis-cluster://` (`rediss-cluster://` with TLS) with every node as a seed.
     pub fn url(&self, query: &str) -> String {
-        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        let scheme = match self.tls {
+            Some(_) => "rediss-cluster",
+            None => "redis-cluster",
+        };
+        let mut url = format!("{scheme}://127.0.0.1:{}", self.nodes[0].port);
         let mut sep = '?';
         for node in &self.nodes[1..] {
             url.push_str(&format!("{sep}node=127.0.0.1:{}", node.port));
@@ -237,7 +311,7 @@ impl Cluster {
 
     /// The id of the node on `port`.
     pub fn id(&self, port: u16) -> String {
-        cli(port, &["CLUSTER", "MYID"]).trim().to_owned()
+        self.cli(port, &["CLUSTER", "MYID"]).trim().to_owned()
     }
 
     /// The port of the primary serving `slot`.
@@ -276,6 +350,11 @@ impl Sentinels {
     pub const SERVICE: &'static str = "primary";
 
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A deployment whose servers and sentinels speak TLS alone.
+    pub fn start_with(tls: Option<Tls>) -> Self {
         let data: Vec<String> = [
             "--dir",
             "{dir}",
@@ -286,14 +365,14 @@ impl Sentinels {
         ]
         .map(String::from)
         .to_vec();
-        let primary = Server::start("redis-primary", &data, &[]);
+        let primary = Server::start("redis-primary", &data, &[], tls.as_ref());
         let mut replica_args = data.clone();
         replica_args.extend([
             "--replicaof".into(),
             "127.0.0.1".into(),
             primary.port.to_string(),
         ]);
-        let replica = Server::start("redis-replica", &replica_args, &[]);
+        let replica = Server::start("redis-replica", &replica_args, &[], tls.as_ref());
         let sentinels = (0..3)
             .map(|_| {
                 let conf = format!(
@@ -307,7 +386,12 @@ impl Sentinels {
                 let args =
                     ["{dir}/sentinel.conf", "--sentinel", "--dir", "{dir}"].map(String::from);
                 // Sentinel rewrites its configuration file: one of its own.
-                Server::start("redis-sentinel", &args, &[("sentinel.conf", conf)])
+                Server::start(
+                    "redis-sentinel",
+                    &args,
+                    &[("sentinel.conf", conf)],
+                    tls.as_ref(),
+                )
             })
             .collect();
         let deployment = Self {
@@ -330,14 +414,19 @@ impl Sentinels {
                     && field(&primary, "num-slaves") == Some("1")
                     && field(&primary, "num-other-sentinels") == Some("2")
                     && field(&primary, "flags") == Some("master")
-            }) && cli(port, &["INFO", "replication"]).contains("state=online")
+            }) && cli_with(self.primary.tls.as_ref(), port, &["INFO", "replication"])
+                .contains("state=online")
         });
     }
 
-    /// `redis-sentinel://` naming every sentinel.
+    /// `redis-sentinel://` (`rediss-sentinel://` with TLS) naming every sentinel.
     pub fn url(&self, query: &str) -> String {
+        let scheme = match self.primary.tls {
+            Some(_) => "rediss-sentinel",
+            None => "redis-sentinel",
+        };
         let mut url = format!(
-            "redis-sentinel://127.0.0.1:{}?sentinelServiceName={}",
+            "{scheme}://127.0.0.1:{}?sentinelServiceName={}",
             self.sentinels[0].port,
             Self::SERVICE
         );

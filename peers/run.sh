@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the peer benchmark in both of our modes and prints one ratio table per store
 # and mode, with the physical floors measured in the same run:
-#   bash peers/run.sh [postgres] [postgres-tls] [sqlite] [redis] [redis-tls] [--sessions N]
+#   bash peers/run.sh [postgres] [postgres-tls] [sqlite] [redis] [redis-tls]
+#                     [redis-cluster] [redis-cluster-wait] [--sessions N]
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release -q
@@ -11,9 +12,12 @@ CARGO_TARGET_DIR=target/sync cargo build --release -q --features sync
 # authority and a server certificate made now with the openssl command.
 tls_dir="$(mktemp -d)"
 redis_tls_pid=""
+cluster_dir=""
+cluster_pids=()
 cleanup() {
     if [ -n "$redis_tls_pid" ]; then kill "$redis_tls_pid" 2>/dev/null || true; fi
-    rm -rf "$tls_dir"
+    for pid in "${cluster_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$tls_dir" ${cluster_dir:+"$cluster_dir"}
 }
 trap cleanup EXIT
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -30,6 +34,49 @@ redis-server --port 0 --bind 127.0.0.1 --tls-port "$PEERS_REDIS_TLS_PORT" --save
 redis_tls_pid=$!
 export PEERS_REDIS_TLS_PORT PEERS_REDIS_TLS_CA="$tls_dir/ca.crt"
 for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$PEERS_REDIS_TLS_PORT") 2>/dev/null && break; sleep 0.1; done
+
+# A Redis Cluster of our own for `redis-cluster` and `redis-cluster-wait` (three
+# primaries with a replica each, on free ports), only when one of them is asked for.
+case " $* " in
+*" redis-cluster"*)
+    cluster_dir="$(mktemp -d)"
+    # Six ports free with their cluster bus ports (port + 10000).
+    ports="$(python3 - <<'PY'
+import socket
+ports = []
+while len(ports) < 6:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if p + 10000 > 65535 or p in ports:
+        continue
+    try:
+        t = socket.socket(); t.bind(("127.0.0.1", p + 10000)); t.close()
+    except OSError:
+        continue
+    ports.append(p)
+print(",".join(map(str, ports)))
+PY
+)"
+    seeds=()
+    for port in ${ports//,/ }; do
+        redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+            --cluster-enabled yes --cluster-config-file "$cluster_dir/nodes-$port.conf" \
+            --dir "$cluster_dir" >/dev/null 2>&1 &
+        cluster_pids+=("$!")
+        seeds+=("127.0.0.1:$port")
+    done
+    for port in ${ports//,/ }; do
+        for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    done
+    timeout 60 redis-cli --cluster create "${seeds[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
+    for port in ${ports//,/ }; do
+        for _ in $(seq 300); do
+            redis-cli -p "$port" CLUSTER INFO | grep -q 'cluster_state:ok' && break
+            sleep 0.1
+        done
+    done
+    export PEERS_REDIS_CLUSTER_PORTS="$ports"
+    ;;
+esac
 
 echo "# machine: $(nproc) cores, $(uname -sr); $(date -u +%Y-%m-%d)"
 echo

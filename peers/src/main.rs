@@ -14,6 +14,9 @@
 //! cargo run --release --features sync -- postgres        # our blocking mode
 //! cargo run --release -- postgres --sessions 10000       # a smaller table
 //! ```
+//!
+//! `redis-cluster` and `redis-cluster-wait` (ours with `wait_replicas=1`, the peer as
+//! ever) need the local cluster `run.sh` starts (`PEERS_REDIS_CLUSTER_PORTS`).
 
 use std::{
     sync::Arc,
@@ -110,8 +113,11 @@ fn main() {
             "sqlite" => stores::sqlite(&runtime),
             "redis" => stores::redis(&runtime, None),
             "redis-tls" => stores::redis(&runtime, Some(stores::redis_tls())),
+            "redis-cluster" => stores::redis_cluster(&runtime, 0),
+            "redis-cluster-wait" => stores::redis_cluster(&runtime, 1),
             other => panic!(
-                "unknown store {other}: postgres, postgres-tls, sqlite, redis or redis-tls"
+                "unknown store {other}: postgres, postgres-tls, sqlite, redis, redis-tls, \
+                 redis-cluster or redis-cluster-wait"
             ),
         };
         let table = compare(&runtime, store, ours, peer, sessions);
@@ -274,6 +280,52 @@ mod stores {
         };
         (Arc::new(ours), Arc::new(peer), cleanup)
     }
+
+    /// Both stores on the same local cluster, by the same URL (every node a seed);
+    /// ours waiting for `wait_replicas` replicas on each write (0: not waiting).
+    pub fn redis_cluster(
+        runtime: &tokio::runtime::Runtime,
+        wait_replicas: u32,
+    ) -> (Ours, Peer, Box<dyn FnOnce()>) {
+        use tower_sessions_redis_store::fred::prelude::*;
+        let ports = cluster_ports();
+        let nodes: Vec<String> = ports[1..]
+            .iter()
+            .map(|port| format!("node=127.0.0.1:{port}"))
+            .collect();
+        let url = format!("redis-cluster://127.0.0.1:{}?{}", ports[0], nodes.join("&"));
+        let ours = portable_sessions::RedisStore::new(&url)
+            .unwrap()
+            .with_key_prefix("peers-ours:")
+            .with_wait_replicas(wait_replicas);
+        let peer = runtime.block_on(async {
+            let config = Config::from_url(&url).unwrap();
+            let pool = Pool::new(config, None, None, None, CALLERS).unwrap();
+            let _ = pool.connect();
+            pool.wait_for_connect().await.unwrap();
+            tower_sessions_redis_store::RedisStore::new(pool)
+        });
+        let cleanup = Box::new(move || {
+            let _ = std::process::Command::new("redis-cli")
+                .args(["--cluster", "call", &format!("127.0.0.1:{}", ports[0]), "FLUSHALL"])
+                .stdout(std::process::Stdio::null())
+                .status();
+        });
+        let peer = PeerOf {
+            store: peer,
+            pass: |_| Box::pin(async { Ok(()) }),
+        };
+        (Arc::new(ours), Arc::new(peer), cleanup)
+    }
+}
+
+/// The cluster run.sh starts (three primaries with a replica each): its nodes' ports.
+fn cluster_ports() -> Vec<String> {
+    std::env::var("PEERS_REDIS_CLUSTER_PORTS")
+        .expect("PEERS_REDIS_CLUSTER_PORTS: run.sh starts the cluster")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
 }
 
 /// fred's TLS settings: rustls on ring (ours too), trusting the authority in `ca`.
@@ -600,7 +652,7 @@ fn compare(
     // A deletion pass: 10% of the remaining sessions expired. Redis expires keys
     // itself and both stores' passes do nothing: one call to a no-op timed once is
     // noise, not a figure, so there is no row for it.
-    if store == "redis" {
+    if store.starts_with("redis") {
         return Table(rows);
     }
     eprintln!("{store}: expiring");

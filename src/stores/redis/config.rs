@@ -384,6 +384,80 @@ mod tests {
     }
 
     #[test]
+    fn parses_clusters_as_fred_writes_them() {
+        let config =
+            Config::parse("redis-cluster://u:p%40ss@10.0.0.1:7000?node=10.0.0.2:7001&node=h3")
+                .unwrap();
+        assert_eq!(config.kind, Kind::Cluster);
+        assert_eq!(
+            config.addresses().cloned().collect::<Vec<_>>(),
+            [
+                Address::Tcp("10.0.0.1".into(), 7000),
+                Address::Tcp("10.0.0.2".into(), 7001),
+                Address::Tcp("h3".into(), Config::DEFAULT_PORT),
+            ]
+        );
+        assert_eq!(config.auth.user.as_deref(), Some("u"));
+        assert_eq!(config.auth.password.as_deref(), Some("p@ss"));
+        assert_eq!((config.db, config.tls, config.wait_replicas), (0, None, 0));
+
+        // ElastiCache Serverless: one endpoint, TLS, with acknowledged writes.
+        let config = Config::parse(
+            "rediss-cluster://cache-abc.serverless.use1.cache.amazonaws.com:6379?wait_replicas=1",
+        )
+        .unwrap();
+        assert_eq!(config.kind, Kind::Cluster);
+        assert_eq!(config.tls, Some(tls::Options::verify_full()));
+        assert_eq!(config.wait_replicas, 1);
+        assert!(config.nodes.is_empty());
+    }
+
+    #[test]
+    fn parses_sentinels_as_fred_writes_them() {
+        let config = Config::parse(
+            "rediss-sentinel://app:secret@s1/3?node=s2:26380&node=s3\
+             &sentinelServiceName=my%20primary&sentinelUsername=watch&sentinelPassword=w\
+             &insecure_auth=true&wait_replicas=2&cacert=/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            config.kind,
+            Kind::Sentinel {
+                service: "my primary".into(),
+                auth: Auth {
+                    user: Some("watch".into()),
+                    password: Some("w".into()),
+                    insecure_auth: true,
+                },
+            }
+        );
+        // Sentinels named without a port are on Sentinel's.
+        assert_eq!(
+            config.addresses().cloned().collect::<Vec<_>>(),
+            [
+                Address::Tcp("s1".into(), Config::DEFAULT_SENTINEL_PORT),
+                Address::Tcp("s2".into(), 26380),
+                Address::Tcp("s3".into(), Config::DEFAULT_SENTINEL_PORT),
+            ]
+        );
+        // The credentials before `@`, and the database, are the primary's.
+        assert_eq!(config.auth.user.as_deref(), Some("app"));
+        assert_eq!(config.auth.password.as_deref(), Some("secret"));
+        assert_eq!((config.db, config.wait_replicas), (3, 2));
+        assert!(matches!(
+            config.tls.unwrap().roots,
+            tls::Roots::File(path) if path == std::path::Path::new("/ca.pem")
+        ));
+        // The password never shows in a log.
+        assert!(!format!(
+            "{:?}",
+            Config::parse("redis-sentinel://h?sentinelServiceName=a&sentinelPassword=hidden")
+                .unwrap()
+        )
+        .contains("hidden"));
+    }
+
+    #[test]
     fn rejects_what_it_cannot_honour() {
         for url in [
             "not a url",
@@ -397,6 +471,19 @@ mod tests {
             "redis://h/db",
             "redis://h?tls=1",
             "redis+unix://relative.sock",
+            // A cluster has no other database; a node needs a cluster or sentinels.
+            "redis-cluster://h:7000/1",
+            "redis://h?node=g:7001",
+            // Sentinel without the service it watches, or its parameters elsewhere.
+            "redis-sentinel://h:26379",
+            "redis-cluster://h?sentinelServiceName=x",
+            "redis://h?sentinelPassword=x",
+            "rediss-cluster://h?node=g:notaport",
+            // wait_replicas: a count Redis' WAIT can mean.
+            "redis://h?wait_replicas=-1",
+            "redis://h?wait_replicas=65",
+            "redis://h?wait_replicas=two",
+            "redis-cluster://h?cacert=/ca.pem",
         ] {
             let err = Config::parse(url).unwrap_err();
             assert!(

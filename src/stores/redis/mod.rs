@@ -237,12 +237,119 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// reactor, which runs on its own, so the store works under smol, under tokio and on
 /// any other executor, with no runtime of its own.
 ///
-/// The URL is `redis://[[user]:password@]host[:port][/db]`, `rediss://...` for TLS,
-/// or `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` for a Unix socket, with
-/// percent-encoded parts. A password is not sent over plain TCP to another machine
-/// (the connection fails, saying so) unless the URL adds `insecure_auth=true`. A
-/// reply longer than the largest record, with room to spare, or a line that runs on
-/// without its end, is refused before it is buffered.
+/// # URLs
+///
+/// [`new`](RedisStore::new) takes every form below, so that moving from one server
+/// to a cluster or to Sentinel changes the URL and nothing else. Parts are
+/// percent-encoded; the cluster and Sentinel forms are fred's (the client under
+/// tower-sessions' Redis store), so its users keep their URLs.
+///
+/// | Deployment | URL |
+/// |---|---|
+/// | one server | `redis://[[user]:password@]host[:port][/db]` |
+/// | one server, local socket | `redis+unix:///path/to/socket[?db=N&user=U&pass=P]` |
+/// | Redis Cluster | `redis-cluster://[[user]:password@]host[:port][?node=host:port&node=...]` |
+/// | Sentinel | `redis-sentinel://[[user]:password@]host[:port][/db]?sentinelServiceName=NAME[&node=host:port...]` |
+///
+/// Each TCP form has a TLS twin (`rediss://`, `rediss-cluster://`,
+/// `rediss-sentinel://`), with the parameters under [TLS](#tls). The port is 6379
+/// unless given, and 26379 for a sentinel. Every form takes `wait_replicas=N` (see
+/// [Acknowledged writes](#acknowledged-writes-wait_replicas)) and
+/// `insecure_auth=true`: a password is not sent over plain TCP to another machine
+/// (the connection fails, saying so) unless the URL says so. A parameter the store
+/// does not know is refused, so a typo is never ignored. A reply longer than the
+/// largest record, with room to spare, or a line that runs on without its end, is
+/// refused before it is buffered.
+///
+/// Which to use: one server while it is enough (with Redis' persistence on, a
+/// restart loses nothing but the seconds it is down); **Sentinel** for a primary
+/// with replicas that take over when it fails; **Cluster** when sessions outgrow one
+/// server, or where the service offers nothing else: AWS ElastiCache Serverless is a
+/// cluster reached over TLS at one endpoint,
+/// `rediss-cluster://default:PASSWORD@NAME-xxxxxx.serverless.REGION.cache.amazonaws.com:6379`.
+///
+/// # Redis Cluster
+///
+/// The URL names one or more seed nodes; the store reads the slot map from them
+/// (`CLUSTER SLOTS`) and sends each command to the primary serving its key's slot
+/// (CRC16 of the key, as Redis computes it), over that node's own pipelined
+/// connections. A `MOVED` reply sends the command to the node named at once and
+/// has the map read again; an `ASK` (a slot being migrated) sends that one command
+/// to the node named, after `ASKING`. `TRYAGAIN`, `CLUSTERDOWN`, `LOADING`, a
+/// demoted primary's `READONLY`, and a node that stops answering (a failover under
+/// way) have the map read again and the command tried again after a growing pause
+/// (10 ms, doubling, at most 500 ms) while the operation's
+/// [timeout](RedisStore::with_timeout) lasts: a failover shorter than the timeout
+/// is ridden through; during a longer one operations fail with [`Error::Backend`],
+/// and once it is over they succeed on the same store. An operation that began
+/// just before its deadline may still wait for its last reply, so it can take up to
+/// about twice the timeout. Each operation touches one key, so no command crosses
+/// slots. A cluster has database 0 alone: a URL with `/db` is refused.
+///
+/// Session owners are not kept on a cluster: an owner's index and its sessions
+/// would sit on different nodes. There,
+/// [`supports_owners`](SessionStore::supports_owners) is `false`, records with an
+/// owner are stored as any other, and [`list_owned`](SessionStore::list_owned) and
+/// [`end_owned`](SessionStore::end_owned) fail with
+/// [`Unsupported`](crate::session_store::Unsupported).
+///
+/// Over TLS, every node is verified as the seeds are, by the host name or IP
+/// address the slot map gives for it; where the certificates name the nodes by host
+/// names and the map gives IP addresses, `sni=NAME` checks every node against
+/// `NAME` instead.
+///
+/// # Sentinel
+///
+/// The URL names one or more sentinels and the name they watch the primary by
+/// (`sentinelServiceName`); `sentinelUsername` and `sentinelPassword` are the
+/// sentinels' credentials, those before `@` (and the `/db`) the primary's. The
+/// sentinels are asked in turn for the primary, which is confirmed with `ROLE`
+/// before it is used (a sentinel may not have seen a failover yet); the other
+/// sentinels they know of are learnt from them. A connection error or a `READONLY`
+/// from the primary (it was demoted) has the sentinels asked again and the command
+/// tried again after a growing pause while the timeout lasts, as on a cluster. With
+/// TLS, the sentinels and the primary are both reached over it.
+///
+/// # Acknowledged writes (`wait_replicas`)
+///
+/// Redis replicates asynchronously: a primary acknowledges a write before any
+/// replica has it, and a failover may promote a replica that does not, so a logout
+/// acknowledged by the old primary can come back. With `wait_replicas=N` (or
+/// [`with_wait_replicas`](RedisStore::with_wait_replicas)) every write (create,
+/// save, update, delete, and the owners' index writes) is followed, in the same
+/// round trip and on a connection of its own, by `WAIT N` for three quarters of the
+/// timeout. When fewer than `N` replicas acknowledge it in time, the operation fails
+/// with [`Error::Backend`], saying how many did.
+///
+/// What it guarantees: a write that succeeded is on the primary and on at least `N`
+/// replicas, so it survives a failover that promotes one of those. Sentinel picks
+/// the replica of the best priority, then the one furthest along the replication
+/// stream; a cluster's replicas stand for election sooner the further along they
+/// are. With `N` equal to the number of replicas, every candidate holds the write.
+///
+/// What it does not:
+///
+/// - It is not a transaction. A write that fails for want of acknowledgements **has
+///   been applied on the primary** and is in the replication stream: it may still
+///   reach the replicas, or be lost in a failover. Treat the error as "not known to
+///   be durable" and repeat the operation (a `delete` again, a login again) rather
+///   than assume it was undone.
+/// - A replica acknowledges having received the write, not having written it to
+///   disk: lose the primary and those `N` replicas at once and it is lost.
+/// - A replica that has not acknowledged may still be promoted (a failover forced by
+///   hand, or a replica of better priority), and then the write is lost: keep such
+///   replicas out of elections (`replica-priority 0` under Sentinel,
+///   `cluster-replica-no-failover yes` on a cluster), or make `N` the number of
+///   replicas.
+/// - Reads are not affected: every command goes to the primary.
+///
+/// So that a `WAIT` always has a write of its own to wait for (a `delete` of a key
+/// already gone changes nothing), the store also sets a small marker key,
+/// `PREFIXreplicated` (on a cluster, `PREFIXreplicated{TAG}` in the write's slot),
+/// that expires after a minute. An [`update`](SessionStore::update) that fails
+/// with a conflict, or finds its session gone, reports that, whatever the replicas
+/// said. A write whose script the server has forgotten is sent again whole, and may
+/// wait twice.
 ///
 /// # TLS
 ///
@@ -322,7 +429,10 @@ impl RedisStore {
     /// [`with_max_connections`](RedisStore::with_max_connections) sets another.
     pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
-    /// Makes a store for the Redis server at `url`, such as `redis://127.0.0.1:6379`.
+    /// Makes a store for the Redis deployment `url` names: one server
+    /// (`redis://127.0.0.1:6379`), a cluster (`redis-cluster://...`) or a primary
+    /// behind sentinels (`redis-sentinel://...`), in any of the
+    /// [forms above](RedisStore#urls).
     ///
     /// Nothing is connected yet: the first operation connects, so a program can
     /// start while Redis is still coming up.

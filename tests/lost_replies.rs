@@ -203,6 +203,35 @@ async fn a_login_whose_reply_is_lost_moves_the_session_once(backend: Backend) {
     assert!(refused.is_session_gone(), "the old id is retired");
 }
 
+/// A create (`SET NX`) that lands with its reply lost: sent again, it finds its own
+/// first copy under its id, byte for byte, and keeps that id rather than leave the
+/// copy behind and draw another.
+#[cfg(feature = "redis")]
+#[maybe_async::maybe_async]
+async fn a_create_whose_reply_is_lost_keeps_its_id(backend: Backend) {
+    let mut record = common::live_record(1);
+    // The first use opens the connection; the create then goes out on it, reused.
+    backend.through.load(&record.id).await.unwrap();
+    backend
+        .proxy
+        .lose_reply_of(|request| common::proxy::contains(request, b"NX"), || {});
+    let drawn = record.id;
+    backend.through.create(&mut record).await.unwrap();
+    assert_eq!(backend.proxy.lost(), 1, "the reply was lost");
+    assert_eq!(record.id, drawn, "the id of the copy that landed");
+    let stored = backend.direct.load(&record.id).await.unwrap();
+    assert_eq!(stored, Some(record));
+}
+
+#[cfg(feature = "redis")]
+#[test]
+#[cfg_attr(feature = "sync", allow(clippy::unit_arg))] // block passes () on
+fn a_create_whose_reply_is_lost_keeps_its_id_on_redis() {
+    block(a_create_whose_reply_is_lost_keeps_its_id(redis(
+        "create_reply_lost",
+    )));
+}
+
 macro_rules! on_backend {
     ($feature:literal, $backend:ident: $($test:ident),* $(,)?) => {
         #[cfg(feature = $feature)]

@@ -97,6 +97,37 @@ fn the_store_conforms_on_a_cluster() {
     // A cluster has database 0 alone.
     let url = cluster.url("").replacen("?", "/1?", 1);
     assert!(RedisStore::new(&url).is_err(), "{url}");
+
+    #[cfg(not(feature = "sync"))]
+    a_reading_of_the_map_dropped_halfway_is_done_again(&cluster, &store);
+}
+
+/// An operation dropped while the store reads the slot map (its first seed accepts
+/// connections and never answers) leaves the reading to the next one, which gets
+/// past that seed within its timeout and is served.
+#[cfg(not(feature = "sync"))]
+fn a_reading_of_the_map_dropped_halfway_is_done_again(cluster: &Cluster, served: &RedisStore) {
+    let mut record = live_record(7);
+    block(served.create(&mut record)).unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "redis-cluster://{}?node=127.0.0.1:{}",
+        silent.local_addr().unwrap(),
+        cluster.primaries()[0]
+    );
+    let store = RedisStore::new(&url)
+        .unwrap()
+        .with_key_prefix(served.key_prefix())
+        .with_timeout(Duration::from_millis(300));
+    let mut dropped = Box::pin(store.load(&record.id));
+    for _ in 0..3 {
+        let polled = futures_lite::future::block_on(futures_lite::future::poll_once(&mut dropped));
+        assert!(polled.is_none(), "waiting on the silent seed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(dropped);
+    let loaded = block(store.load(&record.id)).unwrap();
+    assert_eq!(loaded, Some(record));
 }
 
 /// A slot moves from one primary to another while 16 callers read and write: a

@@ -132,7 +132,8 @@ fn a_killed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
 /// With the replica frozen (SIGSTOP), a write fails within the timeout saying how
 /// many replicas acknowledged it, yet is on the primary; a delete of a session that
 /// is already gone fails too (its `WAIT` has a write of its own to wait for), and
-/// reads still work. Thawed, writes succeed. Asking for more replicas than there are
+/// reads still work. More such writes at once than connections each wait for one of
+/// their own, never behind another's `WAIT`. Thawed, writes succeed. Asking for more replicas than there are
 /// fails every write.
 #[test]
 fn wait_replicas_fails_writes_the_replicas_do_not_acknowledge() {
@@ -172,6 +173,32 @@ fn wait_replicas_fails_writes_the_replicas_do_not_acknowledge() {
         err.report().contains("0 of the 1 replicas"),
         "{}",
         err.report()
+    );
+    // More waiting writes at once than connections: each waits for a connection
+    // of its own (a `WAIT` queued behind another would be answered past its
+    // deadline, and the primary taken for lost), and says why it failed.
+    let narrow = store.clone().with_max_connections(1);
+    let reports: Vec<String> = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..3)
+            .map(|_| {
+                let narrow = &narrow;
+                scope.spawn(move || {
+                    let never = Id::default();
+                    block(narrow.delete(&never)).unwrap_err().report()
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for report in &reports {
+        assert!(
+            report.contains("0 of the 1 replicas") || report.contains("stayed busy"),
+            "{report}"
+        );
+    }
+    assert!(
+        reports.iter().any(|r| r.contains("0 of the 1 replicas")),
+        "{reports:?}"
     );
     kill_process(pid, Signal::CONT).unwrap();
 

@@ -211,10 +211,12 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 ///   caller. The calling thread (sync mode) or task (async mode) does this itself,
 ///   with no driver task; under concurrency the server and the store then read and
 ///   write many commands per system call.
-/// - **Connections.** Clones of a store share its connections: one while fewer than
-///   64 commands are in flight on it, more (at most 16, or what
-///   [`with_max_connections`](RedisStore::with_max_connections) sets) beyond that.
-///   They are opened on demand and kept open.
+/// - **Connections.** Clones of a store share its connections: to each server (each
+///   node of a cluster), one while fewer than 64 commands are in flight on it, more
+///   (at most 16, or what
+///   [`with_max_connections`](RedisStore::with_max_connections) sets) beyond that;
+///   with `wait_replicas`, as many again for the writes that wait. They are opened on
+///   demand and kept open.
 /// - **Timeouts and outages.** Connecting and each reply take at most the
 ///   [timeout](RedisStore::with_timeout) (2 s unless set; an eighth more at worst,
 ///   and an operation that waits for the connection another is opening waits for
@@ -317,9 +319,11 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// acknowledged by the old primary can come back. With `wait_replicas=N` (or
 /// [`with_wait_replicas`](RedisStore::with_wait_replicas)) every write (create,
 /// save, update, delete, and the owners' index writes) is followed, in the same
-/// round trip and on a connection of its own, by `WAIT N` for three quarters of the
-/// timeout. When fewer than `N` replicas acknowledge it in time, the operation fails
-/// with [`Error::Backend`], saying how many did.
+/// round trip, by `WAIT N` for three quarters of the timeout. When fewer than `N`
+/// replicas acknowledge it in time, the operation fails with [`Error::Backend`],
+/// saying how many did. Each waiting write has a connection to itself, so that no
+/// read and no other write queues behind its `WAIT`; past the store's maximum of
+/// connections, a write waits (within the timeout) for one to be free.
 ///
 /// What it guarantees: a write that succeeded is on the primary and on at least `N`
 /// replicas, so it survives a failover that promotes one of those. Sentinel picks
@@ -520,7 +524,8 @@ impl RedisStore {
         self
     }
 
-    /// Returns the store keeping at most `max` connections open (at least 1). A
+    /// Returns the store keeping at most `max` connections open to each server (at
+    /// least 1; with `wait_replicas`, as many again for the writes that wait). A
     /// connection carries up to 64 commands in flight before another is opened; past
     /// `max` connections, commands queue on the least busy one.
     ///
@@ -645,6 +650,11 @@ impl SessionStore for RedisStore {
             };
             match sent.reply {
                 Reply::Status(_) | Reply::Int(1) => return self.replicated(&sent),
+                // Sent again after a try that may have run: the key may hold the
+                // first copy, byte for byte (an owned one knows it by its token).
+                Reply::Nil if sent.resent && self.holds(&key, &bytes).await? => {
+                    return self.replicated(&sent)
+                }
                 // The key exists: another session has this id.
                 Reply::Nil | Reply::Int(0) => record.id = random_id()?,
                 other => return Err(unexpected("SET NX", &other)),
@@ -869,7 +879,15 @@ impl RedisStore {
     fn marker(&self, key: &[u8]) -> String {
         match &*self.router {
             Router::Cluster(_) => {
-                format!("{}replicated{{{}}}", self.prefix, slot::tag(slot::of(key)))
+                let (slot, prefix) = (slot::of(key), &self.prefix);
+                let tag = slot::tag(slot);
+                let marker = format!("{prefix}replicated{{{tag}}}");
+                if slot::of(marker.as_bytes()) == slot {
+                    marker
+                } else {
+                    // A prefix with braces of its own would hash another tag.
+                    format!("{{{tag}}}{prefix}replicated")
+                }
             }
             _ => format!("{}replicated", self.prefix),
         }
@@ -903,6 +921,8 @@ impl Request<'_> {
 struct Sent {
     reply: Reply,
     replicas: Option<resp::Answer>,
+    /// The command went out again after a try that may have run it.
+    resent: bool,
 }
 
 #[maybe_async::maybe_async]
@@ -940,6 +960,12 @@ impl RedisStore {
         Ok(sent.reply)
     }
 
+    /// `true` if `key` holds `value`, byte for byte.
+    async fn holds(&self, key: &str, value: &[u8]) -> Result<bool> {
+        let reply = self.call(&[b"GET", key.as_bytes()]).await?;
+        Ok(matches!(reply, Reply::Bulk(held) if held == value))
+    }
+
     /// Runs one command that reads; an error reply is an error.
     async fn call(&self, args: &[&[u8]]) -> Result<Reply> {
         let sent = self.run(&Request::Command(args), false).await?;
@@ -955,13 +981,15 @@ impl RedisStore {
     /// [`Router::recover`] decides.
     ///
     /// On one server, a command whose shared connection the server closed before the
-    /// reply (it restarted, or dropped idle clients) runs once more on a new one.
-    /// The command may have run or not: a server that restarted under a busy
-    /// connection ran some of the commands pipelined on it. Sent again, it runs once
-    /// more at most, and were it to run twice: `GET`, `DEL`, `EXISTS` and a plain
-    /// `SET` are idempotent; a `SET NX` whose first copy did land finds its key taken,
-    /// so `create` draws another id (the first copy expires with its TTL). `update`
-    /// recognises its own first copy.
+    /// reply (it restarted, or dropped idle clients) runs once more on a new one; on
+    /// a cluster or behind sentinels, a command whose connection failed runs again
+    /// until the deadline. The command may have run or not: a server that restarted
+    /// under a busy connection ran some of the commands pipelined on it. Were it to
+    /// run twice: `GET`, `DEL`, `EXISTS` and a plain `SET` are idempotent; a
+    /// `SET NX` whose first copy did land finds its key taken, and `create`, seeing
+    /// the reply to a command sent again ([`Sent::resent`]), takes the key's value,
+    /// byte for byte its own, as its first copy; the owned create and `update`
+    /// recognise their first copy by its token.
     async fn run(
         &self,
         request: &Request<'_>,
@@ -970,7 +998,12 @@ impl RedisStore {
         let mut attempt = Attempt::new(self.timeout);
         loop {
             match self.try_once(&mut attempt, request, write).await {
-                Ok(sent) => return Ok(sent),
+                Ok(sent) => {
+                    return Ok(Sent {
+                        resent: attempt.resent,
+                        ..sent
+                    })
+                }
                 Err(err) => self.router.recover(&mut attempt, err).await?,
             }
         }
@@ -989,7 +1022,7 @@ impl RedisStore {
         let asking = asked.is_some();
         let node = match asked {
             Some(node) => node,
-            None => self.router.route(request.key()).await?,
+            None => self.router.route(request.key(), attempt).await?,
         };
         attempt.reached(&node);
         let waits = write && self.settings.wait_replicas > 0;
@@ -1052,15 +1085,19 @@ impl RedisStore {
             return Ok(Sent {
                 reply,
                 replicas: None,
+                resent: false,
             });
         }
         let (replicas, millis) = (
             self.settings.wait_replicas.to_string(),
             wait_for(self.timeout).as_millis().to_string(),
         );
-        let mut commands: Vec<&[&[u8]]> = Vec::with_capacity(4);
+        // `ASKING` lets only the next command in, so the marker, in the same slot,
+        // needs its own.
+        let asking_command: &[&[u8]] = &[b"ASKING"];
+        let mut commands: Vec<&[&[u8]]> = Vec::with_capacity(5);
         if asking {
-            commands.push(&[b"ASKING"]);
+            commands.push(asking_command);
         }
         commands.push(command);
         let set_marker: [&[u8]; 5];
@@ -1068,6 +1105,9 @@ impl RedisStore {
         if let Some(marker) = marker {
             set_marker = [b"SET", marker.as_bytes(), b"1", b"PX", b"60000"];
             wait = [b"WAIT", replicas.as_bytes(), millis.as_bytes()];
+            if asking {
+                commands.push(asking_command);
+            }
             commands.extend([&set_marker[..], &wait[..]]);
         }
         let mut answers = mux.call_many(&commands).await?.into_iter();
@@ -1078,14 +1118,49 @@ impl RedisStore {
             .next()
             .ok_or_else(|| RespError::Protocol("a reply went missing".into()))?
             .map_err(RespError::Server)?;
-        // The marker's reply says nothing the `WAIT`'s does not.
-        let replicas = marker.and_then(|_| answers.nth(1));
-        Ok(Sent { reply, replicas })
+        // The `WAIT`'s answer comes last; the marker's says nothing it does not.
+        let replicas = marker.and_then(|_| answers.last());
+        Ok(Sent {
+            reply,
+            replicas,
+            resent: false,
+        })
     }
 }
 
 impl From<RespError> for Error {
     fn from(err: RespError) -> Self {
         Error::backend(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A waiting write's marker goes to the node and slot of its key, whatever
+    /// braces the prefix holds, so that the `WAIT` after it waits for a write on
+    /// that node.
+    #[test]
+    fn markers_share_their_writes_slot() {
+        for prefix in ["session:", "", "app{", "{tenant}:", "a}b{", "{}", "x{y"] {
+            let store = RedisStore::new("redis-cluster://127.0.0.1:7000")
+                .unwrap()
+                .with_key_prefix(prefix);
+            for n in 0..200u32 {
+                let key = format!(
+                    "{prefix}{:064x}",
+                    u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                );
+                let marker = store.marker(key.as_bytes());
+                assert_eq!(
+                    slot::of(marker.as_bytes()),
+                    slot::of(key.as_bytes()),
+                    "{prefix:?}: {marker} for {key}"
+                );
+            }
+        }
+        let one = RedisStore::new("redis://127.0.0.1").unwrap();
+        assert_eq!(one.marker(b"session:ab"), "session:replicated");
     }
 }

@@ -241,6 +241,9 @@ pub(crate) struct Mux {
     socket: Socket,
     state: Mutex<State>,
     timeout: Duration,
+    /// Held by one caller of a pool that never shares a connection (see
+    /// [`Lease`](super::pool::Lease)), from its choice to its reply.
+    leased: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Mux {
@@ -264,6 +267,7 @@ impl Mux {
     pub(crate) fn new(mut socket: Socket, timeout: Duration) -> Self {
         let input = socket.take_read();
         Self {
+            leased: std::sync::atomic::AtomicBool::new(false),
             socket,
             state: Mutex::new(State {
                 out: Vec::with_capacity(1024),
@@ -284,6 +288,17 @@ impl Mux {
             }),
             timeout,
         }
+    }
+
+    /// Takes the connection for one caller alone, if no other holds it.
+    pub(crate) fn lease(&self) -> bool {
+        !self.leased.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Gives up a [`lease`](Mux::lease).
+    pub(crate) fn release(&self) {
+        self.leased
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     pub(crate) fn standing(&self) -> Standing {

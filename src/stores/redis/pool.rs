@@ -6,7 +6,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, OnceLock,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -95,11 +95,55 @@ pub(crate) type OpeningLock = async_lock::Mutex<()>;
 /// callers on one connection, which is what makes them cheap.
 const PIPELINE_DEPTH: usize = 64;
 
+/// A connection handed out by a pool: in a pool that never shares one, the
+/// holder's alone until this is dropped.
+pub(crate) struct Lease {
+    mux: Arc<Mux>,
+    exclusive: bool,
+}
+
+impl Lease {
+    fn shared(mux: Arc<Mux>) -> Self {
+        Self {
+            mux,
+            exclusive: false,
+        }
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Arc<Mux>;
+
+    fn deref(&self) -> &Arc<Mux> {
+        &self.mux
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.exclusive {
+            self.mux.release();
+        }
+    }
+}
+
+/// What [`Pool::pick`] found.
+enum Pick {
+    Use(Lease),
+    /// None fits, and another may be opened.
+    Open,
+    /// Every connection of a pool that never shares one is busy, and no more may be
+    /// opened.
+    Full,
+}
+
 impl Pool {
     /// A connection to send a command on, if one fits: the first with room in its
-    /// pipeline, or, when no more may be opened, the least busy. Broken connections
-    /// and those idle too long are closed on the way.
-    fn pick(&self) -> Option<Arc<Mux>> {
+    /// pipeline, or, when no more may be opened, the least busy (never a busy one
+    /// of a pool of single commands: a `WAIT` queued behind another would be
+    /// answered past its deadline). Broken connections and those idle too long are
+    /// closed on the way.
+    fn pick(&self) -> Pick {
         let mut conns = self.conns.lock();
         let mut least: Option<(usize, usize)> = None;
         let mut at = 0;
@@ -109,7 +153,19 @@ impl Pool {
                     conns.swap_remove(at);
                     continue;
                 }
-                Standing::InFlight(n) if n < self.depth => return Some(Arc::clone(&conns[at])),
+                // One of a pool that never shares: free, and taken here, under the
+                // pool's lock, before another caller can choose it.
+                Standing::InFlight(0) if self.depth == 1 => {
+                    if conns[at].lease() {
+                        return Pick::Use(Lease {
+                            mux: Arc::clone(&conns[at]),
+                            exclusive: true,
+                        });
+                    }
+                }
+                Standing::InFlight(n) if n < self.depth => {
+                    return Pick::Use(Lease::shared(Arc::clone(&conns[at])))
+                }
                 Standing::InFlight(n) => {
                     if least.is_none_or(|(_, fewest)| n < fewest) {
                         least = Some((at, n));
@@ -119,9 +175,13 @@ impl Pool {
             at += 1;
         }
         if conns.len() < self.settings.max {
-            return None;
+            return Pick::Open;
         }
-        least.map(|(at, _)| Arc::clone(&conns[at]))
+        match least {
+            _ if self.depth == 1 => Pick::Full,
+            Some((at, _)) => Pick::Use(Lease::shared(Arc::clone(&conns[at]))),
+            None => Pick::Open,
+        }
     }
 
     /// Stops handing out `mux`: it failed as a connection the server closed does.
@@ -140,16 +200,48 @@ impl Pool {
 impl Pool {
     /// A connection to send a command on: a shared one, or a new one (then `true`)
     /// when none fits. Callers that come while one is opened wait for it; if it fails,
-    /// they fail with the same error.
-    pub(crate) async fn connection(&self) -> Result<(Arc<Mux>, bool), RespError> {
-        if let Some(mux) = self.pick() {
-            return Ok((mux, false));
+    /// they fail with the same error. In a pool that never shares a connection, a
+    /// caller waits (within the timeout) for one to be free when no more may be
+    /// opened.
+    pub(crate) async fn connection(&self) -> Result<(Lease, bool), RespError> {
+        let mut full_since = None;
+        loop {
+            if let Some(found) = self.try_connection().await {
+                return found;
+            }
+            let since = *full_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.settings.timeout {
+                return Err(RespError::Protocol(format!(
+                    "all {} connections to {} for writes that wait for replicas stayed \
+                     busy for {:?}: the replicas acknowledge slowly, or more such writes \
+                     come at once than the store's maximum of connections",
+                    self.settings.max, self.address, self.settings.timeout
+                )));
+            }
+            pause(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// [`connection`](Pool::connection), or `None` when the pool is full.
+    async fn try_connection(&self) -> Option<Result<(Lease, bool), RespError>> {
+        match self.pick() {
+            Pick::Use(mux) => return Some(Ok((mux, false))),
+            Pick::Full => return None,
+            Pick::Open => {}
         }
         let failed_before = self.failed.load(Ordering::Acquire);
         let _opening = self.opening.lock().await;
-        if let Some(mux) = self.pick() {
-            return Ok((mux, false));
+        match self.pick() {
+            Pick::Use(mux) => return Some(Ok((mux, false))),
+            Pick::Full => return None,
+            Pick::Open => {}
         }
+        Some(self.open_one(failed_before).await)
+    }
+
+    /// Opens a connection for the pool, unless an attempt made since
+    /// `failed_before` failed: then fails with its error.
+    async fn open_one(&self, failed_before: u64) -> Result<(Lease, bool), RespError> {
         if self.failed.load(Ordering::Acquire) != failed_before {
             if let Some(error) = self.last_failure.lock().as_ref() {
                 return Err(error.duplicate());
@@ -158,8 +250,10 @@ impl Pool {
         match self.open().await {
             Ok(mux) => {
                 let mux = Arc::new(mux);
+                // Leased before another caller can see it.
+                let exclusive = self.depth == 1 && mux.lease();
                 self.conns.lock().push(Arc::clone(&mux));
-                Ok((mux, true))
+                Ok((Lease { mux, exclusive }, true))
             }
             Err(error) => {
                 *self.last_failure.lock() = Some(error.duplicate());
@@ -251,4 +345,16 @@ impl Nodes {
         nodes.insert(address.clone(), Arc::clone(&node));
         Ok(node)
     }
+}
+
+/// Waits `duration`, blocking the thread (sync mode) or the task.
+#[cfg(feature = "sync")]
+pub(crate) fn pause(duration: Duration) {
+    std::thread::sleep(duration);
+}
+
+/// Waits `duration`, blocking the thread (sync mode) or the task.
+#[cfg(not(feature = "sync"))]
+pub(crate) async fn pause(duration: Duration) {
+    async_io::Timer::after(duration).await;
 }

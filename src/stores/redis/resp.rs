@@ -109,11 +109,15 @@ impl RespError {
         let (host, port) = words.next()?.rsplit_once(':')?;
         let port = crate::stores::net::parse_port(port)?;
         // Redis names an IPv6 node without brackets; a node it knows by no endpoint
-        // is an empty host (the one that answered, which the caller knows).
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+        // is an empty host, or `?` where nodes are named by host name (the one that
+        // answered, which the caller knows): both become the empty host.
+        let host = match host {
+            "?" => String::new(),
+            host => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        };
         Some(Redirect {
             moved,
             slot,
@@ -421,6 +425,43 @@ mod tests {
         let (reply, used) = parse(bytes, 0).unwrap().expect("complete");
         assert_eq!(used, bytes.len());
         reply
+    }
+
+    #[test]
+    fn reads_redirections() {
+        let redirect = |text: &str| RespError::Server(text.into()).redirect();
+        let moved = redirect("MOVED 3999 10.0.0.2:6381").unwrap();
+        assert!(moved.moved);
+        assert_eq!(moved.slot, 3999);
+        assert_eq!(moved.address, Address::Tcp("10.0.0.2".into(), 6381));
+        let ask = redirect("ASK 16383 [::1]:7000").unwrap();
+        assert!(!ask.moved);
+        assert_eq!(ask.address, Address::Tcp("::1".into(), 7000));
+        assert_eq!(
+            redirect("ASK 1 cache-2.internal:6379").unwrap().address,
+            Address::Tcp("cache-2.internal".into(), 6379)
+        );
+        // No endpoint, or an unknown host name: the node that answered, on the port.
+        for text in ["MOVED 7 :7002", "MOVED 7 ?:7002"] {
+            assert_eq!(
+                redirect(text).unwrap().address,
+                Address::Tcp(String::new(), 7002)
+            );
+        }
+        for text in [
+            "MOVED 16384 h:1",
+            "MOVED x h:1",
+            "MOVED 1 h",
+            "MOVED 1 h:0",
+            "ASK",
+            "ERR MOVED 1 h:1",
+            "READONLY You can't write against a read only replica.",
+        ] {
+            assert!(redirect(text).is_none(), "{text}");
+        }
+        assert!(RespError::Protocol("MOVED 1 h:1".into())
+            .redirect()
+            .is_none());
     }
 
     #[test]

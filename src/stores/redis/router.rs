@@ -10,7 +10,7 @@ use super::{
     cluster::{slot, Cluster},
     config::{Config, Kind},
     mux::Mux,
-    pool::{Node, Settings},
+    pool::{pause, Node, Settings},
     resp::RespError,
     sentinel::Sentinel,
 };
@@ -110,12 +110,17 @@ impl Attempt {
 
 #[maybe_async::maybe_async]
 impl Router {
-    /// The node to send a command about `key` to.
-    pub(crate) async fn route(&self, key: &[u8]) -> Result<Arc<Node>, RespError> {
+    /// The node to send a command about `key` to, in `attempt`: the topology is
+    /// looked up (when it must be) until the attempt's deadline.
+    pub(crate) async fn route(
+        &self,
+        key: &[u8],
+        attempt: &Attempt,
+    ) -> Result<Arc<Node>, RespError> {
         match self {
             Self::Server(node) => Ok(Arc::clone(node)),
-            Self::Cluster(cluster) => cluster.node_for(slot::of(key)).await,
-            Self::Sentinel(sentinel) => sentinel.primary().await,
+            Self::Cluster(cluster) => cluster.node_for(slot::of(key), attempt.deadline).await,
+            Self::Sentinel(sentinel) => sentinel.primary(attempt.deadline).await,
         }
     }
 
@@ -213,14 +218,4 @@ impl Router {
             }
         }
     }
-}
-
-#[cfg(feature = "sync")]
-fn pause(duration: Duration) {
-    std::thread::sleep(duration);
-}
-
-#[cfg(not(feature = "sync"))]
-async fn pause(duration: Duration) {
-    async_io::Timer::after(duration).await;
 }

@@ -8,9 +8,12 @@
 //! primary is looked up again when a command on it fails with a connection error or
 //! `READONLY` (it was demoted).
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
 };
 
 use super::{
@@ -31,7 +34,11 @@ pub(crate) struct Sentinel {
     /// Held while the primary is looked up, so that callers arriving meanwhile wait
     /// for that answer instead of each asking the sentinels.
     finding: OpeningLock,
+    /// How many lookups ended, and how the last one failed (`None`: it found the
+    /// primary): a caller that waited for a lookup takes its outcome instead of
+    /// asking every sentinel again in turn.
     generation: AtomicU64,
+    last_failure: parking_lot::Mutex<Option<RespError>>,
 }
 
 impl Sentinel {
@@ -50,6 +57,7 @@ impl Sentinel {
             nodes: Nodes::new(tls, settings),
             finding: OpeningLock::default(),
             generation: AtomicU64::new(0),
+            last_failure: parking_lot::Mutex::new(None),
         }
     }
 
@@ -60,6 +68,16 @@ impl Sentinel {
             if !known.contains(&other) {
                 known.push(other);
             }
+        }
+    }
+
+    /// `sentinel` did not answer: it goes last, so that the next lookup starts
+    /// with another.
+    fn failed(&self, sentinel: &Address) {
+        let mut sentinels = self.sentinels.lock();
+        if let Some(at) = sentinels.iter().position(|known| known == sentinel) {
+            let failed = sentinels.remove(at);
+            sentinels.push(failed);
         }
     }
 
@@ -77,35 +95,54 @@ impl Sentinel {
 
 #[maybe_async::maybe_async]
 impl Sentinel {
-    /// The primary, looked up when not known.
-    pub(crate) async fn primary(&self) -> Result<Arc<Node>, RespError> {
+    /// The primary, looked up when not known (asking no more sentinels once
+    /// `deadline` has passed).
+    pub(crate) async fn primary(&self, deadline: Instant) -> Result<Arc<Node>, RespError> {
         if let Some(primary) = self.primary.read().as_ref() {
             return Ok(Arc::clone(primary));
         }
         let seen = self.generation.load(Ordering::Acquire);
         let _finding = self.finding.lock().await;
+        if let Some(primary) = self.primary.read().as_ref() {
+            return Ok(Arc::clone(primary));
+        }
         if self.generation.load(Ordering::Acquire) != seen {
-            if let Some(primary) = self.primary.read().as_ref() {
-                return Ok(Arc::clone(primary));
+            if let Some(err) = self.last_failure.lock().as_ref() {
+                return Err(err.duplicate());
             }
         }
+        let found = self.find(deadline).await;
+        if let Ok(node) = &found {
+            *self.primary.write() = Some(Arc::clone(node));
+        }
+        *self.last_failure.lock() = found.as_ref().err().map(RespError::duplicate);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        found
+    }
+
+    /// Asks the sentinels in turn for the primary, and confirms it, until one
+    /// answers. Once `deadline` has passed by a timeout, no other sentinel is asked;
+    /// a sentinel that failed goes last, so that the next lookup starts with
+    /// another.
+    async fn find(&self, deadline: Instant) -> Result<Arc<Node>, RespError> {
+        let limit = deadline.checked_add(self.nodes.settings().timeout);
         let sentinels = self.sentinels.lock().clone();
         let mut last = None;
         for sentinel in &sentinels {
+            if last.is_some() && limit.is_some_and(|limit| Instant::now() >= limit) {
+                break;
+            }
             match self.ask(sentinel).await {
                 Ok((primary, others)) => {
                     self.learn(others);
                     match self.confirm(&primary).await {
-                        Ok(node) => {
-                            *self.primary.write() = Some(Arc::clone(&node));
-                            self.generation.fetch_add(1, Ordering::AcqRel);
-                            return Ok(node);
-                        }
+                        Ok(node) => return Ok(node),
                         Err(err) => last = Some(err),
                     }
                 }
                 Err(err) => {
                     log::debug!("sentinel {sentinel}: {err}");
+                    self.failed(sentinel);
                     last = Some(err);
                 }
             }

@@ -12,9 +12,12 @@
 pub(crate) mod slot;
 mod topology;
 
-use std::sync::{
-    atomic::{AtomicBool, AtomicU64, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
 };
 
 use self::slot::SLOTS;
@@ -60,7 +63,8 @@ impl SlotMap {
 
 /// A cluster's nodes and slot map, shared by clones of a store.
 pub(crate) struct Cluster {
-    seeds: Vec<Address>,
+    /// The URL's nodes, those that failed last put last.
+    seeds: parking_lot::Mutex<Vec<Address>>,
     map: parking_lot::RwLock<SlotMap>,
     /// Every node met: its connections outlive a refresh of the map.
     nodes: Nodes,
@@ -69,8 +73,11 @@ pub(crate) struct Cluster {
     /// Held while the map is read, so that callers arriving meanwhile wait for that
     /// reading instead of each asking the nodes.
     refreshing: OpeningLock,
-    /// How many times the map was read: a caller that waited for a reading uses it.
+    /// How many readings of the map ended, and how the last one failed (`None`: it
+    /// succeeded): a caller that waited for a reading takes its outcome instead of
+    /// asking every node again in turn.
     generation: AtomicU64,
+    last_failure: parking_lot::Mutex<Option<RespError>>,
 }
 
 impl Cluster {
@@ -80,12 +87,13 @@ impl Cluster {
         settings: Arc<Settings>,
     ) -> Self {
         Self {
-            seeds,
+            seeds: parking_lot::Mutex::new(seeds),
             nodes: Nodes::new(tls, settings),
             map: parking_lot::RwLock::new(SlotMap::empty()),
             stale: AtomicBool::new(true),
             refreshing: OpeningLock::default(),
             generation: AtomicU64::new(0),
+            last_failure: parking_lot::Mutex::new(None),
         }
     }
 
@@ -125,12 +133,22 @@ impl Cluster {
             .iter()
             .map(|node| node.address.clone())
             .collect();
-        for seed in &self.seeds {
+        for seed in self.seeds.lock().iter() {
             if !candidates.contains(seed) {
                 candidates.push(seed.clone());
             }
         }
         candidates
+    }
+
+    /// `address` did not give the map: a seed goes last, so that the next reading
+    /// starts with another.
+    fn failed(&self, address: &Address) {
+        let mut seeds = self.seeds.lock();
+        if let Some(at) = seeds.iter().position(|seed| seed == address) {
+            let seed = seeds.remove(at);
+            seeds.push(seed);
+        }
     }
 
     fn install(&self, ranges: topology::Ranges) -> Result<(), RespError> {
@@ -140,18 +158,34 @@ impl Cluster {
             map.set(first, last, &node);
         }
         *self.map.write() = map;
-        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+}
+
+/// Marks the map stale again when dropped, unless disarmed: a reading that failed,
+/// or whose future was dropped halfway, leaves the reading to the next command.
+struct Restale<'a>(Option<&'a AtomicBool>);
+
+impl Drop for Restale<'_> {
+    fn drop(&mut self) {
+        if let Some(stale) = self.0 {
+            stale.store(true, Ordering::Release);
+        }
     }
 }
 
 #[maybe_async::maybe_async]
 impl Cluster {
-    /// The node serving `slot`, reading the map first when it may be out of date.
-    /// With no node known for the slot, any node: it redirects.
-    pub(crate) async fn node_for(&self, slot: u16) -> Result<Arc<Node>, RespError> {
+    /// The node serving `slot`, reading the map first when it may be out of date
+    /// (asking no more nodes once `deadline` has passed). With no node known for
+    /// the slot, any node: it redirects.
+    pub(crate) async fn node_for(
+        &self,
+        slot: u16,
+        deadline: Instant,
+    ) -> Result<Arc<Node>, RespError> {
         if self.stale.load(Ordering::Acquire) {
-            if let Err(err) = self.refresh().await {
+            if let Err(err) = self.refresh(deadline).await {
                 // The map as it stands may still serve: a node that moved redirects.
                 if self.map.read().nodes.is_empty() {
                     return Err(err);
@@ -163,20 +197,43 @@ impl Cluster {
             .ok_or_else(|| RespError::Protocol("the cluster serves no slot".into()))
     }
 
-    /// Reads the slot map from the first node that gives it.
-    async fn refresh(&self) -> Result<(), RespError> {
+    /// Reads the slot map, once for the callers that come meanwhile.
+    async fn refresh(&self, deadline: Instant) -> Result<(), RespError> {
         let seen = self.generation.load(Ordering::Acquire);
         let _refreshing = self.refreshing.lock().await;
         if self.generation.load(Ordering::Acquire) != seen {
-            return Ok(());
+            return match self.last_failure.lock().as_ref() {
+                Some(err) => Err(err.duplicate()),
+                None => Ok(()),
+            };
         }
         // Cleared first: a redirection that comes while the map is read marks it
-        // again.
+        // again; so does a reading that fails or is dropped halfway.
         self.stale.store(false, Ordering::Release);
+        let mut restale = Restale(Some(&self.stale));
+        let read = self.read_map(deadline).await;
+        if read.is_ok() {
+            restale.0 = None;
+        }
+        *self.last_failure.lock() = read.as_ref().err().map(RespError::duplicate);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        read
+    }
+
+    /// Reads the slot map from the first node that gives it: the primaries of the
+    /// last map, then the seeds. Once `deadline` has passed by a timeout, no other
+    /// node is asked.
+    async fn read_map(&self, deadline: Instant) -> Result<(), RespError> {
+        let limit = deadline.checked_add(self.nodes.settings().timeout);
         let mut last = None;
         for address in self.candidates() {
-            let node = self.node(&address)?;
-            let asked = Self::ask_slots(&node).await;
+            if last.is_some() && limit.is_some_and(|limit| Instant::now() >= limit) {
+                break;
+            }
+            let asked = match self.node(&address) {
+                Ok(node) => Self::ask_slots(&node).await,
+                Err(err) => Err(err),
+            };
             match asked
                 .and_then(|reply| topology::parse(&reply, &address).map_err(RespError::Protocol))
             {
@@ -184,8 +241,8 @@ impl Cluster {
                 Ok(_) => last = Some(RespError::Protocol(format!("{address} serves no slot"))),
                 Err(err) => last = Some(err),
             }
+            self.failed(&address);
         }
-        self.mark_stale();
         Err(last.unwrap_or_else(|| RespError::Protocol("no node to ask".into())))
     }
 

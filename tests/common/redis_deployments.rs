@@ -596,3 +596,15 @@ impl Tally {
         }
     }
 }
+
+/// `store` serves every operation, one after another (after a failover, on the
+/// same store value).
+pub fn serves_every_operation(store: &portable_sessions::RedisStore) {
+    use portable_sessions::SessionStore;
+    let mut record = super::live_record(3);
+    super::block(store.create(&mut record)).unwrap();
+    super::block(store.save(&record)).unwrap();
+    let loaded = super::block(store.load(&record.id)).unwrap();
+    assert_eq!(loaded, Some(record.clone()));
+    super::block(store.delete(&record.id)).unwrap();
+}

@@ -259,9 +259,10 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// [Acknowledged writes](#acknowledged-writes-wait_replicas)) and
 /// `insecure_auth=true`: a password is not sent over plain TCP to another machine
 /// (the connection fails, saying so) unless the URL says so. A parameter the store
-/// does not know is refused, so a typo is never ignored. A reply longer than the
-/// largest record, with room to spare, or a line that runs on without its end, is
-/// refused before it is buffered.
+/// does not know is refused, so a typo is never ignored. A value longer than the
+/// largest record, with room to spare, a reply of more than 16 MiB in all (room for
+/// a cluster's slot map broken into every slot), or a line that runs on without its
+/// end, is refused before it is buffered.
 ///
 /// Which to use: one server while it is enough (with Redis' persistence on, a
 /// restart loses nothing but the seconds it is down); **Sentinel** for a primary

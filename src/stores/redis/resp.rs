@@ -24,8 +24,11 @@ const MAX_LINE: usize = 64 * 1024;
 /// one bulk string: [`MAX_REPLY`] bounds a whole reply.
 const MAX_ARRAY: usize = 16_384;
 const MAX_DEPTH: usize = 4;
-/// The most bytes one reply may take in all, arrays included.
-const MAX_REPLY: usize = MAX_BULK + MAX_LINE;
+/// The most bytes one reply may take in all, arrays included: a cluster's slot map
+/// broken into all 16,384 slots, each with a primary and three replicas named by
+/// IPv6 address, id and host name (about 700 bytes a slot), with room to spare.
+/// Beyond it a reply is refused before more of it is buffered.
+const MAX_REPLY: usize = 16 * 1024 * 1024;
 
 /// A reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -535,6 +538,50 @@ mod tests {
         // An error inside an array: the whole array is consumed, and is the error.
         assert_eq!(whole(b"*2\r\n-ERR x\r\n:1\r\n"), Err("ERR x".into()));
     }
+
+    /// `CLUSTER SLOTS` of a cluster whose 16,384 slots each sit apart, each with a
+    /// primary and three replicas named by host name too, is read whole; a reply
+    /// past the bound is refused.
+    #[test]
+    fn reads_the_largest_slot_map() {
+        let bulk = |text: &str| format!("${}\r\n{text}\r\n", text.len());
+        let node = |port: u16| {
+            let ip = format!("2001:db8:aaaa:bbbb:cccc:dddd:eeee:{port}");
+            let host = format!("node-{port}.sessions.cache.internal");
+            format!(
+                "*4\r\n{}:{port}\r\n{}*2\r\n{}{}",
+                bulk(&ip),
+                bulk(&format!("{port:040}")),
+                bulk("hostname"),
+                bulk(&host)
+            )
+        };
+        let mut reply = format!("*{}\r\n", SLOTS_FOR_TEST);
+        for slot in 0..SLOTS_FOR_TEST {
+            reply.push_str(&format!("*6\r\n:{slot}\r\n:{slot}\r\n"));
+            for port in [7000, 7001, 7002, 7003] {
+                reply.push_str(&node(port));
+            }
+        }
+        assert!(reply.len() > 10 * 1024 * 1024, "{}", reply.len());
+        let Ok(Reply::Array(ranges)) = whole(reply.as_bytes()) else {
+            panic!("not read");
+        };
+        assert_eq!(ranges.len(), SLOTS_FOR_TEST);
+
+        let mut past = b"*2\r\n".to_vec();
+        for _ in 0..2 {
+            past.extend_from_slice(b"*9\r\n");
+            for _ in 0..9 {
+                past.extend_from_slice(format!("${MAX_BULK}\r\n").as_bytes());
+                past.resize(past.len() + MAX_BULK, b'x');
+                past.extend_from_slice(b"\r\n");
+            }
+        }
+        assert!(parse(&past, 0).is_err());
+    }
+
+    const SLOTS_FOR_TEST: usize = 16_384;
 
     #[test]
     fn encodes_commands_as_arrays_of_bulk_strings() {

@@ -75,8 +75,7 @@ fn count_through(
     wait_until("a new primary", Duration::from_secs(60), || {
         deployment.primary_port() != old
     });
-    let new = deployment.primary_port();
-    deployment.wait_settled(new);
+    let new = deployment.wait_settled();
     counters.wait_for_more(100, Duration::from_secs(30));
     let tally = counters.stop();
     // A step is a load and an update: each may take twice the timeout at worst.
@@ -129,8 +128,8 @@ fn a_killed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
 /// many replicas acknowledged it, yet is on the primary; a delete of a session that
 /// is already gone fails too (its `WAIT` has a write of its own to wait for), and
 /// reads still work. More such writes at once than connections each wait for one of
-/// their own, never behind another's `WAIT`. Thawed, writes succeed. Asking for more replicas than there are
-/// fails every write.
+/// their own, never behind another's `WAIT`. Thawed, writes succeed. Asking for more
+/// replicas than there are fails every write.
 #[test]
 fn wait_replicas_fails_writes_the_replicas_do_not_acknowledge() {
     let mut deployment = Sentinels::start();

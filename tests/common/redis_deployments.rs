@@ -399,24 +399,36 @@ impl Sentinels {
             replica,
             sentinels,
         };
-        deployment.wait_settled(deployment.primary.port);
+        let primary = deployment.wait_settled();
+        assert_eq!(
+            primary, deployment.primary.port,
+            "the primary started as one"
+        );
         deployment
     }
 
-    /// Waits until every sentinel names `port` as the primary, knows its replica and
-    /// the other sentinels, and the replica is in step.
-    pub fn wait_settled(&self, port: u16) {
+    /// Waits until every sentinel names the same primary, knows its replica and the
+    /// other sentinels, and the replica is in step; returns the primary's port. On a
+    /// loaded machine the sentinels may fail over again meanwhile (a primary that
+    /// stalls past `down-after-milliseconds`): whichever primary they settle on.
+    pub fn wait_settled(&self) -> u16 {
+        let mut settled = 0;
         wait_until("settled sentinels", Duration::from_secs(60), || {
-            self.sentinels.iter().all(|sentinel| {
+            let port = self.primary_port();
+            let agreed = self.sentinels.iter().all(|sentinel| {
                 let named = sentinel.cli(&["SENTINEL", "get-master-addr-by-name", Self::SERVICE]);
                 let primary = sentinel.cli(&["SENTINEL", "master", Self::SERVICE]);
-                named.contains(&port.to_string())
+                named.lines().nth(1).map(str::trim) == Some(port.to_string().as_str())
                     && field(&primary, "num-slaves") == Some("1")
                     && field(&primary, "num-other-sentinels") == Some("2")
                     && field(&primary, "flags") == Some("master")
-            }) && cli_with(self.primary.tls.as_ref(), port, &["INFO", "replication"])
-                .contains("state=online")
+            });
+            settled = port;
+            agreed
+                && cli_with(self.primary.tls.as_ref(), port, &["INFO", "replication"])
+                    .contains("state=online")
         });
+        settled
     }
 
     /// `redis-sentinel://` (`rediss-sentinel://` with TLS) naming every sentinel.

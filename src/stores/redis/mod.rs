@@ -320,7 +320,7 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 /// acknowledged by the old primary can come back. With `wait_replicas=N` (or
 /// [`with_wait_replicas`](RedisStore::with_wait_replicas)) every write (create,
 /// save, update, delete, and the owners' index writes) is followed, in the same
-/// round trip, by `WAIT N` for three quarters of the timeout. When fewer than `N`
+/// round trip, by `WAIT N` for half the timeout. When fewer than `N`
 /// replicas acknowledge it in time, the operation fails with [`Error::Backend`],
 /// saying how many did. Each waiting write has a connection to itself, so that no
 /// read and no other write queues behind its `WAIT`; past the store's maximum of
@@ -895,10 +895,11 @@ impl RedisStore {
     }
 }
 
-/// How long a write's `WAIT` waits for the replicas: three quarters of the timeout,
-/// so that its answer comes before the reply's own deadline.
+/// How long a write's `WAIT` waits for the replicas: half the timeout, so that its
+/// answer comes well before the reply's own deadline, even from a loaded server (a
+/// late answer would fail the write as a timeout, and take the server for lost).
 fn wait_for(timeout: Duration) -> Duration {
-    (timeout * 3 / 4).max(Duration::from_millis(1))
+    (timeout / 2).max(Duration::from_millis(1))
 }
 
 /// A command, or a script with its keys and arguments.

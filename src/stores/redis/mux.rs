@@ -35,7 +35,7 @@ use parking_lot::Mutex;
 #[cfg(feature = "sync")]
 use parking_lot::MutexGuard;
 
-use super::resp::{encode, parse, Answer, Reply, RespError};
+use super::resp::{encode, parse, Answer, Reply, RespError, Scanner};
 use crate::stores::net::{self, Socket};
 
 /// How much the reader asks the socket for at a time.
@@ -79,6 +79,8 @@ struct State {
     writer: Option<u64>,
     /// Read and not yet parsed.
     input: BytesMut,
+    /// How far the reply at the start of `input` has been found to go.
+    scanner: Scanner,
     /// The reader's buffer (taken out while it reads, in sync mode).
     scratch: Vec<u8>,
     /// The socket's read timeout as last set (sync mode).
@@ -167,9 +169,18 @@ impl State {
         Ok(())
     }
 
-    /// Parses every whole reply read so far and hands each to its command.
+    /// Parses every whole reply read so far and hands each to its command. A reply
+    /// is parsed once the scanner has found it whole, so one that comes in many
+    /// pieces is not parsed again at each.
     fn parse_input(&mut self, wake: &mut Vec<Waiter>) -> Result<(), RespError> {
-        while let Some((answer, used)) = parse(&self.input, 0).map_err(RespError::Protocol)? {
+        while let Some(end) = self
+            .scanner
+            .whole(&self.input)
+            .map_err(RespError::Protocol)?
+        {
+            let (answer, used) = parse(&self.input[..end], 0)
+                .map_err(RespError::Protocol)?
+                .ok_or_else(|| RespError::Protocol("a reply ended short of its end".into()))?;
             self.input.advance(used);
             self.deliver(answer, wake)?;
         }
@@ -274,6 +285,7 @@ impl Mux {
                 #[cfg(feature = "sync")]
                 writer: None,
                 input,
+                scanner: Scanner::default(),
                 scratch: vec![0; READ_CHUNK],
                 #[cfg(feature = "sync")]
                 read_timeout: timeout,

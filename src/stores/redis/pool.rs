@@ -163,6 +163,12 @@ impl Pool {
                         });
                     }
                 }
+                // Commands in flight and no holder: its caller's future was dropped
+                // before the reply, and nobody will read it. Closed.
+                Standing::InFlight(_) if self.depth == 1 && conns[at].lease() => {
+                    conns.swap_remove(at);
+                    continue;
+                }
                 Standing::InFlight(n) if n < self.depth => {
                     return Pick::Use(Lease::shared(Arc::clone(&conns[at])))
                 }

@@ -187,11 +187,11 @@ impl std::error::Error for RespError {
 /// A reply, or the message of an error reply.
 pub(super) type Answer = Result<Reply, String>;
 
-/// Parses one reply from the start of `buf`: the reply and how many bytes it took,
-/// `None` if `buf` holds only part of it. An error reply is an `Err` answer, with its
-/// length, so that the caller can consume it and keep the connection; malformed input
-/// is an `Err`.
-pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
+/// A line of a reply: its type byte, the rest of it, and where the next line starts.
+type Line<'a> = (u8, &'a [u8], usize);
+
+/// The first line of `buf`; `None` while its end has not come.
+fn first_line(buf: &[u8]) -> Result<Option<Line<'_>>, String> {
     let head = &buf[..buf.len().min(MAX_LINE + 2)];
     let Some(end) = head.windows(2).position(|w| w == b"\r\n") else {
         if head.len() == MAX_LINE + 2 {
@@ -204,13 +204,99 @@ pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>,
     let Some((&kind, line)) = buf[..end].split_first() else {
         return Err("an empty line".into());
     };
-    let line_end = end + 2;
-    let text = || std::str::from_utf8(line).map_err(|_| "a line is not UTF-8".to_owned());
-    let number = || -> Result<i64, String> {
-        text()?
-            .parse()
-            .map_err(|_| format!("`{}` is not a number", String::from_utf8_lossy(line)))
+    Ok(Some((kind, line, end + 2)))
+}
+
+fn number(line: &[u8]) -> Result<i64, String> {
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| format!("`{}` is not a number", String::from_utf8_lossy(line)))
+}
+
+/// Finds where a reply ends as its bytes come in, without building it, and
+/// resumes where it stopped: a reply read in many pieces is scanned once, where
+/// parsing it whole at each piece would cost a pass a piece (a slot map of 10 MB
+/// read 16 KiB at a time: 600 passes). Bounds are checked as they are met, so a
+/// reply past [`MAX_REPLY`] is refused before more of it is buffered.
+#[derive(Debug, Default)]
+pub(super) struct Scanner {
+    /// Where the next element starts, from the start of the reply.
+    at: usize,
+    /// How many elements are still to come in each array open there, outermost
+    /// first.
+    open: Vec<usize>,
+}
+
+impl Scanner {
+    /// The length of the reply at the start of `buf` once it is all there;
+    /// `None` while more must come. Each call must see the bytes of the last one,
+    /// with any that came since behind them; once a reply is found whole, the next
+    /// call starts on the next reply.
+    pub(super) fn whole(&mut self, buf: &[u8]) -> Result<Option<usize>, String> {
+        loop {
+            let Some((kind, line, line_end)) = first_line(&buf[self.at..])? else {
+                return Ok(None);
+            };
+            let size = match kind {
+                b'+' | b'-' | b':' => line_end,
+                b'$' => match usize::try_from(number(line)?) {
+                    // Nil.
+                    Err(_) => line_end,
+                    Ok(len) if len <= MAX_BULK => line_end + len + 2,
+                    Ok(len) => {
+                        return Err(format!(
+                        "a bulk string of {len} bytes, more than the {MAX_BULK} a reply may carry"
+                    ))
+                    }
+                },
+                b'*' => match usize::try_from(number(line)?) {
+                    Err(_) | Ok(0) => line_end,
+                    Ok(count) if count <= MAX_ARRAY && self.open.len() < MAX_DEPTH => {
+                        self.open.push(count);
+                        self.at += line_end;
+                        continue;
+                    }
+                    Ok(_) => return Err("an array is too long or too deep".into()),
+                },
+                other => return Err(format!("unknown reply type {:?}", char::from(other))),
+            };
+            if self.at + size > MAX_REPLY {
+                return Err(format!(
+                    "a reply runs past the {MAX_REPLY} bytes a reply may take"
+                ));
+            }
+            if buf.len() < self.at + size {
+                return Ok(None);
+            }
+            self.at += size;
+            // An element is whole: so is each array it completes.
+            loop {
+                match self.open.last_mut() {
+                    None => return Ok(Some(std::mem::take(&mut self.at))),
+                    Some(left) if *left > 1 => {
+                        *left -= 1;
+                        break;
+                    }
+                    Some(_) => {
+                        self.open.pop();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parses one reply from the start of `buf`: the reply and how many bytes it took,
+/// `None` if `buf` holds only part of it. An error reply is an `Err` answer, with its
+/// length, so that the caller can consume it and keep the connection; malformed input
+/// is an `Err`.
+pub(super) fn parse(buf: &[u8], depth: usize) -> Result<Option<(Answer, usize)>, String> {
+    let Some((kind, line, line_end)) = first_line(buf)? else {
+        return Ok(None);
     };
+    let text = || std::str::from_utf8(line).map_err(|_| "a line is not UTF-8".to_owned());
+    let number = || number(line);
     match kind {
         b'+' => Ok(Some((Ok(Reply::Status(text()?.to_owned())), line_end))),
         b'-' => Ok(Some((Err(text()?.to_owned()), line_end))),
@@ -501,7 +587,12 @@ mod tests {
             input.extend_from_slice(&bytes);
             if let Ok(Some((_, used))) = parse(&input, 0) {
                 proptest::prop_assert!(used <= input.len());
+                // The scanner finds the same end, however the bytes come.
+                proptest::prop_assert_eq!(scanned(&input, 1), Ok(Some(used)));
+                proptest::prop_assert_eq!(scanned(&input, 5), Ok(Some(used)));
             }
+            // And never panics.
+            let _ = scanned(&input, 3);
         }
     }
 
@@ -582,6 +673,90 @@ mod tests {
     }
 
     const SLOTS_FOR_TEST: usize = 16_384;
+
+    /// Feeds `bytes` to a scanner `step` bytes at a time; the length it finds.
+    fn scanned(bytes: &[u8], step: usize) -> Result<Option<usize>, String> {
+        let mut scanner = Scanner::default();
+        let mut seen = 0;
+        while seen < bytes.len() {
+            seen = (seen + step).min(bytes.len());
+            if let Some(end) = scanner.whole(&bytes[..seen])? {
+                assert!(end <= seen, "an end past the bytes seen");
+                return Ok(Some(end));
+            }
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn the_scanner_finds_where_each_reply_ends() {
+        let replies: [&[u8]; 9] = [
+            b"+OK\r\n",
+            b"-ERR no\r\n",
+            b":-42\r\n",
+            b"$-1\r\n",
+            b"$4\r\na\r\nb\r\n",
+            b"*-1\r\n",
+            b"*0\r\n",
+            b"*3\r\n:1\r\n*2\r\n$1\r\nx\r\n*0\r\n-ERR in\r\n",
+            b"*2\r\n*1\r\n*1\r\n*1\r\n:1\r\n$0\r\n\r\n",
+        ];
+        for reply in replies {
+            let (_, used) = parse(reply, 0).unwrap().unwrap();
+            assert_eq!(used, reply.len(), "{reply:?}");
+            for step in [1, 2, 3, 7, reply.len()] {
+                assert_eq!(
+                    scanned(reply, step),
+                    Ok(Some(reply.len())),
+                    "{reply:?} by {step}"
+                );
+            }
+            // Not yet whole one byte short; the next reply behind it is not its.
+            let mut scanner = Scanner::default();
+            assert_eq!(scanner.whole(&reply[..reply.len() - 1]), Ok(None));
+            let two = [reply, b":7\r\n"].concat();
+            assert_eq!(scanner.whole(&two), Ok(Some(reply.len())));
+            assert_eq!(scanner.whole(&two[reply.len()..]), Ok(Some(4)));
+        }
+        for bad in [
+            &b"?x\r\n"[..],
+            b"$x\r\n",
+            b"*x\r\n",
+            b"\r\n",
+            b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
+        ] {
+            assert!(Scanner::default().whole(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The largest slot map, read 16 KiB at a time as a connection reads it, is
+    /// scanned once (and parsed once, whole); a reply past the bound is refused
+    /// before much more than the bound has come.
+    #[test]
+    fn the_scanner_reads_large_replies_in_one_pass() {
+        let node =
+            "*3\r\n$9\r\n127.0.0.1\r\n:7000\r\n$40\r\n0123456789012345678901234567890123456789\r\n";
+        let mut reply = format!("*{SLOTS_FOR_TEST}\r\n");
+        for slot in 0..SLOTS_FOR_TEST {
+            reply.push_str(&format!("*4\r\n:{slot}\r\n:{slot}\r\n{node}{node}"));
+        }
+        // Parsed whole at each of its some 160 pieces, it would be parsed 160 times.
+        assert_eq!(scanned(reply.as_bytes(), 16 * 1024), Ok(Some(reply.len())));
+
+        let mut scanner = Scanner::default();
+        let mut past = b"*64\r\n".to_vec();
+        let refused = loop {
+            past.extend_from_slice(format!("${MAX_BULK}\r\n").as_bytes());
+            past.resize(past.len() + MAX_BULK, b'x');
+            past.extend_from_slice(b"\r\n");
+            match scanner.whole(&past) {
+                Ok(None) => continue,
+                other => break other,
+            }
+        };
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(past.len() <= MAX_REPLY + MAX_BULK + 64, "{}", past.len());
+    }
 
     #[test]
     fn encodes_commands_as_arrays_of_bulk_strings() {

@@ -137,7 +137,11 @@ impl Sentinel {
                     self.learn(others);
                     match self.confirm(&primary).await {
                         Ok(node) => return Ok(node),
-                        Err(err) => last = Some(err),
+                        Err(err) => {
+                            // It named a primary that is not one: ask another first.
+                            self.failed(sentinel);
+                            last = Some(err);
+                        }
                     }
                 }
                 Err(err) => {

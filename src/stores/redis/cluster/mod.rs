@@ -124,18 +124,26 @@ impl Cluster {
             .cloned()
     }
 
-    /// Where to ask for the map: the primaries of the last map, then the seeds.
+    /// Where to ask for the map, each address once: the primaries of the last map,
+    /// then the seeds; the seeds first when the last reading failed (the whole
+    /// cluster may have moved to new addresses).
     fn candidates(&self) -> Vec<Address> {
-        let mut candidates: Vec<Address> = self
+        let primaries: Vec<Address> = self
             .map
             .read()
             .nodes
             .iter()
             .map(|node| node.address.clone())
             .collect();
-        for seed in self.seeds.lock().iter() {
-            if !candidates.contains(seed) {
-                candidates.push(seed.clone());
+        let seeds = self.seeds.lock().clone();
+        let (first, then) = match self.last_failure.lock().is_some() {
+            true => (&seeds, &primaries),
+            false => (&primaries, &seeds),
+        };
+        let mut candidates: Vec<Address> = Vec::with_capacity(first.len() + then.len());
+        for address in first.iter().chain(then) {
+            if !candidates.contains(address) {
+                candidates.push(address.clone());
             }
         }
         candidates
@@ -220,16 +228,19 @@ impl Cluster {
         read
     }
 
-    /// Reads the slot map from the first node that gives it: the primaries of the
-    /// last map, then the seeds. Once `deadline` has passed by a timeout, no other
+    /// Reads the slot map from the first node that gives it (see `candidates`).
+    /// Once `deadline` has passed by a timeout and a seed has been asked, no other
     /// node is asked.
     async fn read_map(&self, deadline: Instant) -> Result<(), RespError> {
         let limit = deadline.checked_add(self.nodes.settings().timeout);
         let mut last = None;
+        let mut seed_asked = false;
         for address in self.candidates() {
-            if last.is_some() && limit.is_some_and(|limit| Instant::now() >= limit) {
+            let late = limit.is_some_and(|limit| Instant::now() >= limit);
+            if last.is_some() && late && seed_asked {
                 break;
             }
+            seed_asked |= self.seeds.lock().contains(&address);
             let asked = match self.node(&address) {
                 Ok(node) => Self::ask_slots(&node).await,
                 Err(err) => Err(err),

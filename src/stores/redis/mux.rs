@@ -170,14 +170,23 @@ impl State {
     }
 
     /// Parses every whole reply read so far and hands each to its command. A reply
-    /// is parsed once the scanner has found it whole, so one that comes in many
-    /// pieces is not parsed again at each.
+    /// that has not come whole in one read is parsed once the scanner has found it
+    /// whole, so one that comes in many pieces is not parsed again at each.
     fn parse_input(&mut self, wake: &mut Vec<Waiter>) -> Result<(), RespError> {
-        while let Some(end) = self
-            .scanner
-            .whole(&self.input)
-            .map_err(RespError::Protocol)?
-        {
+        while !self.input.is_empty() {
+            if self.scanner.is_fresh() {
+                // Most replies come whole: parsed at once.
+                let parsed = parse(&self.input, 0).map_err(RespError::Protocol)?;
+                if let Some((answer, used)) = parsed {
+                    self.input.advance(used);
+                    self.deliver(answer, wake)?;
+                    continue;
+                }
+            }
+            let scanned = self.scanner.whole(&self.input);
+            let Some(end) = scanned.map_err(RespError::Protocol)? else {
+                break;
+            };
             let (answer, used) = parse(&self.input[..end], 0)
                 .map_err(RespError::Protocol)?
                 .ok_or_else(|| RespError::Protocol("a reply ended short of its end".into()))?;

@@ -229,6 +229,11 @@ pub(super) struct Scanner {
 }
 
 impl Scanner {
+    /// `true` before the first byte of a reply has been scanned.
+    pub(super) fn is_fresh(&self) -> bool {
+        self.at == 0 && self.open.is_empty()
+    }
+
     /// The length of the reply at the start of `buf` once it is all there;
     /// `None` while more must come. Each call must see the bytes of the last one,
     /// with any that came since behind them; once a reply is found whole, the next

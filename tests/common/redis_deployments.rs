@@ -185,6 +185,17 @@ pub struct Cluster {
     tls: Option<Tls>,
 }
 
+/// What every server of a replicated deployment runs with: files in its own
+/// directory, and replicas brought in step without a dump on disk, at once.
+const REPLICATED: [&str; 6] = [
+    "--dir",
+    "{dir}",
+    "--repl-diskless-sync",
+    "yes",
+    "--repl-diskless-sync-delay",
+    "0",
+];
+
 impl Cluster {
     pub fn start() -> Self {
         Self::start_with(None)
@@ -192,7 +203,7 @@ impl Cluster {
 
     /// A cluster whose nodes speak TLS alone, to clients and to each other.
     pub fn start_with(tls: Option<Tls>) -> Self {
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -203,16 +214,10 @@ impl Cluster {
             "1000",
             "--cluster-replica-validity-factor",
             "0",
-            "--dir",
-            "{dir}",
-            "--repl-diskless-sync",
-            "yes",
-            "--repl-diskless-sync-delay",
-            "0",
         ]
         .map(String::from)
         .to_vec();
-        let mut args = args;
+        args.extend(REPLICATED.map(String::from));
         if tls.is_some() {
             // The cluster bus too.
             args.extend(["--tls-cluster", "yes"].map(String::from));
@@ -355,16 +360,7 @@ impl Sentinels {
 
     /// A deployment whose servers and sentinels speak TLS alone.
     pub fn start_with(tls: Option<Tls>) -> Self {
-        let data: Vec<String> = [
-            "--dir",
-            "{dir}",
-            "--repl-diskless-sync",
-            "yes",
-            "--repl-diskless-sync-delay",
-            "0",
-        ]
-        .map(String::from)
-        .to_vec();
+        let data: Vec<String> = REPLICATED.map(String::from).to_vec();
         let primary = Server::start("redis-primary", &data, &[], tls.as_ref());
         let mut replica_args = data.clone();
         replica_args.extend([

@@ -311,6 +311,44 @@ impl Pool {
     }
 }
 
+/// Servers asked in turn for the topology (a cluster's seed nodes, the sentinels),
+/// those that last failed put last, so that the next lookup starts with another.
+pub(crate) struct Rotation(parking_lot::Mutex<Vec<Address>>);
+
+impl Rotation {
+    pub(crate) fn new(addresses: Vec<Address>) -> Self {
+        Self(parking_lot::Mutex::new(addresses))
+    }
+
+    /// The addresses, in the order to ask them.
+    pub(crate) fn order(&self) -> Vec<Address> {
+        self.0.lock().clone()
+    }
+
+    pub(crate) fn contains(&self, address: &Address) -> bool {
+        self.0.lock().contains(address)
+    }
+
+    /// Adds those not known yet, last.
+    pub(crate) fn learn(&self, others: Vec<Address>) {
+        let mut known = self.0.lock();
+        for other in others {
+            if !known.contains(&other) {
+                known.push(other);
+            }
+        }
+    }
+
+    /// `address` failed: it is asked last from now on.
+    pub(crate) fn failed(&self, address: &Address) {
+        let mut addresses = self.0.lock();
+        if let Some(at) = addresses.iter().position(|known| known == address) {
+            let failed = addresses.remove(at);
+            addresses.push(failed);
+        }
+    }
+}
+
 /// The nodes a store has met (cluster nodes, primaries a sentinel named), by
 /// address: a node's connections outlive a change of topology that keeps it.
 pub(crate) struct Nodes {

@@ -18,7 +18,7 @@ use std::{
 
 use super::{
     config::Auth,
-    pool::{Node, Nodes, OpeningLock, Settings},
+    pool::{Node, Nodes, OpeningLock, Rotation, Settings},
     resp::{Conn, Reply, RespError},
 };
 use crate::stores::{net::Address, tls::Connector};
@@ -28,7 +28,7 @@ pub(crate) struct Sentinel {
     service: String,
     /// The sentinels' own credentials.
     auth: Auth,
-    sentinels: parking_lot::Mutex<Vec<Address>>,
+    sentinels: Rotation,
     primary: parking_lot::RwLock<Option<Arc<Node>>>,
     nodes: Nodes,
     /// Held while the primary is looked up, so that callers arriving meanwhile wait
@@ -52,32 +52,12 @@ impl Sentinel {
         Self {
             service,
             auth,
-            sentinels: parking_lot::Mutex::new(sentinels),
+            sentinels: Rotation::new(sentinels),
             primary: parking_lot::RwLock::new(None),
             nodes: Nodes::new(tls, settings),
             finding: OpeningLock::default(),
             generation: AtomicU64::new(0),
             last_failure: parking_lot::Mutex::new(None),
-        }
-    }
-
-    /// Adds the sentinels another named to those asked.
-    fn learn(&self, others: Vec<Address>) {
-        let mut known = self.sentinels.lock();
-        for other in others {
-            if !known.contains(&other) {
-                known.push(other);
-            }
-        }
-    }
-
-    /// `sentinel` did not answer: it goes last, so that the next lookup starts
-    /// with another.
-    fn failed(&self, sentinel: &Address) {
-        let mut sentinels = self.sentinels.lock();
-        if let Some(at) = sentinels.iter().position(|known| known == sentinel) {
-            let failed = sentinels.remove(at);
-            sentinels.push(failed);
         }
     }
 
@@ -126,7 +106,7 @@ impl Sentinel {
     /// another.
     async fn find(&self, deadline: Instant) -> Result<Arc<Node>, RespError> {
         let limit = deadline.checked_add(self.nodes.settings().timeout);
-        let sentinels = self.sentinels.lock().clone();
+        let sentinels = self.sentinels.order();
         let mut last = None;
         for sentinel in &sentinels {
             if last.is_some() && limit.is_some_and(|limit| Instant::now() >= limit) {
@@ -134,19 +114,20 @@ impl Sentinel {
             }
             match self.ask(sentinel).await {
                 Ok((primary, others)) => {
-                    self.learn(others);
+                    // The other sentinels it knows of are asked too.
+                    self.sentinels.learn(others);
                     match self.confirm(&primary).await {
                         Ok(node) => return Ok(node),
                         Err(err) => {
                             // It named a primary that is not one: ask another first.
-                            self.failed(sentinel);
+                            self.sentinels.failed(sentinel);
                             last = Some(err);
                         }
                     }
                 }
                 Err(err) => {
                     log::debug!("sentinel {sentinel}: {err}");
-                    self.failed(sentinel);
+                    self.sentinels.failed(sentinel);
                     last = Some(err);
                 }
             }

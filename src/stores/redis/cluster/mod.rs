@@ -22,7 +22,7 @@ use std::{
 
 use self::slot::SLOTS;
 use super::{
-    pool::{Node, Nodes, OpeningLock, Settings},
+    pool::{Node, Nodes, OpeningLock, Rotation, Settings},
     resp::RespError,
 };
 use crate::stores::{net::Address, tls::Connector};
@@ -64,7 +64,7 @@ impl SlotMap {
 /// A cluster's nodes and slot map, shared by clones of a store.
 pub(crate) struct Cluster {
     /// The URL's nodes, those that failed last put last.
-    seeds: parking_lot::Mutex<Vec<Address>>,
+    seeds: Rotation,
     map: parking_lot::RwLock<SlotMap>,
     /// Every node met: its connections outlive a refresh of the map.
     nodes: Nodes,
@@ -87,7 +87,7 @@ impl Cluster {
         settings: Arc<Settings>,
     ) -> Self {
         Self {
-            seeds: parking_lot::Mutex::new(seeds),
+            seeds: Rotation::new(seeds),
             nodes: Nodes::new(tls, settings),
             map: parking_lot::RwLock::new(SlotMap::empty()),
             stale: AtomicBool::new(true),
@@ -135,7 +135,7 @@ impl Cluster {
             .iter()
             .map(|node| node.address.clone())
             .collect();
-        let seeds = self.seeds.lock().clone();
+        let seeds = self.seeds.order();
         let (first, then) = match self.last_failure.lock().is_some() {
             true => (&seeds, &primaries),
             false => (&primaries, &seeds),
@@ -147,16 +147,6 @@ impl Cluster {
             }
         }
         candidates
-    }
-
-    /// `address` did not give the map: a seed goes last, so that the next reading
-    /// starts with another.
-    fn failed(&self, address: &Address) {
-        let mut seeds = self.seeds.lock();
-        if let Some(at) = seeds.iter().position(|seed| seed == address) {
-            let seed = seeds.remove(at);
-            seeds.push(seed);
-        }
     }
 
     fn install(&self, ranges: topology::Ranges) -> Result<(), RespError> {
@@ -240,7 +230,7 @@ impl Cluster {
             if last.is_some() && late && seed_asked {
                 break;
             }
-            seed_asked |= self.seeds.lock().contains(&address);
+            seed_asked |= self.seeds.contains(&address);
             let asked = match self.node(&address) {
                 Ok(node) => Self::ask_slots(&node).await,
                 Err(err) => Err(err),
@@ -252,7 +242,7 @@ impl Cluster {
                 Ok(_) => last = Some(RespError::Protocol(format!("{address} serves no slot"))),
                 Err(err) => last = Some(err),
             }
-            self.failed(&address);
+            self.seeds.failed(&address);
         }
         Err(last.unwrap_or_else(|| RespError::Protocol("no node to ask".into())))
     }

@@ -350,8 +350,9 @@ fn decode_value(id: &Id, value: &[u8]) -> Result<Record> {
 ///
 /// So that a `WAIT` always has a write of its own to wait for (a `delete` of a key
 /// already gone changes nothing), the store also sets a small marker key,
-/// `PREFIXreplicated` (on a cluster, `PREFIXreplicated{TAG}` in the write's slot),
-/// that expires after a minute. An [`update`](SessionStore::update) that fails
+/// `PREFIXreplicated` (on a cluster, `PREFIXreplicated{TAG}` in the write's slot,
+/// or `{TAG}PREFIXreplicated` where the prefix holds braces of its own), that
+/// expires after a minute. An [`update`](SessionStore::update) that fails
 /// with a conflict, or finds its session gone, reports that, whatever the replicas
 /// said. A write whose script the server has forgotten is sent again whole, and may
 /// wait twice.

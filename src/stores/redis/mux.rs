@@ -174,22 +174,25 @@ impl State {
     /// whole, so one that comes in many pieces is not parsed again at each.
     fn parse_input(&mut self, wake: &mut Vec<Waiter>) -> Result<(), RespError> {
         while !self.input.is_empty() {
-            if self.scanner.is_fresh() {
-                // Most replies come whole: parsed at once.
-                let parsed = parse(&self.input, 0).map_err(RespError::Protocol)?;
-                if let Some((answer, used)) = parsed {
-                    self.input.advance(used);
-                    self.deliver(answer, wake)?;
-                    continue;
-                }
-            }
-            let scanned = self.scanner.whole(&self.input);
-            let Some(end) = scanned.map_err(RespError::Protocol)? else {
-                break;
+            // Most replies come whole: parsed at once.
+            let parsed = match self.scanner.is_fresh() {
+                true => parse(&self.input, 0).map_err(RespError::Protocol)?,
+                false => None,
             };
-            let (answer, used) = parse(&self.input[..end], 0)
-                .map_err(RespError::Protocol)?
-                .ok_or_else(|| RespError::Protocol("a reply ended short of its end".into()))?;
+            let (answer, used) = match parsed {
+                Some(parsed) => parsed,
+                None => {
+                    let scanned = self.scanner.whole(&self.input);
+                    let Some(end) = scanned.map_err(RespError::Protocol)? else {
+                        break;
+                    };
+                    parse(&self.input[..end], 0)
+                        .map_err(RespError::Protocol)?
+                        .ok_or_else(|| {
+                            RespError::Protocol("a reply ended short of its end".into())
+                        })?
+                }
+            };
             self.input.advance(used);
             self.deliver(answer, wake)?;
         }

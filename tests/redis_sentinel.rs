@@ -116,7 +116,8 @@ fn a_killed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
         wait_until("a new primary", Duration::from_secs(60), || {
             deployment.primary_port() != old
         });
-        deployment.server(old).restart();
+        let new = deployment.primary_port();
+        deployment.server(old).restart_as_replica_of(new);
     });
     assert!(
         !tally.failures.is_empty(),

@@ -125,6 +125,19 @@ impl Server {
         }
     }
 
+    /// Starts a killed server again as a replica of the server on `primary`, as an
+    /// operator restarts a primary without persistence: never as an empty primary,
+    /// which the sentinels could promote back in a second failover (on a loaded
+    /// machine, one stall past `down-after-milliseconds`), wiping its replica.
+    pub fn restart_as_replica_of(&mut self, primary: u16) {
+        self.args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.to_string(),
+        ]);
+        self.restart();
+    }
+
     /// Starts a killed server again, on its port, with its files.
     pub fn restart(&mut self) {
         self.kill();
@@ -373,7 +386,7 @@ impl Sentinels {
             .map(|_| {
                 let conf = format!(
                     "sentinel monitor {service} 127.0.0.1 {port} 2\n\
-                         sentinel down-after-milliseconds {service} 1000\n\
+                         sentinel down-after-milliseconds {service} 2000\n\
                          sentinel failover-timeout {service} 10000\n\
                          sentinel parallel-syncs {service} 1\n",
                     service = Self::SERVICE,
@@ -481,6 +494,8 @@ fn field<'a>(lines: &'a str, name: &str) -> Option<&'a str> {
 pub struct Counters {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     written: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The last step that failed, for a report when counting stalls.
+    last_failure: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
     threads: Vec<std::thread::JoinHandle<Tally>>,
 }
 
@@ -510,12 +525,14 @@ impl Counters {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicUsize::new(0));
+        let last_failure = Arc::new(parking_lot::Mutex::new(None));
         let chunk = records.len().div_ceil(threads);
         let threads = records
             .chunks(chunk)
             .map(|mine| {
                 let (store, mine) = (store.clone(), mine.to_vec());
                 let (stop, written) = (Arc::clone(&stop), Arc::clone(&written));
+                let last_failure = Arc::clone(&last_failure);
                 std::thread::spawn(move || {
                     let mut tally = Tally::default();
                     while !stop.load(Ordering::Acquire) {
@@ -526,7 +543,10 @@ impl Counters {
                                     tally.acked.insert(record.id, n);
                                     written.fetch_add(1, Ordering::AcqRel);
                                 }
-                                Err(err) => tally.failures.push((started.elapsed(), err)),
+                                Err(err) => {
+                                    *last_failure.lock() = Some(err.clone());
+                                    tally.failures.push((started.elapsed(), err));
+                                }
                             }
                         }
                     }
@@ -537,6 +557,7 @@ impl Counters {
         Self {
             stop,
             written,
+            last_failure,
             threads,
         }
     }
@@ -549,9 +570,17 @@ impl Counters {
     /// Waits until `more` more writes than now are acknowledged.
     pub fn wait_for_more(&self, more: usize, within: Duration) {
         let target = self.written() + more;
-        wait_until("more acknowledged writes", within, || {
-            self.written() >= target
-        });
+        let deadline = Instant::now() + within;
+        while self.written() < target {
+            assert!(
+                Instant::now() < deadline,
+                "{more} more acknowledged writes did not happen within {within:?} ({} of \
+                 them did); the last failure: {:?}",
+                more + self.written() - target,
+                self.last_failure.lock()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stops the threads and returns what each saw, merged.

@@ -243,6 +243,10 @@ async fn finish(
     headers: &mut header::HeaderMap,
 ) -> crate::session_store::Result<()> {
     let finished = manager.finish_response(session).await?;
+    if !finished.vary_cookie && finished.set_cookie.is_none() {
+        // A request that never used its session: no header to look at.
+        return Ok(());
+    }
     let vary = headers
         .get_all(header::VARY)
         .filter_map(|value| value.to_str().ok());

@@ -233,6 +233,10 @@ where
 /// Adds what `finished` asks of the response: its cookie, `Vary: Cookie`, and
 /// `Cache-Control: private` when a cookie is set.
 fn add_session_headers(headers: &mut http::HeaderMap, finished: &SessionResponse) {
+    if !finished.vary_cookie && finished.set_cookie.is_none() {
+        // A request that never used its session: no header to look at.
+        return;
+    }
     let vary = headers
         .get_all(header::VARY)
         .iter()

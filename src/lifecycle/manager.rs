@@ -327,12 +327,12 @@ impl SessionManager {
             let Ok(text) = std::str::from_utf8(header.as_ref()) else {
                 continue;
             };
-            for cookie in Cookie::split_parse(text).flatten() {
-                if cookie.name() != self.cookie.name {
+            for (name, value) in cookie_pairs(text) {
+                if name != self.cookie.name {
                     continue;
                 }
                 seen = true;
-                let Ok(parsed) = cookie.value_trimmed().parse::<Id>() else {
+                let Ok(parsed) = value.parse::<Id>() else {
                     continue;
                 };
                 if ids.contains(&parsed) || last == Some(parsed) {
@@ -471,6 +471,27 @@ impl SessionManager {
         cookie.set_same_site(self.cookie.same_site.map(cookie::SameSite::from));
         cookie
     }
+}
+
+/// The `name=value` pairs of a `Cookie` header, as the `cookie` crate splits and
+/// parses them (pieces between semicolons, each cut at its first `=`, name and value
+/// trimmed of whitespace; a piece with no `=` or an empty name is skipped), with the
+/// value's surrounding double quotes taken off. Without building a `Cookie` per
+/// pair: this runs on every request.
+fn cookie_pairs(header: &str) -> impl Iterator<Item = (&str, &str)> {
+    header.split(';').filter_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        let name = name.trim();
+        if name.is_empty() {
+            return None;
+        }
+        let value = value.trim();
+        let value = match value.as_bytes() {
+            [b'"', .., b'"'] => &value[1..value.len() - 1],
+            _ => value,
+        };
+        Some((name, value))
+    })
 }
 
 /// What a response needs for its session: see [`SessionManager::finish_response`].
@@ -631,6 +652,46 @@ mod tests {
             vary_cookie: true,
         };
         assert_eq!(unset.cache_control(Some("public")), None);
+    }
+
+    /// `cookie_pairs` splits a header as the `cookie` crate does (its pieces that
+    /// parse, with `value_trimmed`), on the forms a browser or an attacker sends.
+    #[test]
+    fn cookie_pairs_split_as_the_cookie_crate_does() {
+        let headers = [
+            "",
+            ";",
+            " ; ;; ",
+            "id=abc",
+            "id=abc; other=1",
+            " id = abc ;other=2",
+            "id=\"abc\"",
+            "id=\"",
+            "id=\"\"",
+            "id=\"abc",
+            "id=a=b=c",
+            "=abc; id=x",
+            " =abc",
+            "noequals; id=y",
+            "id=; id=z",
+            "id=\t tab \t",
+            "id=abc;id=def;id=abc",
+            "\u{a0}id=x\u{a0}; id=\u{2003}q",
+            "Id=case; ID=case2; id=lower",
+            "id=val; Path=/; HttpOnly",
+        ];
+        for header in headers {
+            let ours: Vec<(&str, &str)> = cookie_pairs(header).collect();
+            let theirs: Vec<(String, String)> = Cookie::split_parse(header)
+                .flatten()
+                .map(|c| (c.name().to_owned(), c.value_trimmed().to_owned()))
+                .collect();
+            let theirs: Vec<(&str, &str)> = theirs
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(ours, theirs, "header {header:?}");
+        }
     }
 
     #[test]

@@ -109,17 +109,19 @@ impl Default for Id {
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-fn b64_value(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'-' => 62,
-        b'_' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
-}
+/// Each byte's base64url value, or `INVALID`: one load per character when parsing.
+const B64_VALUES: [u8; 256] = {
+    let mut values = [INVALID; 256];
+    let mut i = 0;
+    while i < 64 {
+        values[B64[i] as usize] = i as u8;
+        i += 1;
+    }
+    values
+};
+
+/// Marks a byte outside the alphabet in `B64_VALUES`: a bit no value has.
+const INVALID: u8 = 0x80;
 
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -182,11 +184,23 @@ impl FromStr for Id {
                 kind: ParseIdErrorKind::Length(text.len()),
             });
         }
+        // Every character looked up first, then one test for a bad one among them
+        // (this runs for each session cookie of each request).
         let mut values = [0u32; Self::TEXT_LEN];
-        for (at, (&c, v)) in text.iter().zip(values.iter_mut()).enumerate() {
-            *v = b64_value(c).ok_or(ParseIdError {
+        let mut seen = 0u8;
+        for (&c, v) in text.iter().zip(values.iter_mut()) {
+            let value = B64_VALUES[usize::from(c)];
+            seen |= value;
+            *v = u32::from(value);
+        }
+        if seen & INVALID != 0 {
+            let at = text
+                .iter()
+                .position(|&c| B64_VALUES[usize::from(c)] == INVALID)
+                .unwrap_or(0);
+            return Err(ParseIdError {
                 kind: ParseIdErrorKind::Character(at),
-            })?;
+            });
         }
         // 22 characters carry 132 bits; the last 4 must be zero or two texts would
         // name one id.

@@ -247,7 +247,10 @@ mod stores {
     ) -> (Ours, Peer, Box<dyn FnOnce()>) {
         use tower_sessions_redis_store::fred::prelude::*;
         let (our_url, peer_url) = match &tls {
-            None => ("redis://127.0.0.1:6379".to_owned(), "redis://127.0.0.1:6379".to_owned()),
+            None => (
+                "redis://127.0.0.1:6379".to_owned(),
+                "redis://127.0.0.1:6379".to_owned(),
+            ),
             Some(tls) => (
                 format!("rediss://127.0.0.1:{}?cacert={}", tls.port, tls.ca),
                 format!("rediss://127.0.0.1:{}", tls.port),
@@ -270,7 +273,15 @@ mod stores {
             let mut flush = std::process::Command::new("redis-cli");
             match &tls {
                 None => flush.args(["-h", "127.0.0.1"]),
-                Some(tls) => flush.args(["-h", "127.0.0.1", "-p", &tls.port, "--tls", "--cacert", &tls.ca]),
+                Some(tls) => flush.args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &tls.port,
+                    "--tls",
+                    "--cacert",
+                    &tls.ca,
+                ]),
             };
             let _ = flush.arg("FLUSHDB").status();
         });
@@ -307,7 +318,12 @@ mod stores {
         });
         let cleanup = Box::new(move || {
             let _ = std::process::Command::new("redis-cli")
-                .args(["--cluster", "call", &format!("127.0.0.1:{}", ports[0]), "FLUSHALL"])
+                .args([
+                    "--cluster",
+                    "call",
+                    &format!("127.0.0.1:{}", ports[0]),
+                    "FLUSHALL",
+                ])
                 .stdout(std::process::Stdio::null())
                 .status();
         });

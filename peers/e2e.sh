@@ -11,6 +11,8 @@
 # (fred), tower-sessions-sqlx-store (SQLite, PostgreSQL); actix: actix-web with
 # actix-session's Redis store. No store named: all of them. Redis on 127.0.0.1:6379 and
 # PostgreSQL on 127.0.0.1:5432 (`PEERS_REDIS`, `PEERS_POSTGRES` to point elsewhere).
+# For Redis and PostgreSQL it also times a write on one connection against its floor:
+# the bare server's request plus the two round trips (redis-benchmark, pgbench).
 # Needs wrk (Debian's `wrk` package).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -143,10 +145,66 @@ for target in "${targets[@]}"; do
     esac
 done
 
-python3 - "$results" "$rounds" "$duration" "$connections" "$pinned" <<'PY'
+# latency NAME ROUTE: the mean latency of one connection's requests, in microseconds.
+latency() {
+    "${load_cpu[@]}" wrk -t1 -c1 -d"${duration}s" -s "$work/cookies.lua" \
+        "http://127.0.0.1:${ports[$1]}/$2" -- "$work/$1.cookies" |
+        awk '$1 == "Latency" {
+            v = $2; unit = v; sub(/[0-9.]+/, "", unit); sub(/[a-z]+$/, "", v)
+            print v * (unit == "ms" ? 1000 : unit == "s" ? 1000000 : 1)
+        }'
+}
+
+# round_trips STORE: microseconds of the two round trips a write needs, read and
+# written by the store's own client tool, one connection: a GET and a SET on Redis, a
+# SELECT and a committed UPDATE of one row on PostgreSQL.
+round_trips() {
+    case "$1" in
+    redis)
+        local url="${PEERS_REDIS:-redis://127.0.0.1:6379}" hostport host port get set
+        hostport="${url#redis://}"; host="${hostport%:*}"; port="${hostport##*:}"
+        get="$(redis-benchmark -h "$host" -p "$port" -c 1 -n 20000 --csv GET e2e-rtt |
+            awk -F'"' 'NR == 2 { print $4 }')"
+        set="$(redis-benchmark -h "$host" -p "$port" -c 1 -n 20000 --csv SET e2e-rtt x |
+            awk -F'"' 'NR == 2 { print $4 }')"
+        python3 -c "print(1e6 / $get + 1e6 / $set)"
+        ;;
+    postgres)
+        local url="${PEERS_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}" select update
+        psql "$url" -X -q -c "DROP TABLE IF EXISTS e2e_rtt; CREATE TABLE e2e_rtt (k int PRIMARY KEY, v bigint); INSERT INTO e2e_rtt VALUES (1, 0)"
+        echo 'SELECT 1' >"$work/select.sql"
+        echo 'UPDATE e2e_rtt SET v = v + 1 WHERE k = 1' >"$work/update.sql"
+        select="$(pgbench -n -c 1 -T "$duration" -f "$work/select.sql" "$url" 2>/dev/null |
+            awk '/latency average/ { print $4 }')"
+        update="$(pgbench -n -c 1 -T "$duration" -f "$work/update.sql" "$url" 2>/dev/null |
+            awk '/latency average/ { print $4 }')"
+        psql "$url" -X -q -c "DROP TABLE e2e_rtt"
+        python3 -c "print(1000 * ($select + $update))"
+        ;;
+    esac
+}
+
+# One connection, so that latencies add up: a write through our layer against the bare
+# server's untouched request plus the write's two round trips.
+floors="$work/floors"
+: >"$floors"
+for target in "${targets[@]}"; do
+    case "$target" in
+    redis | postgres)
+        serve bare axum bare memory
+        serve ours axum ours "$target"
+        for round in $(seq "$rounds"); do
+            echo "$target $round $(latency bare none) $(latency ours write) $(round_trips "$target")" >>"$floors"
+        done
+        stop_all
+        ;;
+    esac
+done
+
+python3 - "$results" "$rounds" "$duration" "$connections" "$pinned" "$floors" <<'PY'
 import statistics, sys
 from collections import defaultdict
-results, rounds, duration, connections, pinned = sys.argv[1:]
+results, rounds, duration, connections, pinned, floors_file = sys.argv[1:]
 rps = defaultdict(list)
 for line in open(results):
     framework, store, layer, route, _round, value = line.split()
@@ -196,4 +254,18 @@ for framework in ["axum", "actix"]:
         print(f"| {store} | {layer} | " + " | ".join(
             f"{statistics.median(rps[(framework, store, layer, r)]) / 1000:.1f}k"
             for r in routes) + " |")
+floors = defaultdict(list)
+for line in open(floors_file):
+    store, _round, bare, write, trips = line.split()
+    floors[store].append((float(bare), float(write), float(trips)))
+if floors:
+    print("\nwrites against their floor, one connection: the bare server's /none plus the "
+          "write's two round trips (mean latency, median of the rounds)")
+    print("| store | bare /none | two round trips | our /write | ours/floor |")
+    print("|---|---|---|---|---|")
+    for store in sorted(floors, key=order.index):
+        rows = floors[store]
+        med = lambda i: statistics.median(r[i] for r in rows)
+        print(f"| {store} | {med(0):.0f} µs | {med(2):.0f} µs | {med(1):.0f} µs | "
+              f"{span([w / (b + t) for b, w, t in rows])} |")
 PY

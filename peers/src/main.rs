@@ -126,14 +126,11 @@ fn main() {
     }
 }
 
-mod stores {
-    use super::*;
+mod servers;
 
-    /// Where the PostgreSQL server is: `PEERS_POSTGRES` or the test server.
-    fn postgres_url() -> String {
-        std::env::var("PEERS_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-    }
+mod stores {
+    use super::servers::{postgres_url, psql};
+    use super::*;
 
     /// The server's URL with `sslmode` set, for both sides alike: both default to
     /// `prefer`, and only ours could otherwise take TLS where the server offers it.
@@ -158,15 +155,6 @@ mod stores {
             port: var("PEERS_REDIS_TLS_PORT"),
             ca: var("PEERS_REDIS_TLS_CA"),
         }
-    }
-
-    fn psql(sql: &str) {
-        let status = std::process::Command::new("psql")
-            .arg(postgres_url())
-            .args(["-X", "-q", "-c", sql])
-            .status()
-            .expect("psql runs");
-        assert!(status.success(), "psql: {sql}");
     }
 
     pub fn postgres(

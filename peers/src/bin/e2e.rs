@@ -38,7 +38,12 @@ fn main() {
 }
 
 #[cfg(not(feature = "sync"))]
+#[path = "../servers.rs"]
+mod servers;
+
+#[cfg(not(feature = "sync"))]
 mod e2e {
+    use super::servers::{postgres_url, psql};
     use std::{
         io::{Read, Write},
         net::TcpStream,
@@ -85,24 +90,9 @@ mod e2e {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
-    /// Where the PostgreSQL server is: `PEERS_POSTGRES` or the test server.
-    fn postgres_url() -> String {
-        std::env::var("PEERS_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-    }
-
     /// Where the Redis server is: `PEERS_REDIS` or the test server.
     fn redis_url() -> String {
         std::env::var("PEERS_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
-
-    fn psql(sql: &str) {
-        let status = std::process::Command::new("psql")
-            .arg(postgres_url())
-            .args(["-X", "-q", "-c", sql])
-            .status()
-            .expect("psql runs");
-        assert!(status.success(), "psql: {sql}");
     }
 
     /// A fresh SQLite file in a directory of this process's own.

@@ -101,9 +101,9 @@ struct State {
     /// The reader's timeout, and the waker the socket's readiness wakes (async mode).
     #[cfg(not(feature = "sync"))]
     alarm: crate::stores::alarm::Alarm,
-    /// A caller (async mode, plain text) has queued its command and let the tasks
-    /// ready meanwhile run, to write what they queued with it in one write: no other
-    /// caller writes until it has.
+    /// A caller (async mode, plain text) has queued its command and lets the tasks
+    /// ready meanwhile run, to write what they queue with it in one write: callers
+    /// back from their turn write only while this is set (the reader writes anyway).
     #[cfg(not(feature = "sync"))]
     flush_due: bool,
 }
@@ -775,12 +775,11 @@ impl Mux {
         state.flush_due = false;
         self.write_queued(state, None, wake);
         if !state.out.is_empty() && state.reader.is_some() {
-            state.alarm.waker().wake_by_ref();
+            wake.push(state.alarm.waker().clone());
         }
     }
 
-    /// Reads for all (the reader): writes what is queued (unless a caller is about
-    /// to, see `Mux::call`), reads what came, and
+    /// Reads for all (the reader): writes what is queued, reads what came, and
     /// registers to be woken by the socket or the oldest command's deadline. Returns
     /// `true` if something changed (a reply came, the connection broke), `false` if
     /// there is nothing to do until woken.
@@ -796,9 +795,10 @@ impl Mux {
         state.alarm.relay_to(cx);
         let relay = state.alarm.waker().clone();
         let mut relayed = std::task::Context::from_waker(&relay);
-        if !state.flush_due {
-            self.write_queued(state, Some(&mut relayed), wake);
-        }
+        // Even while a caller is to write what is queued (see `Mux::call`): it may
+        // never be polled again, and what a write the socket did not take whole left
+        // behind is the reader's to write.
+        self.write_queued(state, Some(&mut relayed), wake);
         loop {
             if state.broken.is_some() {
                 return true;
@@ -1109,8 +1109,9 @@ mod tests {
         assert!(matches!(mux.standing(), Standing::InFlight(0)));
     }
 
-    /// Commands queued in one turn of an executor go out in one write, by the first
-    /// caller back after the turn, whoever reads; each gets its own reply.
+    /// Commands queued in one turn of an executor go out together once the turn is
+    /// over (written by the first caller back), not one by one as they are queued;
+    /// each gets its own reply.
     #[cfg(not(feature = "sync"))]
     #[test]
     fn commands_queued_in_one_turn_go_out_in_one_write() {
@@ -1128,8 +1129,9 @@ mod tests {
         }
         server.set_nonblocking(true).unwrap();
         let mut nothing = [0u8; 1];
-        assert!(
-            server.read(&mut nothing).is_err(),
+        assert_eq!(
+            server.read(&mut nothing).map_err(|err| err.kind()),
+            Err(std::io::ErrorKind::WouldBlock),
             "nothing is written before the turn is over"
         );
         // The first back writes all three; the others find them written.
@@ -1141,7 +1143,7 @@ mod tests {
         expected.extend(get("3"));
         let mut got = vec![0u8; expected.len() + 1];
         let n = server.read(&mut got).unwrap();
-        assert_eq!(&got[..n], &expected[..], "one write, all three in order");
+        assert_eq!(&got[..n], &expected[..], "all three, in order");
         server.set_nonblocking(false).unwrap();
         server
             .write_all(b"$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n")
@@ -1178,6 +1180,52 @@ mod tests {
         assert_eq!(block_on(other).unwrap(), bulk("2"));
         drop(stalled);
         assert!(matches!(mux.standing(), Standing::InFlight(0)));
+    }
+
+    /// A command the socket does not take whole, and a caller that queued another
+    /// after it and is never polled again: the reader still writes the rest of both
+    /// as the socket takes more.
+    #[cfg(not(feature = "sync"))]
+    #[test]
+    fn the_rest_of_a_partial_write_goes_out_past_a_stalled_caller() {
+        use futures_lite::future::{block_on, poll_once};
+
+        let mut scripted = scripted(Duration::from_secs(10));
+        let (mux, server) = (&scripted.mux, &mut scripted.server);
+        let big = vec![b'v'; 8 << 20];
+        let set: [&[u8]; 3] = [b"SET", b"k", &big];
+        let executor = smol::LocalExecutor::new();
+        let writer = executor.spawn(mux.call(&set));
+        // Its turn, then its write: the socket takes part of it, and it reads for all.
+        for _ in 0..2 {
+            assert!(executor.try_tick());
+        }
+        let mut stalled = Box::pin(mux.call(&[b"GET", b"s"]));
+        assert!(block_on(poll_once(stalled.as_mut())).is_none());
+        let mut expected = Vec::new();
+        encode(&mut expected, &set);
+        expected.extend(get("s"));
+        // Were the rest never written, the server gives up too, and the test fails.
+        server
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .unwrap();
+        std::thread::scope(|scope| {
+            let server = scope.spawn(move || {
+                receive(server, &expected);
+                server.write_all(b"+OK\r\n$1\r\ns\r\n").unwrap();
+            });
+            let answered = block_on(executor.run(futures_lite::future::or(
+                async { Some(writer.await) },
+                async {
+                    async_io::Timer::after(Duration::from_secs(5)).await;
+                    None
+                },
+            )));
+            let answered = answered.expect("the rest of the write never went out");
+            assert_eq!(answered.unwrap(), Reply::Status("OK".into()));
+            server.join().unwrap();
+        });
+        drop(stalled);
     }
 
     /// A reply that is not RESP breaks the connection: every caller waiting fails, and
@@ -1237,18 +1285,26 @@ mod tests {
         let (mux, server) = (&scripted.mux, &mut scripted.server);
         let mut first = Box::pin(mux.call(&[b"GET", b"1"]));
         let mut second = Box::pin(mux.call(&[b"GET", b"2"]));
-        // The first call lets the ready tasks run before it writes, then writes and
-        // reads for all; the second queues its command for the next write.
+        // Each call lets the ready tasks run before it writes (its first poll), then
+        // writes; the first then reads for all, the others wait to be woken.
         for _ in 0..2 {
             assert!(
                 block_on(poll_once(first.as_mut())).is_none(),
                 "reads for all"
             );
         }
-        assert!(block_on(poll_once(second.as_mut())).is_none());
+        for _ in 0..2 {
+            assert!(block_on(poll_once(second.as_mut())).is_none());
+        }
         let executor = smol::LocalExecutor::new();
         let third = executor.spawn(mux.call(&[b"GET", b"3"]));
-        assert!(executor.try_tick(), "the third caller waits, to be woken");
+        for _ in 0..2 {
+            assert!(executor.try_tick(), "the third caller waits, to be woken");
+        }
+        assert!(
+            !executor.try_tick(),
+            "the third caller is not woken before a reply"
+        );
 
         server.write_all(b"$1\r\n1\r\n").unwrap();
         assert_eq!(block_on(first).unwrap(), bulk("1"));

@@ -1114,7 +1114,7 @@ mod tests {
     /// each gets its own reply.
     #[cfg(not(feature = "sync"))]
     #[test]
-    fn commands_queued_in_one_turn_go_out_in_one_write() {
+    fn commands_queued_in_one_turn_go_out_together_after_it() {
         let mut scripted = scripted(Duration::from_secs(5));
         let (mux, server) = (&scripted.mux, &mut scripted.server);
         let commands: [[&[u8]; 2]; 3] = [[b"GET", b"1"], [b"GET", b"2"], [b"GET", b"3"]];

@@ -200,22 +200,8 @@ mod stores {
         std::fs::create_dir_all(&dir).unwrap();
         let ours = portable_sessions::SqliteStore::open(dir.join("ours.db")).unwrap();
         let peer_path = dir.join("peer.db");
-        let peer = runtime.block_on(async {
-            // As the peer's documentation sets it up: a file, WAL mode.
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&peer_path)
-                .create_if_missing(true)
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
-            let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(CALLERS as u32)
-                .connect_with(options)
-                .await
-                .unwrap();
-            let store = tower_sessions_sqlx_store::SqliteStore::new(pool);
-            store.migrate().await.unwrap();
-            store
-        });
+        let peer = runtime
+            .block_on(async { super::servers::peer_sqlite(&peer_path, CALLERS as u32).await });
         let cleanup = Box::new(move || {
             let _ = std::fs::remove_dir_all(&dir);
         });

@@ -292,20 +292,7 @@ mod e2e {
         }
 
         async fn peer_sqlite() -> tower_sessions_sqlx_store::SqliteStore {
-            // As the peer's documentation sets it up: a file, WAL mode.
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(sqlite_path("peer"))
-                .create_if_missing(true)
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
-            let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(16)
-                .connect_with(options)
-                .await
-                .unwrap();
-            let store = tower_sessions_sqlx_store::SqliteStore::new(pool);
-            store.migrate().await.unwrap();
-            store
+            super::super::servers::peer_sqlite(&sqlite_path("peer"), 16).await
         }
 
         async fn peer_postgres(port: u16) -> tower_sessions_sqlx_store::PostgresStore {
